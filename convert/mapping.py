@@ -1,0 +1,184 @@
+"""The one table between birder state_dict keys and vitreg-jax parameter paths, both directions, pure numpy.
+
+Each row says: birder key, our path (a tuple, list indices as ints), and a layout change: ``linear``
+(torch ``(out, in)`` weight <-> ``(in, out)`` kernel), ``conv`` (torch ``(D, C, p, p)`` <-> HWIO
+``(p, p, C, D)``) or ``none``. Loading refuses missing keys, extra keys and shape mismatches, listing them all.
+Older birder files use other key names (see ``LEGACY_RENAMES``); ``normalize_keys`` maps them to today's.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from vitreg_jax.config import ViTConfig
+from vitreg_jax.errors import UserError
+
+Path = tuple[str | int, ...]
+
+# birder < 0.4 (nn.MultiheadAttention blocks): key suffix -> today's suffix. in_proj packs rows [q; k; v],
+# head-major inside each, which is exactly the layout of today's fused qkv, so a rename is enough.
+LEGACY_RENAMES: dict[str, str] = {
+    "ln1.weight": "norm1.weight",
+    "ln1.bias": "norm1.bias",
+    "ln2.weight": "norm2.weight",
+    "ln2.bias": "norm2.bias",
+    "self_attention.in_proj_weight": "attn.qkv.weight",
+    "self_attention.in_proj_bias": "attn.qkv.bias",
+    "self_attention.out_proj.weight": "attn.proj.weight",
+    "self_attention.out_proj.bias": "attn.proj.bias",
+}
+_BLOCK_KEY = re.compile(r"^encoder\.block\.(\d+)\.(.+)$")
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    birder_key: str
+    path: Path
+    layout: str  # "none" | "linear" | "conv"
+    birder_shape: tuple[int, ...]
+
+
+def _norm(key: str, path: Path, dim: int) -> list[Row]:
+    return [Row(f"{key}.weight", (*path, "scale"), "none", (dim,)), Row(f"{key}.bias", (*path, "bias"), "none", (dim,))]
+
+
+def _linear(key: str, path: Path, d_in: int, d_out: int, bias: bool = True) -> list[Row]:
+    rows = [Row(f"{key}.weight", (*path, "kernel"), "linear", (d_out, d_in))]
+    return rows + ([Row(f"{key}.bias", (*path, "bias"), "none", (d_out,))] if bias else [])
+
+
+def table(cfg: ViTConfig) -> list[Row]:
+    """Every tensor of a birder ``ViT`` with this config, in birder's state_dict order."""
+    d, p = cfg.hidden_dim, cfg.patch_size
+    rows: list[Row] = []
+    if cfg.class_token:
+        rows.append(Row("class_token", ("class_token",), "none", (1, 1, d)))
+    if cfg.num_reg_tokens:
+        rows.append(Row("reg_tokens", ("reg_tokens",), "none", (1, cfg.num_reg_tokens, d)))
+    if cfg.abs_pos_embed:
+        rows.append(Row("pos_embedding", ("pos_embedding",), "none", (1, cfg.pos_embed_len, d)))
+    rows.append(Row("conv_proj.weight", ("conv_proj", "kernel"), "conv", (d, cfg.in_channels, p, p)))
+    if not cfg.pre_norm:
+        rows.append(Row("conv_proj.bias", ("conv_proj", "bias"), "none", (d,)))
+    if cfg.pre_norm:
+        rows += _norm("encoder.pre_block.0", ("encoder", "pre_norm"), d)
+    for i in range(cfg.num_layers):
+        k, pth = f"encoder.block.{i}", ("encoder", "block", i)
+        rows += _norm(f"{k}.norm1", (*pth, "norm1"), d)
+        rows += _linear(f"{k}.attn.qkv", (*pth, "attn", "qkv"), d, 3 * d, cfg.qkv_bias)
+        rows += _linear(f"{k}.attn.proj", (*pth, "attn", "proj"), d, d)
+        if cfg.layer_scale_init_value is not None:
+            rows.append(Row(f"{k}.layer_scale_1.gamma", (*pth, "ls1", "gamma"), "none", (d,)))
+        rows += _norm(f"{k}.norm2", (*pth, "norm2"), d)
+        rows += _linear(f"{k}.mlp.0", (*pth, "mlp", "fc1"), d, cfg.mlp_dim)
+        rows += _linear(f"{k}.mlp.3", (*pth, "mlp", "fc2"), cfg.mlp_dim, d)
+        if cfg.layer_scale_init_value is not None:
+            rows.append(Row(f"{k}.layer_scale_2.gamma", (*pth, "ls2", "gamma"), "none", (d,)))
+    if cfg.post_norm and not cfg.norm_after_pool:
+        rows += _norm("norm", ("norm",), d)
+    if cfg.post_norm and cfg.norm_after_pool:
+        rows += _norm("embedding_norm", ("embedding_norm",), d)
+    if cfg.num_classes:
+        rows += _linear("classifier", ("classifier",), d, cfg.num_classes)
+    return rows
+
+
+def _to_ours(a: np.ndarray, layout: str) -> np.ndarray:
+    if layout == "linear":
+        return np.ascontiguousarray(a.T)
+    if layout == "conv":
+        return np.ascontiguousarray(a.transpose(2, 3, 1, 0))  # (D, C, p, p) -> (p, p, C, D)
+    return a
+
+
+def _to_birder(a: np.ndarray, layout: str) -> np.ndarray:
+    if layout == "linear":
+        return np.ascontiguousarray(a.T)
+    if layout == "conv":
+        return np.ascontiguousarray(a.transpose(3, 2, 0, 1))  # (p, p, C, D) -> (D, C, p, p)
+    return a
+
+
+def normalize_keys(state: Mapping[str, Any], num_layers: int | None = None) -> tuple[dict[str, Any], str]:
+    """Rename the key layouts of older birder files to today's; returns (state, layout name).
+
+    Layouts: ``current`` (birder >= 0.4), ``pre-0.4`` (``ln1``/``self_attention``/``ln2``) and
+    ``pre-0.4-encoder-norm`` (the oldest files, which also kept the final norm as ``encoder.block.<depth>``).
+    """
+    out: dict[str, Any] = {}
+    layout = "current"
+    depth = num_layers
+    if depth is None:
+        idx = {int(m.group(1)) for k in state if (m := _BLOCK_KEY.match(k)) and not m.group(2).startswith(("weight", "bias"))}
+        depth = max(idx) + 1 if idx else 0
+    for key, value in state.items():
+        m = _BLOCK_KEY.match(key)
+        if m and m.group(2) in LEGACY_RENAMES:
+            key = f"encoder.block.{m.group(1)}.{LEGACY_RENAMES[m.group(2)]}"
+            layout = "pre-0.4" if layout == "current" else layout
+        elif m and int(m.group(1)) == depth and m.group(2) in ("weight", "bias") and "norm.weight" not in state:
+            key = f"norm.{m.group(2)}"
+            layout = "pre-0.4-encoder-norm"
+        out[key] = value
+    return out, layout
+
+
+def to_nnx(state: Mapping[str, Any], cfg: ViTConfig) -> dict[Path, np.ndarray]:
+    """birder state_dict (numpy arrays, any key layout) -> {our path: array}. Refuses any mismatch."""
+    state, _ = normalize_keys(state, cfg.num_layers)
+    rows = table(cfg)
+    expected = {r.birder_key for r in rows}
+    missing = [r.birder_key for r in rows if r.birder_key not in state]
+    extra = sorted(set(state) - expected)
+    wrong = [f"{r.birder_key} {tuple(np.shape(state[r.birder_key]))} (expected {r.birder_shape})"
+             for r in rows if r.birder_key in state and tuple(np.shape(state[r.birder_key])) != r.birder_shape]
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} key(s): {_short(missing)}")
+    if extra:
+        problems.append(f"unexpected {len(extra)} key(s): {_short(extra)}")
+    if wrong:
+        problems.append(f"shape mismatch: {_short(wrong)}")
+    if problems:
+        raise UserError("weights do not fit the architecture: " + "; ".join(problems))
+    return {r.path: _to_ours(np.asarray(state[r.birder_key]), r.layout) for r in rows}
+
+
+def to_birder(params: Mapping[Path, Any], cfg: ViTConfig) -> dict[str, np.ndarray]:
+    """{our path: array} -> birder state_dict (today's key names, birder's order)."""
+    rows = table(cfg)
+    missing = [".".join(map(str, r.path)) for r in rows if r.path not in params]
+    if missing:
+        raise UserError(f"parameters lack {len(missing)} entr(ies): {_short(missing)}")
+    return {r.birder_key: _to_birder(np.asarray(params[r.path]), r.layout) for r in rows}
+
+
+def _short(items: list[str], limit: int = 12) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+# nested <-> flat helpers (nnx pure dicts use int keys for list entries) ----------------------------------
+def flatten(tree: Mapping[Any, Any], prefix: Path = ()) -> dict[Path, Any]:
+    out: dict[Path, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(flatten(v, (*prefix, k)))
+        else:
+            out[(*prefix, k)] = v
+    return out
+
+
+def unflatten(flat: Mapping[Path, Any]) -> dict[Any, Any]:
+    tree: dict[Any, Any] = {}
+    for path, v in flat.items():
+        node = tree
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = v
+    return tree

@@ -1,0 +1,69 @@
+"""The ``vitreg-jax`` command: one sub-command per module, each imported only when it runs.
+
+Every user mistake surfaces as :class:`vitreg_jax.errors.UserError` and becomes one line on stderr with exit
+status 2. Each sub-command module defines ``register(subparsers)``, which adds its parser and sets ``func``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from vitreg_jax.errors import UserError
+
+# sub-command -> module that registers it (imported lazily: `vitreg-jax --help` stays fast and torch-free)
+COMMANDS: dict[str, str] = {
+    "convert": "vitreg_jax.convert.commands",
+    "export": "vitreg_jax.convert.commands",
+    "info": "vitreg_jax.convert.commands",
+    "embed": "vitreg_jax.commands.embed",
+    "pretrain": "vitreg_jax.commands.pretrain",
+    "demo": "vitreg_jax.commands.demo",
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vitreg-jax",
+        description="birder's ViTReg encoders (vit_reg4_b16_mim and friends) in JAX: convert weights, embed "
+        "images, pre-train with MAE.",
+        epilog="Run `vitreg-jax COMMAND --help` for the options of one command.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    done: set[str] = set()
+    for name, module in COMMANDS.items():
+        if only is not None and name != only:
+            continue
+        if module in done:
+            continue
+        try:
+            importlib.import_module(module).register(sub)
+        except ModuleNotFoundError as e:  # a command whose module is not present in this build
+            if e.name != module:
+                raise
+            sub.add_parser(name, help="(not available in this build)")
+        done.add(module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    first = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(first if first in COMMANDS else None)
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        print(f"vitreg-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"vitreg-jax {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

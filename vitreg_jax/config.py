@@ -1,0 +1,211 @@
+"""Frozen, JSON round-trippable configurations: the encoder (``ViTConfig``), MAE and training.
+
+``ViTConfig`` covers the options of birder's ``ViT`` that this port implements. Building one from a birder
+config dict refuses, by name, every option it does not implement, rather than silently computing something
+else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from vitreg_jax.errors import UserError
+from vitreg_jax.presets import LEGACY_NAMES, PRESETS
+
+# birder ViT options and the only values this port accepts for those it does not implement.
+UNSUPPORTED_UNLESS: dict[str, tuple[Any, ...]] = {
+    "stem_type": ("patchify",),
+    "stem_norm_layer_type": (None,),
+    "norm_layer_type": ("LayerNorm",),
+    "mlp_layer_type": ("FFN",),
+    "act_layer_type": (None, "gelu"),
+    "qk_norm": (False,),
+    "attn_norm": (False,),
+    "attn_pool_head": (False,),
+    "soft_moe_num_experts": (None,),
+    "pos_embed_interpolation_mode": ("bicubic",),
+    "dropout": (0, 0.0),
+    "attention_dropout": (0, 0.0),
+    "projection_dropout": (0, 0.0),
+}
+# options that only matter when the unsupported feature above is on: accepted and ignored
+INERT_OPTIONS = {"attn_pool_type", "attn_pool_num_heads", "attn_pool_special_tokens", "attn_pool_norm_eps",
+                 "attn_pool_act_layer_type", "soft_moe_num_slots"}
+BIRDER_VIT_NAMES = ("vit", "deit3")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ViTConfig:
+    """The architecture of a birder ``ViT`` (defaults are birder's ``ViT.__init__`` defaults)."""
+
+    patch_size: int
+    num_layers: int
+    num_heads: int
+    hidden_dim: int
+    mlp_dim: int
+    num_reg_tokens: int = 0
+    class_token: bool = True  # False: the embedding is the mean of the patch tokens (birder's `_avg` variants)
+    abs_pos_embed: bool = True
+    pos_embed_special_tokens: bool = True  # the learned position embedding has rows for [REG..., CLS] too
+    pos_embed_antialias: bool = False  # dynamic-size resampling (adjust_size always antialiases, as birder)
+    layer_scale_init_value: float | None = None
+    pre_norm: bool = False  # LayerNorm before the blocks; the patch projection then has no bias
+    post_norm: bool = True
+    norm_after_pool: bool = False  # the final norm applies to the pooled embedding instead of every token
+    qkv_bias: bool = True
+    norm_layer_eps: float = 1e-6
+    drop_path_rate: float = 0.0
+    drop_path_uniform: bool = False
+    out_indices: tuple[int, ...] | None = None  # blocks whose outputs `detection_features` returns
+    num_classes: int = 0  # > 0 adds birder's linear classifier head
+    in_channels: int = 3
+    image_size: tuple[int, int] = (224, 224)  # (H, W) the position embedding is stored for
+
+    def __post_init__(self) -> None:
+        for name in ("patch_size", "num_layers", "num_heads", "hidden_dim", "mlp_dim", "in_channels"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"ViTConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.hidden_dim % self.num_heads:
+            raise UserError(f"hidden_dim {self.hidden_dim} is not divisible by num_heads {self.num_heads}")
+        h, w = self.image_size
+        if h % self.patch_size or w % self.patch_size:
+            raise UserError(f"image size {h}x{w} is not divisible by the patch size {self.patch_size}")
+        if self.num_reg_tokens < 0 or self.num_classes < 0:
+            raise UserError("num_reg_tokens and num_classes must be >= 0")
+
+    # derived sizes -------------------------------------------------------------------------------------
+    @property
+    def num_special_tokens(self) -> int:
+        return self.num_reg_tokens + int(self.class_token)
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return (self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size)
+
+    @property
+    def pos_embed_len(self) -> int:
+        gh, gw = self.grid_size
+        return gh * gw + (self.num_special_tokens if self.pos_embed_special_tokens else 0)
+
+    def drop_path_rates(self) -> list[float]:
+        """birder's ``stochastic_depth_rates``: linear from 0 to ``drop_path_rate`` (or constant)."""
+        n = self.num_layers
+        if self.drop_path_uniform or n == 1:
+            return [self.drop_path_rate] * n
+        return [self.drop_path_rate * i / (n - 1) for i in range(n)]
+
+    def replace(self, **changes: Any) -> ViTConfig:
+        return dataclasses.replace(self, **changes)
+
+    # JSON ----------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["image_size"] = list(self.image_size)
+        d["out_indices"] = None if self.out_indices is None else list(self.out_indices)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ViTConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise UserError(f"unknown ViTConfig field(s): {', '.join(unknown)}")
+        d = dict(d)
+        if "image_size" in d:
+            d["image_size"] = tuple(d["image_size"])
+        if d.get("out_indices") is not None:
+            d["out_indices"] = tuple(d["out_indices"])
+        return cls(**d)
+
+    # birder ----------------------------------------------------------------------------------------------
+    @classmethod
+    def from_birder(cls, model_config: dict[str, Any], *, image_size: tuple[int, int] = (224, 224),
+                    num_classes: int = 0, in_channels: int = 3) -> ViTConfig:
+        """From birder's ``model_config`` dict (the resolved ``net.config``); refuses unimplemented options."""
+        mc = dict(model_config)
+        for key, allowed in UNSUPPORTED_UNLESS.items():
+            if key in mc and mc[key] not in allowed:
+                raise UserError(f"unsupported birder ViT option {key}={mc[key]!r}: vitreg-jax implements only "
+                                f"{key} in {list(allowed)}")
+        for key in (*UNSUPPORTED_UNLESS, *INERT_OPTIONS):
+            mc.pop(key, None)
+        if mc.get("out_indices") is not None:
+            mc["out_indices"] = tuple(int(i) % int(mc["num_layers"]) for i in mc["out_indices"])
+        names = {f.name for f in dataclasses.fields(cls)} - {"num_classes", "in_channels", "image_size"}
+        unknown = sorted(set(mc) - names)
+        if unknown:
+            raise UserError(f"unsupported birder ViT option(s): {', '.join(unknown)}")
+        missing = [k for k in ("patch_size", "num_layers", "num_heads", "hidden_dim", "mlp_dim") if k not in mc]
+        if missing:
+            raise UserError(f"birder model_config lacks {', '.join(missing)}")
+        return cls(**mc, num_classes=num_classes, in_channels=in_channels, image_size=tuple(image_size))
+
+    def to_birder(self) -> dict[str, Any]:
+        """birder's ``model_config`` for this architecture (size, classes and channels go in the signature)."""
+        d = self.to_dict()
+        for key in ("num_classes", "in_channels", "image_size"):
+            d.pop(key)
+        if d["out_indices"] is None:
+            d.pop("out_indices")
+        return d
+
+
+def canonical_name(name: str) -> str:
+    """birder's current registered name (``vitreg4_b16`` -> ``vit_reg4_b16``)."""
+    return LEGACY_NAMES.get(name, name)
+
+
+def preset(name: str, **overrides: Any) -> ViTConfig:
+    """A ``ViTConfig`` by birder network name, e.g. ``preset("vit_reg4_b16")`` or the legacy ``vitreg4_b16``."""
+    key = canonical_name(name)
+    if key not in PRESETS:
+        close = sorted(n for n in PRESETS if n.split("_")[1:2] == key.split("_")[1:2])[:8]
+        hint = f" (similar: {', '.join(close)})" if close else ""
+        raise UserError(f"unknown network {name!r}: not a birder ViT this port supports{hint}")
+    return ViTConfig.from_birder({**PRESETS[key], **overrides.pop("model_config", {})}, **overrides)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MAEConfig:
+    """birder's ``MAE_ViT`` head: decoder width/depth/heads, masking and loss options."""
+
+    decoder_embed_dim: int = 512
+    decoder_depth: int = 8
+    decoder_num_heads: int = 16
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = False
+    # birder 0.8.4 divides the sin-cos frequencies by dim//4; the code that trained the published weights
+    # (<= 0.6.2) by dim//4 - 1 ("include_frequency_endpoint").
+    include_frequency_endpoint: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TrainConfig:
+    """birder's ``mae_vit`` recipe (train_mim.py defaults) as the defaults."""
+
+    batch_size: int = 256
+    lr: float = 1.5e-4
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    decay_bias_and_norm: bool = True  # birder applies weight decay to every parameter
+    warmup_epochs: int = 40
+    warmup_start_factor: float = 0.01
+    epochs: int = 800
+    steps_per_epoch: int | None = None
+    schedule_per_step: bool = False  # birder updates the LR once per epoch by default
+    clip_grad_norm: float | None = None
+    grad_accum_steps: int = 1
+    compute_dtype: str = "float32"  # or "bfloat16": bf16 matmuls, float32 master weights
+    seed: int = 0
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
