@@ -19,9 +19,11 @@ Safety rules:
 
 Configuration: the cache lives in ``$VITREG_JAX_CACHE`` (default ``~/.cache/vitreg-jax``), laid out as
 ``<cache>/<hub repo>/<file>``; the hub base address is ``$VITREG_JAX_HUB_URL`` (default
-``https://huggingface.co``), which lets tests and mirrors serve the same ``<repo>/resolve/main/<file>`` layout.
+``https://huggingface.co``), which lets tests and mirrors serve the same ``<repo>/resolve/main/<file>``
+layout.
 
-Every failure raises :class:`vitreg_jax.errors.UserError` with one line naming the URL or name and the problem.
+Every failure raises :class:`vitreg_jax.errors.UserError` with one line naming the URL or name and the
+problem.
 This module uses only the standard library and tqdm (no torch, no jax).
 """
 
@@ -36,6 +38,7 @@ import os
 import secrets
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 import warnings
 from collections.abc import Iterator, Mapping
@@ -73,6 +76,7 @@ ENV_HUB_URL = "VITREG_JAX_HUB_URL"
 DEFAULT_CACHE_DIR = Path("~/.cache/vitreg-jax")
 DEFAULT_BASE_URL = "https://huggingface.co"
 HUB_REVISION = "main"
+URL_SCHEMES = ("http", "https", "file")  # file:// serves a local mirror laid out like the hub
 USER_AGENT = "vitreg-jax (+https://pypi.org/project/vitreg-jax/)"
 
 DEFAULT_TIMEOUT_S = 30.0  # per socket operation (connect, each read), not for the whole download
@@ -111,7 +115,9 @@ class Published:
 
 
 def _published(name: str, repo: str, config_filename: str, hashes: Mapping[str, str]) -> Published:
-    return Published(name=name, repo=repo, filename=f"{name}.pt", config_filename=config_filename, hashes=hashes)
+    return Published(
+        name=name, repo=repo, filename=f"{name}.pt", config_filename=config_filename, hashes=hashes
+    )
 
 
 _REPO = "birder-project/vit_reg4_b16_mim"
@@ -190,7 +196,9 @@ def resolve_weights(
     timeout: float = DEFAULT_TIMEOUT_S,
 ) -> Path:
     """A local weights path, or the verified cached file of a published name (downloaded if needed)."""
-    return resolve(name_or_path, cache_dir=cache_dir, base_url=base_url, progress=progress, timeout=timeout).weights
+    return resolve(
+        name_or_path, cache_dir=cache_dir, base_url=base_url, progress=progress, timeout=timeout
+    ).weights
 
 
 def resolve(
@@ -216,12 +224,14 @@ def resolve(
     if pub is None:
         raise UserError(_unknown_message(text))
 
-    base = hub_base_url(base_url)
+    base = _checked_base_url(hub_base_url(base_url))
     target = _cache_root(cache_dir) / pub.repo / pub.filename
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cannot create the weights cache {target.parent}: {_one_line(e)} (set ${ENV_CACHE})") from None
+        raise UserError(
+            f"cannot create the weights cache {target.parent}: {_one_line(e)} (set ${ENV_CACHE})"
+        ) from None
 
     hit = _verified(target, pub.hashes)
     if hit is None:
@@ -233,16 +243,30 @@ def resolve(
                 hit = _download(pub.url(base), target, pub.hashes, timeout=timeout, progress=progress)
     digest, layout = hit
     return Resolved(
-        weights=target, config=_config(pub, target.parent, base, timeout), layout=layout, sha256=digest, name=pub.name
+        weights=target,
+        config=_config(pub, target.parent, base, timeout),
+        layout=layout,
+        sha256=digest,
+        name=pub.name,
     )
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # internals
 
 
 def _hub_url(base_url: str, repo: str, filename: str) -> str:
     return f"{base_url.rstrip('/')}/{repo}/resolve/{HUB_REVISION}/{filename}"
+
+
+def _checked_base_url(base: str) -> str:
+    parts = urllib.parse.urlsplit(base)
+    if parts.scheme not in URL_SCHEMES or (parts.scheme != "file" and not parts.netloc):
+        raise UserError(
+            f"invalid hub URL {base!r}: expected http(s)://host[:port][/path] "
+            f"(from base_url or ${ENV_HUB_URL})"
+        )
+    return base
 
 
 def _cache_root(cache_dir: str | os.PathLike[str] | None) -> Path:
@@ -254,7 +278,8 @@ def _known() -> str:
 
 
 def _unknown_message(text: str) -> str:
-    close = difflib.get_close_matches(Path(text).stem if text.endswith(".pt") else text, published_names(), n=1)
+    stem = Path(text).stem if text.endswith(".pt") else text
+    close = difflib.get_close_matches(stem, published_names(), n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     return f"{text!r} is neither an existing file nor a published weight name ({_known()}){hint}"
 
@@ -336,7 +361,8 @@ def _failure(url: str, e: BaseException, timeout: float) -> str:
     if isinstance(reason, TimeoutError):
         return f"download failed: {url}: no answer within {timeout:g} s (timed out)"
     if isinstance(reason, (http.client.HTTPException, ConnectionError)):
-        return f"download failed: {url}: connection interrupted ({type(reason).__name__}: {_one_line(reason)})"
+        what = f"{type(reason).__name__}: {_one_line(reason)}"
+        return f"download failed: {url}: connection interrupted ({what})"
     if isinstance(e, ValueError):
         return f"download failed: {url}: not a valid URL ({_one_line(e)}; check ${ENV_HUB_URL})"
     return f"download failed: {url}: {_one_line(reason)}"
@@ -386,18 +412,24 @@ def _download(
                     received += len(chunk)
                     bar.update(len(chunk))
             if total is not None and received != total:
-                raise UserError(f"download failed: {url}: connection interrupted after {received} of {total} bytes")
+                raise UserError(
+                    f"download failed: {url}: connection interrupted after {received} of {total} bytes"
+                )
         sha = digest.hexdigest()
         layout = hashes.get(sha)
         if layout is None:
             expected = " or ".join(sorted(hashes))
-            raise UserError(f"download refused: {url}: sha256 {sha} is not the published {expected}; file deleted")
+            raise UserError(
+                f"download refused: {url}: sha256 {sha} is not the published {expected}; file deleted"
+            )
         os.replace(tmp, dest)
         tmp = None
         return sha, layout
     except UserError:
         raise
     except (OSError, ValueError, http.client.HTTPException) as e:  # URLError/HTTPError/timeouts are OSErrors
+        if isinstance(e, urllib.error.HTTPError):
+            e.close()  # it holds the response body
         raise UserError(_failure(url, e, timeout)) from None
     finally:
         if tmp is not None:
