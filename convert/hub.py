@@ -461,6 +461,9 @@ def _config(pub: Published, folder: Path, base_url: str, timeout: float) -> Path
         warnings.warn(f"json config not fetched ({_failure(url, e, timeout)})", stacklevel=3)
         return None
     except (OSError, ValueError, http.client.HTTPException) as e:
+        if isinstance(e, urllib.error.URLError) and isinstance(e.reason, FileNotFoundError):  # file:// mirror
+            missing.touch()
+            return None
         warnings.warn(f"json config not fetched ({_failure(url, e, timeout)})", stacklevel=3)
         return None
     try:

@@ -413,3 +413,13 @@ def test_progress_bar_on_stderr_only_when_asked(published: FakeHub, cache: Path,
 def test_module_imports_neither_torch_nor_jax() -> None:
     source = Path(hub.__file__).read_text()
     assert "import torch" not in source and "import jax" not in source
+
+
+def test_file_url_mirror(tmp_path: Path, cache: Path, monkeypatch) -> None:
+    mirror = tmp_path / "mirror"
+    weights = mirror / WEIGHTS_PATH.lstrip("/")
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(FAKE_WEIGHTS)
+    accept(monkeypatch, {FAKE_SHA: hub.LAYOUT_CURRENT})
+    resolved = hub.resolve(NAME, cache_dir=cache, base_url=mirror.as_uri(), progress=False)
+    assert resolved.weights.read_bytes() == FAKE_WEIGHTS and resolved.config is None  # absent: no warning
