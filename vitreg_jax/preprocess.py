@@ -133,7 +133,10 @@ def _open_with_pixel_limit(handle: Any, max_pixels: int | None) -> Image.Image:
     """Image.open with PIL's global bomb limit replaced by ours for the duration of the (header) read."""
     with _PIXEL_LIMIT_LOCK:
         saved = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = max_pixels  # PIL warns above it and raises above twice it; we raise above it
+        # PIL now warns above max_pixels and raises above twice it; load_image raises above it, so images
+        # between the two see a DecompressionBombWarning just before their ImageReadError. (None instead
+        # would silence that, but would also switch PIL's check off for other threads meanwhile.)
+        Image.MAX_IMAGE_PIXELS = max_pixels
         try:
             return Image.open(handle)
         finally:
@@ -186,8 +189,11 @@ class ClassificationTransform:
         self.exif_transpose = bool(exif_transpose)
         # birder: base_size = (int(size[0] / center_crop), int(size[1] / center_crop))
         self.base_size = (int(self.size[0] / self.center_crop), int(self.size[1] / self.center_crop))
-        if min(self.base_size) < 1:
-            raise UserError(f"center_crop={center_crop!r} makes the resize size {self.base_size} empty")
+        if min(self.base_size) < 1 or self.base_size[0] * self.base_size[1] > MAX_IMAGE_PIXELS:
+            raise UserError(
+                f"center_crop={center_crop!r} with size={self.size} gives an impossible resize size "
+                f"{self.base_size} (H, W)"
+            )
         self.mean, self.std = _checked_rgb_stats(rgb_stats)
 
     @property
