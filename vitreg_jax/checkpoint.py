@@ -1,0 +1,107 @@
+"""vitreg-jax checkpoints: an Orbax PyTree of plain arrays plus a readable ``metadata.json``.
+
+Layout of a checkpoint directory::
+
+    DIR/metadata.json   format, ViTConfig, birder's config (name, model_config, signature, rgb_stats),
+                        dtype, provenance (source file, its sha256, birder and converter versions)
+    DIR/params/         Orbax PyTree: a nested dict of arrays whose keys are the model's parameter paths
+                        (list indices as strings), e.g. params/encoder/block/0/attn/qkv/kernel
+
+The weights restore as numpy arrays with no model code and on any device topology, CPU included.
+A directory is written under a temporary name and renamed when complete, so a failed save leaves nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from vitreg_jax.errors import UserError
+
+FORMAT = "vitreg-jax-checkpoint/1"
+METADATA_FILE = "metadata.json"
+PARAMS_DIR = "params"
+
+
+def is_checkpoint(path: str | os.PathLike[str]) -> bool:
+    p = Path(path)
+    return p.is_dir() and (p / METADATA_FILE).is_file() and (p / PARAMS_DIR).is_dir()
+
+
+def _str_keys(tree: Mapping[Any, Any]) -> dict[str, Any]:
+    return {str(k): _str_keys(v) if isinstance(v, Mapping) else np.asarray(v) for k, v in tree.items()}
+
+
+def save_checkpoint(directory: str | os.PathLike[str], params: Mapping[Any, Any], metadata: Mapping[str, Any],
+                    *, force: bool = False) -> Path:
+    """Write ``params`` (nested dict of arrays) and ``metadata`` to ``directory`` atomically.
+
+    An existing ``directory`` is refused unless ``force``; then it is replaced only once the new one is whole.
+    """
+    import orbax.checkpoint as ocp
+
+    out = Path(directory).absolute()
+    if out.exists() and not force:
+        raise UserError(f"{out}: already exists (pass --force to replace it)")
+    if out.exists() and not is_checkpoint(out) and any(out.iterdir()):
+        raise UserError(f"{out}: exists and is not a vitreg-jax checkpoint; refusing to replace it")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    except OSError as e:
+        raise UserError(f"{out.parent}: cannot write there ({e.strerror or e})") from None
+    try:
+        ocp.PyTreeCheckpointer().save(tmp / PARAMS_DIR, _str_keys(params))
+        meta = {"format": FORMAT, **metadata}
+        (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_metadata(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    d = Path(directory)
+    if not d.exists():
+        raise UserError(f"{d}: no such checkpoint directory")
+    if not is_checkpoint(d):
+        raise UserError(f"{d}: not a vitreg-jax checkpoint (expected {METADATA_FILE} and {PARAMS_DIR}/ inside)")
+    try:
+        meta = json.loads((d / METADATA_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{d / METADATA_FILE}: unreadable ({e})") from None
+    if meta.get("format") != FORMAT:
+        raise UserError(f"{d}: unknown checkpoint format {meta.get('format')!r} (expected {FORMAT!r})")
+    return meta
+
+
+def restore_params(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """The weights as a nested dict of numpy arrays (string keys), on the host, whatever saved them."""
+    import orbax.checkpoint as ocp
+
+    d = Path(directory).absolute()  # Orbax wants absolute paths
+    read_metadata(d)
+    ckptr = ocp.PyTreeCheckpointer()
+    try:
+        tree = ckptr.metadata(d / PARAMS_DIR).item_metadata.tree
+        args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        return ckptr.restore(d / PARAMS_DIR, restore_args=args)
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{d}: the weights could not be restored (damaged checkpoint?): {first}") from None
+
+
+def load_checkpoint(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(params, metadata) of a checkpoint directory."""
+    return restore_params(directory), read_metadata(directory)

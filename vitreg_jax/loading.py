@@ -1,0 +1,195 @@
+"""Build models from birder configs and load weights from any supported source.
+
+``load_model_with_cfg(config, weights)`` mirrors ``birder.load_model_with_cfg``: ``config`` is birder's json
+(path or dict; older files with ``alias`` instead of ``registered_name`` load too) or None, and ``weights`` is
+a birder ``.pt`` / ``.safetensors`` file, a vitreg-jax (Orbax) checkpoint directory, or a published weight name.
+Weights are mapped through the one table in ``vitreg_jax.convert.mapping``; no random init happens first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vitreg_jax import __version__
+from vitreg_jax.config import ViTConfig, canonical_name, preset
+from vitreg_jax.convert import mapping
+from vitreg_jax.errors import UserError
+from vitreg_jax.vit import ViT
+
+CLASSIFICATION_TASK = "image_classification"
+DEFAULT_BIRDER_VERSION = "v0.8.4"
+
+
+# birder config dicts -----------------------------------------------------------------------------------
+def read_birder_config(config: str | os.PathLike[str] | Mapping[str, Any]) -> dict[str, Any]:
+    """birder's json config as a dict, with legacy ``alias`` read as ``registered_name``."""
+    if isinstance(config, Mapping):
+        cfg = dict(config)
+    else:
+        path = Path(config)
+        if not path.is_file():
+            raise UserError(f"{path}: no such config file")
+        try:
+            cfg = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{path}: not a JSON config ({e})") from None
+        if not isinstance(cfg, dict):
+            raise UserError(f"{path}: not a birder config (expected a JSON object)")
+    if "registered_name" not in cfg and "alias" in cfg:  # birder < 0.4.13
+        cfg["registered_name"] = cfg.pop("alias")
+    missing = [k for k in ("signature", "rgb_stats") if k not in cfg]
+    if missing:
+        raise UserError(f"birder config lacks {', '.join(missing)}")
+    return cfg
+
+
+def vit_config_from_birder(cfg: Mapping[str, Any]) -> ViTConfig:
+    """The architecture a birder config describes; refuses non-ViT networks and unsupported options."""
+    task = cfg.get("task", CLASSIFICATION_TASK)
+    if task != CLASSIFICATION_TASK:
+        raise UserError(f"birder config is for task {task!r}; vitreg-jax loads {CLASSIFICATION_TASK!r} "
+                        "ViT encoders")
+    name = cfg.get("name")
+    registered = cfg.get("registered_name") or name
+    if name not in (None, "vit"):
+        raise UserError(f"birder network {registered or name!r} is not a ViT (name {name!r}); vitreg-jax ports "
+                        "birder's `vit` family")
+    try:
+        shape = cfg["signature"]["inputs"][0]["data_shape"]
+        outputs = cfg["signature"]["outputs"][0]["data_shape"]
+    except (KeyError, IndexError, TypeError):
+        raise UserError("birder config has no usable signature (inputs[0].data_shape)") from None
+    num_classes = int(cfg["signature"].get("num_labels", outputs[1] if len(outputs) > 1 else 0))
+    size = (int(shape[2]), int(shape[3]))
+    model_config = cfg.get("model_config")
+    if model_config is None:  # very old json (net_param era): the registered name says it all
+        return preset(canonical_name(str(registered)), image_size=size, num_classes=num_classes,
+                      in_channels=int(shape[1]))
+    return ViTConfig.from_birder(model_config, image_size=size, num_classes=num_classes, in_channels=int(shape[1]))
+
+
+def birder_config(vit_cfg: ViTConfig, rgb_stats: Mapping[str, Any], registered_name: str | None = None,
+                  birder_version: str = DEFAULT_BIRDER_VERSION) -> dict[str, Any]:
+    """The json birder writes beside a weights file (``fs_ops.write_config``), for this architecture."""
+    h, w = vit_cfg.image_size
+    return {
+        "birder_version": birder_version,
+        "name": "vit",
+        "registered_name": registered_name or "vit",
+        "task": CLASSIFICATION_TASK,
+        "model_config": vit_cfg.to_birder(),
+        "signature": {"inputs": [{"data_shape": [0, vit_cfg.in_channels, h, w]}],
+                      "outputs": [{"data_shape": [0, vit_cfg.num_classes]}]},
+        "rgb_stats": {"mean": list(rgb_stats["mean"]), "std": list(rgb_stats["std"])},
+    }
+
+
+# models and parameters ---------------------------------------------------------------------------------
+def build_model(cfg: ViTConfig | Mapping[str, Any], *, seed: int = 0) -> ViT:
+    """A randomly initialised model (birder's init distributions) from a ViTConfig or a birder config."""
+    vit_cfg = cfg if isinstance(cfg, ViTConfig) else vit_config_from_birder(cfg)
+    return ViT(vit_cfg, rngs=nnx.Rngs(seed))
+
+
+def abstract_model(vit_cfg: ViTConfig) -> ViT:
+    """The model's structure with shape-only parameters (no init), to be filled by ``set_params``."""
+    return nnx.eval_shape(lambda: ViT(vit_cfg, rngs=nnx.Rngs(0)))
+
+
+def get_params(net: nnx.Module) -> dict[mapping.Path, np.ndarray]:
+    """{parameter path: numpy array} of a model (list indices as ints)."""
+    flat = mapping.flatten(nnx.state(net, nnx.Param).to_pure_dict())
+    return {k: np.asarray(v) for k, v in flat.items()}
+
+
+def set_params(net: nnx.Module, params: Mapping[mapping.Path, Any], dtype: Any = jnp.float32) -> nnx.Module:
+    """Put arrays into the model's parameters, checking that every path exists with the right shape."""
+    current = mapping.flatten(nnx.state(net, nnx.Param).to_pure_dict())
+    missing = sorted(".".join(map(str, k)) for k in current if k not in params)
+    extra = sorted(".".join(map(str, k)) for k in params if k not in current)
+    wrong = [f"{'.'.join(map(str, k))} {tuple(np.shape(v))} (expected {tuple(current[k].shape)})"
+             for k, v in params.items() if k in current and tuple(np.shape(v)) != tuple(current[k].shape)]
+    if missing or extra or wrong:
+        raise UserError("parameters do not fit the model: " + "; ".join(
+            f"{label}: {', '.join(items[:8])}" for label, items in
+            (("missing", missing), ("unexpected", extra), ("shape mismatch", wrong)) if items))
+    nnx.update(net, mapping.unflatten({k: jnp.asarray(np.asarray(v), dtype) for k, v in params.items()}))
+    return net
+
+
+def _int_keys(flat: Mapping[tuple[str, ...], Any]) -> dict[mapping.Path, Any]:
+    return {tuple(int(p) if p.isdigit() else p for p in k): v for k, v in flat.items()}
+
+
+# loading -----------------------------------------------------------------------------------------------
+def load_model_with_cfg(config: str | os.PathLike[str] | Mapping[str, Any] | None,
+                        weights: str | os.PathLike[str]) -> tuple[ViT, dict[str, Any]]:
+    """(model, birder config dict) from a config (or None) and weights; see the module docstring."""
+    from vitreg_jax.checkpoint import is_checkpoint, load_checkpoint
+
+    path = Path(weights)
+    if is_checkpoint(path):
+        params, meta = load_checkpoint(path)
+        cfg = read_birder_config(config) if config is not None else dict(meta["birder_config"])
+        vit_cfg = vit_config_from_birder(cfg)
+        net = set_params(abstract_model(vit_cfg), _int_keys(mapping.flatten(params)))
+        return net, cfg
+    net, cfg, _ = load_birder_weights(config, weights)
+    return net, cfg
+
+
+def load_birder_weights(config: str | os.PathLike[str] | Mapping[str, Any] | None,
+                        weights: str | os.PathLike[str]) -> tuple[ViT, dict[str, Any], Any]:
+    """(model, birder config, BirderFile) from a birder file or a published weight name."""
+    from vitreg_jax.convert import hub
+    from vitreg_jax.convert.readers import read_birder_file
+
+    resolved = hub.resolve(weights)
+    if config is None and resolved.config is not None:
+        config = resolved.config
+    bfile = read_birder_file(resolved.weights)
+    cfg = read_birder_config(config) if config is not None else config_from_file(bfile)
+    vit_cfg = vit_config_from_birder(cfg)
+    net = set_params(abstract_model(vit_cfg), mapping.to_nnx(bfile.state, vit_cfg))
+    return net, cfg, bfile
+
+
+def config_from_file(bfile: Any) -> dict[str, Any]:
+    """A birder config for a weights file given without its json: from the file's own metadata and shapes."""
+    try:
+        from vitreg_jax.convert.infer import infer_birder_config
+    except ImportError:
+        raise UserError(f"{bfile.path}: no config given; pass birder's json config for these weights") from None
+    return infer_birder_config(bfile)
+
+
+def checkpoint_metadata(vit_cfg: ViTConfig, cfg: Mapping[str, Any], *, source: Any = None,
+                        dtype: str = "float32", extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``metadata.json`` content: configs, signature, rgb_stats and where the weights came from."""
+    provenance: dict[str, Any] = {"converter": "vitreg-jax", "converter_version": __version__}
+    if source is not None:
+        provenance.update(source_file=source.path.name, source_sha256=source.sha256, source_format=source.format,
+                          source_dtypes=source.dtypes, birder_version=source.meta.get("birder_version"))
+    provenance.update(extra or {})
+    return {"vit_config": vit_cfg.to_dict(), "birder_config": dict(cfg), "signature": cfg["signature"],
+            "rgb_stats": cfg["rgb_stats"], "dtype": dtype, "provenance": provenance}
+
+
+def save_model(directory: str | os.PathLike[str], net: ViT, cfg: Mapping[str, Any], *, source: Any = None,
+               force: bool = False, extra: Mapping[str, Any] | None = None) -> Path:
+    """Save a model as a vitreg-jax checkpoint directory (see ``vitreg_jax.checkpoint``)."""
+    from vitreg_jax.checkpoint import save_checkpoint
+
+    params = mapping.unflatten(get_params(net))
+    # the signature follows the model (adjust_size may have changed its size since the config was read)
+    cfg = {**cfg, "signature": birder_config(net.cfg, cfg["rgb_stats"])["signature"]}
+    meta = checkpoint_metadata(net.cfg, cfg, source=source, extra=extra)
+    return save_checkpoint(directory, params, meta, force=force)
