@@ -57,9 +57,7 @@ def assert_bit_exact(ours: np.ndarray, ref: np.ndarray, what: str) -> None:
     if not np.array_equal(ours, ref):
         diff = np.abs(ours - ref)
         where = np.unravel_index(np.argmax(diff), diff.shape)
-        raise AssertionError(
-            f"{what}: {np.count_nonzero(diff)} values differ, max {diff.max():g} at {where}"
-        )
+        raise AssertionError(f"{what}: {np.count_nonzero(diff)} values differ, max {diff.max():g} at {where}")
 
 
 def test_samples_cover_the_modes():
@@ -333,11 +331,15 @@ def test_round_trip_through_bytes_is_stable():
     """The transform reads pixels only: the same picture from a file or from memory gives the same array."""
     data = (IMAGES_DIR / "astronaut.jpg").read_bytes()
     transform = classification_transform((224, 224), OLD_BIRDER_STATS)
-    assert np.array_equal(transform(Image.open(io.BytesIO(data))), transform(load_image(IMAGES_DIR / "astronaut.jpg")))
+    assert np.array_equal(
+        transform(Image.open(io.BytesIO(data))), transform(load_image(IMAGES_DIR / "astronaut.jpg"))
+    )
 
 
 def test_import_does_not_pull_in_torch():
     code = "import sys, vitreg_jax.preprocess; print('torch' in sys.modules)"
     repo_root = IMAGES_DIR.parent.parent
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=repo_root)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=repo_root
+    )
     assert out.stdout.strip() == "False"

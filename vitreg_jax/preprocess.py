@@ -125,7 +125,8 @@ def load_image(path: str | os.PathLike[str], *, max_pixels: int | None = MAX_IMA
         return img
     except ImageReadError:
         raise
-    except Exception as e:  # PIL raises many types for corrupt data (OSError, SyntaxError, EOFError...)
+    # PIL raises many types for corrupt data (OSError, SyntaxError, EOFError, struct.error, zlib.error...)
+    except Exception as e:  # noqa: BLE001
         raise ImageReadError(name, _reason(e)) from None
 
 
@@ -274,9 +275,9 @@ def _center_crop(pixels: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
         padding = ((pad_h // 2, (pad_h + 1) // 2), (pad_w // 2, (pad_w + 1) // 2), (0, 0))
         pixels = np.pad(pixels, padding, mode="constant", constant_values=0)
         height, width = pixels.shape[:2]
-    # Python's round() (half to even) on a float, as torchvision's _center_crop_compute_crop_anchor does
-    top = int(round((height - crop_h) / 2.0))
-    left = int(round((width - crop_w) / 2.0))
+    # Python's round() (half to even) of a float, as torchvision's _center_crop_compute_crop_anchor does
+    top = round((height - crop_h) / 2.0)
+    left = round((width - crop_w) / 2.0)
     return pixels[top : top + crop_h, left : left + crop_w]
 
 
