@@ -8,7 +8,7 @@ else.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from vitreg_jax.errors import UserError
@@ -167,45 +167,157 @@ def preset(name: str, **overrides: Any) -> ViTConfig:
     return ViTConfig.from_birder({**PRESETS[key], **overrides.pop("model_config", {})}, **overrides)
 
 
+# birder 0.8.4's registered MAE_ViT configs (net/mim/mae_vit.py); the decoder always has 16 heads there.
+MAE_PRESETS: dict[str, dict[str, Any]] = {
+    "mae_vit": {"decoder_depth": 8, "decoder_embed_dim": 512},
+    "mae_vit_dec512d12": {"decoder_depth": 12, "decoder_embed_dim": 512},
+    "mae_vit_dec512d24": {"decoder_depth": 24, "decoder_embed_dim": 512},
+    "mae_vit_dec512d32": {"decoder_depth": 32, "decoder_embed_dim": 512},
+    "mae_vit_dec512d12_npl": {"decoder_depth": 12, "decoder_embed_dim": 512, "norm_pix_loss": True},
+    "mae_vit_dec512d24_npl": {"decoder_depth": 24, "decoder_embed_dim": 512, "norm_pix_loss": True},
+    "mae_vit_dec512d32_npl": {"decoder_depth": 32, "decoder_embed_dim": 512, "norm_pix_loss": True},
+    "mae_vit_dec512d12_npl_lpe": {"decoder_depth": 12, "decoder_embed_dim": 512, "norm_pix_loss": True,
+                                  "learnable_pos_embed": True},
+    "mae_vit_dec512d24_npl_lpe": {"decoder_depth": 24, "decoder_embed_dim": 512, "norm_pix_loss": True,
+                                  "learnable_pos_embed": True},
+    "mae_vit_dec512d32_npl_lpe": {"decoder_depth": 32, "decoder_embed_dim": 512, "norm_pix_loss": True,
+                                  "learnable_pos_embed": True},
+}
+
+
+def _from_dict(cls: Any, d: dict[str, Any], what: str) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise UserError(f"unknown {what} field(s): {', '.join(unknown)} (known: {', '.join(sorted(names))})")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class MAEConfig:
-    """birder's ``MAE_ViT`` head: decoder width/depth/heads, masking and loss options."""
+    """birder's ``MAE_ViT`` head: decoder width/depth/heads, masking and loss options (defaults: ``mae_vit``)."""
 
     decoder_embed_dim: int = 512
     decoder_depth: int = 8
-    decoder_num_heads: int = 16
+    decoder_num_heads: int = 16  # birder hard-codes 16 (``ViT.decoder_block``)
     mask_ratio: float = 0.75
     norm_pix_loss: bool = False
-    # birder 0.8.4 divides the sin-cos frequencies by dim//4; the code that trained the published weights
-    # (<= 0.6.2) by dim//4 - 1 ("include_frequency_endpoint").
+    learnable_pos_embed: bool = False  # birder's ``_lpe`` variants; else a fixed 2-D sin-cos buffer
+    # birder 0.8.4 divides the sin-cos frequency exponents by dim//4; the code that trained the published
+    # weights (<= 0.6.2) by dim//4 - 1 ("include_frequency_endpoint").
     include_frequency_endpoint: bool = False
+
+    def __post_init__(self) -> None:
+        if self.decoder_embed_dim <= 0 or self.decoder_depth < 0 or self.decoder_num_heads <= 0:
+            raise UserError("MAEConfig: decoder_embed_dim and decoder_num_heads must be positive, depth >= 0")
+        if self.decoder_embed_dim % self.decoder_num_heads:
+            raise UserError(f"MAEConfig: decoder_embed_dim {self.decoder_embed_dim} is not divisible by "
+                            f"decoder_num_heads {self.decoder_num_heads}")
+        if not self.learnable_pos_embed and self.decoder_embed_dim % 4:
+            raise UserError(f"MAEConfig: the sin-cos decoder position embedding needs decoder_embed_dim "
+                            f"divisible by 4, got {self.decoder_embed_dim}")
+        if not 0.0 <= self.mask_ratio < 1.0:
+            raise UserError(f"MAEConfig: mask_ratio must be in [0, 1), got {self.mask_ratio}")
+
+    def replace(self, **changes: Any) -> MAEConfig:
+        return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MAEConfig:
+        return _from_dict(cls, d, "MAEConfig")
+
+    @classmethod
+    def from_birder(cls, config: dict[str, Any], *, mask_ratio: float | None = None) -> MAEConfig:
+        """From birder's MAE ``config`` dict (``decoder_depth``, ``decoder_embed_dim``, ...)."""
+        known = {"decoder_depth", "decoder_embed_dim", "norm_pix_loss", "learnable_pos_embed"}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise UserError(f"unsupported birder MAE option(s): {', '.join(unknown)}")
+        extra = {} if mask_ratio is None else {"mask_ratio": mask_ratio}
+        return cls(**config, **extra)
+
+    def to_birder(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"decoder_depth": self.decoder_depth, "decoder_embed_dim": self.decoder_embed_dim}
+        if self.norm_pix_loss:
+            d["norm_pix_loss"] = True
+        if self.learnable_pos_embed:
+            d["learnable_pos_embed"] = True
+        return d
+
+
+def mae_preset(name: str, **overrides: Any) -> MAEConfig:
+    """An ``MAEConfig`` by birder MIM network name, e.g. ``mae_preset("mae_vit")``."""
+    if name not in MAE_PRESETS:
+        raise UserError(f"unknown MAE network {name!r} (known: {', '.join(MAE_PRESETS)})")
+    return MAEConfig(**{**MAE_PRESETS[name], **overrides})
+
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class TrainConfig:
-    """birder's ``mae_vit`` recipe (train_mim.py defaults) as the defaults."""
+    """birder's ``mae_vit`` recipe (``train_mim.py`` defaults and docs/training_mim.md) as the defaults.
+
+    Length: ``epochs`` (birder's unit) or ``steps`` (optimizer steps; setting it clears ``epochs``). The learning rate
+    follows birder's ``SequentialLR(LinearLR(warmup_start_factor, warm-up), CosineAnnealingLR(eta_min=lr_min))``,
+    updated once per epoch (birder's default) or, with ``schedule_per_step`` (always with ``steps``), once per
+    optimizer step. ``batch_size`` is the global batch of one forward pass (birder's per-GPU batch times the
+    number of GPUs); one optimizer step sees ``batch_size * grad_accum_steps`` images.
+    """
 
     batch_size: int = 256
     lr: float = 1.5e-4
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
-    decay_bias_and_norm: bool = True  # birder applies weight decay to every parameter
-    warmup_epochs: int = 40
+    decay_bias_and_norm: bool = True  # birder decays every parameter; False excludes biases, norms and tokens
+    epochs: int | None = 800
+    steps: int | None = None
+    warmup_epochs: int = 40  # with ``epochs``
+    warmup_steps: int = 0  # with ``steps``
     warmup_start_factor: float = 0.01
-    epochs: int = 800
-    steps_per_epoch: int | None = None
+    lr_min: float = 0.0
     schedule_per_step: bool = False  # birder updates the LR once per epoch by default
     clip_grad_norm: float | None = None
     grad_accum_steps: int = 1
-    compute_dtype: str = "float32"  # or "bfloat16": bf16 matmuls, float32 master weights
+    compute_dtype: str = "float32"  # or "bfloat16": bf16 matmul inputs, float32 accumulation and master weights
     seed: int = 0
-    checkpoint_every: int = 100
+    checkpoint_every: int = 500  # optimizer steps
     keep_checkpoints: int = 3
-    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.steps is not None and self.epochs is not None:  # steps, when given, replaces the epoch count
+            object.__setattr__(self, "epochs", None)
+        if self.epochs is None and self.steps is None:
+            raise UserError("TrainConfig: set epochs or steps")
+        length = self.epochs if self.epochs is not None else self.steps
+        if length is None or length <= 0:
+            raise UserError(f"TrainConfig: the run length must be positive, got {length}")
+        if self.warmup_epochs < 0 or self.warmup_steps < 0:
+            raise UserError("TrainConfig: warm-up must be >= 0")
+        if self.epochs is not None and self.warmup_epochs >= self.epochs:
+            raise UserError(f"TrainConfig: warmup_epochs {self.warmup_epochs} must be below epochs {self.epochs}")
+        if self.steps is not None and self.warmup_steps >= self.steps:
+            raise UserError(f"TrainConfig: warmup_steps {self.warmup_steps} must be below steps {self.steps}")
+        for name in ("batch_size", "grad_accum_steps", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise UserError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.weight_decay < 0:
+            raise UserError("TrainConfig: lr must be positive and weight_decay >= 0")
+        if self.compute_dtype not in ("float32", "bfloat16"):
+            raise UserError(f"TrainConfig.compute_dtype must be float32 or bfloat16, got {self.compute_dtype!r}")
+        if self.clip_grad_norm is not None and self.clip_grad_norm <= 0:
+            raise UserError("TrainConfig.clip_grad_norm must be positive")
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        return _from_dict(cls, d, "TrainConfig")
