@@ -1,0 +1,366 @@
+"""The jit boundary for inference: compiled, bucketed, padded, data-parallel embedding.
+
+Two entry points:
+
+- :func:`make_embed_fn` gives the plain functional form, ``embed, params = make_embed_fn(net)`` then
+  ``embed(params, images)``: one jitted pure function (it compiles once per input shape).
+- :class:`Embedder` is the batch engine behind ``vitreg-jax embed``: the model is split once, its weights are
+  replicated over a ``jax.sharding.Mesh`` of every device (every process's devices under
+  ``jax.distributed``), each call's batch is padded up to one of a few bucket sizes and sharded along the
+  mesh's ``data`` axis, and each (bucket, height, width) is compiled ahead of time exactly once.
+
+Compute dtypes: ``float32`` runs every matmul in float32 at ``"highest"`` precision (no TF32 or bf16 passes
+on GPU/TPU unless asked); ``bfloat16`` stores the matmul kernels in bfloat16 so that every matmul takes
+bfloat16 inputs and accumulates in float32 (``vitreg_jax.layers.dense``), while LayerNorm, softmax, GELU,
+biases and the residual stream stay float32. Outputs are always float32.
+
+What to return (``features``): ``"cls"`` is birder's ``net.embedding`` (the CLS token after the final norm,
+or the patch mean for ``_avg`` variants), ``"tokens"`` every token of ``forward_features``
+(``[REG..., CLS, PATCH...]``) and ``"patches"`` the patch tokens only, in row-major patch order.
+
+XLA:CPU flags: measured on a 2-core AVX-512 EPYC (BENCHMARKS.md, "Embedding"), turning XLA:CPU's YNNPACK
+fusion off (``--xla_cpu_experimental_ynn_fusion_type=``) speeds the float32 path up and slows the bfloat16
+path down, and flags are read once per process, before the backend starts. :func:`configure_xla_flags`
+applies the better choice for a dtype when the user has not set ``XLA_FLAGS`` and JAX has not started yet;
+``vitreg-jax embed`` calls it first thing.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from vitreg_jax.errors import UserError
+from vitreg_jax.vit import ViT
+
+DTYPES: dict[str, Any] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+FEATURES = ("cls", "tokens", "patches")
+DATA_AXIS = "data"
+# XLA:CPU runs large batches faster as micro-batches of this many images inside the jitted function
+# (jax.lax.map): each step's activations stay in cache instead of streaming ~2 GB per call.
+CPU_MICRO_BATCH = 4
+# The float32 matmul precision of the float32 path: fp32 means fp32 on every backend (no TF32 / bf16 passes).
+FLOAT32_PRECISION = "highest"
+# XLA_FLAGS chosen per dtype on CPU (see the module docstring and BENCHMARKS.md).
+CPU_XLA_FLAGS: dict[str, str] = {"float32": "--xla_cpu_experimental_ynn_fusion_type=", "bfloat16": ""}
+
+
+# XLA flags ----------------------------------------------------------------------------------------------
+def configure_xla_flags(dtype: str) -> str | None:
+    """Set ``XLA_FLAGS`` to the measured-best CPU flags for ``dtype``, if it is still possible and wanted.
+
+    Does nothing (returns None) when the user has set ``XLA_FLAGS`` (their choice wins) or when JAX's backends
+    have already started (flags are read once per process; a warning says so when the choice would have
+    differed). Returns the flags it set otherwise. The flags only touch XLA:CPU, so GPU/TPU runs are unaffected.
+    """
+    _check_dtype(dtype)
+    if "XLA_FLAGS" in os.environ:
+        return None
+    flags = CPU_XLA_FLAGS[dtype]
+    if _backends_started():
+        if flags:
+            warnings.warn(f"JAX has already started, so XLA_FLAGS={flags!r} (faster for {dtype} on CPU) cannot "
+                          "be applied in this process; set it before JAX starts", stacklevel=2)
+        return None
+    if flags:
+        os.environ["XLA_FLAGS"] = flags
+    return flags
+
+
+def _backends_started() -> bool:
+    try:
+        from jax._src import xla_bridge
+        return bool(xla_bridge.backends_are_initialized())
+    except (ImportError, AttributeError):  # private API moved: assume started, so we never claim otherwise
+        return True
+
+
+# pure functions -----------------------------------------------------------------------------------------
+def _check_dtype(dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+
+
+def _check_features(features: str) -> None:
+    if features not in FEATURES:
+        raise UserError(f"features must be one of {', '.join(FEATURES)}, got {features!r}")
+
+
+def cast_params(params: nnx.State, dtype: str) -> nnx.State:
+    """The parameters with every matmul ``kernel`` in ``dtype``; everything else stays float32."""
+    _check_dtype(dtype)
+    target = DTYPES[dtype]
+
+    def cast(path: tuple[Any, ...], leaf: jax.Array) -> jax.Array:
+        is_kernel = any(getattr(k, "key", None) == "kernel" for k in path)
+        return leaf.astype(target) if is_kernel else leaf.astype(jnp.float32)
+
+    return jax.tree_util.tree_map_with_path(cast, params)
+
+
+def _extract(net: ViT, x: jax.Array, features: str) -> jax.Array:
+    tokens = net.forward_features(x)  # (B, S + h*w, D)
+    if features == "cls":
+        return net.embedding_from_features(tokens)  # (B, D)
+    if features == "patches":
+        return tokens[:, net.cfg.num_special_tokens :]  # (B, h*w, D)
+    return tokens
+
+
+def _micro_size(batch: int, micro_batch: int | None) -> int:
+    """The largest micro-batch <= micro_batch that divides batch (batch itself when off or larger)."""
+    if not micro_batch or batch <= micro_batch:
+        return batch
+    return max(d for d in range(1, micro_batch + 1) if batch % d == 0)
+
+
+def _pure_fn(graphdef: nnx.GraphDef, dtype: str, features: str, micro_batch: int | None,
+             on_trace: Callable[[], None] | None = None) -> Callable[[nnx.State, jax.Array], jax.Array]:
+    """``fn(params, images (B, H, W, C)) -> float32 features`` on one device's rows, micro-batched."""
+    precision = FLOAT32_PRECISION if dtype == "float32" else None
+
+    def fn(params: nnx.State, x: jax.Array) -> jax.Array:
+        if on_trace is not None:
+            on_trace()
+        with jax.default_matmul_precision(precision):
+            net = nnx.merge(graphdef, params)
+            b = x.shape[0]
+            m = _micro_size(b, micro_batch)
+            if m == b:
+                return _extract(net, x, features).astype(jnp.float32)
+            xs = x.reshape(b // m, m, *x.shape[1:])  # (steps, m, H, W, C)
+            ys = jax.lax.map(lambda xb: _extract(net, xb, features), xs)  # (steps, m, ...)
+            return ys.reshape(b, *ys.shape[2:]).astype(jnp.float32)  # (B, ...)
+
+    return fn
+
+
+def default_micro_batch() -> int | None:
+    """CPU_MICRO_BATCH on CPU, None (whole batch at once) on GPU/TPU."""
+    return CPU_MICRO_BATCH if jax.default_backend() == "cpu" else None
+
+
+def make_embed_fn(net: ViT, *, dtype: str = "float32", features: str = "cls",
+                  micro_batch: int | None = -1) -> tuple[Callable[[nnx.State, Any], jax.Array], nnx.State]:
+    """``(embed, params)``: a jitted pure ``embed(params, images)`` and the parameters it takes.
+
+    ``images`` is (B, H, W, C) float32 (any B; any H, W divisible by the patch size); the result is float32
+    (B, D) for ``"cls"``, (B, S + h*w, D) for ``"tokens"``, (B, h*w, D) for ``"patches"``. ``params`` holds
+    the matmul kernels in ``dtype``. Each new input shape compiles once; use :class:`Embedder` for bucketed
+    batches and several devices. ``micro_batch=-1`` picks :func:`default_micro_batch`.
+    """
+    _check_dtype(dtype)
+    _check_features(features)
+    graphdef, params = nnx.split(net)
+    params = cast_params(params, dtype)
+    micro = default_micro_batch() if micro_batch == -1 else micro_batch
+    return jax.jit(_pure_fn(graphdef, dtype, features, micro)), params
+
+
+# the batch engine ---------------------------------------------------------------------------------------
+def default_mesh(devices: Iterable[jax.Device] | None = None) -> Mesh:
+    """A 1-D ``data`` mesh over ``devices`` (default: every device of every process, grouped by process)."""
+    devs = sorted(jax.devices() if devices is None else devices, key=lambda d: (d.process_index, d.id))
+    return Mesh(np.array(devs), (DATA_AXIS,))
+
+
+def bucket_sizes(batch_size: int, multiple: int = 1) -> tuple[int, ...]:
+    """Global batch sizes to compile: ``multiple * 2**k`` below ``batch_size``, then ``batch_size`` itself.
+
+    ``batch_size`` is rounded up to a multiple of ``multiple`` (the number of devices), so every device gets
+    the same number of rows. A stream of ragged batches then compiles at most ``len(buckets)`` times, and a
+    batch pads by less than half of itself.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UserError(f"batch size must be a positive integer, got {batch_size!r}")
+    top = math.ceil(batch_size / multiple) * multiple
+    sizes, b = [], multiple
+    while b < top:
+        sizes.append(b)
+        b *= 2
+    sizes.append(top)
+    return tuple(sizes)
+
+
+@dataclass
+class PendingEmbedding:
+    """An embedding computation in flight: ``result()`` waits for it and returns this process's rows."""
+
+    outputs: list[tuple[jax.Array, int]]  # (global output, number of real local rows)
+    embedder: Embedder
+
+    shape: tuple[int, ...]  # one image's output shape
+
+    def result(self) -> np.ndarray:
+        parts = [self.embedder._local_rows(y)[:n] for y, n in self.outputs]
+        if not parts:
+            return np.zeros((0, *self.shape), np.float32)
+        return np.concatenate(parts) if len(parts) != 1 else parts[0]
+
+
+class Embedder:
+    """Compiled, bucketed, sharded embedding of image batches with one model.
+
+    >>> embedder = Embedder(net, dtype="bfloat16", batch_size=64)
+    >>> out = embedder(images)   # (n, H, W, 3) float32 numpy -> (n, D) float32 numpy
+
+    - The model is split once; the weights (kernels cast to ``dtype``) are replicated on every device of
+      ``mesh`` (default: all devices of all processes) and each batch is sharded along its ``data`` axis.
+    - A call with ``n`` images runs in chunks of at most ``batch_size``; each chunk is zero-padded up to the
+      smallest bucket (:func:`bucket_sizes`) that holds it, so ragged batches compile once per bucket and
+      image size. ``compile_count`` and ``compile_seconds`` say what was compiled.
+    - Under ``jax.distributed`` (several processes), ``images`` are this process's rows and the result is
+      this process's rows; every process must make the same calls with the same number of images (pad if
+      needed: ``vitreg-jax embed`` does), since the computation spans every process's devices.
+    """
+
+    def __init__(self, net: ViT, *, dtype: str = "float32", features: str = "cls", batch_size: int = 64,
+                 micro_batch: int | None = -1, mesh: Mesh | None = None):
+        _check_dtype(dtype)
+        _check_features(features)
+        self.dtype = dtype
+        self.features = features
+        self.cfg = net.cfg
+        self.mesh = default_mesh() if mesh is None else mesh
+        self.num_devices = int(self.mesh.devices.size)
+        self.num_processes = len({d.process_index for d in self.mesh.devices.flat})
+        self.buckets = bucket_sizes(batch_size, self.num_devices)
+        self.batch_size = self.buckets[-1]
+        self.micro_batch = default_micro_batch() if micro_batch == -1 else micro_batch
+        self.compile_count = 0
+        self.compile_seconds: dict[tuple[int, int, int], float] = {}
+
+        graphdef, params = nnx.split(net)
+        params = cast_params(params, dtype)
+        self._replicated = NamedSharding(self.mesh, P())
+        self._batch_sharding = NamedSharding(self.mesh, P(DATA_AXIS))
+        self.params = jax.tree_util.tree_map(self._replicate, params)
+        per_device = _pure_fn(graphdef, dtype, features, self.micro_batch, on_trace=self._count_trace)
+        sharded = jax.shard_map(per_device, mesh=self.mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=P(DATA_AXIS))
+        self._jitted = jax.jit(sharded)
+        self._compiled: dict[tuple[int, int, int], Any] = {}
+        # pixels travel as float32 (the bf16 path casts them on the device, inside the patch projection):
+        # a host-side cast to bf16 costs more host time than it saves in transfer
+        self.input_dtype = jnp.float32
+
+    # set-up ---------------------------------------------------------------------------------------------
+    def _replicate(self, leaf: jax.Array) -> jax.Array:
+        host = np.asarray(leaf)
+        return jax.make_array_from_callback(host.shape, self._replicated, lambda index: host[index])
+
+    def _count_trace(self) -> None:
+        self.compile_count += 1
+
+    def _check_images(self, images: Any) -> np.ndarray | jax.Array:
+        if isinstance(images, jax.Array) and self.num_processes == 1:
+            x = images.astype(jnp.float32)  # already on a device: stays there
+        else:
+            x = np.asarray(images, dtype=np.float32)
+        c = self.cfg.in_channels
+        if x.ndim != 4 or x.shape[-1] != c:
+            raise UserError(f"expected images as (N, H, W, {c}), got shape {tuple(x.shape)}")
+        p = self.cfg.patch_size
+        if x.shape[1] % p or x.shape[2] % p or x.shape[1] == 0 or x.shape[2] == 0:
+            raise UserError(f"image size {x.shape[1]}x{x.shape[2]} is not a positive multiple of the patch "
+                            f"size {p}")
+        return x
+
+    def bucket_for(self, n: int) -> int:
+        """The global bucket for ``n`` rows of this process (``n * num_processes`` rows in all)."""
+        total = n * self.num_processes
+        return next(b for b in self.buckets if b >= total)
+
+    def compiled(self, bucket: int, height: int, width: int) -> Any:
+        """The executable for one global bucket and image size, compiled ahead of time on first use."""
+        key = (bucket, height, width)
+        exe = self._compiled.get(key)
+        if exe is None:
+            start = time.perf_counter()
+            spec = jax.ShapeDtypeStruct((bucket, height, width, self.cfg.in_channels), self.input_dtype,
+                                        sharding=self._batch_sharding)
+            exe = self._jitted.lower(self.params, spec).compile()
+            self.compile_seconds[key] = time.perf_counter() - start
+            self._compiled[key] = exe
+        return exe
+
+    def warmup(self, height: int | None = None, width: int | None = None,
+               buckets: Iterable[int] | None = None) -> float:
+        """Compile every bucket (or those given) for one image size; returns the seconds it took."""
+        h, w = (self.cfg.image_size if height is None else (height, width or height))
+        start = time.perf_counter()
+        for b in self.buckets if buckets is None else buckets:
+            self.compiled(b, h, w)
+        return time.perf_counter() - start
+
+    # running --------------------------------------------------------------------------------------------
+    def _local_rows(self, y: jax.Array) -> np.ndarray:
+        if self.num_processes == 1:
+            return np.asarray(y)
+        return np.asarray(multihost_utils.global_array_to_host_local_array(y, self.mesh, P(DATA_AXIS)))
+
+    def embed_async(self, images: Any) -> PendingEmbedding:
+        """Start embedding ``images`` (this process's rows) and return at once; ``.result()`` waits.
+
+        The pixels are sent to the devices and the computation is queued before this returns, so the caller
+        can decode the next batch meanwhile.
+        """
+        x = self._check_images(images)
+        n, h, w = x.shape[:3]
+        outputs: list[tuple[jax.Array, int]] = []
+        local_max = self.batch_size // self.num_processes
+        for start in range(0, n, local_max):
+            chunk = x[start : start + local_max]
+            bucket = self.bucket_for(len(chunk))
+            local_bucket = bucket // self.num_processes
+            exe = self.compiled(bucket, h, w)
+            if isinstance(chunk, jax.Array):
+                padded = jnp.pad(chunk, ((0, local_bucket - len(chunk)), (0, 0), (0, 0), (0, 0)))
+                device_x = jax.device_put(padded, self._batch_sharding)
+            else:
+                if len(chunk) == local_bucket:
+                    padded = chunk  # no copy for a full batch
+                else:
+                    padded = np.zeros((local_bucket, h, w, x.shape[3]), np.float32)
+                    padded[: len(chunk)] = chunk  # (local bucket, H, W, C), zero rows after the real ones
+                device_x = jax.make_array_from_process_local_data(self._batch_sharding, padded)
+            outputs.append((exe(self.params, device_x), len(chunk)))
+        return PendingEmbedding(outputs, self, self.output_shape(h, w))
+
+    def __call__(self, images: Any) -> np.ndarray:
+        """Embed ``images`` (N, H, W, C) float32: float32 numpy rows, one per image, in order."""
+        return self.embed_async(images).result()
+
+    def stream(self, batches: Iterable[Any]) -> Iterator[np.ndarray]:
+        """Embed a stream of image batches, keeping one batch in flight while the next is produced."""
+        pending: PendingEmbedding | None = None
+        for images in batches:
+            current = self.embed_async(images)
+            if pending is not None:
+                yield pending.result()
+            pending = current
+        if pending is not None:
+            yield pending.result()
+
+    def output_shape(self, height: int, width: int) -> tuple[int, ...]:
+        """The shape of one image's output at this input size (without the batch axis)."""
+        p = self.cfg.patch_size
+        patches = (height // p) * (width // p)
+        d = self.cfg.hidden_dim
+        if self.features == "cls":
+            return (d,)
+        if self.features == "patches":
+            return (patches, d)
+        return (self.cfg.num_special_tokens + patches, d)
