@@ -128,8 +128,13 @@ def normalize_keys(state: Mapping[str, Any], num_layers: int | None = None) -> t
     return out, layout
 
 
-def to_nnx(state: Mapping[str, Any], cfg: ViTConfig) -> dict[Path, np.ndarray]:
-    """birder state_dict (numpy arrays, any key layout) -> {our path: array}. Refuses any mismatch."""
+def to_nnx(state: Mapping[str, Any], cfg: ViTConfig, *, consume: bool = False) -> dict[Path, np.ndarray]:
+    """birder state_dict (numpy arrays, any key layout) -> {our path: array}. Refuses any mismatch.
+
+    ``consume=True`` empties ``state`` (a mutable dict) and drops each source array as soon as it is
+    converted, so a transposed copy never coexists with the whole source: peak memory stays near one copy.
+    """
+    source = state
     state, _ = normalize_keys(state, cfg.num_layers)
     rows = table(cfg)
     expected = {r.birder_key for r in rows}
@@ -146,7 +151,10 @@ def to_nnx(state: Mapping[str, Any], cfg: ViTConfig) -> dict[Path, np.ndarray]:
         problems.append(f"shape mismatch: {_short(wrong)}")
     if problems:
         raise UserError("weights do not fit the architecture: " + "; ".join(problems))
-    return {r.path: _to_ours(np.asarray(state[r.birder_key]), r.layout) for r in rows}
+    if not consume:
+        return {r.path: _to_ours(np.asarray(state[r.birder_key]), r.layout) for r in rows}
+    source.clear()  # type: ignore[attr-defined]
+    return {r.path: _to_ours(np.asarray(state.pop(r.birder_key)), r.layout) for r in rows}
 
 
 def to_birder(params: Mapping[Path, Any], cfg: ViTConfig) -> dict[str, np.ndarray]:

@@ -1,9 +1,14 @@
-"""Read and write birder weight files: ``.pt`` (torch, ``weights_only=True`` only) and ``.safetensors``.
+"""Read and write birder weight files: ``.pt`` (torch's zip format) and ``.safetensors``, numpy only.
 
-``.safetensors`` is read and written here with numpy alone (the format is an 8-byte header length, a JSON
-header and raw little-endian tensors), so it needs no torch. ``.pt`` needs torch, imported only when a ``.pt``
-is touched, and is never unpickled beyond what ``torch.load(weights_only=True)`` allows: a file whose pickle
-would run code is refused without running it.
+``.safetensors`` is read and written with numpy alone (an 8-byte header length, a JSON header and raw
+little-endian tensors). ``.pt`` files in torch's zip format (every file torch >= 1.6 writes, so every birder
+file) are read without torch too: the zip's ``data.pkl`` goes through an unpickler that knows only the few
+names a plain state dict needs (``collections.OrderedDict``, ``torch._utils._rebuild_tensor_v2``,
+``torch._utils._rebuild_parameter`` and the typed storages) and refuses every other global before anything
+is called, as ``torch.load(weights_only=True)`` does; tensor data is then read straight from the archive
+(CRC-checked) into the arrays that are returned, with no intermediate copy. Files this reader does not
+understand (torch's pre-1.6 format, tensors of other torch types) go to ``torch.load(weights_only=True)``
+when torch is installed. A file whose pickle would run code is refused without running it.
 
 Arrays keep their stored dtype (bf16 as ``ml_dtypes.bfloat16``); callers cast where they need float32.
 """
@@ -13,11 +18,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import struct
 import tempfile
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import ml_dtypes
 import numpy as np
@@ -79,32 +87,269 @@ def read_birder_file(path: str | os.PathLike[str]) -> BirderFile:
 
 
 # .pt ---------------------------------------------------------------------------------------------------
-def _tensor_to_numpy(t: Any) -> np.ndarray:
-    import torch
+# torch's typed storages as they appear in a pickle ("torch FloatStorage") -> numpy dtype
+_PT_STORAGES: dict[str, np.dtype] = {
+    "FloatStorage": np.dtype("<f4"), "DoubleStorage": np.dtype("<f8"), "HalfStorage": np.dtype("<f2"),
+    "BFloat16Storage": np.dtype(ml_dtypes.bfloat16), "LongStorage": np.dtype("<i8"),
+    "IntStorage": np.dtype("<i4"), "ShortStorage": np.dtype("<i2"), "CharStorage": np.dtype("i1"),
+    "ByteStorage": np.dtype("u1"), "BoolStorage": np.dtype("?"),
+}
+_MAX_PICKLE = 256 * 1024 * 1024
+_ZIP_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, ..., file name length, extra field length
 
-    t = t.detach().cpu().contiguous()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return t.numpy()
+
+class _Refused(Exception):
+    """The pickle asks for a global that a weights file never needs (possibly code): nothing was called."""
+
+
+class _NeedsTorch(Exception):
+    """A torch construct this reader does not implement; ``torch.load(weights_only=True)`` decides."""
+
+
+@dataclass(frozen=True)
+class _StorageType:
+    name: str
+
+    @property
+    def dtype(self) -> np.dtype:
+        return _PT_STORAGES[self.name]
+
+
+@dataclass
+class _Storage:
+    key: str
+    dtype: np.dtype
+    numel: int
+
+
+@dataclass
+class _Tensor:
+    storage: _Storage
+    offset: int
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+
+
+class _StateDict(dict):  # stands in for collections.OrderedDict (dicts keep insertion order)
+    def __setstate__(self, state: Any) -> None:  # BUILD: torch stores the state_dict's `_metadata` here
+        self._pickled_state = state
+
+
+def _ints(value: Any, what: str) -> tuple[int, ...]:
+    if not isinstance(value, (tuple, list)) or not all(type(v) is int and v >= 0 for v in value):
+        raise ValueError(f"bad tensor {what} {value!r}")
+    return tuple(value)
+
+
+def _rebuild_tensor_v2(storage: Any, storage_offset: Any, size: Any, stride: Any, requires_grad: Any = False,
+                       backward_hooks: Any = None, metadata: Any = None) -> _Tensor:
+    if not isinstance(storage, _Storage) or type(storage_offset) is not int or storage_offset < 0:
+        raise ValueError("bad tensor record")
+    shape, strides = _ints(size, "size"), _ints(stride, "stride")
+    if len(shape) != len(strides):
+        raise ValueError("tensor size and stride differ in length")
+    if shape and min(shape) > 0:
+        last = storage_offset + sum((n - 1) * s for n, s in zip(shape, strides))
+        if last >= storage.numel:
+            raise ValueError(f"tensor reaches past its storage ({last} >= {storage.numel})")
+    return _Tensor(storage, storage_offset, shape, strides)
+
+
+def _rebuild_parameter(data: Any, requires_grad: Any = False, backward_hooks: Any = None) -> _Tensor:
+    if not isinstance(data, _Tensor):
+        raise TypeError("bad parameter record")
+    return data
+
+
+class _WeightsUnpickler(pickle.Unpickler):
+    """Knows only what a plain state dict needs; every other global is refused before it is looked up."""
+
+    _ALLOWED: ClassVar[dict[tuple[str, str], Any]] = {
+        ("collections", "OrderedDict"): _StateDict,
+        ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+        ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    }
+
+    def __init__(self, data: bytes) -> None:
+        import io
+
+        super().__init__(io.BytesIO(data))
+        self.storages: dict[str, _Storage] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = self._ALLOWED.get((module, name))
+        if found is not None:
+            return found
+        if module == "torch" and name in _PT_STORAGES:
+            return _StorageType(name)
+        if module == "torch" or module.startswith("torch."):
+            raise _NeedsTorch(f"{module}.{name}")
+        raise _Refused(f"{module}.{name}")
+
+    def persistent_load(self, pid: Any) -> _Storage:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
+                and isinstance(pid[1], _StorageType) and type(pid[4]) is int and pid[4] >= 0):
+            raise ValueError(f"unexpected persistent id {pid!r:.80}")
+        key = str(pid[2])
+        storage = self.storages.setdefault(key, _Storage(key, pid[1].dtype, pid[4]))
+        if storage.dtype != pid[1].dtype or storage.numel != pid[4]:
+            raise ValueError(f"storage {key} is referenced with two different types")
+        return storage
 
 
 def _read_pt(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    if zipfile.is_zipfile(path):  # torch >= 1.6 (every birder file)
+        try:
+            return _read_pt_zip(path)
+        except _NeedsTorch as e:
+            why = f"it uses {e}, which only torch reads"
+    else:
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if not head.startswith(b"\x80"):  # neither a zip archive nor a pickle (torch's pre-1.6 format)
+            raise UserError(f"{path}: not a readable torch checkpoint (truncated or corrupted?): "
+                            "not a zip archive")
+        why = "it is in torch's pre-1.6 format"
+    return _read_pt_torch(path, why)
+
+
+def _corrupt(path: Path, detail: str) -> UserError:
+    return UserError(f"{path}: not a readable torch checkpoint (truncated or corrupted?): {detail}")
+
+
+def _read_pt_zip(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    try:
+        with zipfile.ZipFile(path) as zf, open(path, "rb") as raw:
+            pickles = [n for n in zf.namelist() if n == "data.pkl" or n.endswith("/data.pkl")]
+            if len(pickles) != 1:
+                raise _corrupt(path, "no single data.pkl in the archive (not a torch file?)")
+            prefix = pickles[0][: -len("data.pkl")]
+            info = zf.getinfo(pickles[0])
+            if info.file_size > _MAX_PICKLE:
+                raise _corrupt(path, f"data.pkl of {info.file_size} bytes is implausible")
+            byteorder = "little"
+            if f"{prefix}byteorder" in zf.namelist():
+                byteorder = zf.read(f"{prefix}byteorder").decode("ascii", "replace").strip()
+            if byteorder not in ("little", "big"):
+                raise _corrupt(path, f"unknown byte order {byteorder!r}")
+            unpickler = _WeightsUnpickler(zf.read(info))
+            try:
+                obj = unpickler.load()
+            except _Refused as e:
+                raise UserError(f"{path}: refused: its pickle asks for {e}, which a weights file never needs "
+                                "(it may run code; nothing was run)") from None
+            except (_NeedsTorch, UserError):
+                raise
+            except Exception as e:  # noqa: BLE001 - a malformed pickle fails in many ways; none ran code
+                raise _corrupt(path, f"data.pkl: {_first_line(e)}") from None
+            state, meta = _split_checkpoint(path, obj)
+            arrays = _read_storages(path, zf, raw, prefix, unpickler.storages, state, byteorder)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as e:
+        raise _corrupt(path, _first_line(e)) from None
+    return arrays, _plain(meta)
+
+
+def _split_checkpoint(path: Path, obj: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    if isinstance(obj, dict) and isinstance(obj.get("state"), dict):
+        state, meta = obj["state"], {k: v for k, v in obj.items() if k != "state"}
+    elif isinstance(obj, dict) and obj and all(isinstance(v, _Tensor) for v in obj.values()):
+        state, meta = obj, {}  # a bare state_dict
+    else:
+        raise UserError(f"{path}: not a birder checkpoint (expected a dict with a 'state' state_dict)")
+    bad = [str(k) for k, v in state.items() if not isinstance(v, _Tensor)]
+    if bad:
+        raise UserError(f"{path}: state entries that are not tensors: {', '.join(bad[:5])}")
+    stray = _find_tensors(meta)
+    if stray:
+        raise UserError(f"{path}: tensors outside the state dict (in {', '.join(stray[:5])}); not a birder "
+                        "checkpoint")
+    return {str(k): v for k, v in state.items()}, meta
+
+
+def _find_tensors(obj: Any, where: str = "") -> list[str]:
+    if isinstance(obj, _Tensor):
+        return [where or "<top>"]
+    if isinstance(obj, dict):
+        return [w for k, v in obj.items() for w in _find_tensors(v, f"{where}.{k}" if where else str(k))]
+    if isinstance(obj, (list, tuple)):
+        return [w for i, v in enumerate(obj) for w in _find_tensors(v, f"{where}[{i}]")]
+    return []
+
+
+def _read_storages(path: Path, zf: zipfile.ZipFile, raw: Any, prefix: str, storages: dict[str, _Storage],
+                   state: dict[str, _Tensor], byteorder: str) -> dict[str, np.ndarray]:
+    """Each storage read once from the archive into a fresh buffer that becomes the array (no copy)."""
+    users: dict[str, int] = {}
+    for t in state.values():
+        users[t.storage.key] = users.get(t.storage.key, 0) + 1
+    cache: dict[str, np.ndarray] = {}
+    out: dict[str, np.ndarray] = {}
+    for name, t in state.items():
+        flat = cache.get(t.storage.key)
+        if flat is None:
+            flat = _read_storage(path, zf, raw, f"{prefix}data/{t.storage.key}", t.storage, byteorder)
+            if users[t.storage.key] > 1:
+                cache[t.storage.key] = flat
+        out[name] = _view(flat, t)
+        users[t.storage.key] -= 1
+        if users[t.storage.key] == 0:
+            cache.pop(t.storage.key, None)
+    return out
+
+
+def _read_storage(path: Path, zf: zipfile.ZipFile, raw: Any, member: str, storage: _Storage,
+                  byteorder: str) -> np.ndarray:
+    try:
+        info = zf.getinfo(member)
+    except KeyError:
+        raise _corrupt(path, f"storage {member} is missing from the archive") from None
+    nbytes = storage.numel * storage.dtype.itemsize
+    if info.file_size < nbytes:
+        raise _corrupt(path, f"storage {member} holds {info.file_size} bytes, expected {nbytes}")
+    buf = np.empty(info.file_size, np.uint8)
+    if info.compress_type == zipfile.ZIP_STORED:  # what torch writes: read in place, no intermediate copy
+        raw.seek(info.header_offset)
+        sig, name_len, extra_len = _ZIP_LOCAL_HEADER.unpack(raw.read(_ZIP_LOCAL_HEADER.size))
+        if sig != b"PK\x03\x04":
+            raise _corrupt(path, f"bad local header for {member}")
+        raw.seek(info.header_offset + _ZIP_LOCAL_HEADER.size + name_len + extra_len)
+        if raw.readinto(memoryview(buf)) != info.file_size:
+            raise _corrupt(path, f"storage {member} is cut short")
+        if zlib.crc32(buf) != info.CRC:
+            raise _corrupt(path, f"storage {member} fails its CRC check")
+    else:  # zipfile decompresses and checks the CRC itself
+        buf[:] = np.frombuffer(zf.read(member), np.uint8)
+    dtype = storage.dtype if byteorder == "little" else storage.dtype.newbyteorder(">")
+    flat = buf[:nbytes].view(dtype)
+    return flat if byteorder == "little" else flat.astype(storage.dtype)
+
+
+def _view(flat: np.ndarray, t: _Tensor) -> np.ndarray:
+    size = int(np.prod(t.shape, dtype=np.int64))
+    contiguous = tuple(int(np.prod(t.shape[i + 1:], dtype=np.int64)) for i in range(len(t.shape)))
+    if t.offset == 0 and size == flat.size and (t.stride == contiguous or size <= 1):
+        return flat.reshape(t.shape)
+    if size == 0:
+        return np.empty(t.shape, flat.dtype)
+    item = flat.dtype.itemsize
+    view = np.lib.stride_tricks.as_strided(flat[t.offset:], t.shape, tuple(s * item for s in t.stride))
+    return np.ascontiguousarray(view)  # a view into a shared or larger storage: own its bytes
+
+
+def _read_pt_torch(path: Path, why: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """``torch.load(weights_only=True)``: the reader for what ``_read_pt_zip`` does not implement."""
     try:
         import torch
     except ImportError:
-        raise UserError(f"{path}: reading .pt files needs torch: pip install 'vitreg-jax[torch]' "
-                        "(or convert it to .safetensors)") from None
-    import pickle
-
+        raise UserError(f"{path}: reading this file needs torch ({why}): pip install 'vitreg-jax[torch]'"
+                        ) from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)  # never a full unpickle
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path}: refused: not a plain weights file (its pickle asks for more than tensors "
-                        f"and dicts; it was not run): {first}") from None
+                        f"and dicts; it was not run): {_first_line(e)}") from None
     except (RuntimeError, EOFError, OSError, ValueError, AttributeError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: not a readable torch checkpoint (truncated or corrupted?): {first}") from None
+        raise _corrupt(path, _first_line(e)) from None
     if isinstance(obj, dict) and isinstance(obj.get("state"), dict):
         raw_state = obj["state"]
         meta = {k: v for k, v in obj.items() if k != "state"}
@@ -117,6 +362,20 @@ def _read_pt(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         raise UserError(f"{path}: state entries that are not tensors: {', '.join(map(str, bad[:5]))}")
     state = {str(k): _tensor_to_numpy(v) for k, v in raw_state.items()}
     return state, _plain(meta)
+
+
+def _tensor_to_numpy(t: Any) -> np.ndarray:
+    import torch
+
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _plain(obj: Any) -> Any:
@@ -145,6 +404,8 @@ def write_pt(path: Path, state: dict[str, np.ndarray], meta: dict[str, Any]) -> 
 
 # .safetensors ------------------------------------------------------------------------------------------
 def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Each tensor is read from the file straight into the array returned (no whole-file buffer)."""
+    bad = f"{path}: not a readable .safetensors file"
     try:
         with open(path, "rb") as f:
             raw = f.read(8)
@@ -154,26 +415,35 @@ def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]
             if n > _MAX_HEADER:
                 raise ValueError(f"header length {n} is implausible")
             header = json.loads(f.read(n))
-            data = memoryview(f.read())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not a readable .safetensors file: {e}") from None
-    if not isinstance(header, dict):
-        raise UserError(f"{path}: not a readable .safetensors file: header is not a JSON object")
-    meta_raw = header.pop("__metadata__", None) or {}
-    state: dict[str, np.ndarray] = {}
-    for name, info in header.items():
-        try:
-            dtype = _ST_DTYPES[info["dtype"]]
-            start, end = info["data_offsets"]
-            shape = tuple(info["shape"])
-        except (KeyError, TypeError, ValueError):
-            raise UserError(f"{path}: not a readable .safetensors file: bad entry for {name!r}") from None
-        if end > len(data) or end - start != dtype.itemsize * int(np.prod(shape, dtype=np.int64)):
-            raise UserError(f"{path}: truncated or corrupted .safetensors file (tensor {name!r} out of range)")
-        state[name] = np.frombuffer(data[start:end], dtype=dtype).reshape(shape).copy()
-    meta: dict[str, Any] = {}
-    for k, v in meta_raw.items():
-        meta[k] = json.loads(v) if k in _JSON_META else v
+            if not isinstance(header, dict):
+                raise TypeError("header is not a JSON object")
+            data_start = 8 + n
+            data_len = os.fstat(f.fileno()).st_size - data_start
+            meta_raw = header.pop("__metadata__", None) or {}
+            state: dict[str, np.ndarray] = {}
+            for name, info in header.items():
+                try:
+                    dtype = _ST_DTYPES[info["dtype"]]
+                    start, end = (int(v) for v in info["data_offsets"])
+                    shape = tuple(int(v) for v in info["shape"])
+                except (KeyError, TypeError, ValueError):
+                    raise UserError(f"{bad}: bad entry for {name!r}") from None
+                nbytes = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+                if min(shape, default=0) < 0 or start < 0 or end - start != nbytes:
+                    raise UserError(f"{bad}: bad entry for {name!r}")
+                if end > data_len:
+                    raise UserError(f"{path}: truncated or corrupted .safetensors file "
+                                    f"(tensor {name!r} out of range)")
+                buf = np.empty(nbytes, np.uint8)
+                f.seek(data_start + start)
+                if f.readinto(memoryview(buf)) != nbytes:
+                    raise UserError(f"{path}: truncated .safetensors file (tensor {name!r} cut short)")
+                state[name] = buf.view(dtype).reshape(shape)
+            if not isinstance(meta_raw, dict):
+                raise TypeError("__metadata__ is not a JSON object")
+            meta = {k: json.loads(v) if k in _JSON_META else v for k, v in meta_raw.items()}
+    except (ValueError, TypeError, UnicodeDecodeError) as e:  # json errors are ValueErrors
+        raise UserError(f"{bad}: {_first_line(e)}") from None
     return state, meta
 
 
@@ -222,9 +492,16 @@ def _atomic_write(path: Path, write: Any) -> None:
     except PermissionError:
         raise UserError(f"{path.parent}: not writable") from None
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would make the result private to its writer
         with os.fdopen(fd, "wb") as f:
             write(f)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

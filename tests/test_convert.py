@@ -1,0 +1,416 @@
+"""The converter's library layer: the torch-free .pt reader, .safetensors, legacy key layouts, architecture
+inference, and the refusal of unsafe or damaged files.
+
+Reference files are written by birder 0.8.4 itself (``fs_ops.checkpoint_model``, ``write_config``,
+``save_st``) from tiny networks with a fixed torch seed; legacy files are made from those by renaming keys
+exactly as the old layouts had them. Helpers here are shared with ``test_cli_convert.py``.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import logging
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from vitreg_jax.config import ViTConfig
+from vitreg_jax.convert import infer, mapping
+from vitreg_jax.convert.readers import read_birder_file
+from vitreg_jax.errors import UserError
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("birder")
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+TINY = {"num_layers": 2, "hidden_dim": 64, "num_heads": 2, "mlp_dim": 128}
+SIZE = (32, 32)
+RGB = {"mean": (0.5191, 0.5306, 0.4877), "std": (0.2316, 0.2304, 0.2588)}
+PARITY_ATOL = 2e-5  # our embedding vs birder's, fp32 CPU (birder's own fp32 floor is ~5e-6)
+DEPTH = TINY["num_layers"]
+
+
+# birder-made reference files -------------------------------------------------------------------------------
+def signature(size: tuple[int, int] = SIZE, num_classes: int = 0) -> dict[str, Any]:
+    return {"inputs": [{"data_shape": [0, 3, *size]}], "outputs": [{"data_shape": [0, num_classes]}]}
+
+
+def birder_net(name: str = "vit_reg4_b16", config: dict[str, Any] | None = TINY, size: tuple[int, int] = SIZE,
+               num_classes: int = 0, seed: int = 0) -> Any:
+    from birder.model_registry import registry
+
+    torch.manual_seed(seed)
+    return registry.net_factory(name, num_classes, 3, config=config, size=size).eval()
+
+
+@contextmanager
+def models_dir(folder: Path) -> Iterator[None]:
+    """birder's fs_ops write under settings.MODELS_DIR."""
+    from birder.conf import settings
+
+    old = settings.MODELS_DIR
+    settings.MODELS_DIR = folder
+    try:
+        yield
+    finally:
+        settings.MODELS_DIR = old
+
+
+def birder_save(net: Any, folder: Path, name: str, *, external_config: dict[str, Any] | None = None,
+                class_to_idx: dict[str, int] | None = None, size: tuple[int, int] = SIZE) -> tuple[Path, Path]:
+    """(.pt, .json) exactly as birder's training scripts write them (epoch 1)."""
+    from birder.common import fs_ops
+
+    folder.mkdir(parents=True, exist_ok=True)
+    sig = signature(size, getattr(net, "num_classes", 0))
+    with models_dir(folder):
+        fs_ops.checkpoint_model(name, 1, net, sig, class_to_idx or {}, RGB, None, None, None, None,
+                                external_config=external_config)
+        fs_ops.write_config(name, net, sig, RGB)
+    return folder / f"{name}_1.pt", folder / f"{name}.json"
+
+
+def birder_save_st(net: Any, path: Path, *, size: tuple[int, int] = SIZE,
+                   external_config: dict[str, Any] | None = None) -> Path:
+    from birder.common import fs_ops
+
+    fs_ops.save_st(net, str(path), net.task, {}, signature(size, net.num_classes), RGB,
+                   external_config=external_config)
+    return path
+
+
+def state_tensors(net: Any) -> dict[str, Any]:
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+def legacy_state(state: dict[str, Any], *, oldest: bool = False, depth: int = DEPTH) -> dict[str, Any]:
+    """Today's keys renamed to the pre-0.4 layout (ln1/self_attention/ln2); ``oldest`` also moves the final
+    norm into ``encoder.block.<depth>`` as the Sep-2024 code kept it."""
+    back = {v: k for k, v in mapping.LEGACY_RENAMES.items()}
+    out = {}
+    for key, value in state.items():
+        parts = key.split(".", 3)
+        if key.startswith("encoder.block.") and parts[3] in back:
+            key = f"encoder.block.{parts[2]}.{back[parts[3]]}"
+        elif oldest and key in ("norm.weight", "norm.bias"):
+            key = f"encoder.block.{depth}.{key.split('.')[1]}"
+        out[key] = value
+    return out
+
+
+def save_pt(path: Path, state: dict[str, Any], *, birder_version: str = "v0.0.5a90", **meta: Any) -> Path:
+    """A birder-style .pt (torch.save of {"state": ..., metadata}); metadata defaults to birder's keys."""
+    payload = {"state": state, "birder_version": birder_version, "task": "image_classification",
+               "signature": signature(), "class_to_idx": {}, "rgb_stats": RGB}
+    payload.update(meta)
+    torch.save({k: v for k, v in payload.items() if v is not None}, path)
+    return path
+
+
+def nhwc_input(size: tuple[int, int] = SIZE, batch: int = 2, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((batch, *size, 3), dtype=np.float32)
+
+
+def birder_embedding(net: Any, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return net.embedding(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))).numpy()
+
+
+def to_numpy(t: Any) -> np.ndarray:
+    t = t.detach().contiguous()
+    return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16) if t.dtype == torch.bfloat16 else t.numpy()
+
+
+class Evil:
+    """Unpickling this opens (creates) ``marker`` for writing: the proof that code ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (builtins.open, (self.marker, "w"))
+
+
+class EvilTorch:
+    """A payload behind a torch global (torch.save writes ``marker``): the torch fallback must refuse it."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (torch.save, ({}, self.marker))
+
+
+@dataclass
+class Tiny:
+    net: Any
+    pt: Path  # birder-saved, with its external config (num_heads etc.) in the file
+    pt_bare_meta: Path  # birder-saved without an external config: only shapes, signature, rgb_stats
+    json: Path
+    st: Path
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
+    folder = tmp_path_factory.mktemp("birder")
+    net = birder_net()
+    pt, js = birder_save(net, folder, "vit_reg4_b16_tiny", external_config=TINY)
+    bare, _ = birder_save(net, folder / "bare", "vit_reg4_b16_tiny")
+    st = birder_save_st(net, folder / "vit_reg4_b16_tiny_1.safetensors", external_config=TINY)
+    return Tiny(net=net, pt=pt, pt_bare_meta=bare, json=js, st=st)
+
+
+# the .pt reader --------------------------------------------------------------------------------------------
+def test_pt_reader_matches_torch_load_for_every_dtype_and_layout(tmp_path: Path) -> None:
+    base = torch.arange(12.0).reshape(3, 4)
+    state = {
+        "bf16": torch.randn(3, 5, dtype=torch.bfloat16), "fp16": torch.randn(2, 3, dtype=torch.float16),
+        "fp32": torch.randn(4), "fp64": torch.randn(2, dtype=torch.float64), "transposed": base.t(),
+        "row_view": base[1], "column_slice": base[:, 1:3], "param": torch.nn.Parameter(torch.ones(2)),
+        "empty": torch.zeros(0, 3), "scalar": torch.tensor(3.5), "int64": torch.arange(5),
+        "bool": torch.tensor([True, False]), "uint8": torch.arange(4, dtype=torch.uint8),
+    }
+    path = save_pt(tmp_path / "w.pt", state, class_to_idx={"a": 0})
+    got = read_birder_file(path)
+    ref = torch.load(path, weights_only=True)
+    assert list(got.state) == list(ref["state"])
+    for key, tensor in ref["state"].items():
+        want = to_numpy(tensor)
+        assert got.state[key].dtype == want.dtype, key
+        assert got.state[key].shape == want.shape, key
+        assert np.array_equal(got.state[key], want), key
+        assert got.state[key].flags.c_contiguous and got.state[key].flags.writeable, key
+    assert got.meta["rgb_stats"] == {"mean": list(RGB["mean"]), "std": list(RGB["std"])}
+    assert got.meta["class_to_idx"] == {"a": 0} and got.format == "pt" and len(got.sha256) == 64
+
+
+def test_birder_saved_pt_and_safetensors_read_identically(tiny: Tiny) -> None:
+    pt, st = read_birder_file(tiny.pt), read_birder_file(tiny.st)
+    want = {k: v.numpy() for k, v in tiny.net.state_dict().items()}
+    for got in (pt, st):
+        assert list(got.state) == list(want) if got is pt else set(got.state) == set(want)
+        assert all(np.array_equal(got.state[k], want[k]) for k in want)
+        assert got.meta["signature"] == signature() and got.meta["config"] == TINY
+    assert pt.meta["birder_version"] == st.meta["birder_version"] == "v0.8.4"
+
+
+def test_reader_keeps_bf16_and_fp16(tmp_path: Path, tiny: Tiny) -> None:
+    for dtype, np_dtype in ((torch.bfloat16, ml_dtypes.bfloat16), (torch.float16, np.float16)):
+        state = {k: v.to(dtype) for k, v in state_tensors(tiny.net).items()}
+        got = read_birder_file(save_pt(tmp_path / f"{dtype}.pt", state))
+        assert got.dtypes == [str(np.dtype(np_dtype))]
+        assert all(np.array_equal(got.state[k], to_numpy(v)) for k, v in state.items())
+
+
+# unsafe and damaged files ----------------------------------------------------------------------------------
+def evil_files(folder: Path, state: dict[str, Any], marker: Path) -> dict[str, Path]:
+    """Valid torch zip files whose pickle would create ``marker`` if it were fully unpickled."""
+    folder.mkdir(exist_ok=True)
+    return {
+        "payload in the metadata": save_pt(folder / "meta.pt", state, rgb_stats=Evil(marker)),
+        "payload instead of a tensor": save_pt(folder / "tensor.pt", {**state, "norm.weight": Evil(marker)}),
+        "payload as the whole file": _torch_save(folder / "whole.pt", Evil(marker)),
+        "payload behind a torch global": save_pt(folder / "torch.pt", state, rgb_stats=EvilTorch(marker)),
+    }
+
+
+def _torch_save(path: Path, obj: Any) -> Path:
+    torch.save(obj, path)
+    return path
+
+
+def test_a_pickle_that_would_run_code_is_refused_without_running_it(tmp_path: Path, tiny: Tiny) -> None:
+    marker = tmp_path / "marker"
+    for what, path in evil_files(tmp_path / "evil", state_tensors(tiny.net), marker).items():
+        assert zipfile.is_zipfile(path), what
+        with pytest.raises(UserError, match="refused") as err:
+            read_birder_file(path)
+        assert str(path) in str(err.value), what
+        assert not marker.exists(), what
+    # the payload is real: a full unpickle does create the marker
+    torch.load(tmp_path / "evil" / "meta.pt", weights_only=False)
+    assert marker.exists()
+
+
+def damaged_files(folder: Path, good_pt: Path, good_st: Path) -> dict[str, Path]:
+    folder.mkdir(exist_ok=True)
+    data = good_pt.read_bytes()
+    out = {}
+    out["truncated .pt"] = folder / "truncated.pt"
+    out["truncated .pt"].write_bytes(data[: len(data) // 2])
+    flipped = bytearray(data)
+    with zipfile.ZipFile(good_pt) as zf:
+        info = zf.getinfo(next(n for n in zf.namelist() if n.endswith("/data/3")))
+    local = data[info.header_offset : info.header_offset + 30]  # the local header's own name/extra lengths
+    name_len, extra_len = int.from_bytes(local[26:28], "little"), int.from_bytes(local[28:30], "little")
+    offset = info.header_offset + 30 + name_len + extra_len + 5  # a byte inside the tensor's data
+    flipped[offset] ^= 0xFF
+    out["corrupted byte in a tensor"] = folder / "flipped.pt"
+    out["corrupted byte in a tensor"].write_bytes(bytes(flipped))
+    out["random bytes"] = folder / "random.pt"
+    out["random bytes"].write_bytes(np.random.default_rng(0).bytes(4096))
+    out["empty file"] = folder / "empty.pt"
+    out["empty file"].write_bytes(b"")
+    out["zip without data.pkl"] = folder / "other.pt"
+    with zipfile.ZipFile(out["zip without data.pkl"], "w") as zf:
+        zf.writestr("hello.txt", "not a checkpoint")
+    st = good_st.read_bytes()
+    out["truncated .safetensors"] = folder / "truncated.safetensors"
+    out["truncated .safetensors"].write_bytes(st[: len(st) - 1000])
+    out["garbage .safetensors header"] = folder / "header.safetensors"
+    out["garbage .safetensors header"].write_bytes((40).to_bytes(8, "little") + b"{not json" + b" " * 40)
+    out["a pickle that is not a checkpoint"] = _torch_save(folder / "list.pt", [1, 2, 3])
+    return out
+
+
+def test_damaged_files_are_one_clear_error(tmp_path: Path, tiny: Tiny) -> None:
+    for what, path in damaged_files(tmp_path, tiny.pt, tiny.st).items():
+        with pytest.raises(UserError) as err:
+            read_birder_file(path)
+        message = str(err.value)
+        assert str(path) in message and "\n" not in message, (what, message)
+    with pytest.raises(UserError, match="is a directory"):
+        read_birder_file(tmp_path)
+    with pytest.raises(UserError, match="no such file"):
+        read_birder_file(tmp_path / "missing.pt")
+
+
+def test_a_flipped_byte_is_caught_by_the_crc(tmp_path: Path, tiny: Tiny) -> None:
+    path = damaged_files(tmp_path, tiny.pt, tiny.st)["corrupted byte in a tensor"]
+    with pytest.raises(UserError, match="CRC"):
+        read_birder_file(path)
+
+
+# key layouts -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("oldest", "layout"), [(False, "pre-0.4"), (True, "pre-0.4-encoder-norm")])
+def test_legacy_layouts_normalise_to_todays_keys(tiny: Tiny, oldest: bool, layout: str) -> None:
+    current = {k: v.numpy() for k, v in tiny.net.state_dict().items()}
+    legacy = legacy_state(current, oldest=oldest)
+    assert "encoder.block.0.self_attention.in_proj_weight" in legacy and "encoder.block.1.ln2.bias" in legacy
+    assert ("encoder.block.2.weight" in legacy) == oldest and ("norm.weight" in legacy) != oldest
+    normalized, found = mapping.normalize_keys(legacy)
+    assert found == layout
+    assert set(normalized) == set(current)
+    assert all(normalized[k] is current[k] for k in current)
+    assert mapping.normalize_keys(current)[1] == "current"
+
+
+def test_to_nnx_consume_drops_the_source_and_gives_the_same_arrays(tiny: Tiny) -> None:
+    cfg = ViTConfig.from_birder(TINY | {"patch_size": 16, "num_reg_tokens": 4}, image_size=SIZE)
+    source = {k: v.numpy().copy() for k, v in tiny.net.state_dict().items()}
+    kept = mapping.to_nnx(source, cfg)
+    consumed = mapping.to_nnx(source, cfg, consume=True)
+    assert source == {}
+    assert kept.keys() == consumed.keys() and all(np.array_equal(kept[k], consumed[k]) for k in kept)
+
+
+# architecture inference ------------------------------------------------------------------------------------
+def _birder_vit_config(net: Any, size: tuple[int, int] = SIZE) -> ViTConfig:
+    """What birder's own json says about ``net``, through our reader of birder configs."""
+    from birder.common import lib
+
+    from vitreg_jax.loading import vit_config_from_birder
+
+    cfg = json.loads(json.dumps(lib.get_network_config(net, signature(size, net.num_classes), RGB)))
+    return vit_config_from_birder(cfg)
+
+
+VARIANTS = {
+    "registers + class token": {},
+    "layer scale + pre-norm": {"layer_scale_init_value": 1e-5, "pre_norm": True, "norm_layer_eps": 1e-5},
+    "mean-pooled, norm after pool": {"class_token": False, "norm_after_pool": True, "num_reg_tokens": 1},
+    "no final norm, no qkv bias": {"post_norm": False, "qkv_bias": False},
+    "pos-embedding on patches only": {"pos_embed_special_tokens": False},
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_inference_with_the_files_config_reproduces_birders_architecture(variant: str) -> None:
+    config = {**TINY, **VARIANTS[variant]}
+    net = birder_net(config=config, num_classes=3 if "no final" in variant else 0)
+    state = {k: v.numpy() for k, v in net.state_dict().items()}
+    meta = {"signature": signature(SIZE, net.num_classes), "rgb_stats": RGB, "config": config}
+    result = infer.infer(state, meta)
+    assert result.vit_config == _birder_vit_config(net).replace(drop_path_rate=0.0)
+    assert result.source == infer.SOURCE_FILE_CONFIG
+    assert mapping.to_nnx(state, result.vit_config)  # every tensor maps
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_inference_from_shapes_alone_at_a_standard_width(variant: str) -> None:
+    """Width 192: birder's standard head count is 3; eps and layer scale follow birder's conventions."""
+    config = {**TINY, "hidden_dim": 192, "num_heads": 3, "mlp_dim": 256, **VARIANTS[variant]}
+    net = birder_net(config=config)
+    state = {k: v.numpy() for k, v in net.state_dict().items()}
+    result = infer.infer(state, {"signature": signature(), "rgb_stats": RGB})
+    assert result.vit_config == _birder_vit_config(net).replace(drop_path_rate=0.0)
+    assert result.source == infer.SOURCE_SHAPES and not result.exact
+    assert any("num_heads=3" in n for n in result.notes)
+
+
+def test_inference_names_the_preset_with_exactly_these_shapes() -> None:
+    net = birder_net("vit_t32", config=None, size=(64, 64))
+    state = {k: v.numpy() for k, v in net.state_dict().items()}
+    result = infer.infer(state, {"signature": signature((64, 64)), "rgb_stats": RGB})
+    assert (result.network, result.exact) == ("vit_t32", True)
+    assert result.vit_config == _birder_vit_config(net, (64, 64))
+    assert result.birder_config["registered_name"] == "vit_t32"
+    # no signature: the input size comes from the position-embedding length
+    no_sig = infer.infer(state, {"rgb_stats": RGB})
+    assert no_sig.vit_config.image_size == (64, 64)
+    assert any("position-embedding length" in n for n in no_sig.notes)
+
+
+def test_standard_heads_come_from_birders_presets() -> None:
+    heads = infer.standard_heads()
+    assert heads[768] == 12 and heads[192] == 3 and heads[1024] == 16 and heads[1536] == 24
+
+
+def test_non_square_signature_and_classifier(tmp_path: Path) -> None:
+    net = birder_net(config=TINY, size=(32, 48), num_classes=5)
+    state = {k: v.numpy() for k, v in net.state_dict().items()}
+    result = infer.infer(state, {"signature": signature((32, 48), 5), "rgb_stats": RGB, "config": TINY})
+    assert result.vit_config.image_size == (32, 48) and result.vit_config.num_classes == 5
+    assert result.birder_config["signature"] == signature((32, 48), 5)
+
+
+@pytest.mark.parametrize(("meta", "match"), [
+    ({"signature": signature()}, "no rgb_stats.*--config"),
+    ({"signature": signature(), "rgb_stats": RGB}, "num_heads for width 64.*--config"),
+    ({"signature": signature((64, 64)), "rgb_stats": RGB, "config": TINY}, "pos_embedding has 9 rows"),
+    ({"signature": signature(SIZE, 7), "rgb_stats": RGB, "config": TINY}, "7 classes"),
+    ({"signature": signature(), "rgb_stats": RGB, "config": {**TINY, "mlp_dim": 64}}, "disagrees.*mlp_dim"),
+    ({"signature": {"inputs": []}, "rgb_stats": RGB, "config": TINY}, "signature"),
+    ({"signature": signature(), "rgb_stats": {"mean": 1}, "config": TINY}, "rgb_stats"),
+    ({"signature": signature(), "rgb_stats": RGB, "config": {**TINY, "qk_norm": True}}, "qk_norm"),
+])
+def test_inference_refuses_what_it_cannot_know_with_one_clear_line(tiny: Tiny, meta: dict[str, Any],
+                                                                     match: str) -> None:
+    state = {k: v.numpy() for k, v in tiny.net.state_dict().items()}
+    with pytest.raises(UserError, match=match):
+        infer.infer(state, meta)
+
+
+def test_network_override_and_unknown_names(tiny: Tiny) -> None:
+    state = {k: v.numpy() for k, v in tiny.net.state_dict().items()}
+    meta = {"signature": signature(), "rgb_stats": RGB}
+    result = infer.infer(state, meta, network="vitreg4_b16")  # the legacy name
+    assert result.network == "vit_reg4_b16" and result.vit_config.hidden_dim == 768
+    assert result.vit_config.image_size == SIZE and result.source == "--network"
+    with pytest.raises(UserError, match="unknown network 'vit_nope'"):
+        infer.infer(state, meta, network="vit_nope")
+
+
+def test_birder_network_name() -> None:
+    cfg = ViTConfig.from_birder(TINY | {"patch_size": 16, "num_reg_tokens": 4})
+    assert infer.birder_network_name("vitreg4_b16", cfg) == "vit_reg4_b16"
+    assert infer.birder_network_name("vit", cfg) == infer.nearest_preset(cfg)[0]
+    assert infer.nearest_preset(cfg)[0].startswith("vit_reg4_")
