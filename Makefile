@@ -1,0 +1,25 @@
+# The two set-up commands of the README: `make demo` and `make test`. Both create .venv first if needed.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install clean-venv
+
+install: $(STAMP)
+
+# torch 2.14.1 + torchvision 0.29.1 is the pair birder 0.8.4 imports with on this machine (see pyproject.toml).
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -e ".[torch,test,notebooks]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/vitreg-jax demo
+
+# VITREG_JAX_REQUIRE_BIRDER=1: a missing birder fails the run instead of skipping the parity tests.
+test: $(STAMP)
+	VITREG_JAX_REQUIRE_BIRDER=1 $(PY) -m pytest
+
+clean-venv:
+	rm -rf $(VENV)
