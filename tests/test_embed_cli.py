@@ -1,0 +1,234 @@
+"""`vitreg-jax embed`: output files, failures, resume after Ctrl-C / kill, errors, two processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+
+from vitreg_jax.cli import main
+from vitreg_jax.commands.embed import KILL_HOOK_ENV, PARTS_DIR
+from vitreg_jax.config import preset
+from vitreg_jax.loading import birder_config, load_model_with_cfg, save_model
+from vitreg_jax.preprocess import classification_transform, load_image
+from vitreg_jax.vit import ViT
+
+# the command's embedding of a file vs net.embedding on the same preprocessed pixels
+FP32_ATOL = 1e-5
+TINY = {"num_layers": 2, "hidden_dim": 64, "mlp_dim": 128, "num_heads": 4, "patch_size": 8}
+SIZE = (32, 32)
+STATS = {"mean": [0.5, 0.45, 0.4], "std": [0.25, 0.24, 0.26]}
+ROOT = Path(__file__).resolve().parent.parent
+OUTPUTS = {"embeddings.npy", "paths.txt", "failed.txt", "meta.json"}
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    cfg = preset("vit_reg4_b16", model_config=TINY, image_size=SIZE)
+    net = ViT(cfg, rngs=nnx.Rngs(0))
+    return save_model(tmp_path_factory.mktemp("ckpt") / "tiny", net, birder_config(cfg, STATS, "vit_reg4_b16"))
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    """11 readable images in several modes and sizes, in nested folders, plus 2 broken files."""
+    root = tmp_path_factory.mktemp("images")
+    (root / "a" / "b").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(11):
+        h, w = int(rng.integers(20, 90)), int(rng.integers(20, 90))
+        rgb = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        img = Image.fromarray(rgb)
+        mode, ext = [("RGB", "jpg"), ("L", "png"), ("RGBA", "png"), ("P", "png"), ("I;16", "png")][i % 5]
+        if mode == "I;16":
+            img = Image.fromarray((rng.integers(0, 65536, (h, w))).astype(np.uint16))
+        elif mode != "RGB":
+            img = img.convert(mode)
+        folder = root if i < 4 else root / "a" if i < 8 else root / "a" / "b"
+        img.save(folder / f"img{i:02d}.{ext}")
+    (root / "a" / "not_an_image.jpg").write_bytes(b"hello")
+    good = (root / "img00.jpg").read_bytes()
+    (root / "a" / "b" / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _jax_already_started(monkeypatch):
+    """In-process runs: this JAX has started, so no flags can apply; say XLA_FLAGS is the user's choice."""
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
+
+
+def run_cli(*args: str) -> int:
+    """The command in this process; argparse's errors (SystemExit) become their exit status too."""
+    try:
+        return main(["embed", *map(str, args)])
+    except SystemExit as e:
+        return int(e.code)
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", KILL_HOOK_ENV)}
+    return {**env, "JAX_PLATFORMS": "cpu", **extra}
+
+
+def run_sub(*args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vitreg_jax", "embed", *map(str, args)], env=cli_env(**env),
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def read_out(out: Path) -> tuple[np.ndarray, list[str], list[str], dict]:
+    return (np.load(out / "embeddings.npy"), (out / "paths.txt").read_text().splitlines(),
+            (out / "failed.txt").read_text().splitlines(), json.loads((out / "meta.json").read_text()))
+
+
+@pytest.fixture(scope="module")
+def reference(ckpt, inputs, tmp_path_factory) -> tuple[Path, np.ndarray, list[str], list[str], dict]:
+    """One uninterrupted in-process run (batch 4) that the other tests compare against."""
+    out = tmp_path_factory.mktemp("ref") / "out"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
+        assert run_cli("--checkpoint", ckpt, inputs, "--out", out, "--batch-size", 4, "--workers", 2) == 0
+    return (out, *read_out(out))
+
+
+def test_outputs_match_net_embedding(ckpt, reference):
+    out, emb, paths, failed, meta = reference
+    assert set(os.listdir(out)) == OUTPUTS  # the parts folder is gone, nothing else is left
+    assert emb.shape == (11, 64) and emb.dtype == np.float32 and len(paths) == 11
+    reasons = dict(line.split("\t", 1) for line in failed)
+    assert sorted(Path(p).name for p in reasons) == ["not_an_image.jpg", "truncated.jpg"]
+    assert "not an image" in reasons[next(p for p in reasons if p.endswith("not_an_image.jpg"))]
+    assert "truncated" in reasons[next(p for p in reasons if p.endswith("truncated.jpg"))]
+    net, cfg = load_model_with_cfg(None, ckpt)
+    transform = classification_transform(SIZE, cfg["rgb_stats"])
+    x = np.stack([transform(load_image(p)) for p in paths])
+    diff = np.abs(emb - np.asarray(net.embedding(x))).max()
+    assert diff <= FP32_ATOL, f"embed command vs net.embedding: max |diff| {diff:.2e}"
+    assert meta["status"] == "complete" and meta["dtype"] == "float32" and meta["size"] == list(SIZE)
+    assert meta["counts"]["inputs"] == 13 and meta["counts"]["embedded"] == 11 and meta["counts"]["failed"] == 2
+    assert meta["timing"]["images_per_second_this_run"] > 0
+
+
+def test_rerun_same_args_is_a_no_op_and_other_args_are_refused(ckpt, inputs, reference, capsys):
+    out = reference[0]
+    before = {f: (out / f).stat().st_mtime_ns for f in OUTPUTS}
+    assert run_cli("--checkpoint", ckpt, inputs, "--out", out, "--batch-size", 4) == 0
+    assert "already complete" in capsys.readouterr().out
+    assert run_cli("--checkpoint", ckpt, inputs, "--out", out, "--batch-size", 4, "--dtype", "bfloat16") == 2
+    err = capsys.readouterr().err.strip()
+    assert "differs in dtype" in err and len(err.splitlines()) == 1
+    assert {f: (out / f).stat().st_mtime_ns for f in OUTPUTS} == before
+
+
+def test_features_size_dtype_and_list_file(ckpt, inputs, tmp_path):
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"# two files\n{inputs / 'img00.jpg'}\n\n{inputs / 'a' / 'img06.png'}\n")
+    out = tmp_path / "out"
+    assert run_cli("--checkpoint", ckpt, listing, "--out", out, "--features", "patches", "--size", "48x40",
+                   "--dtype", "bfloat16") == 0
+    emb, paths, failed, meta = read_out(out)
+    assert emb.shape == (2, 30, 64) and len(paths) == 2 and failed == []
+    net, cfg = load_model_with_cfg(None, ckpt)
+    x = np.stack([classification_transform((48, 40), cfg["rgb_stats"])(load_image(p)) for p in paths])
+    ref = np.asarray(net.forward_features(x))[:, net.cfg.num_special_tokens :]
+    cos = (emb * ref).sum(-1) / (np.linalg.norm(emb, axis=-1) * np.linalg.norm(ref, axis=-1))
+    assert cos.min() >= 0.999 and meta["embedding_shape"] == [30, 64]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch-size", "0"], "--batch-size must be a positive integer"),
+    (["--dtype", "float16"], "invalid choice: 'float16'"),
+    (["--size", "abc"], "expected H, HxW or H,W"),
+    (["--size", "36"], "not a multiple of the model's patch size 8"),
+    (["--features", "mean"], "invalid choice: 'mean'"),
+    (["--workers", "-1"], "--workers must be 0 or more"),
+    (["--process-id", "1"], "go together"),
+])
+def test_bad_args_one_line_exit_2_nothing_written(ckpt, inputs, tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    assert run_cli("--checkpoint", ckpt, inputs, "--out", out, *args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_zero_inputs(ckpt, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "out"
+    for args, message in (([empty], "no images found"), ([], "no inputs given"),
+                          ([tmp_path / "nope"], "input not found")):
+        assert run_cli("--checkpoint", ckpt, *args, "--out", out) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+
+def test_missing_checkpoint(inputs, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run_cli("--checkpoint", tmp_path / "missing.pt", inputs, "--out", out) == 2
+    err = capsys.readouterr().err.strip()
+    assert "missing.pt" in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_resume_after_ctrl_c_and_kill_recomputes_nothing(ckpt, inputs, reference, tmp_path):
+    out = tmp_path / "out"
+    args = ["--checkpoint", ckpt, inputs, "--out", out, "--batch-size", 4, "--workers", 2]
+    # 13 inputs in parts of 4: parts 0..3. Ctrl-C after the first part.
+    r = run_sub(*args, **{KILL_HOOK_ENV: "1:INT"})
+    assert r.returncode == 130 and "run the same command again to resume" in r.stderr, r.stderr[-2000:]
+    parts = sorted(p.name for p in (out / PARTS_DIR).glob("p*.npz"))
+    assert parts == ["p00000-0000000.npz"]
+    assert not OUTPUTS & set(os.listdir(out))  # no final file, not even half of one
+    first = (out / PARTS_DIR / parts[0]).stat()
+    # a hard kill after one more part
+    r = run_sub(*args, **{KILL_HOOK_ENV: "1"})
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    parts = sorted(p.name for p in (out / PARTS_DIR).glob("p*.npz"))
+    assert parts == ["p00000-0000000.npz", "p00000-0000001.npz"]
+    assert not OUTPUTS & set(os.listdir(out))
+    assert (out / PARTS_DIR / parts[0]).stat().st_mtime_ns == first.st_mtime_ns  # not rewritten
+    # the rerun computes only the two missing parts (5 of 13 inputs) and equals the uninterrupted run
+    r = run_sub(*args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    emb, paths, failed, meta = read_out(out)
+    assert meta["counts"]["parts_written_this_run"] == 2 and meta["counts"]["computed_this_run"] == 5
+    assert meta["xla_flags"] == "--xla_cpu_experimental_ynn_fusion_type="  # chosen for float32 on CPU
+    _, ref_emb, ref_paths, ref_failed, _ = reference
+    assert paths == ref_paths and failed == ref_failed
+    np.testing.assert_allclose(emb, ref_emb, atol=FP32_ATOL, rtol=0)
+    assert set(os.listdir(out)) == OUTPUTS
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_equal_one(ckpt, inputs, reference, tmp_path):
+    out = tmp_path / "out"
+    port = free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "vitreg_jax", "embed", "--checkpoint", str(ckpt), str(inputs), "--out", str(out),
+         "--batch-size", "4", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id",
+         str(i)], env=cli_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)]
+    results = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, results):
+        assert p.returncode == 0, err[-3000:]
+    emb, paths, failed, meta = read_out(out)
+    _, ref_emb, ref_paths, ref_failed, _ = reference
+    assert paths == ref_paths and failed == ref_failed
+    np.testing.assert_allclose(emb, ref_emb, atol=FP32_ATOL, rtol=0)
+    assert meta["devices"]["processes"] == 2 and meta["devices"]["count"] == 2
+    assert meta["counts"]["computed_this_run"] == 13  # both shares, summed over the processes
+    assert set(os.listdir(out)) == OUTPUTS
