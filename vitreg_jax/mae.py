@@ -102,8 +102,9 @@ def sincos_pos_embed_2d(grid: tuple[int, int], dim: int, num_special_tokens: int
     h, w = grid
     pos_dim = dim // 4
     den = pos_dim - 1 if include_frequency_endpoint else pos_dim
-    omega = np.arange(pos_dim, dtype=np.float32) / np.float32(den)  # (dim/4,)
-    omega = np.float32(1.0) / (np.float32(temperature) ** omega)
+    exponent = np.arange(pos_dim, dtype=np.float32) / np.float32(den)  # (dim/4,)
+    # torch rounds temperature ** exponent to float32 (correctly, unlike numpy's float32 pow), then divides
+    omega = np.float32(1.0) / (float(temperature) ** exponent.astype(np.float64)).astype(np.float32)
     y, x = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")  # (h, w) each: row, column
     y = y.reshape(-1, 1).astype(np.float32) * omega[None, :]  # (h*w, dim/4)
     x = x.reshape(-1, 1).astype(np.float32) * omega[None, :]  # (h*w, dim/4)
