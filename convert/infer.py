@@ -301,7 +301,8 @@ def _from_shapes(shapes: Mapping[str, tuple[int, ...]], sig: Any, file_cfg: dict
         conventions = {"num_heads": heads, "norm_layer_eps": PRE_NORM_EPS if mc["pre_norm"] else DEFAULT_EPS,
                        "layer_scale_init_value": DEFAULT_LAYER_SCALE if layer_scale else None,
                        "drop_path_rate": 0.0}
-        origin = f"birder's conventions (num_heads: its standard for width {hidden})"
+        origin = "birder's conventions" + (f" (num_heads: its standard for width {hidden})"
+                                             if "num_heads" not in known else "")
     filled = {k: v for k, v in conventions.items() if k not in known}
     known.update(filled)
     shown = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in filled.items()

@@ -108,8 +108,10 @@ def restore_params(directory: str | os.PathLike[str]) -> dict[str, Any]:
     read_metadata(d)
     ckptr = ocp.PyTreeCheckpointer()
     try:
-        tree = ckptr.metadata(d / PARAMS_DIR).item_metadata.tree
-        args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        item = ckptr.metadata(d / PARAMS_DIR).item_metadata
+        if item is None:  # Orbax found no readable tree metadata (it only logs a warning)
+            raise ValueError(f"no readable {PARAMS_DIR}/_METADATA")
+        args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item.tree)
         return ckptr.restore(d / PARAMS_DIR, restore_args=args)
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -1,0 +1,553 @@
+"""``vitreg-jax convert``, ``export`` and ``info``: move ViTReg weights between birder (PyTorch) and JAX.
+
+- ``convert SRC --out DIR``: a birder ``.pt`` / ``.safetensors`` (any key layout birder has published) or a
+  published weight name -> a vitreg-jax (Orbax) checkpoint directory with ``metadata.json``.
+- ``export CKPT --out FILE.pt|FILE.safetensors``: back to a birder file plus its json config, which
+  ``birder.load_model_with_cfg`` loads strictly; weights round-trip bit for bit.
+- ``info CKPT``: architecture, parameter count, dtypes, input size, rgb_stats and provenance.
+
+Nothing here imports jax, orbax or torch at import time (``vitreg-jax --help`` stays fast); ``.pt`` files are
+read without torch (``convert/readers.py``); torch and birder are needed only for ``--verify``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vitreg_jax.errors import UserError
+
+KNOWN_NAMES = "vit_reg4_b16_mim_200, vit_reg4_b16_mim_300, vitreg4_b16_mim_200 (legacy)"
+CACHE_HELP = ("Published names are downloaded once (with progress), checked against their published sha256 and "
+              "cached in $VITREG_JAX_CACHE (default ~/.cache/vitreg-jax); $VITREG_JAX_HUB_URL changes the hub "
+              "address (default https://huggingface.co).")
+EXIT_VERIFY_FAILED = 1
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``convert``, ``export`` and ``info`` parsers (the cli calls this lazily)."""
+    from vitreg_jax.convert.verify import VERIFY_ATOL
+
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = subparsers.add_parser(
+        "convert", formatter_class=fmt, help="birder .pt/.safetensors (or a published name) -> Orbax checkpoint",
+        description="Convert birder weights into a vitreg-jax checkpoint directory (Orbax weights + "
+        "metadata.json with the config, signature, rgb_stats and provenance).\n\n"
+        "SRC is a birder .pt or .safetensors file (current key names, the pre-0.4 ln1/self_attention names, or "
+        "the oldest layout with the final norm in encoder.block.<depth>), or a published weight name: "
+        f"{KNOWN_NAMES}.\n\n"
+        "The architecture comes from --config when given (birder's json; old files with 'alias' work too), "
+        "else from the file itself: its signature and rgb_stats, and the tensor shapes (layers, width, "
+        "registers, patch size, MLP width, classifier; heads from birder's standard count for the width). "
+        "What was inferred is printed. --network names a birder architecture instead. Tensors keep their "
+        "stored dtype (bf16/fp16 too); the model casts to float32 when it loads them.",
+        epilog="examples:\n"
+        "  # a file birder saved (its json is optional)\n"
+        "  vitreg-jax convert models/vit_reg4_b16_mim_200.pt --out ckpt/vit_reg4_b16_mim_200\n"
+        "  # a published weight, downloaded once and sha256-checked; then compare with birder\n"
+        "  vitreg-jax convert vit_reg4_b16_mim_200 --out ckpt/mim_200 --verify\n"
+        "  # a bare state dict (no rgb_stats inside): give its json\n"
+        "  vitreg-jax convert weights.safetensors --config models/vit_reg4_b16_mim.json --out ckpt/w\n"
+        "  # replace an earlier conversion, naming the architecture\n"
+        "  vitreg-jax convert old.pt --network vit_reg4_b16 --out ckpt/old --force\n\n"
+        "then: vitreg-jax info ckpt/mim_200; in Python: vitreg_jax.load_model_with_cfg(None, 'ckpt/mim_200')\n\n"
+        + CACHE_HELP + "\nExit status: 0 done, 1 --verify found a difference above --tolerance (nothing "
+        "written), 2 a usage or input error (one line on stderr, nothing written).")
+    p.add_argument("src", metavar="SRC", help="birder .pt/.safetensors file, or a published weight name")
+    p.add_argument("--out", required=True, metavar="DIR", help="checkpoint directory to create")
+    _architecture_args(p)
+    p.add_argument("--force", action="store_true", help="replace DIR if it exists (only once the new one is whole)")
+    _verify_args(p, VERIFY_ATOL, "before anything is written")
+    p.set_defaults(func=cmd_convert)
+
+    p = subparsers.add_parser(
+        "export", formatter_class=fmt, help="Orbax checkpoint -> birder .pt/.safetensors + json",
+        description="Write a vitreg-jax checkpoint back as a birder weights file (birder 0.8.4's key names) and "
+        "its json config beside it (FILE with .json, or --json). birder.load_model_with_cfg(json, FILE) loads "
+        "them strictly; the weights are the checkpoint's, bit for bit, in their stored dtype.\n\n"
+        "CKPT may also be a birder file or a published name: that re-exports it with today's key names (a "
+        "pre-0.4 file then loads in birder 0.8.4).",
+        epilog="examples:\n"
+        "  vitreg-jax export ckpt/mim_200 --out models/vit_reg4_b16_mim_200.pt\n"
+        "      -> models/vit_reg4_b16_mim_200.pt and models/vit_reg4_b16_mim_200.json\n"
+        "  vitreg-jax export ckpt/mim_200 --out out/mim_200.safetensors --json out/vit_reg4_b16_mim.json --verify\n"
+        "  vitreg-jax export vitreg4_b16_mim_200 --out models/vit_reg4_b16_mim_200.pt   # legacy keys -> current\n\n"
+        "in PyTorch: net, cfg = birder.load_model_with_cfg('models/vit_reg4_b16_mim_200.json', "
+        "'models/vit_reg4_b16_mim_200.pt')\n\n"
+        + CACHE_HELP + "\nExit status: 0 done, 1 --verify found a difference above --tolerance (nothing "
+        "written), 2 a usage or input error (one line on stderr, nothing written).")
+    p.add_argument("ckpt", metavar="CKPT", help="vitreg-jax checkpoint directory (or a birder file / published name)")
+    p.add_argument("--out", required=True, metavar="FILE", help="FILE.pt or FILE.safetensors to write")
+    p.add_argument("--json", metavar="PATH", help="where the json config goes (default: FILE with .json)")
+    p.add_argument("--force", action="store_true", help="replace FILE and its json if they exist")
+    _architecture_args(p, only_for_birder=True)
+    _verify_args(p, VERIFY_ATOL, "before anything is moved into place")
+    p.set_defaults(func=cmd_export)
+
+    p = subparsers.add_parser(
+        "info", formatter_class=fmt, help="what a checkpoint, birder file or published weight holds",
+        description="Show the architecture, parameter count, dtypes, input size, rgb_stats and provenance of "
+        "a vitreg-jax checkpoint directory, a birder .pt/.safetensors file or a published weight name. For a "
+        "birder file without a json the architecture is inferred as `convert` would.",
+        epilog="examples:\n"
+        "  vitreg-jax info ckpt/mim_200\n"
+        "  vitreg-jax info models/vit_reg4_b16_mim_200.pt\n"
+        "  vitreg-jax info vit_reg4_b16_mim_200 --json | python -m json.tool\n\n" + CACHE_HELP)
+    p.add_argument("ckpt", metavar="CKPT", help="checkpoint directory, birder file, or published weight name")
+    _architecture_args(p, only_for_birder=True)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.set_defaults(func=cmd_info)
+
+
+def _architecture_args(p: argparse.ArgumentParser, only_for_birder: bool = False) -> None:
+    extra = " (for a birder file)" if only_for_birder else ""
+    p.add_argument("--config", metavar="JSON", help=f"birder's json config for the weights{extra}")
+    p.add_argument("--network", metavar="NAME",
+                   help=f"birder network name, e.g. vit_reg4_b16: overrides the inferred architecture{extra}")
+
+
+def _verify_args(p: argparse.ArgumentParser, default: float, when: str) -> None:
+    p.add_argument("--verify", action="store_true",
+                   help="needs birder: run birder and vitreg-jax on a fixed input and print the max |difference| of "
+                   f"the embeddings, {when}; exit 1 above --tolerance")
+    p.add_argument("--tolerance", type=float, default=default, metavar="ATOL",
+                   help=f"largest accepted max |difference| for --verify (default {default:g})")
+
+
+# architecture ----------------------------------------------------------------------------------------------
+@dataclass
+class Architecture:
+    cfg: dict[str, Any]  # birder's json config dict (registered_name is a name birder 0.8.4 knows)
+    vit_cfg: Any  # ViTConfig
+    source: str  # where the architecture came from, for people
+    layout: str  # the file's state_dict key layout
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+def resolve_architecture(bfile: Any, config: str | os.PathLike[str] | None, network: str | None,
+                         config_origin: str = "--config") -> Architecture:
+    """The architecture of a birder file: its json (``config``), else its metadata and tensor shapes;
+    ``network`` overrides either."""
+    from vitreg_jax.config import canonical_name, preset
+    from vitreg_jax.convert import infer, mapping
+    from vitreg_jax.loading import read_birder_config, vit_config_from_birder
+
+    if config is None:
+        inf = infer.infer(bfile.state, bfile.meta, network=network, path=bfile.path)
+        return Architecture(inf.birder_config, inf.vit_config, inf.source, inf.layout, inf.notes)
+    cfg = read_birder_config(config)
+    notes: list[str] = []
+    if network is not None:
+        size, classes, channels = infer.signature_info(cfg["signature"], f"{config}: ")
+        vit_cfg = preset(network, image_size=size, num_classes=classes, in_channels=channels)
+        cfg.update(name="vit", registered_name=canonical_name(network), model_config=vit_cfg.to_birder())
+        source = f"--network {network} (size, classes and rgb_stats from {config_origin} {config})"
+    else:
+        vit_cfg = vit_config_from_birder(cfg)
+        source = f"{config_origin} {config}"
+    name = infer.birder_network_name(cfg.get("registered_name"), vit_cfg)
+    if name != cfg.get("registered_name"):
+        notes.append(f"registered_name {cfg.get('registered_name')!r} is not a name birder 0.8.4 knows; "
+                     f"using {name!r}")
+    cfg.update(name="vit", registered_name=name, model_config=vit_cfg.to_birder())
+    cfg.pop("alias", None)
+    cfg.pop("net_param", None)
+    cfg["rgb_stats"] = infer.check_rgb_stats(cfg["rgb_stats"], f"{config}: ")
+    _, layout = mapping.normalize_keys(bfile.state, vit_cfg.num_layers)
+    return Architecture(cfg, vit_cfg, source, layout, tuple(notes))
+
+
+def _load_birder(src: str, config: str | None, network: str | None) -> tuple[Any, Any, Architecture]:
+    """(hub.Resolved, BirderFile, Architecture) for a file path or a published name."""
+    from vitreg_jax.checkpoint import is_checkpoint
+    from vitreg_jax.convert import hub
+    from vitreg_jax.convert.readers import read_birder_file
+
+    if is_checkpoint(src):
+        raise UserError(f"{src}: is a vitreg-jax checkpoint already (use `vitreg-jax export` to go back to birder)")
+    resolved = hub.resolve(src)
+    bfile = read_birder_file(resolved.weights)
+    origin = "--config"
+    if config is None and resolved.config is not None:
+        config, origin = str(resolved.config), "the published json"
+    return resolved, bfile, resolve_architecture(bfile, config, network, origin)
+
+
+# output paths ----------------------------------------------------------------------------------------------
+def _check_new_path(path: Path, force: bool, what: str) -> None:
+    if path.exists() or path.is_symlink():
+        if not force:
+            raise UserError(f"{path}: already exists (pass --force to replace it)")
+        if what == "directory" and not path.is_dir():
+            raise UserError(f"{path}: exists and is not a directory; refusing to replace it")
+        if what == "file" and path.is_dir():
+            raise UserError(f"{path}: is a directory, expected a file name")
+    ancestor = path.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UserError(f"{path}: cannot be created: {ancestor} is not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UserError(f"{path}: cannot be created: {ancestor} is not writable")
+
+
+def _make_parents(path: Path) -> list[Path]:
+    """Create the missing parents of ``path``; return them (deepest last) so a failure can remove them."""
+    missing = []
+    p = path.parent
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    missing.reverse()
+    for d in missing:
+        try:
+            d.mkdir()
+        except OSError as e:
+            _remove_empty(missing)
+            raise UserError(f"{d}: cannot create it ({e.strerror or e})") from None
+    return missing
+
+
+def _remove_empty(dirs: list[Path]) -> None:
+    for d in reversed(dirs):
+        with contextlib.suppress(OSError):
+            d.rmdir()
+
+
+def _os_error(e: OSError, where: Path) -> UserError:
+    return UserError(f"{getattr(e, 'filename', None) or where}: {e.strerror or e}")
+
+
+# convert ---------------------------------------------------------------------------------------------------
+def cmd_convert(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    out = Path(args.out)
+    _check_new_path(out, args.force, "directory")
+    resolved, bfile, arch = _load_birder(args.src, args.config, args.network)
+    _print_source(bfile, resolved, arch)
+    _print_architecture(arch)
+
+    from vitreg_jax.checkpoint import save_checkpoint
+    from vitreg_jax.convert import mapping
+    from vitreg_jax.loading import checkpoint_metadata
+
+    dtypes = bfile.dtypes
+    extra = {"source_layout": arch.layout, "architecture_source": arch.source,
+             "converted_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+    if resolved.name is not None:
+        extra["published_name"] = resolved.name
+    meta = checkpoint_metadata(arch.vit_cfg, arch.cfg, source=bfile,
+                               dtype=dtypes[0] if len(dtypes) == 1 else "mixed", extra=extra)
+    meta["birder_meta"] = {k: v for k, v in bfile.meta.items() if k not in ("signature", "rgb_stats")}
+
+    state, _ = mapping.normalize_keys(bfile.state, arch.vit_cfg.num_layers)
+    bfile.state = {}  # hand the arrays over: to_nnx drops each source array once converted
+    x = theirs = None
+    if args.verify:
+        from vitreg_jax.convert import verify
+
+        mapping.to_nnx(state, arch.vit_cfg)  # a mismatch is a user error before birder gets to see it
+        x = verify.fixed_input(arch.vit_cfg.image_size, arch.vit_cfg.in_channels)
+        theirs = verify.birder_embedding_from_state(arch.cfg, arch.cfg["registered_name"], state, x)
+    params = mapping.to_nnx(state, arch.vit_cfg, consume=True)
+    del state
+    if args.verify and not _verified(params, arch.vit_cfg, x, theirs, args.tolerance):
+        print("vitreg-jax convert: verification failed; nothing was written", file=sys.stderr)
+        return EXIT_VERIFY_FAILED
+
+    created = _make_parents(out)
+    try:
+        save_checkpoint(out, mapping.unflatten(params), meta, force=args.force)
+    except OSError as e:
+        _remove_empty(created)
+        raise _os_error(e, out) from None
+    except BaseException:
+        _remove_empty(created)
+        raise
+    n, nbytes = sum(a.size for a in params.values()), sum(a.nbytes for a in params.values())
+    print(f"wrote        {out}/ ({n:,} parameters in {len(params)} tensors, {meta['dtype']}, "
+          f"{nbytes / 2**20:.1f} MiB) in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _verified(params: Mapping[Any, Any], vit_cfg: Any, x: Any, theirs: Any, tolerance: float) -> bool:
+    from vitreg_jax.convert import verify
+    from vitreg_jax.loading import abstract_model, set_params
+
+    net = set_params(abstract_model(vit_cfg), params)
+    result = verify.compare(verify.our_embedding(net, x), theirs, x, tolerance)
+    print(result.line())
+    return result.ok
+
+
+def _print_source(bfile: Any, resolved: Any, arch: Architecture) -> None:
+    what = f"published {resolved.name}, " if resolved.name else ""
+    version = bfile.meta.get("birder_version")
+    print(f"source       {bfile.path} ({what}birder .{bfile.format}{f' {version}' if version else ''}, "
+          f"key layout {arch.layout}, {'/'.join(bfile.dtypes)}, sha256 {bfile.sha256[:12]}...)")
+
+
+def _print_architecture(arch: Architecture) -> None:
+    from vitreg_jax.convert.infer import describe
+
+    print(f"architecture {arch.cfg['registered_name']} (from {arch.source}): {describe(arch.vit_cfg)}")
+    for note in arch.notes:
+        print(f"             {note}")
+
+
+# export ----------------------------------------------------------------------------------------------------
+def cmd_export(args: argparse.Namespace) -> int:
+    from vitreg_jax.checkpoint import is_checkpoint
+    from vitreg_jax.convert import infer, mapping
+    from vitreg_jax.convert.readers import write_birder_file
+    from vitreg_jax.loading import DEFAULT_BIRDER_VERSION, birder_config
+
+    t0 = time.perf_counter()
+    out = Path(args.out)
+    if out.suffix not in (".pt", ".safetensors"):
+        raise UserError(f"{out}: expected a .pt or .safetensors file name")
+    json_out = Path(args.json) if args.json else out.with_suffix(".json")
+    if json_out.resolve() == out.resolve():
+        raise UserError(f"{json_out}: the json config cannot overwrite the weights file")
+    _check_new_path(out, args.force, "file")
+    _check_new_path(json_out, args.force, "file")
+
+    if is_checkpoint(args.ckpt):
+        if args.config or args.network:
+            raise UserError("--config and --network describe birder files; a checkpoint carries its own config")
+        params, vit_cfg, cfg, birder_meta = _read_checkpoint(Path(args.ckpt))
+        print(f"source       {args.ckpt} (vitreg-jax checkpoint)")
+    else:
+        _, bfile, arch = _load_birder(args.ckpt, args.config, args.network)
+        params = mapping.to_nnx(bfile.state, arch.vit_cfg)
+        vit_cfg, cfg = arch.vit_cfg, arch.cfg
+        birder_meta = {k: v for k, v in bfile.meta.items() if k not in ("signature", "rgb_stats")}
+        print(f"source       {bfile.path} (birder .{bfile.format}, key layout {arch.layout})")
+    network = infer.birder_network_name(cfg.get("registered_name"), vit_cfg)
+    json_cfg = birder_config(vit_cfg, cfg["rgb_stats"], network)
+    state = mapping.to_birder(params, vit_cfg)
+    file_meta = {
+        "birder_version": DEFAULT_BIRDER_VERSION,  # the key layout written is 0.8.4's
+        "task": birder_meta.get("task", json_cfg["task"]),
+        "signature": json_cfg["signature"],
+        "class_to_idx": birder_meta.get("class_to_idx") or {},
+        "rgb_stats": json_cfg["rgb_stats"],
+        # birder's own `config` entry (merged into the net's config by birder.load_model); a full model_config
+        # here makes the file self-describing for `vitreg-jax convert` without its json
+        "config": birder_meta.get("config") or vit_cfg.to_birder(),
+    }
+    print(f"architecture {network}: {infer.describe(vit_cfg)}")
+
+    made = _make_parents(out) + _make_parents(json_out)
+    tmp_dir: Path | None = None
+    try:
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+        tmp_weights = tmp_dir / out.name
+        write_birder_file(tmp_weights, state, file_meta)
+        fd, tmp_json_name = tempfile.mkstemp(prefix=f".{json_out.name}.", suffix=".partial", dir=json_out.parent)
+        tmp_json = Path(tmp_json_name)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(json_cfg, f, indent=2)
+                f.write("\n")
+            if args.verify and not _verify_export(params, vit_cfg, tmp_json, tmp_weights, args.tolerance):
+                print("vitreg-jax export: verification failed; nothing was written", file=sys.stderr)
+                _remove_empty(made)
+                return EXIT_VERIFY_FAILED
+            os.replace(tmp_weights, out)
+            os.replace(tmp_json, json_out)
+        finally:
+            tmp_json.unlink(missing_ok=True)
+    except OSError as e:
+        _remove_empty(made)
+        raise _os_error(e, out) from None
+    except BaseException:
+        _remove_empty(made)
+        raise
+    finally:
+        if tmp_dir is not None:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+    n = sum(a.size for a in state.values())
+    dtypes = "/".join(sorted({str(a.dtype) for a in state.values()}))
+    print(f"wrote        {out} ({n:,} parameters in {len(state)} tensors, {dtypes}) and {json_out} "
+          f"in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _read_checkpoint(path: Path) -> tuple[dict[Any, Any], Any, dict[str, Any], dict[str, Any]]:
+    """(flat params with int list indices, ViTConfig, birder config, birder file metadata) of a checkpoint."""
+    from vitreg_jax.checkpoint import load_checkpoint
+    from vitreg_jax.config import ViTConfig
+    from vitreg_jax.convert import mapping
+
+    params, meta = load_checkpoint(path)
+    try:
+        vit_cfg = ViTConfig.from_dict(meta["vit_config"])
+        cfg = dict(meta["birder_config"])
+        cfg["rgb_stats"] = meta.get("rgb_stats", cfg.get("rgb_stats"))
+    except (KeyError, TypeError) as e:
+        raise UserError(f"{path}: metadata.json lacks {e} (not written by vitreg-jax?)") from None
+    flat = {tuple(int(p) if p.isdigit() else p for p in k): v for k, v in mapping.flatten(params).items()}
+    return flat, vit_cfg, cfg, dict(meta.get("birder_meta") or {})
+
+
+def _verify_export(params: Mapping[Any, Any], vit_cfg: Any, json_path: Path, weights: Path,
+                   tolerance: float) -> bool:
+    from vitreg_jax.convert import verify
+    from vitreg_jax.loading import abstract_model, set_params
+
+    x = verify.fixed_input(vit_cfg.image_size, vit_cfg.in_channels)
+    theirs = verify.birder_embedding_from_files(json_path, weights, x)
+    net = set_params(abstract_model(vit_cfg), params)
+    result = verify.compare(verify.our_embedding(net, x), theirs, x, tolerance)
+    print(result.line())
+    return result.ok
+
+
+# info ------------------------------------------------------------------------------------------------------
+def cmd_info(args: argparse.Namespace) -> int:
+    from vitreg_jax.checkpoint import is_checkpoint
+
+    path = Path(args.ckpt)
+    if is_checkpoint(path):
+        if args.config or args.network:
+            raise UserError("--config and --network describe birder files; a checkpoint carries its own config")
+        info = checkpoint_info(path)
+    elif path.is_dir():
+        raise UserError(f"{path}: a directory but not a vitreg-jax checkpoint (expected metadata.json and params/)")
+    else:
+        info = birder_file_info(args.ckpt, args.config, args.network)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(_info_text(info))
+    return 0
+
+
+def checkpoint_info(path: Path) -> dict[str, Any]:
+    """What ``info`` reports for a checkpoint directory; the weights themselves are not read."""
+    import jax
+    import numpy as np
+    import orbax.checkpoint as ocp
+
+    from vitreg_jax.checkpoint import PARAMS_DIR, read_metadata
+    from vitreg_jax.config import ViTConfig
+    from vitreg_jax.convert.infer import birder_network_name, describe
+
+    meta = read_metadata(path)
+    try:
+        tree = ocp.PyTreeCheckpointer().metadata((path / PARAMS_DIR).absolute()).item_metadata.tree
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise UserError(f"{path}: the weights' metadata could not be read (damaged checkpoint?): "
+                        f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+    leaves = jax.tree_util.tree_leaves(tree)
+    try:
+        vit_cfg = ViTConfig.from_dict(meta["vit_config"])
+    except (KeyError, TypeError) as e:
+        raise UserError(f"{path}: metadata.json lacks {e}") from None
+    cfg = meta.get("birder_config", {})
+    return _info_dict(
+        path=str(path), kind="vitreg-jax checkpoint", vit_cfg=vit_cfg, describe=describe,
+        network=birder_network_name(cfg.get("registered_name"), vit_cfg), source="metadata.json", notes=(),
+        counts=[int(np.prod(leaf.shape, dtype=np.int64)) for leaf in leaves],
+        nbytes=sum(int(np.prod(leaf.shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize for leaf in leaves),
+        dtypes=sorted({str(np.dtype(leaf.dtype)) for leaf in leaves}),
+        signature=meta.get("signature"), rgb_stats=meta.get("rgb_stats"),
+        provenance=meta.get("provenance", {}), error=None)
+
+
+def birder_file_info(src: str, config: str | None, network: str | None) -> dict[str, Any]:
+    """What ``info`` reports for a birder file or published name (the architecture may stay unknown)."""
+    from vitreg_jax.convert import hub
+    from vitreg_jax.convert.infer import describe
+    from vitreg_jax.convert.mapping import normalize_keys
+    from vitreg_jax.convert.readers import read_birder_file
+
+    resolved = hub.resolve(src)
+    bfile = read_birder_file(resolved.weights)
+    if config is None and resolved.config is not None:
+        config = str(resolved.config)
+    arch: Architecture | None = None
+    error = None
+    try:
+        arch = resolve_architecture(bfile, config, network)
+    except UserError as e:
+        error = str(e)
+    provenance = {"file": bfile.path.name, "format": bfile.format, "sha256": bfile.sha256,
+                  "birder_version": bfile.meta.get("birder_version"),
+                  "key_layout": arch.layout if arch else normalize_keys(bfile.state)[1]}
+    if resolved.name:
+        provenance["published_name"] = resolved.name
+    return _info_dict(
+        path=str(bfile.path), kind=f"birder .{bfile.format}", vit_cfg=arch.vit_cfg if arch else None,
+        describe=describe, network=arch.cfg["registered_name"] if arch else None,
+        source=arch.source if arch else None, notes=arch.notes if arch else (),
+        counts=[int(a.size) for a in bfile.state.values()], nbytes=sum(int(a.nbytes) for a in bfile.state.values()),
+        dtypes=bfile.dtypes, signature=arch.cfg["signature"] if arch else bfile.meta.get("signature"),
+        rgb_stats=arch.cfg["rgb_stats"] if arch else bfile.meta.get("rgb_stats"), provenance=provenance,
+        error=error)
+
+
+def _info_dict(*, path: str, kind: str, vit_cfg: Any, describe: Any, network: str | None, source: str | None,
+               notes: Any, counts: list[int], nbytes: int, dtypes: list[str], signature: Any, rgb_stats: Any,
+               provenance: Mapping[str, Any], error: str | None) -> dict[str, Any]:
+    info: dict[str, Any] = {"path": path, "kind": kind, "network": network, "architecture_source": source}
+    if vit_cfg is not None:
+        info.update(summary=describe(vit_cfg), architecture=vit_cfg.to_dict(),
+                    input_size=list(vit_cfg.image_size), in_channels=vit_cfg.in_channels,
+                    num_classes=vit_cfg.num_classes, embedding_dim=vit_cfg.hidden_dim)
+    else:
+        info.update(summary=None, architecture=None, architecture_error=error)
+        if signature is not None:
+            with contextlib.suppress(UserError):
+                from vitreg_jax.convert.infer import signature_info
+
+                size, classes, channels = signature_info(signature)
+                info.update(input_size=list(size), in_channels=channels, num_classes=classes)
+    info.update(notes=list(notes), parameters=sum(counts), tensors=len(counts), bytes=nbytes, dtypes=dtypes,
+                signature=signature, rgb_stats=rgb_stats, provenance=dict(provenance))
+    return info
+
+
+def _info_text(info: Mapping[str, Any]) -> str:
+    lines = [f"{info['path']} ({info['kind']})"]
+    if info.get("architecture") is not None:
+        lines.append(f"network       {info['network']} (from {info['architecture_source']})")
+        lines.append(f"architecture  {info['summary']}")
+        lines += [f"              {n}" for n in info["notes"]]
+    else:
+        lines.append(f"architecture  unknown: {info.get('architecture_error')}")
+    lines.append(f"parameters    {info['parameters']:,} in {info['tensors']} tensors "
+                 f"({info['bytes'] / 2**20:.1f} MiB)")
+    lines.append(f"dtypes        {', '.join(info['dtypes'])}")
+    if "input_size" in info:
+        h, w = info["input_size"]
+        lines.append(f"input size    {h}x{w}, {info['in_channels']} channels"
+                     + (f"; {info['num_classes']} classes" if info.get("num_classes") else ""))
+    rgb = info.get("rgb_stats")
+    if rgb:
+        lines.append(f"rgb_stats     mean {_floats(rgb.get('mean'))}, std {_floats(rgb.get('std'))}")
+    else:
+        lines.append("rgb_stats     not recorded")
+    prov = info.get("provenance") or {}
+    lines.append("provenance    " + (", ".join(f"{k} {v}" for k, v in prov.items() if v not in (None, "", []))
+                                    or "not recorded"))
+    return "\n".join(lines)
+
+
+def _floats(values: Any) -> str:
+    try:
+        return "(" + ", ".join(f"{float(v):.4g}" for v in values) + ")"
+    except (TypeError, ValueError):
+        return repr(values)
