@@ -165,7 +165,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
     sharded = Embedder(net, batch_size=8)
     single = Embedder(net, batch_size=8, mesh=default_mesh(jax.devices()[:1]))
     exe = sharded.compiled(8, *SIZE)
-    y = exe(sharded.params, jax.device_put(x[:8], sharded._batch_sharding))
+    y = exe(sharded.params, jax.device_put(x[:8], sharded.batch_sharding))
     a, b = sharded(x), single(x)
     print(json.dumps({"devices": len(jax.devices()), "mesh": sharded.num_devices, "buckets": sharded.buckets,
                       "out_devices": len(y.sharding.device_set), "shards": [s.data.shape[0] for s in y.addressable_shards],

@@ -246,7 +246,7 @@ class Embedder:
         graphdef, params = nnx.split(net)
         params = cast_params(params, dtype)
         self._replicated = NamedSharding(self.mesh, P())
-        self._batch_sharding = NamedSharding(self.mesh, P(DATA_AXIS))
+        self.batch_sharding = NamedSharding(self.mesh, P(DATA_AXIS))
         self.params = jax.tree_util.tree_map(self._replicate, params)
         per_device = _pure_fn(graphdef, dtype, features, self.micro_batch, on_trace=self._count_trace)
         sharded = jax.shard_map(per_device, mesh=self.mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=P(DATA_AXIS))
@@ -290,7 +290,7 @@ class Embedder:
         if exe is None:
             start = time.perf_counter()
             spec = jax.ShapeDtypeStruct((bucket, height, width, self.cfg.in_channels), self.input_dtype,
-                                        sharding=self._batch_sharding)
+                                        sharding=self.batch_sharding)
             exe = self._jitted.lower(self.params, spec).compile()
             self.compile_seconds[key] = time.perf_counter() - start
             self._compiled[key] = exe
@@ -328,14 +328,14 @@ class Embedder:
             exe = self.compiled(bucket, h, w)
             if isinstance(chunk, jax.Array):
                 padded = jnp.pad(chunk, ((0, local_bucket - len(chunk)), (0, 0), (0, 0), (0, 0)))
-                device_x = jax.device_put(padded, self._batch_sharding)
+                device_x = jax.device_put(padded, self.batch_sharding)
             else:
                 if len(chunk) == local_bucket:
                     padded = chunk  # no copy for a full batch
                 else:
                     padded = np.zeros((local_bucket, h, w, x.shape[3]), np.float32)
                     padded[: len(chunk)] = chunk  # (local bucket, H, W, C), zero rows after the real ones
-                device_x = jax.make_array_from_process_local_data(self._batch_sharding, padded)
+                device_x = jax.make_array_from_process_local_data(self.batch_sharding, padded)
             outputs.append((exe(self.params, device_x), len(chunk)))
         return PendingEmbedding(outputs, self, self.output_shape(h, w))
 
