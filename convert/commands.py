@@ -6,8 +6,8 @@
   ``birder.load_model_with_cfg`` loads strictly; weights round-trip bit for bit.
 - ``info CKPT``: architecture, parameter count, dtypes, input size, rgb_stats and provenance.
 
-Nothing here imports jax, orbax or torch at import time (``vitreg-jax --help`` stays fast); ``.pt`` files are
-read without torch (``convert/readers.py``); torch and birder are needed only for ``--verify``.
+Nothing here imports jax, orbax or torch at import time (``vitreg-jax --help`` stays fast). ``.pt`` files are
+read and written without torch (``convert/readers.py``); torch and birder are needed only for ``--verify``.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ CACHE_HELP = ("Published names are downloaded once (with progress), checked agai
               "cached in $VITREG_JAX_CACHE (default ~/.cache/vitreg-jax); $VITREG_JAX_HUB_URL changes the hub "
               "address (default https://huggingface.co).")
 EXIT_VERIFY_FAILED = 1
+EXIT_HELP = ("Exit status: 0 done, 1 --verify found a difference above --tolerance (nothing written), 2 a usage "
+             "or input error (one line on stderr, nothing written).")
 
 
 def register(subparsers: Any) -> None:
@@ -42,7 +44,7 @@ def register(subparsers: Any) -> None:
     fmt = argparse.RawDescriptionHelpFormatter
     p = subparsers.add_parser(
         "convert", formatter_class=fmt, help="birder .pt/.safetensors (or a published name) -> Orbax checkpoint",
-        description="Convert birder weights into a vitreg-jax checkpoint directory (Orbax weights + "
+        description=_paras("Convert birder weights into a vitreg-jax checkpoint directory (Orbax weights + "
         "metadata.json with the config, signature, rgb_stats and provenance).\n\n"
         "SRC is a birder .pt or .safetensors file (current key names, the pre-0.4 ln1/self_attention names, or "
         "the oldest layout with the final norm in encoder.block.<depth>), or a published weight name: "
@@ -51,7 +53,7 @@ def register(subparsers: Any) -> None:
         "else from the file itself: its signature and rgb_stats, and the tensor shapes (layers, width, "
         "registers, patch size, MLP width, classifier; heads from birder's standard count for the width). "
         "What was inferred is printed. --network names a birder architecture instead. Tensors keep their "
-        "stored dtype (bf16/fp16 too); the model casts to float32 when it loads them.",
+        "stored dtype (bf16/fp16 too); the model casts to float32 when it loads them."),
         epilog="examples:\n"
         "  # a file birder saved (its json is optional)\n"
         "  vitreg-jax convert models/vit_reg4_b16_mim_200.pt --out ckpt/vit_reg4_b16_mim_200\n"
@@ -61,9 +63,9 @@ def register(subparsers: Any) -> None:
         "  vitreg-jax convert weights.safetensors --config models/vit_reg4_b16_mim.json --out ckpt/w\n"
         "  # replace an earlier conversion, naming the architecture\n"
         "  vitreg-jax convert old.pt --network vit_reg4_b16 --out ckpt/old --force\n\n"
-        "then: vitreg-jax info ckpt/mim_200; in Python: vitreg_jax.load_model_with_cfg(None, 'ckpt/mim_200')\n\n"
-        + CACHE_HELP + "\nExit status: 0 done, 1 --verify found a difference above --tolerance (nothing "
-        "written), 2 a usage or input error (one line on stderr, nothing written).")
+        "then:\n  vitreg-jax info ckpt/mim_200\n"
+        "  python -c \"import vitreg_jax; net, cfg = vitreg_jax.load_model_with_cfg(None, 'ckpt/mim_200')\"\n\n"
+        + _paras(CACHE_HELP + "\n\n" + EXIT_HELP))
     p.add_argument("src", metavar="SRC", help="birder .pt/.safetensors file, or a published weight name")
     p.add_argument("--out", required=True, metavar="DIR", help="checkpoint directory to create")
     _architecture_args(p)
@@ -73,20 +75,19 @@ def register(subparsers: Any) -> None:
 
     p = subparsers.add_parser(
         "export", formatter_class=fmt, help="Orbax checkpoint -> birder .pt/.safetensors + json",
-        description="Write a vitreg-jax checkpoint back as a birder weights file (birder 0.8.4's key names) and "
+        description=_paras("Write a vitreg-jax checkpoint back as a birder weights file (birder 0.8.4's key names) and "
         "its json config beside it (FILE with .json, or --json). birder.load_model_with_cfg(json, FILE) loads "
         "them strictly; the weights are the checkpoint's, bit for bit, in their stored dtype.\n\n"
         "CKPT may also be a birder file or a published name: that re-exports it with today's key names (a "
-        "pre-0.4 file then loads in birder 0.8.4).",
+        "pre-0.4 file then loads in birder 0.8.4)."),
         epilog="examples:\n"
         "  vitreg-jax export ckpt/mim_200 --out models/vit_reg4_b16_mim_200.pt\n"
         "      -> models/vit_reg4_b16_mim_200.pt and models/vit_reg4_b16_mim_200.json\n"
         "  vitreg-jax export ckpt/mim_200 --out out/mim_200.safetensors --json out/vit_reg4_b16_mim.json --verify\n"
         "  vitreg-jax export vitreg4_b16_mim_200 --out models/vit_reg4_b16_mim_200.pt   # legacy keys -> current\n\n"
-        "in PyTorch: net, cfg = birder.load_model_with_cfg('models/vit_reg4_b16_mim_200.json', "
+        "then, in PyTorch:\n  net, cfg = birder.load_model_with_cfg('models/vit_reg4_b16_mim_200.json', "
         "'models/vit_reg4_b16_mim_200.pt')\n\n"
-        + CACHE_HELP + "\nExit status: 0 done, 1 --verify found a difference above --tolerance (nothing "
-        "written), 2 a usage or input error (one line on stderr, nothing written).")
+        + _paras(CACHE_HELP + "\n\n" + EXIT_HELP))
     p.add_argument("ckpt", metavar="CKPT", help="vitreg-jax checkpoint directory (or a birder file / published name)")
     p.add_argument("--out", required=True, metavar="FILE", help="FILE.pt or FILE.safetensors to write")
     p.add_argument("--json", metavar="PATH", help="where the json config goes (default: FILE with .json)")
@@ -97,17 +98,24 @@ def register(subparsers: Any) -> None:
 
     p = subparsers.add_parser(
         "info", formatter_class=fmt, help="what a checkpoint, birder file or published weight holds",
-        description="Show the architecture, parameter count, dtypes, input size, rgb_stats and provenance of "
+        description=_paras("Show the architecture, parameter count, dtypes, input size, rgb_stats and provenance of "
         "a vitreg-jax checkpoint directory, a birder .pt/.safetensors file or a published weight name. For a "
-        "birder file without a json the architecture is inferred as `convert` would.",
+        "birder file without a json the architecture is inferred as `convert` would."),
         epilog="examples:\n"
         "  vitreg-jax info ckpt/mim_200\n"
         "  vitreg-jax info models/vit_reg4_b16_mim_200.pt\n"
-        "  vitreg-jax info vit_reg4_b16_mim_200 --json | python -m json.tool\n\n" + CACHE_HELP)
+        "  vitreg-jax info vit_reg4_b16_mim_200 --json | python -m json.tool\n\n" + _paras(CACHE_HELP))
     p.add_argument("ckpt", metavar="CKPT", help="checkpoint directory, birder file, or published weight name")
     _architecture_args(p, only_for_birder=True)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.set_defaults(func=cmd_info)
+
+
+def _paras(text: str) -> str:
+    """Fill each blank-line-separated paragraph (the help formatter keeps our own line breaks)."""
+    import textwrap
+
+    return "\n\n".join(textwrap.fill(p, 100) for p in text.split("\n\n"))
 
 
 def _architecture_args(p: argparse.ArgumentParser, only_for_birder: bool = False) -> None:
@@ -164,12 +172,20 @@ def resolve_architecture(bfile: Any, config: str | os.PathLike[str] | None, netw
     cfg.pop("alias", None)
     cfg.pop("net_param", None)
     cfg["rgb_stats"] = infer.check_rgb_stats(cfg["rgb_stats"], f"{config}: ")
+    own = bfile.meta.get("rgb_stats")
+    if own is not None and own != cfg["rgb_stats"]:
+        notes.append(f"rgb_stats from the json {cfg['rgb_stats']}; the weights file records {own}")
     _, layout = mapping.normalize_keys(bfile.state, vit_cfg.num_layers)
     return Architecture(cfg, vit_cfg, source, layout, tuple(notes))
 
 
 def _load_birder(src: str, config: str | None, network: str | None) -> tuple[Any, Any, Architecture]:
     """(hub.Resolved, BirderFile, Architecture) for a file path or a published name."""
+    resolved, bfile = _read_birder(src)
+    return resolved, bfile, _architecture(resolved, bfile, config, network)
+
+
+def _read_birder(src: str) -> tuple[Any, Any]:
     from vitreg_jax.checkpoint import is_checkpoint
     from vitreg_jax.convert import hub
     from vitreg_jax.convert.readers import read_birder_file
@@ -177,11 +193,19 @@ def _load_birder(src: str, config: str | None, network: str | None) -> tuple[Any
     if is_checkpoint(src):
         raise UserError(f"{src}: is a vitreg-jax checkpoint already (use `vitreg-jax export` to go back to birder)")
     resolved = hub.resolve(src)
-    bfile = read_birder_file(resolved.weights)
-    origin = "--config"
+    return resolved, read_birder_file(resolved.weights)
+
+
+def _architecture(resolved: Any, bfile: Any, config: str | None, network: str | None) -> Architecture:
+    """--config, else the json published beside a published name, else the file itself."""
     if config is None and resolved.config is not None:
-        config, origin = str(resolved.config), "the published json"
-    return resolved, bfile, resolve_architecture(bfile, config, network, origin)
+        try:
+            return resolve_architecture(bfile, str(resolved.config), network, "the published json")
+        except UserError as e:  # the hub's json is optional and unchecked: the file itself still decides
+            arch = resolve_architecture(bfile, None, network)
+            arch.notes = (f"the published json was not used ({e})", *arch.notes)
+            return arch
+    return resolve_architecture(bfile, config, network)
 
 
 # output paths ----------------------------------------------------------------------------------------------
@@ -330,13 +354,21 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"source       {args.ckpt} (vitreg-jax checkpoint)")
     else:
         _, bfile, arch = _load_birder(args.ckpt, args.config, args.network)
-        params = mapping.to_nnx(bfile.state, arch.vit_cfg)
+        params = mapping.to_nnx(bfile.state, arch.vit_cfg, consume=True)
         vit_cfg, cfg = arch.vit_cfg, arch.cfg
         birder_meta = {k: v for k, v in bfile.meta.items() if k not in ("signature", "rgb_stats")}
         print(f"source       {bfile.path} (birder .{bfile.format}, key layout {arch.layout})")
     network = infer.birder_network_name(cfg.get("registered_name"), vit_cfg)
     json_cfg = birder_config(vit_cfg, cfg["rgb_stats"], network)
-    state = mapping.to_birder(params, vit_cfg)
+    x = ours = None
+    if args.verify:  # our side first, so that the parameters can be handed over to the birder layout
+        from vitreg_jax.convert import verify
+        from vitreg_jax.loading import abstract_model, set_params
+
+        x = verify.fixed_input(vit_cfg.image_size, vit_cfg.in_channels)
+        ours = verify.our_embedding(set_params(abstract_model(vit_cfg), params), x)
+    state = mapping.to_birder(params, vit_cfg, consume=True)
+    del params
     file_meta = {
         "birder_version": DEFAULT_BIRDER_VERSION,  # the key layout written is 0.8.4's
         "task": birder_meta.get("task", json_cfg["task"]),
@@ -361,7 +393,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             with os.fdopen(fd, "w") as f:
                 json.dump(json_cfg, f, indent=2)
                 f.write("\n")
-            if args.verify and not _verify_export(params, vit_cfg, tmp_json, tmp_weights, args.tolerance):
+            if args.verify and not _verify_export(ours, x, tmp_json, tmp_weights, args.tolerance):
                 print("vitreg-jax export: verification failed; nothing was written", file=sys.stderr)
                 _remove_empty(made)
                 return EXIT_VERIFY_FAILED
@@ -402,15 +434,11 @@ def _read_checkpoint(path: Path) -> tuple[dict[Any, Any], Any, dict[str, Any], d
     return flat, vit_cfg, cfg, dict(meta.get("birder_meta") or {})
 
 
-def _verify_export(params: Mapping[Any, Any], vit_cfg: Any, json_path: Path, weights: Path,
-                   tolerance: float) -> bool:
+def _verify_export(ours: Any, x: Any, json_path: Path, weights: Path, tolerance: float) -> bool:
+    """birder.load_model_with_cfg(json, weights) (strict) on ``x`` against our embedding ``ours``."""
     from vitreg_jax.convert import verify
-    from vitreg_jax.loading import abstract_model, set_params
 
-    x = verify.fixed_input(vit_cfg.image_size, vit_cfg.in_channels)
-    theirs = verify.birder_embedding_from_files(json_path, weights, x)
-    net = set_params(abstract_model(vit_cfg), params)
-    result = verify.compare(verify.our_embedding(net, x), theirs, x, tolerance)
+    result = verify.compare(ours, verify.birder_embedding_from_files(json_path, weights, x), x, tolerance)
     print(result.line())
     return result.ok
 
@@ -469,19 +497,14 @@ def checkpoint_info(path: Path) -> dict[str, Any]:
 
 def birder_file_info(src: str, config: str | None, network: str | None) -> dict[str, Any]:
     """What ``info`` reports for a birder file or published name (the architecture may stay unknown)."""
-    from vitreg_jax.convert import hub
     from vitreg_jax.convert.infer import describe
     from vitreg_jax.convert.mapping import normalize_keys
-    from vitreg_jax.convert.readers import read_birder_file
 
-    resolved = hub.resolve(src)
-    bfile = read_birder_file(resolved.weights)
-    if config is None and resolved.config is not None:
-        config = str(resolved.config)
+    resolved, bfile = _read_birder(src)
     arch: Architecture | None = None
     error = None
     try:
-        arch = resolve_architecture(bfile, config, network)
+        arch = _architecture(resolved, bfile, config, network)
     except UserError as e:
         error = str(e)
     provenance = {"file": bfile.path.name, "format": bfile.format, "sha256": bfile.sha256,

@@ -157,12 +157,18 @@ def to_nnx(state: Mapping[str, Any], cfg: ViTConfig, *, consume: bool = False) -
     return {r.path: _to_ours(np.asarray(state.pop(r.birder_key)), r.layout) for r in rows}
 
 
-def to_birder(params: Mapping[Path, Any], cfg: ViTConfig) -> dict[str, np.ndarray]:
-    """{our path: array} -> birder state_dict (today's key names, birder's order)."""
+def to_birder(params: Mapping[Path, Any], cfg: ViTConfig, *, consume: bool = False) -> dict[str, np.ndarray]:
+    """{our path: array} -> birder state_dict (today's key names, birder's order).
+
+    ``consume=True`` pops each entry from ``params`` (a mutable dict) as it is converted (see ``to_nnx``).
+    """
     rows = table(cfg)
     missing = [".".join(map(str, r.path)) for r in rows if r.path not in params]
     if missing:
         raise UserError(f"parameters lack {len(missing)} entr(ies): {_short(missing)}")
+    if consume:
+        return {r.birder_key: _to_birder(np.asarray(params.pop(r.path)), r.layout)  # type: ignore[attr-defined]
+                for r in rows}
     return {r.birder_key: _to_birder(np.asarray(params[r.path]), r.layout) for r in rows}
 
 

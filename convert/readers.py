@@ -390,16 +390,134 @@ def _plain(obj: Any) -> Any:
 
 
 def write_pt(path: Path, state: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
-    """A birder ``.pt``: ``torch.save({"state": state_dict, **meta})``, written atomically."""
-    import torch
+    """A birder ``.pt`` (what ``torch.save({"state": state_dict, **meta})`` writes), atomically, without torch.
 
-    def to_tensor(a: np.ndarray) -> Any:
-        if a.dtype == ml_dtypes.bfloat16:
-            return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
-        return torch.from_numpy(np.ascontiguousarray(a))
+    torch's zip format: ``archive/data.pkl`` (a protocol-2 pickle that uses only the names
+    ``torch.load(weights_only=True)`` allows: ``collections.OrderedDict``, ``torch._utils._rebuild_tensor_v2``
+    and the typed storages), one uncompressed, 64-byte-aligned ``archive/data/<i>`` per tensor, and torch's
+    small records (``byteorder``, ``version``, ...). Each tensor is written straight from its array.
+    """
+    _atomic_write(path, lambda f: _write_torch_zip(f, state, meta))
 
-    payload = {"state": {k: to_tensor(v) for k, v in state.items()}, **meta}
-    _atomic_write(path, lambda f: torch.save(payload, f))
+
+_PT_STORAGE_NAMES = {dtype: name for name, dtype in _PT_STORAGES.items()}
+_PT_ALIGN = 64  # torch aligns every record's data to 64 bytes (so that torch.load(mmap=True) works)
+
+
+class _PickleWriter:
+    """The few pickle opcodes a birder checkpoint needs (protocol 2), tensors as persistent storages."""
+
+    def __init__(self) -> None:
+        self.out = bytearray(b"\x80\x02")  # PROTO 2
+        self.arrays: list[np.ndarray] = []
+
+    def dump(self, obj: Any) -> bytes:
+        self._value(obj)
+        self.out += b"."  # STOP
+        return bytes(self.out)
+
+    def _global(self, module: str, name: str) -> None:
+        self.out += b"c" + module.encode() + b"\n" + name.encode() + b"\n"  # GLOBAL
+
+    def _value(self, v: Any) -> None:
+        o = self.out
+        if v is None:
+            o += b"N"
+        elif v is True or v is False:
+            o += b"\x88" if v else b"\x89"
+        elif isinstance(v, int):
+            if 0 <= v < 256:
+                o += b"K" + struct.pack("<B", v)
+            elif -(2**31) <= v < 2**31:
+                o += b"J" + struct.pack("<i", v)
+            else:
+                raw = v.to_bytes((v.bit_length() + 8) // 8, "little", signed=True)
+                o += b"\x8a" + struct.pack("<B", len(raw)) + raw  # LONG1
+        elif isinstance(v, float):
+            o += b"G" + struct.pack(">d", v)
+        elif isinstance(v, str):
+            raw = v.encode("utf-8", "surrogatepass")
+            o += b"X" + struct.pack("<I", len(raw)) + raw
+        elif isinstance(v, np.ndarray):
+            self._tensor(v)
+        elif isinstance(v, tuple):
+            o += b"("
+            for item in v:
+                self._value(item)
+            o += b"t"
+        elif isinstance(v, list):
+            o += b"]"
+            if v:
+                o += b"("
+                for item in v:
+                    self._value(item)
+                o += b"e"  # APPENDS
+        elif isinstance(v, dict):
+            if v and all(isinstance(a, np.ndarray) for a in v.values()):  # a state_dict: torch's OrderedDict
+                self._global("collections", "OrderedDict")
+                o += b")R"
+            else:
+                o += b"}"
+            if v:
+                o += b"("
+                for key, item in v.items():
+                    self._value(str(key))
+                    self._value(item)
+                o += b"u"  # SETITEMS
+        else:
+            raise TypeError(f"cannot store {type(v).__name__} in a birder .pt")
+
+    def _tensor(self, a: np.ndarray) -> None:
+        name = _PT_STORAGE_NAMES.get(a.dtype.newbyteorder("<") if a.dtype.byteorder == ">" else a.dtype)
+        if name is None:
+            raise TypeError(f"cannot store a {a.dtype} tensor in a birder .pt")
+        key = len(self.arrays)
+        self.arrays.append(a)
+        o = self.out
+        self._global("torch._utils", "_rebuild_tensor_v2")
+        o += b"(("  # MARK (args), MARK (persistent id)
+        self._value("storage")
+        self._global("torch", name)
+        self._value(str(key))
+        self._value("cpu")
+        self._value(int(a.size))
+        o += b"tQ"  # TUPLE, BINPERSID
+        self._value(0)  # storage offset
+        self._value(tuple(int(n) for n in a.shape))
+        self._value(tuple(int(np.prod(a.shape[i + 1:], dtype=np.int64)) for i in range(a.ndim)))  # C strides
+        o += b"\x89"  # requires_grad False
+        self._global("collections", "OrderedDict")
+        o += b")R"  # backward hooks: OrderedDict()
+        o += b"tR"  # TUPLE, REDUCE
+
+
+def _write_torch_zip(f: Any, state: dict[str, np.ndarray], meta: dict[str, Any], archive: str = "archive") -> None:
+    writer = _PickleWriter()
+    data_pkl = writer.dump({"state": dict(state), **meta})
+    with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        def put(name: str, data: Any, size: int) -> None:
+            info = zipfile.ZipInfo(f"{archive}/{name}", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_STORED
+            info.file_size = size
+            zip64 = size > zipfile.ZIP64_LIMIT // 2
+            start = f.tell() + 30 + len(info.filename.encode()) + 4 + (20 if zip64 else 0)
+            pad = -start % _PT_ALIGN
+            info.extra = struct.pack("<HH", 0x4246, pad) + b"Z" * pad  # torch's "FB" padding field
+            with zf.open(info, "w", force_zip64=zip64) as out:
+                out.write(data)
+
+        put("data.pkl", data_pkl, len(data_pkl))
+        put(".format_version", b"1", 1)
+        put(".storage_alignment", str(_PT_ALIGN).encode(), len(str(_PT_ALIGN)))
+        put("byteorder", b"little", 6)
+        for i, a in enumerate(writer.arrays):
+            a = np.ascontiguousarray(a)
+            if a.dtype.byteorder == ">":
+                a = a.astype(a.dtype.newbyteorder("<"))
+            put(f"data/{i}", a.reshape(-1).view(np.uint8), a.nbytes)
+        put("version", b"3\n", 2)
+        serial = str(int.from_bytes(hashlib.sha256(data_pkl).digest()[:16], "little")).zfill(40)[:40]
+        put(".data/serialization_id", serial.encode(), len(serial))
 
 
 # .safetensors ------------------------------------------------------------------------------------------

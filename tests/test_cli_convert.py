@@ -30,13 +30,13 @@ from vitreg_jax.convert.readers import read_birder_file
 
 try:
     from tests.test_convert import (
-        PARITY_ATOL, RGB, SIZE, TINY, Tiny, birder_embedding, birder_net, birder_save, birder_save_st,
+        PARITY_ATOL, RGB, SIZE, TINY, Tiny, birder_embedding, birder_net, birder_save,
         damaged_files, evil_files, legacy_state, nhwc_input, save_pt, signature, state_tensors, to_numpy,
     )
-    from tests.test_convert import tiny  # noqa: F401 - the session fixture
+    from tests.test_convert import tiny  # the session fixture
 except ImportError:  # tests/ run as plain folder
     from test_convert import (  # type: ignore[no-redef]
-        PARITY_ATOL, RGB, SIZE, TINY, Tiny, birder_embedding, birder_net, birder_save, birder_save_st,
+        PARITY_ATOL, RGB, SIZE, TINY, Tiny, birder_embedding, birder_net, birder_save,
         damaged_files, evil_files, legacy_state, nhwc_input, save_pt, signature, state_tensors, to_numpy,
     )
     from test_convert import tiny  # type: ignore[no-redef]  # noqa: F401
@@ -210,7 +210,7 @@ def test_a_classifier_head_is_kept(tmp_path: Path, capsys: pytest.CaptureFixture
     assert rc == 0, err
     back = read_birder_file(out)
     assert back.meta["class_to_idx"] == classes and back.meta["signature"] == signature(SIZE, 5)
-    exported, cfg = birder.load_model_with_cfg(str(out.with_suffix(".json")), str(out))
+    exported, _ = birder.load_model_with_cfg(str(out.with_suffix(".json")), str(out))
     x = torch.from_numpy(np.ascontiguousarray(nhwc_input().transpose(0, 3, 1, 2)))
     with torch.no_grad():
         assert torch.equal(exported.eval()(x), net(x))
@@ -256,7 +256,7 @@ def test_pt_to_orbax_to_pt_is_bit_for_bit(tiny: Tiny, converted: Path, tmp_path:
 def test_export_a_legacy_file_with_todays_keys(tiny: Tiny, tmp_path: Path,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     path = save_pt(tmp_path / "old.pt", legacy_state(state_tensors(tiny.net), oldest=True), config=TINY)
-    rc, out, err = cli(capsys, "export", path, "--out", tmp_path / "new.pt")
+    rc, _, err = cli(capsys, "export", path, "--out", tmp_path / "new.pt")
     assert rc == 0, err
     new = torch.load(tmp_path / "new.pt", weights_only=True)["state"]
     want = tiny.net.state_dict()
@@ -316,7 +316,7 @@ def hub_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path
     root = tmp_path / "hub"
     root.mkdir()
     class Quiet(SimpleHTTPRequestHandler):
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's signature
+        def log_message(self, format: str, *args: Any) -> None:  # http.server's signature
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), partial(Quiet, directory=str(root)))
@@ -376,6 +376,38 @@ def test_legacy_published_name_and_a_wrong_hash(tiny: Tiny, tmp_path: Path, hub_
     assert not (tmp_path / "d").exists()
 
 
+def test_an_unusable_published_json_falls_back_to_the_file(tiny: Tiny, tmp_path: Path, hub_server: Path,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps({**json.loads(tiny.json.read_text()), "model_config": {"stem_type": "hmlp"}}))
+    publish(hub_server, monkeypatch, "vit_reg4_b16_mim_300", tiny.pt, hub.LAYOUT_CURRENT, broken)
+    rc, out, err = cli(capsys, "convert", "vit_reg4_b16_mim_300", "--out", tmp_path / "c")
+    assert rc == 0, err
+    assert "the published json was not used" in out and "stem_type" in out
+    assert metadata(tmp_path / "c")["vit_config"]["num_heads"] == 2
+
+
+def test_rgb_stats_of_the_json_win_and_the_difference_is_shown(tiny: Tiny, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    other = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+    (tmp_path / "cfg.json").write_text(json.dumps({**json.loads(tiny.json.read_text()), "rgb_stats": other}))
+    rc, out, err = cli(capsys, "convert", tiny.pt, "--config", tmp_path / "cfg.json", "--out", tmp_path / "c")
+    assert rc == 0, err
+    assert "the weights file records" in out
+    assert metadata(tmp_path / "c")["rgb_stats"] == other
+
+
+def test_load_model_with_cfg_reads_a_birder_file_without_its_json(tiny: Tiny) -> None:
+    """vitreg_jax.loading's hook uses the converter's inference when no config is given."""
+    import vitreg_jax
+
+    net, cfg = vitreg_jax.load_model_with_cfg(None, tiny.pt)
+    x = nhwc_input()
+    assert np.max(np.abs(np.asarray(net.embedding(x)) - birder_embedding(tiny.net, x))) < PARITY_ATOL
+    assert cfg["rgb_stats"]["mean"] == list(RGB["mean"]) and cfg["signature"] == signature()
+
+
 # bad input: one line on stderr, exit 2, nothing left behind ------------------------------------------------
 def test_unsafe_pickles_are_refused_and_never_run(tiny: Tiny, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
@@ -394,7 +426,7 @@ def test_unsafe_pickles_are_refused_and_never_run(tiny: Tiny, tmp_path: Path,
 def test_damaged_files_are_refused(tiny: Tiny, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    for what, path in damaged_files(tmp_path / "bad", tiny.pt, tiny.st).items():
+    for path in damaged_files(tmp_path / "bad", tiny.pt, tiny.st).values():
         rc, _, err = cli(capsys, "convert", path, "--out", out_dir / "c")
         assert_user_error(rc, err, str(path))
     assert list(out_dir.iterdir()) == []
@@ -509,7 +541,7 @@ def test_unwritable_output_locations(tiny: Tiny, converted: Path, tmp_path: Path
 def test_missing_parent_folders_are_created_and_removed_again_on_failure(
         tiny: Tiny, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rc, _, err = cli(capsys, "convert", tiny.pt_bare_meta, "--out", tmp_path / "a" / "b" / "c")
-    assert rc == 2
+    assert_user_error(rc, err, "num_heads")
     assert list(tmp_path.iterdir()) == []
     assert cli(capsys, "convert", tiny.pt, "--out", tmp_path / "a" / "b" / "c")[0] == 0
 

@@ -192,6 +192,29 @@ def test_pt_reader_matches_torch_load_for_every_dtype_and_layout(tmp_path: Path)
     assert got.meta["class_to_idx"] == {"a": 0} and got.format == "pt" and len(got.sha256) == 64
 
 
+def test_pt_writer_needs_no_torch_and_torch_reads_it(tmp_path: Path) -> None:
+    """write_pt emits torch's zip format itself: torch.load(weights_only=True) (and mmap) reads it exactly."""
+    from vitreg_jax.convert.readers import write_pt
+
+    rng = np.random.default_rng(0)
+    state = {"fp32": rng.standard_normal((7, 5), dtype=np.float32), "fp16": np.arange(6, dtype=np.float16),
+             "bf16": rng.standard_normal(9).astype(ml_dtypes.bfloat16), "scalar": np.array(2.5, np.float32),
+             "empty": np.zeros((0, 3), np.float32), "int64": np.arange(4), "bool": np.array([True, False])}
+    meta = {"birder_version": "v0.8.4", "task": "image_classification", "signature": signature(),
+            "class_to_idx": {"b": 1}, "rgb_stats": RGB, "config": {"a": None, "b": True, "c": -3, "d": 1e-6,
+                                                                   "e": 2**40, "f": "x", "g": [1, (2, 3)]}}
+    write_pt(tmp_path / "w.pt", state, meta)
+    for mmap in (False, True):
+        loaded = torch.load(tmp_path / "w.pt", weights_only=True, mmap=mmap)
+        assert list(loaded["state"]) == list(state)
+        for key, want in state.items():
+            got = to_numpy(loaded["state"][key])
+            assert got.dtype == want.dtype and got.shape == want.shape and np.array_equal(got, want), key
+        assert {k: v for k, v in loaded.items() if k != "state"} == meta
+    ours = read_birder_file(tmp_path / "w.pt")
+    assert all(np.array_equal(ours.state[k], v) and ours.state[k].dtype == v.dtype for k, v in state.items())
+
+
 def test_birder_saved_pt_and_safetensors_read_identically(tiny: Tiny) -> None:
     pt, st = read_birder_file(tiny.pt), read_birder_file(tiny.st)
     want = {k: v.numpy() for k, v in tiny.net.state_dict().items()}
