@@ -1,0 +1,152 @@
+"""``vitreg-jax demo`` (the README's main job) and the stand-in weights it shares with the notebooks."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vitreg_jax import standin
+from vitreg_jax.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+PARITY = re.compile(r"max \|embedding difference\| vs birder \S+ on the (\d+) images: ([0-9.e+-]+)")
+REQUIRE_BIRDER = os.environ.get("VITREG_JAX_REQUIRE_BIRDER") == "1"
+
+
+def demo(*args: str, cache: Path, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    """The demo as a user runs it: a fresh process, an empty weights cache (no published file to find)."""
+    env = {**os.environ, "VITREG_JAX_CACHE": str(cache)}
+    env.pop("XLA_FLAGS", None)
+    return subprocess.run([sys.executable, "-m", "vitreg_jax", "demo", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=ROOT, check=False)
+
+
+def test_full_demo_exits_0_and_prints_its_parity_figure(tmp_path: Path) -> None:
+    """The default demo (full-size vit_reg4_b16 stand-in) on the 13 sample images."""
+    pytest.importorskip("birder")
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "demo.json").write_text("{}")  # an earlier demo's output: replaced
+    (out / "stale.txt").write_text("from an earlier run")
+    r = demo("--out", str(out), cache=tmp_path / "cache")
+    assert r.returncode == 0, f"demo failed:\n{r.stdout}\n{r.stderr[-3000:]}"
+    print(r.stdout)
+    assert "STAND-IN weights, not the published model" in r.stdout
+    m = PARITY.search(r.stdout)
+    assert m, f"no parity line in:\n{r.stdout}"
+    n_images = len(list((ROOT / "examples" / "images").glob("*.*"))) - 1  # minus ATTRIBUTION.md
+    assert int(m.group(1)) == n_images
+    assert float(m.group(2)) <= 1e-4
+    assert f"bit-identical to birder.classification_transform on {n_images}/{n_images} images" in r.stdout
+    report = json.loads((out / "demo.json").read_text())
+    assert report["parameters"] == 85_804_800 and report["kind"] == "standin"
+    emb = np.load(out / "embeddings.npy")
+    assert emb.shape == (n_images, 768) and np.isfinite(emb).all()
+    assert len((out / "paths.txt").read_text().splitlines()) == n_images
+    assert (out / "checkpoint" / "metadata.json").is_file()
+    assert not (out / "stale.txt").exists()
+
+
+def test_quick_demo_without_parity_says_why(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    r = demo("--quick", "--no-parity", "--out", str(out), cache=tmp_path / "cache")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "parity      skipped: --no-parity was given" in r.stdout
+    assert "neighbours" in r.stdout and "images/s" in r.stdout
+    assert json.loads((out / "demo.json").read_text())["parity_max_abs_diff"] is None
+
+
+def test_demo_refuses_a_folder_it_did_not_write(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "precious.txt").write_text("keep me")
+    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 2
+    assert "holds no earlier demo output" in capsys.readouterr().err
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_demo_help_names_every_option(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    text = capsys.readouterr().out
+    for option in ("--weights", "--images", "--out", "--quick", "STAND-IN"):
+        assert option in text
+
+
+def test_standin_without_birder_is_deterministic_and_loads(tmp_path: Path) -> None:
+    """The torch-free stand-in (used when birder is absent): same seed, same bytes; loadable."""
+    import vitreg_jax
+
+    a = standin.write_standin(tmp_path / "a", model_config=standin.TINY_MODEL_CONFIG, use_birder=False)
+    b = standin.write_standin(tmp_path / "b", model_config=standin.TINY_MODEL_CONFIG, use_birder=False)
+    assert a.writer == "vitreg-jax" and a.weights.suffix == ".safetensors"
+    assert a.weights.read_bytes() == b.weights.read_bytes()
+    net, cfg = vitreg_jax.load_model_with_cfg(a.config, a.weights)
+    assert net.cfg.num_layers == 2 and net.cfg.num_reg_tokens == 4
+    assert cfg["rgb_stats"] == standin.MIM_RGB_STATS
+
+
+def test_birder_standin_is_birders_own_file(tmp_path: Path) -> None:
+    if not REQUIRE_BIRDER:
+        pytest.importorskip("birder")
+    import birder
+
+    w = standin.write_standin(tmp_path, model_config=standin.TINY_MODEL_CONFIG)
+    assert w.writer == "birder" and w.weights.suffix == ".pt" and w.is_standin
+    import torch
+
+    net, _ = birder.load_model_with_cfg(str(w.config), str(w.weights))  # birder reads it back
+    fresh = standin.birder_standin_net(model_config=standin.TINY_MODEL_CONFIG).state_dict()
+    assert all(torch.equal(v, fresh[k]) for k, v in net.state_dict().items())  # the fixed seed's weights
+
+
+def test_no_published_weights_in_an_empty_cache(tmp_path: Path) -> None:
+    assert standin.cached_published(cache_dir=tmp_path) is None
+
+
+def test_a_cached_published_file_is_found_without_the_network(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file in the cache whose sha256 is a published one is used; the hub is never asked for it."""
+    import dataclasses
+    import hashlib
+
+    from vitreg_jax.convert import hub
+
+    src = standin.write_standin(tmp_path / "src", model_config=standin.TINY_MODEL_CONFIG, use_birder=False)
+    pub = hub.PUBLISHED["vit_reg4_b16_mim_300"]
+    cached = tmp_path / "cache" / pub.repo / pub.filename
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(src.weights.read_bytes())
+    (cached.parent / pub.config_filename).write_text(src.config.read_text())
+    digest = hashlib.sha256(cached.read_bytes()).hexdigest()
+    monkeypatch.setitem(hub.PUBLISHED, pub.name, dataclasses.replace(pub, hashes={digest: hub.LAYOUT_CURRENT}))
+    monkeypatch.setenv(hub.ENV_HUB_URL, "http://127.0.0.1:9")  # nothing listens there: any request would fail
+    found = standin.cached_published(cache_dir=tmp_path / "cache")
+    assert found is not None and found.kind == "published" and found.published_name == pub.name
+    assert found.weights == cached and found.config == cached.parent / pub.config_filename
+    assert "published vit_reg4_b16_mim_300" in found.describe()
+
+
+def test_an_unreachable_published_name_falls_back_to_the_standin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+
+    from vitreg_jax.convert import hub
+
+    from vitreg_jax.commands import demo as demo_cmd
+
+    monkeypatch.setenv(hub.ENV_CACHE, str(tmp_path / "cache"))
+    monkeypatch.setenv(hub.ENV_HUB_URL, "http://127.0.0.1:9")  # connection refused, at once
+    write = standin.write_standin
+    tiny = lambda directory, **_: write(directory, model_config=standin.TINY_MODEL_CONFIG, use_birder=False)
+    monkeypatch.setattr(standin, "write_standin", tiny)
+    args = argparse.Namespace(quick=False, weights="vit_reg4_b16_mim_300", config=None)
+    w = demo_cmd._choose_weights(args, tmp_path / "out", demo_cmd._Printer())
+    assert w.is_standin
+    out = capsys.readouterr().out
+    assert "could not get vit_reg4_b16_mim_300" in out and "continuing with the stand-in" in out
