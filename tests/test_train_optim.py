@@ -17,7 +17,15 @@ import numpy as np
 import pytest
 
 from vitreg_jax.config import TrainConfig
-from vitreg_jax.train import LRSchedule, clip_grad_norm, lr_schedule, make_optimizer, weight_decay_mask
+from vitreg_jax.train import (
+    FlatLayout,
+    LRSchedule,
+    adamw_update,
+    clip_grad_norm,
+    decays_by_default,
+    lr_schedule,
+    make_optimizer,
+)
 
 torch = pytest.importorskip("torch")
 
@@ -49,40 +57,47 @@ def leaves_with_paths(tree: dict) -> list[tuple[tuple, np.ndarray]]:
 @pytest.mark.parametrize("decay_all", [True, False])
 @pytest.mark.parametrize("fused", [False, True])
 def test_adamw_matches_torch(decay_all, fused):
+    """Two steps of our flat AdamW (the trainer's) against torch's AdamW as birder builds it."""
     cfg = TrainConfig(steps=10, lr=1.5e-4, decay_bias_and_norm=decay_all)
     params = make_tree(0)
     grads_seq = [make_tree(1, 1e-2), make_tree(2, 1e-2)]
-    # torch, as birder builds it: one group (or the usual two: decay / no decay)
+    layout = FlatLayout(params, None if decay_all else decays_by_default)
     tparams = [(p, torch.nn.Parameter(torch.from_numpy(v.copy()))) for p, v in leaves_with_paths(params)]
-    mask = dict(leaves_with_paths(weight_decay_mask(params)))
-    if decay_all:
+    decays = {p: decays_by_default(tuple(p), v) for p, v in leaves_with_paths(params)}
+    if decay_all:  # birder: one group, weight decay on everything
         groups = [{"params": [t for _, t in tparams]}]
-    else:
-        groups = [{"params": [t for p, t in tparams if mask[p]]},
-                  {"params": [t for p, t in tparams if not mask[p]], "weight_decay": 0.0}]
+    else:  # the usual two groups
+        groups = [{"params": [t for p, t in tparams if decays[p]]},
+                  {"params": [t for p, t in tparams if not decays[p]], "weight_decay": 0.0}]
     try:
         opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
                                 fused=fused or None)
     except RuntimeError as e:  # fused kernels need a supported device / build
         pytest.skip(f"torch fused AdamW unavailable: {e}")
-    tx = make_optimizer(cfg)
-    state = tx.init(jax.tree_util.tree_map(jnp.asarray, params))
-    ours = jax.tree_util.tree_map(jnp.asarray, params)
+    flat = layout.ravel(params)
+    opt_state = make_optimizer(cfg).init(flat)
+    update = jax.jit(lambda f, g, s: adamw_update(cfg, layout, f, g, s, jnp.float32(cfg.lr)))
     for grads in grads_seq:
-        for (p, t), (_, g) in zip(tparams, leaves_with_paths(grads), strict=True):
+        for (_, t), (_, g) in zip(tparams, leaves_with_paths(grads), strict=True):
             t.grad = torch.from_numpy(g.copy())
         opt.step()
-        state = state._replace(hyperparams={**state.hyperparams, "learning_rate": jnp.float32(cfg.lr)})
-        updates, state = tx.update(jax.tree_util.tree_map(jnp.asarray, grads), state, ours)
-        ours = jax.tree_util.tree_map(lambda p, u: p + u, ours, updates)
-        for (path, t), (_, o) in zip(tparams, leaves_with_paths(ours), strict=True):
+        flat, opt_state = update(flat, layout.ravel(grads), opt_state)
+        for (path, t), (_, o) in zip(tparams, leaves_with_paths(layout.unravel(flat)), strict=True):
             np.testing.assert_allclose(o, t.detach().numpy(), rtol=ADAMW_RTOL, atol=0, err_msg=str(path))
 
 
-def test_decay_mask_excludes_biases_norms_and_tokens():
-    mask = dict(leaves_with_paths(weight_decay_mask(make_tree(0))))
-    assert mask[("decoder_embed", "kernel")] and mask[("block", 0, "kernel")]
-    assert not mask[("decoder_embed", "bias")] and not mask[("norm", "scale")] and not mask[("mask_token",)]
+def test_flat_layout_puts_decayed_tensors_first_and_inverts():
+    params = make_tree(0)
+    layout = FlatLayout(params, decays_by_default)
+    back = layout.unravel(layout.ravel(params))
+    for (p, a), (_, b) in zip(leaves_with_paths(params), leaves_with_paths(back), strict=True):
+        np.testing.assert_array_equal(a, b, err_msg=str(p))
+    decayed = {p for p, v in leaves_with_paths(params) if decays_by_default(p, v)}
+    assert decayed == {("decoder_embed", "kernel"), ("block", 0, "kernel")}  # not biases, norms, mask_token
+    assert layout.num_decayed == 24 * 16 + 16 * 48
+    vec = np.asarray(layout.decay_vector(0.05))
+    assert (vec[: layout.num_decayed] == np.float32(0.05)).all() and (vec[layout.num_decayed:] == 0).all()
+    assert FlatLayout(params).decay_vector(0.05) == 0.05  # birder: everything decays, a scalar
 
 
 def birder_lrs(epochs: int, warmup_epochs: int | None, steps_per_epoch: int, per_step: bool,

@@ -94,7 +94,8 @@ class TrainData:
             except UserError as e:
                 if path not in self._reported:
                     self._reported.add(path)
-                    print(f"vitreg-jax pretrain: warning: skipping {path}: {e}", file=sys.stderr)
+                    reason = getattr(e, "reason", e)  # ImageReadError names the path itself
+                    print(f"vitreg-jax pretrain: warning: skipping {path}: {reason}", file=sys.stderr)
         raise UserError("none of the training images could be read")
 
     def batch(self, step: int) -> np.ndarray:

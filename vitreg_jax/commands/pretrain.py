@@ -420,7 +420,8 @@ def _train(args: argparse.Namespace, out: Path, saved: dict[str, Any] | None, op
     if main and result.loss is None:
         print(f"vitreg-jax pretrain: the run was already complete ({result.step} steps)", file=sys.stderr)
     elif main:
-        print(f"vitreg-jax pretrain: done, {result.step} steps, last loss {result.loss:.4f}", file=sys.stderr)
+        resumed = "" if result.resumed_from is None else f" (resumed from step {result.resumed_from})"
+        print(f"vitreg-jax pretrain: done, {result.step} steps{resumed}, last loss {result.loss:.4f}", file=sys.stderr)
     return 0
 
 

@@ -1,0 +1,221 @@
+"""The training loop and the ``pretrain`` command: loss falls on real images, kill-and-resume gives the same run,
+a non-finite loss stops the run with the last good checkpoint intact, and user mistakes are one line + exit 2."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from vitreg_jax import cli
+from vitreg_jax.augment import TrainTransform
+from vitreg_jax.config import MAEConfig, TrainConfig, preset
+from vitreg_jax.data import list_inputs
+from vitreg_jax.mae import MAE
+from vitreg_jax.preprocess import load_image
+from vitreg_jax.train import CHECKPOINT_DIR, Checkpoints, MAETrainer, NonFiniteLoss, fit, lr_schedule
+from vitreg_jax.train_data import TrainData
+from vitreg_jax.vit import ViT
+
+ROOT = Path(__file__).parents[1]
+IMAGES = ROOT / "examples" / "images"
+# a tiny MAE that compiles in seconds: one encoder block (width 64), one decoder block (width 32), 32 px, 8 px patches
+ENCODER_CONFIG = {"num_layers": 1, "hidden_dim": 64, "num_heads": 2, "mlp_dim": 128, "patch_size": 8,
+                  "drop_path_rate": 0.0}
+DECODER = {"decoder_depth": 1, "decoder_embed_dim": 32}
+SIZE = (32, 32)
+BATCH = 8
+STATS = {"mean": [0.5191, 0.5306, 0.4877], "std": [0.2316, 0.2304, 0.2588]}
+LOSS_STEPS = 240
+LOSS_WINDOW = 30
+LOSS_DROP = 0.75  # the mean loss of the last LOSS_WINDOW steps must fall below this fraction of the first's
+CLI_TIMEOUT_S = 300
+
+
+def tiny_model() -> MAE:
+    vit_cfg = preset("vit_reg4_b16", model_config=ENCODER_CONFIG, image_size=SIZE)
+    return MAE(ViT(vit_cfg, rngs=nnx.Rngs(0)), MAEConfig(**DECODER), rngs=nnx.Rngs(1))
+
+
+@pytest.fixture(scope="module")
+def trainer() -> MAETrainer:
+    """One compiled step for the in-process loop tests (masks drawn inside from the key)."""
+    return MAETrainer(tiny_model(), TrainConfig(batch_size=BATCH, steps=LOSS_STEPS, warmup_steps=10, lr=1e-3))
+
+
+@pytest.fixture(scope="module")
+def images() -> TrainData:
+    paths = list_inputs([IMAGES])
+    cached = functools.lru_cache(maxsize=None)(load_image)  # decode each sample once
+    return TrainData(paths, TrainTransform(SIZE, STATS), batch_size=BATCH, seed=0, loader=cached)
+
+
+def test_loss_falls_on_the_sample_images(trainer, images, tmp_path):
+    if len(images) < BATCH:
+        pytest.skip("examples/images has too few images")
+    result = fit(trainer, images, tmp_path, total=LOSS_STEPS, schedule=lr_schedule(trainer.cfg, images.steps_per_epoch),
+                 progress=False, checkpoint_every=LOSS_STEPS)
+    first, last = np.mean(result.losses[:LOSS_WINDOW]), np.mean(result.losses[-LOSS_WINDOW:])
+    assert len(result.losses) == LOSS_STEPS
+    assert last < LOSS_DROP * first, f"loss {first:.3f} -> {last:.3f} over {LOSS_STEPS} steps"
+    lines = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == list(range(10, LOSS_STEPS + 1, 10))
+    assert {"loss", "lr", "grad_norm", "images_per_s", "epoch"} <= set(lines[0])
+
+
+class _Batches:
+    """A stream of fixed random batches whose step ``nan_at`` is all NaN."""
+
+    def __init__(self, steps: int, nan_at: int | None = None):
+        self.batches = np.random.default_rng(7).standard_normal((steps, 1, BATCH, *SIZE, 3)).astype(np.float32)
+        if nan_at is not None:
+            self.batches[nan_at] = np.nan
+        self.steps_per_epoch = steps
+
+    def iterate(self, start: int, stop: int):
+        for step in range(start, stop):
+            yield step, self.batches[step]
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(trainer, tmp_path):
+    total = 6
+    schedule = lr_schedule(trainer.cfg, total)
+    with pytest.raises(NonFiniteLoss, match=r"non-finite at step 4 .*last good checkpoint is step 2"):
+        fit(trainer, _Batches(total, nan_at=3), tmp_path / "bad", total=total, schedule=schedule, progress=False,
+            checkpoint_every=2)
+    clean = fit(trainer, _Batches(total), tmp_path / "clean", total=2, schedule=schedule, progress=False,
+                checkpoint_every=2)
+    assert clean.step == 2
+    states = []
+    for run in ("bad", "clean"):
+        ckpt = Checkpoints(tmp_path / run / CHECKPOINT_DIR, keep=3)
+        try:
+            assert ckpt.manager.all_steps() == [2], run
+            state, meta = ckpt.restore(2, trainer.abstract_state())
+        finally:
+            ckpt.close()
+        assert meta["step"] == 2 and int(state["step"]) == 2
+        states.append(jax.tree_util.tree_map(np.asarray, state))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, *states)  # the good checkpoint is the clean run's
+    lines = [json.loads(ln) for ln in (tmp_path / "bad" / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["loss"]) for r in lines)
+
+
+# the command ---------------------------------------------------------------------------------------------
+def pretrain_args(out: Path, steps: int = 8) -> list[str]:
+    model_config = [f"{k}={v}" for k, v in ENCODER_CONFIG.items()]
+    mae_config = [f"{k}={v}" for k, v in DECODER.items()]
+    return ["pretrain", "--data", str(IMAGES), "--out", str(out), "--network", "vit_reg4_b16",
+            "--model-config", *model_config, "--mae-config", *mae_config, "--size", "32", "--steps", str(steps),
+            "--batch-size", "4", "--lr", "1e-3", "--checkpoint-every", "3", "--log-every", "1", "--workers", "2",
+            "--no-progress"]
+
+
+def run_cli(args: list[str], cache: Path, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``python -m vitreg_jax`` in a fresh process sharing one persistent compilation cache."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_backend_optimization_level=0",
+           "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "vitreg_jax", *args], env=env, capture_output=True, text=True,
+                          timeout=CLI_TIMEOUT_S, cwd=ROOT)
+
+
+def final_state(run: Path) -> tuple[int, dict]:
+    from vitreg_jax.checkpoint import restore_params
+
+    ckpt_dir = run / CHECKPOINT_DIR
+    step = max(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit())
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as ckptr:
+        state = ckptr.restore((ckpt_dir / str(step) / "state").absolute())
+    return step, {"state": state, "encoder": restore_params(run / "encoder")}
+
+
+def test_pretrain_killed_and_resumed_equals_uninterrupted(tmp_path):
+    cache = tmp_path / "jax-cache"
+    whole = run_cli(pretrain_args(tmp_path / "whole"), cache)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    # SIGKILL when the loop asks for step 7's batch: between the checkpoints of steps 6 and 8 (checkpoint 6
+    # may still be in flight, asynchronously: then the run resumes from 3)
+    killed = run_cli(pretrain_args(tmp_path / "resumed"), cache, {"_VITREG_JAX_PRETRAIN_KILL_AT_STEP": "7"})
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert not (tmp_path / "resumed" / "encoder").exists()
+    resumed = run_cli(["pretrain", "--out", str(tmp_path / "resumed"), "--resume", "--log-every", "1",
+                       "--no-progress"], cache)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from step 6" in resumed.stderr or "resumed from step 3" in resumed.stderr, resumed.stderr
+    step_a, a = final_state(tmp_path / "whole")
+    step_b, b = final_state(tmp_path / "resumed")
+    assert step_a == step_b == 8
+    jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
+    lines = [[json.loads(ln) for ln in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+             for run in ("whole", "resumed")]
+    assert [r["step"] for r in lines[1]] == list(range(1, 9))
+    assert [r["loss"] for r in lines[0]] == [r["loss"] for r in lines[1]]
+    # the exported encoder is a vitreg-jax checkpoint that the loader (embed, export, info) accepts
+    from vitreg_jax.loading import load_model_with_cfg
+
+    net, cfg = load_model_with_cfg(None, tmp_path / "whole" / "encoder")
+    assert cfg["model_config"]["num_layers"] == 1 and tuple(net.cfg.image_size) == SIZE
+    assert cfg["rgb_stats"]["mean"] == STATS["mean"]
+    assert net.embedding(np.zeros((1, *SIZE, 3), np.float32)).shape == (1, 64)
+    # a fine-tune start from those weights
+    init = run_cli(["pretrain", "--data", str(IMAGES), "--out", str(tmp_path / "ft"), "--init",
+                    str(tmp_path / "whole" / "encoder"), "--mae-config", *[f"{k}={v}" for k, v in DECODER.items()],
+                    "--steps", "1", "--batch-size", "4", "--no-progress"], cache)
+    assert init.returncode == 0, init.stderr[-3000:]
+    run = json.loads((tmp_path / "ft" / "run.json").read_text())
+    assert run["rgb_stats"]["mean"] == STATS["mean"] and run["vit_config"]["num_layers"] == 1
+
+
+def cli_error(args: list[str], capsys) -> str:
+    try:
+        code = cli.main(args)
+    except SystemExit as e:  # argparse's own checks (ours print one line too)
+        code = e.code
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def test_pretrain_help(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["pretrain", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--data", "--out", "--steps", "--epochs", "--batch-size", "--lr", "--resume", "--init",
+                   "--network", "--bf16", "examples:"):
+        assert option in text
+
+
+def test_pretrain_user_errors(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert "--data is required" in cli_error(["pretrain", "--out", out, "--steps", "5"], capsys)
+    assert "run length" in cli_error(["pretrain", "--data", str(IMAGES), "--out", out], capsys)
+    assert "input not found" in cli_error(["pretrain", "--data", str(tmp_path / "nope"), "--out", out, "--steps",
+                                           "5"], capsys)
+    assert "unknown network" in cli_error(["pretrain", "--data", str(IMAGES), "--out", out, "--steps", "5",
+                                           "--network", "vit_nope"], capsys)
+    assert "KEY=VALUE" in cli_error(["pretrain", "--data", str(IMAGES), "--out", out, "--steps", "5",
+                                     "--model-config", "num_layers"], capsys)
+    assert "positive integer" in cli_error(["pretrain", "--data", str(IMAGES), "--out", out, "--steps", "0"], capsys)
+    assert not (tmp_path / "run").exists(), "a failed start left files behind"
+    # an existing run: continue only with --resume, and only with its own settings
+    (tmp_path / "run").mkdir()
+    from vitreg_jax.commands.pretrain import FORMAT, _resolve
+
+    options = _resolve({"steps": 5})
+    (tmp_path / "run" / "run.json").write_text(json.dumps({"format": FORMAT, "options": options}))
+    assert "--resume" in cli_error(["pretrain", "--data", str(IMAGES), "--out", out, "--steps", "5"], capsys)
+    assert "--steps 7 (run has 5)" in cli_error(["pretrain", "--out", out, "--resume", "--steps", "7"], capsys)
+    cli_error(["pretrain", "--out", out, "--export-only"], capsys)  # no file list / checkpoint yet: one line
