@@ -201,7 +201,6 @@ class PendingEmbedding:
 
     outputs: list[tuple[jax.Array, int]]  # (global output, number of real local rows)
     embedder: Embedder
-
     shape: tuple[int, ...]  # one image's output shape
 
     def result(self) -> np.ndarray:
@@ -222,6 +221,8 @@ class Embedder:
     - A call with ``n`` images runs in chunks of at most ``batch_size``; each chunk is zero-padded up to the
       smallest bucket (:func:`bucket_sizes`) that holds it, so ragged batches compile once per bucket and
       image size. ``compile_count`` and ``compile_seconds`` say what was compiled.
+    - ``micro_batch`` (default -1: :func:`default_micro_batch`) runs each device's rows as ``jax.lax.map``
+      steps of that many images inside the compiled function; ``None`` runs them at once.
     - Under ``jax.distributed`` (several processes), ``images`` are this process's rows and the result is
       this process's rows; every process must make the same calls with the same number of images (pad if
       needed: ``vitreg-jax embed`` does), since the computation spans every process's devices.
@@ -252,8 +253,8 @@ class Embedder:
         sharded = jax.shard_map(per_device, mesh=self.mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=P(DATA_AXIS))
         self._jitted = jax.jit(sharded)
         self._compiled: dict[tuple[int, int, int], Any] = {}
-        # pixels travel as float32 (the bf16 path casts them on the device, inside the patch projection):
-        # a host-side cast to bf16 costs more host time than it saves in transfer
+        # pixels travel as float32 in both modes: the bf16 path casts them on the device, in the patch
+        # projection's matmul (a numpy cast on the host would cost host time in the decode loop)
         self.input_dtype = jnp.float32
 
     # set-up ---------------------------------------------------------------------------------------------
