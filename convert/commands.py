@@ -431,6 +431,10 @@ def _read_checkpoint(path: Path) -> tuple[dict[Any, Any], Any, dict[str, Any], d
     except (KeyError, TypeError) as e:
         raise UserError(f"{path}: metadata.json lacks {e} (not written by vitreg-jax?)") from None
     flat = {tuple(int(p) if p.isdigit() else p for p in k): v for k, v in mapping.flatten(params).items()}
+    extra = sorted(".".join(map(str, k)) for k in set(flat) - {r.path for r in mapping.table(vit_cfg)})
+    if extra:  # never drop weights silently
+        raise UserError(f"{path}: holds {len(extra)} parameter(s) a birder ViT does not have: "
+                        f"{', '.join(extra[:6])}{', ...' if len(extra) > 6 else ''}")
     return flat, vit_cfg, cfg, dict(meta.get("birder_meta") or {})
 
 

@@ -106,8 +106,15 @@ class _NeedsTorch(Exception):
     """A torch construct this reader does not implement; ``torch.load(weights_only=True)`` decides."""
 
 
+class _NoState:
+    """BUILD on one of these would let a pickle overwrite fields after they were checked: refuse it."""
+
+    def __setstate__(self, state: Any) -> None:
+        raise ValueError(f"unexpected state for {type(self).__name__}")
+
+
 @dataclass(frozen=True)
-class _StorageType:
+class _StorageType(_NoState):
     name: str
 
     @property
@@ -116,14 +123,14 @@ class _StorageType:
 
 
 @dataclass
-class _Storage:
+class _Storage(_NoState):
     key: str
     dtype: np.dtype
     numel: int
 
 
 @dataclass
-class _Tensor:
+class _Tensor(_NoState):
     storage: _Storage
     offset: int
     shape: tuple[int, ...]

@@ -490,6 +490,18 @@ def test_a_damaged_checkpoint_is_refused_by_export_and_info(converted: Path, tmp
     assert_user_error(rc, err, "metadata.json")
 
 
+def test_export_never_drops_parameters(converted: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from vitreg_jax.checkpoint import load_checkpoint, save_checkpoint
+
+    params, meta = load_checkpoint(converted)
+    params["decoder"] = {"kernel": np.zeros((2, 2), np.float32)}
+    meta.pop("format")
+    save_checkpoint(tmp_path / "more", params, meta)
+    rc, _, err = cli(capsys, "export", tmp_path / "more", "--out", tmp_path / "e.pt")
+    assert_user_error(rc, err, "1 parameter(s) a birder ViT does not have: decoder.kernel")
+    assert not (tmp_path / "e.pt").exists()
+
+
 def test_an_existing_output_is_replaced_only_with_force(tiny: Tiny, converted: Path, tmp_path: Path,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "c"

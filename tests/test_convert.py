@@ -263,6 +263,21 @@ def test_a_pickle_that_would_run_code_is_refused_without_running_it(tmp_path: Pa
     assert marker.exists()
 
 
+def test_a_pickle_cannot_rewrite_a_checked_tensor_record(tmp_path: Path) -> None:
+    """BUILD after _rebuild_tensor_v2 would swap in an unchecked shape (reading past the storage): refused."""
+    pickled = (b"\x80\x02}(X\x05\x00\x00\x00state}(X\x01\x00\x00\x00a"
+               b"ctorch._utils\n_rebuild_tensor_v2\n((X\x07\x00\x00\x00storagectorch\nFloatStorage\n"
+               b"X\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x04tQK\x00K\x04\x85K\x01\x85\x89)tR"
+               b"}X\x05\x00\x00\x00shapeJ\x00\x00\x10\x00\x85sb"  # BUILD {"shape": (1048576,)}
+               b"uX\x09\x00\x00\x00rgb_stats}uu.")
+    path = tmp_path / "crafted.pt"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("archive/data.pkl", pickled)
+        zf.writestr("archive/data/0", b"\0" * 16)
+    with pytest.raises(UserError, match="unexpected state"):
+        read_birder_file(path)
+
+
 def damaged_files(folder: Path, good_pt: Path, good_st: Path) -> dict[str, Path]:
     folder.mkdir(exist_ok=True)
     data = good_pt.read_bytes()
