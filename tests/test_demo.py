@@ -54,12 +54,15 @@ def test_full_demo_exits_0_and_prints_its_parity_figure(tmp_path: Path) -> None:
     assert not (out / "stale.txt").exists()
 
 
-def test_quick_demo_without_parity_says_why(tmp_path: Path) -> None:
+def test_quick_demo_without_parity_says_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """The tiny stand-in, in this process (the full-size run above covers the real command line)."""
+    monkeypatch.setenv("VITREG_JAX_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "demo"
-    r = demo("--quick", "--no-parity", "--out", str(out), cache=tmp_path / "cache")
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "parity      skipped: --no-parity was given" in r.stdout
-    assert "neighbours" in r.stdout and "images/s" in r.stdout
+    assert main(["demo", "--quick", "--no-parity", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "parity      skipped: --no-parity was given" in text
+    assert "a tiny 2-layer vit_reg4_b16" in text and "neighbours" in text and "images/s" in text
     assert json.loads((out / "demo.json").read_text())["parity_max_abs_diff"] is None
 
 

@@ -15,6 +15,7 @@ which happened.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 from collections.abc import Iterator, Mapping
@@ -46,6 +47,7 @@ class Weights:
     writer: Literal["birder", "vitreg-jax"] | None = None  # who wrote a stand-in
     published_name: str | None = None
     layout: str | None = None  # key layout of a published file ("current" / "legacy")
+    tiny: bool = False  # a stand-in with TINY_MODEL_CONFIG instead of the full-size network
 
     @property
     def is_standin(self) -> bool:
@@ -57,10 +59,12 @@ class Weights:
             return f"published {self.published_name} ({self.weights})"
         if self.kind == "file":
             return f"{self.weights}"
-        who = ("birder's own random init, saved with birder's fs_ops" if self.writer == "birder"
-               else "vitreg-jax's random init (birder is not installed), saved as a birder .safetensors")
-        return (f"STAND-IN weights, not the published model: {who}, torch seed {STANDIN_SEED} "
-                f"({self.weights.name})")
+        who = (f"birder's own random init (torch.manual_seed({STANDIN_SEED})), saved with birder's fs_ops"
+               if self.writer == "birder" else
+               f"vitreg-jax's own random init (seed {STANDIN_SEED}; birder was not used), saved as a birder "
+               ".safetensors")
+        size = "a tiny 2-layer vit_reg4_b16" if self.tiny else "the full-size vit_reg4_b16"
+        return f"STAND-IN weights, not the published model: {size} with {who} ({self.weights.name})"
 
 
 def sample_images_dir() -> Path:
@@ -143,9 +147,9 @@ def write_standin(directory: str | os.PathLike[str], *, network: str = STANDIN_N
     directory.mkdir(parents=True, exist_ok=True)
     if use_birder is None:
         use_birder = birder_missing() is None
-    if use_birder:
-        return _standin_by_birder(directory, network, seed, model_config, size, rgb_stats)
-    return _standin_by_us(directory, network, seed, model_config, size, rgb_stats)
+    write = _standin_by_birder if use_birder else _standin_by_us
+    weights = write(directory, network, seed, model_config, size, rgb_stats)
+    return dataclasses.replace(weights, tiny=model_config == TINY_MODEL_CONFIG)
 
 
 def birder_standin_net(network: str = STANDIN_NETWORK, seed: int = STANDIN_SEED,

@@ -261,7 +261,7 @@ def run(args: argparse.Namespace) -> int:
     say.step("weights", weights.describe())
     if weights.is_standin:
         say.more("The embeddings and neighbours below are NOT those of the published vit_reg4_b16_mim: a random")
-        say.more("network only shows that the machinery works. With the published weights: ")
+        say.more("network only shows that the machinery works. With the published weights:")
         say.more("  vitreg-jax demo --weights vit_reg4_b16_mim_300   (downloads 343 MB once)")
 
     # 2. convert to Orbax, load back

@@ -1,0 +1,165 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 03 · MAE pre-training in JAX
+#
+# A few hundred steps of birder's `mae_vit` recipe (75 % of the patches masked, a transformer decoder, pixel MSE
+# on the masked patches, AdamW (0.9, 0.95) with weight decay 0.05, warm-up then cosine, birder's level-1
+# augmentation) on the 13 sample photos, with a tiny encoder and decoder so that it runs on a laptop CPU in about
+# a minute. The same code trains the full `vit_reg4_b16` (`vitreg-jax pretrain --data DIR --out RUN`) on GPUs
+# and TPUs: the train step is one jitted function with donated state, data-parallel over every device.
+#
+# Thirteen images are far too few to learn anything general: the model learns to reconstruct *these* images.
+# The point is the machinery: the loss curve, and original / masked / reconstructed side by side.
+#
+# `QUICK` (set by the test suite through `VITREG_JAX_NOTEBOOK_QUICK=1`) trains fewer steps.
+
+# %%
+import os
+
+import jax
+import matplotlib.pyplot as plt
+import numpy as np
+from flax import nnx
+
+from vitreg_jax import ViT, standin
+from vitreg_jax.augment import TrainTransform
+from vitreg_jax.config import MAEConfig, TrainConfig, preset
+from vitreg_jax.data import list_inputs
+from vitreg_jax.mae import MAE, random_masking, unpatchify
+from vitreg_jax.preprocess import classification_transform, load_image
+from vitreg_jax.train import MAETrainer, lr_schedule
+from vitreg_jax.train_data import TrainData
+
+QUICK = os.environ.get("VITREG_JAX_NOTEBOOK_QUICK") == "1"
+STEPS = 60 if QUICK else 300
+SIZE = (64, 64)
+print("JAX", jax.__version__, "on", jax.devices(), "| steps:", STEPS)
+
+# %% [markdown]
+# ## A tiny ViTReg and its MAE
+#
+# The encoder is birder's `vit_reg4_b16` layout (4 registers + class token) shrunk: patch 8 at 64×64 px
+# (64 patches), 4 blocks of width 128. The decoder is birder's `mae_vit` decoder at width 128 and depth 2.
+
+# %%
+encoder_cfg = preset("vit_reg4_b16", image_size=SIZE, model_config={
+    "patch_size": 8, "num_layers": 4, "hidden_dim": 128, "num_heads": 4, "mlp_dim": 512, "drop_path_rate": 0.0})
+mae_cfg = MAEConfig(decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4)
+model = MAE(ViT(encoder_cfg, rngs=nnx.Rngs(0)), mae_cfg, rngs=nnx.Rngs(1))
+n_params = sum(int(np.prod(v.shape)) for v in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param)))
+print(f"encoder: {encoder_cfg.num_layers} blocks x {encoder_cfg.hidden_dim}, {encoder_cfg.grid_size} patch grid;"
+      f" MAE parameters: {n_params:,}")
+
+# %% [markdown]
+# ## Data: the sample photos with birder's level-1 augmentation
+#
+# Random resized crop (scale 0.3-1), two random ops from {identity, small affine, brightness, contrast} and a
+# horizontal flip, deterministic given (seed, epoch, position): a resumed run reads exactly the same batches.
+
+# %%
+rgb_stats = standin.MIM_RGB_STATS
+paths = list_inputs([standin.sample_images_dir()])
+train_cfg = TrainConfig(steps=STEPS, batch_size=8, lr=2e-3, warmup_steps=STEPS // 10, seed=0)
+data = TrainData(paths, TrainTransform(SIZE, rgb_stats, level=1), batch_size=train_cfg.batch_size, seed=0)
+mean, std = np.asarray(rgb_stats["mean"]), np.asarray(rgb_stats["std"])
+
+
+def to_pixels(x: np.ndarray) -> np.ndarray:
+    """Normalised (..., H, W, 3) back to displayable [0, 1] RGB."""
+    return np.clip(x * std + mean, 0.0, 1.0)
+
+
+first = data.batch(0)[0]  # (batch, H, W, 3): the first step's images (grad_accum_steps = 1)
+fig, axes = plt.subplots(1, len(first), figsize=(1.6 * len(first), 1.9))
+for ax, img in zip(axes, first):
+    ax.imshow(to_pixels(img))
+    ax.axis("off")
+fig.suptitle("one training batch (augmented)")
+fig.tight_layout()
+plt.show()
+
+# %% [markdown]
+# ## Train
+#
+# `MAETrainer.step` is the jit boundary: one compiled function with the state donated, the masks drawn inside
+# from the step's key, the batch sharded over every device. `vitreg_jax.train.fit` (behind `vitreg-jax
+# pretrain`) wraps the same step with checkpoints, resumption and logging; here a plain loop is enough.
+
+# %%
+trainer = MAETrainer(model, train_cfg)
+schedule = lr_schedule(train_cfg, data.steps_per_epoch)
+state = trainer.init_state()
+losses, lrs = [], []
+for step, batch in data.iterate(0, STEPS):
+    state, metrics = trainer.step(state, batch, schedule(step))
+    losses.append(metrics["loss"])  # device arrays: read back after the loop, without stalling each step
+    lrs.append(schedule(step))
+losses = np.asarray(jax.device_get(losses), np.float64)
+print(f"loss: first 10 steps {losses[:10].mean():.3f} -> last 10 steps {losses[-10:].mean():.3f}")
+
+fig, ax = plt.subplots(figsize=(7, 3.2))
+ax.plot(losses, lw=0.8, alpha=0.5, label="loss per step")
+w = max(1, STEPS // 20)
+ax.plot(np.arange(w - 1, STEPS), np.convolve(losses, np.ones(w) / w, mode="valid"), lw=2, label=f"mean of {w}")
+ax.set_xlabel("optimizer step")
+ax.set_ylabel("MSE on masked patches")
+ax2 = ax.twinx()
+ax2.plot(lrs, color="tab:gray", ls=":", label="learning rate")
+ax2.set_ylabel("learning rate")
+ax.legend(loc="upper right", fontsize=8)
+ax.set_title("MAE loss (normalised pixels)")
+fig.tight_layout()
+plt.show()
+
+# %% [markdown]
+# ## Original / masked / reconstructed
+#
+# The trained MAE on un-augmented images (birder's inference transform at 64×64), with fresh random masks:
+# 75 % of the patches hidden, the decoder predicts their pixels. The last column pastes the visible patches back
+# over the prediction, as in the MAE paper.
+
+# %%
+trained = trainer.model(state)
+transform = classification_transform(SIZE, rgb_stats)
+show = [0, 3, 6, 12][: len(paths)]
+x = np.stack([transform(load_image(paths[i])) for i in show])  # (n, H, W, 3)
+p, grid = encoder_cfg.patch_size, encoder_cfg.grid_size
+masks = random_masking(jax.random.PRNGKey(42), len(x), grid[0] * grid[1], mae_cfg.mask_ratio)
+out = trained(x, masks)
+pred = np.asarray(unpatchify(out["pred"], p, grid))  # (n, H, W, 3), normalised pixels
+mask = np.asarray(out["mask"]).reshape(len(x), grid[0], grid[1])  # 1 = hidden
+mask_px = np.repeat(np.repeat(mask, p, axis=1), p, axis=2)[..., None]  # (n, H, W, 1)
+print("loss on these images:", float(out["loss"]))
+
+cols = [("original", to_pixels(x)), ("masked (75 %)", to_pixels(x) * (1 - mask_px) + 0.5 * mask_px),
+        ("reconstruction", to_pixels(pred)), ("reconstruction + visible", to_pixels(x * (1 - mask_px) + pred * mask_px))]
+fig, axes = plt.subplots(len(x), len(cols), figsize=(2.3 * len(cols), 2.3 * len(x)))
+for r in range(len(x)):
+    for c, (title, imgs) in enumerate(cols):
+        axes[r, c].imshow(imgs[r])
+        axes[r, c].axis("off")
+        if r == 0:
+            axes[r, c].set_title(title, fontsize=9)
+fig.tight_layout()
+plt.show()
+
+# %% [markdown]
+# ## From here
+#
+# - `vitreg-jax pretrain --data DIR --out RUN --network vit_reg4_b16 --epochs 800` is the full recipe, resumable
+#   after a kill (`--resume`), with `--bf16` mixed precision and `--grad-accum-steps`; at the end it exports
+#   `RUN/encoder/`, a vitreg-jax checkpoint that `vitreg-jax embed` uses and `vitreg-jax export` turns into a
+#   birder `.pt`.
+# - `--init vit_reg4_b16_mim_300` starts from the published encoder (fine-tuning the MAE on your own images).
