@@ -56,14 +56,22 @@ def test_full_demo_exits_0_and_prints_its_parity_figure(tmp_path: Path) -> None:
 
 def test_quick_demo_without_parity_says_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                             capsys: pytest.CaptureFixture[str]) -> None:
-    """The tiny stand-in, in this process (the full-size run above covers the real command line)."""
+    """The tiny stand-in, in this process (the full-size run above covers the real command line); batches of 8
+    and 5 printed rows, to cover larger --images folders too."""
+    from vitreg_jax.commands import demo as demo_cmd
+
     monkeypatch.setenv("VITREG_JAX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(demo_cmd, "MAX_BATCH", 8)
+    monkeypatch.setattr(demo_cmd, "SHOWN_ROWS", 5)
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--no-parity", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "parity      skipped: --no-parity was given" in text
-    assert "a tiny 2-layer vit_reg4_b16" in text and "neighbours" in text and "images/s" in text
-    assert json.loads((out / "demo.json").read_text())["parity_max_abs_diff"] is None
+    assert "a tiny 2-layer vit_reg4_b16" in text and "in compiled batches of 8" in text and "images/s" in text
+    assert "... (8 more in" in text
+    report = json.loads((out / "demo.json").read_text())
+    assert report["parity_max_abs_diff"] is None and report["images"] == 13
+    assert len((out / "neighbours.tsv").read_text().splitlines()) == 13
 
 
 def test_demo_refuses_a_folder_it_did_not_write(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -27,6 +27,9 @@ from vitreg_jax.errors import UserError
 MARKER = "demo.json"  # written last into --out; an existing --out without it is never overwritten
 DEFAULT_OUT = Path("runs/demo")
 TOP_K = 3
+MAX_IMAGES = 256  # the demo holds every image in memory; `vitreg-jax embed` streams folders of any size
+MAX_BATCH = 64  # one compiled batch up to this many images (the 13 samples: exactly one)
+SHOWN_ROWS = 40  # neighbour lines printed (all of them go to neighbours.tsv)
 PARITY_TOLERANCE = 1e-4  # = vitreg_jax.convert.verify.VERIFY_ATOL; a wrong mapping shows up as O(0.1..1)
 
 
@@ -170,6 +173,10 @@ def _read_images(images_dir: Path, size: tuple[int, int], rgb_stats: Any, say: _
     if not images_dir.is_dir():
         raise UserError(f"--images {images_dir}: no such folder")
     paths = list_inputs([images_dir])
+    if len(paths) > MAX_IMAGES:
+        say.more(f"{len(paths)} images in {images_dir}: the demo uses the first {MAX_IMAGES} "
+                 "(`vitreg-jax embed` streams folders of any size)")
+        paths = paths[:MAX_IMAGES]
     transform = classification_transform(size, rgb_stats)
     kept: list[str] = []
     arrays = []
@@ -279,16 +286,18 @@ def run(args: argparse.Namespace) -> int:
     # 3. embed in one compiled batch
     paths, images = _read_images(images_dir, size, cfg["rgb_stats"], say)
     n = len(paths)
-    embedder = Embedder(net, batch_size=n)
+    embedder = Embedder(net, batch_size=min(n, MAX_BATCH))
     t = time.perf_counter()
-    embedder.warmup(*size, buckets=[embedder.batch_size])
+    tail = n % embedder.batch_size
+    embedder.warmup(*size, buckets={embedder.batch_size, *([embedder.bucket_for(tail)] if tail else [])})
     compile_s = time.perf_counter() - t
     t = time.perf_counter()
     emb = embedder(images)
     embed_s = time.perf_counter() - t
     devices = jax.devices()
-    say.step("embed", f"{n} images at {size[0]}x{size[1]} in one compiled batch: {embed_s:.2f} s = "
-             f"{n / embed_s:.1f} images/s (compile {compile_s:.1f} s once; float32, {len(devices)} "
+    how = "in one compiled batch" if n <= embedder.batch_size else f"in compiled batches of {embedder.batch_size}"
+    say.step("embed", f"{n} images at {size[0]}x{size[1]} {how}: {embed_s:.2f} s = "
+             f"{n / embed_s:.1f} images/s (compile {compile_s:.1f} s, once; float32, {len(devices)} "
              f"{devices[0].platform} device{'s' if len(devices) > 1 else ''})")
 
     # 4. parity with birder
@@ -314,8 +323,10 @@ def run(args: argparse.Namespace) -> int:
     width = max(len(s) for s in names)
     say.step("neighbours", f"top {min(args.top, max(n - 1, 0))} by cosine similarity of the embeddings"
              + (" (stand-in weights: not meaningful)" if weights.is_standin else ""))
-    for name, row in zip(names, nbrs, strict=True):
+    for name, row in list(zip(names, nbrs, strict=True))[:SHOWN_ROWS]:
         say.more(f"{name:<{width}}  " + "  ".join(f"{m} {s:+.3f}" for m, s in row))
+    if n > SHOWN_ROWS:
+        say.more(f"... ({n - SHOWN_ROWS} more in {out / 'neighbours.tsv'})")
 
     # outputs
     np.save(out / "embeddings.npy", emb)
