@@ -79,6 +79,10 @@ def test_demo_refuses_a_folder_it_did_not_write(tmp_path: Path, capsys: pytest.C
     assert main(["demo", "--quick", "--out", str(tmp_path)]) == 2
     assert "holds no earlier demo output" in capsys.readouterr().err
     assert (tmp_path / "precious.txt").read_text() == "keep me"
+    assert main(["demo", "--quick", "--images", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 2
+    assert "--images" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    assert main(["demo", "--config", "x.json", "--out", str(tmp_path / "o")]) == 2
+    assert "--config goes with --weights" in capsys.readouterr().err
 
 
 def test_demo_help_names_every_option(capsys: pytest.CaptureFixture[str]) -> None:

@@ -170,8 +170,6 @@ def _read_images(images_dir: Path, size: tuple[int, int], rgb_stats: Any, say: _
     from vitreg_jax.data import iter_batches, list_inputs
     from vitreg_jax.preprocess import classification_transform
 
-    if not images_dir.is_dir():
-        raise UserError(f"--images {images_dir}: no such folder")
     paths = list_inputs([images_dir])
     if len(paths) > MAX_IMAGES:
         say.more(f"{len(paths)} images in {images_dir}: the demo uses the first {MAX_IMAGES} "
@@ -252,6 +250,11 @@ def run(args: argparse.Namespace) -> int:
     from vitreg_jax.standin import sample_images_dir
 
     images_dir = args.images if args.images is not None else sample_images_dir()
+    if not images_dir.is_dir():
+        raise UserError(f"--images {images_dir}: no such folder" if args.images is not None else
+                        f"the sample images ({images_dir}) are not here: run from the repository or pass --images DIR")
+    if args.config is not None and args.weights is None:
+        raise UserError("--config goes with --weights FILE (the birder json of that file)")
     out: Path = args.out
     _prepare_out(out)
 
