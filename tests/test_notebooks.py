@@ -75,11 +75,14 @@ def kernel_path(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.mark.parametrize("name", _sources())
-def test_notebook_runs_and_draws_its_figures(name: str, kernel_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_notebook_runs_and_draws_its_figures(name: str, kernel_path: str, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
     timeout, min_figures, needs_birder = EXPECTED[name]
     if needs_birder:
         pytest.importorskip("birder")
     monkeypatch.setenv("JUPYTER_PATH", kernel_path)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the notebooks' scratch folders go away with pytest's
+    monkeypatch.setenv("VITREG_JAX_CACHE", str(tmp_path / "cache"))  # no published weights: the same run everywhere
     monkeypatch.setenv("VITREG_JAX_NOTEBOOK_QUICK", "1")
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     monkeypatch.delenv("XLA_FLAGS", raising=False)
