@@ -7,7 +7,8 @@
 - ``info CKPT``: architecture, parameter count, dtypes, input size, rgb_stats and provenance.
 
 Nothing here imports jax, orbax or torch at import time (``vitreg-jax --help`` stays fast). ``.pt`` files are
-read and written without torch (``convert/readers.py``); torch and birder are needed only for ``--verify``.
+read with ``torch.load(weights_only=True)`` only (``convert/readers.py``), imported when a ``.pt`` is touched;
+``.safetensors`` need no torch. birder is needed only for ``--verify``.
 """
 
 from __future__ import annotations
@@ -193,7 +194,7 @@ def _read_birder(src: str) -> tuple[Any, Any]:
     if is_checkpoint(src):
         raise UserError(f"{src}: is a vitreg-jax checkpoint already (use `vitreg-jax export` to go back to birder)")
     resolved = hub.resolve(src)
-    return resolved, read_birder_file(resolved.weights)
+    return resolved, read_birder_file(resolved.weights, isolate=None)  # big .pt: torch stays out of this process
 
 
 def _architecture(resolved: Any, bfile: Any, config: str | None, network: str | None) -> Architecture:

@@ -577,10 +577,11 @@ def run(*args: Any, env: dict[str, str] | None = None) -> subprocess.CompletedPr
 
 
 def test_end_to_end_convert_info_export_without_torch_in_the_process(tiny: Tiny, tmp_path: Path) -> None:
-    probe = ("import sys, runpy; sys.argv = ['vitreg-jax', *sys.argv[1:]]\n"
+    """.safetensors in and out needs no torch at all (a .pt is only ever read by torch.load)."""
+    probe = ("import sys, runpy; sys.argv = ['vitreg-jax', *sys.argv[1:]]\nsys.modules['torch'] = None\n"
              "from vitreg_jax.cli import main\nrc = main()\n"
-             "assert 'torch' not in sys.modules, 'torch was imported'\nsys.exit(rc)\n")
-    done = subprocess.run([sys.executable, "-c", probe, "convert", str(tiny.pt), "--out", str(tmp_path / "c")],
+             "assert sys.modules.get('torch') is None, 'torch was imported'\nsys.exit(rc)\n")
+    done = subprocess.run([sys.executable, "-c", probe, "convert", str(tiny.st), "--out", str(tmp_path / "c")],
                           capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""

@@ -1,4 +1,4 @@
-"""The converter's library layer: the torch-free .pt reader, .safetensors, legacy key layouts, architecture
+"""The converter's library layer: the .pt reader (torch.load(weights_only=True) only), .safetensors, legacy key layouts, architecture
 inference, and the refusal of unsafe or damaged files.
 
 Reference files are written by birder 0.8.4 itself (``fs_ops.checkpoint_model``, ``write_config``,
@@ -192,8 +192,8 @@ def test_pt_reader_matches_torch_load_for_every_dtype_and_layout(tmp_path: Path)
     assert got.meta["class_to_idx"] == {"a": 0} and got.format == "pt" and len(got.sha256) == 64
 
 
-def test_pt_writer_needs_no_torch_and_torch_reads_it(tmp_path: Path) -> None:
-    """write_pt emits torch's zip format itself: torch.load(weights_only=True) (and mmap) reads it exactly."""
+def test_pt_writer_round_trips_through_torch(tmp_path: Path) -> None:
+    """write_pt's file is what torch.save writes: torch.load(weights_only=True) (and mmap) reads it exactly."""
     from vitreg_jax.convert.readers import write_pt
 
     rng = np.random.default_rng(0)
@@ -250,12 +250,14 @@ def _torch_save(path: Path, obj: Any) -> Path:
     return path
 
 
-def test_a_pickle_that_would_run_code_is_refused_without_running_it(tmp_path: Path, tiny: Tiny) -> None:
+@pytest.mark.parametrize("isolate", [False, True])
+def test_a_pickle_that_would_run_code_is_refused_without_running_it(tmp_path: Path, tiny: Tiny,
+                                                                    isolate: bool) -> None:
     marker = tmp_path / "marker"
     for what, path in evil_files(tmp_path / "evil", state_tensors(tiny.net), marker).items():
         assert zipfile.is_zipfile(path), what
         with pytest.raises(UserError, match="refused") as err:
-            read_birder_file(path)
+            read_birder_file(path, isolate=isolate)
         assert str(path) in str(err.value), what
         assert not marker.exists(), what
     # the payload is real: a full unpickle does create the marker
@@ -263,8 +265,16 @@ def test_a_pickle_that_would_run_code_is_refused_without_running_it(tmp_path: Pa
     assert marker.exists()
 
 
+def test_isolated_pt_read_equals_in_process(tiny: Tiny) -> None:
+    """The child-process reader (used for large files by `convert`) hands back exactly the same file."""
+    here, there = read_birder_file(tiny.pt), read_birder_file(tiny.pt, isolate=True)
+    assert list(here.state) == list(there.state) and here.meta == there.meta and here.sha256 == there.sha256
+    assert all(np.array_equal(here.state[k], there.state[k]) and here.state[k].dtype == there.state[k].dtype
+               for k in here.state)
+
+
 def test_a_pickle_cannot_rewrite_a_checked_tensor_record(tmp_path: Path) -> None:
-    """BUILD after _rebuild_tensor_v2 would swap in an unchecked shape (reading past the storage): refused."""
+    """BUILD after _rebuild_tensor_v2 would swap in a shape reaching past the storage: never a tensor."""
     pickled = (b"\x80\x02}(X\x05\x00\x00\x00state}(X\x01\x00\x00\x00a"
                b"ctorch._utils\n_rebuild_tensor_v2\n((X\x07\x00\x00\x00storagectorch\nFloatStorage\n"
                b"X\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x04tQK\x00K\x04\x85K\x01\x85\x89)tR"
@@ -274,7 +284,7 @@ def test_a_pickle_cannot_rewrite_a_checked_tensor_record(tmp_path: Path) -> None
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr("archive/data.pkl", pickled)
         zf.writestr("archive/data/0", b"\0" * 16)
-    with pytest.raises(UserError, match="unexpected state"):
+    with pytest.raises(UserError, match="refused|not a readable torch checkpoint"):
         read_birder_file(path)
 
 

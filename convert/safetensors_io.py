@@ -1,0 +1,99 @@
+"""``.safetensors`` read and written with numpy alone: an 8-byte header length, a JSON header, raw tensors.
+
+birder's metadata keys (``signature``, ``rgb_stats``, ...) are stored as JSON strings, as
+``birder.common.fs_ops.save_st`` does. bf16 tensors come back as ``ml_dtypes.bfloat16`` arrays.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from vitreg_jax.convert.atomic import atomic_write, first_line
+from vitreg_jax.errors import UserError
+
+# birder's metadata keys that .safetensors stores as JSON strings
+_JSON_META = ("class_to_idx", "signature", "rgb_stats", "config", "backbone_config")
+_ST_DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype("<i8"), "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"), "I8": np.dtype("i1"), "U8": np.dtype("u1"), "BOOL": np.dtype("?"),
+}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Each tensor is read from the file straight into the array returned (no whole-file buffer)."""
+    bad = f"{path}: not a readable .safetensors file"
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise ValueError("file shorter than its header")
+            (n,) = struct.unpack("<Q", raw)
+            if n > _MAX_HEADER:
+                raise ValueError(f"header length {n} is implausible")
+            header = json.loads(f.read(n))
+            if not isinstance(header, dict):
+                raise TypeError("header is not a JSON object")
+            data_start = 8 + n
+            data_len = os.fstat(f.fileno()).st_size - data_start
+            meta_raw = header.pop("__metadata__", None) or {}
+            state: dict[str, np.ndarray] = {}
+            for name, info in header.items():
+                try:
+                    dtype = _ST_DTYPES[info["dtype"]]
+                    start, end = (int(v) for v in info["data_offsets"])
+                    shape = tuple(int(v) for v in info["shape"])
+                except (KeyError, TypeError, ValueError):
+                    raise UserError(f"{bad}: bad entry for {name!r}") from None
+                nbytes = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+                if min(shape, default=0) < 0 or start < 0 or end - start != nbytes:
+                    raise UserError(f"{bad}: bad entry for {name!r}")
+                if end > data_len:
+                    raise UserError(f"{path}: truncated or corrupted .safetensors file "
+                                    f"(tensor {name!r} out of range)")
+                buf = np.empty(nbytes, np.uint8)
+                f.seek(data_start + start)
+                if f.readinto(memoryview(buf)) != nbytes:
+                    raise UserError(f"{path}: truncated .safetensors file (tensor {name!r} cut short)")
+                state[name] = buf.view(dtype).reshape(shape)
+            if not isinstance(meta_raw, dict):
+                raise TypeError("__metadata__ is not a JSON object")
+            meta = {k: json.loads(v) if k in _JSON_META else v for k, v in meta_raw.items()}
+    except (ValueError, TypeError, UnicodeDecodeError) as e:  # json errors are ValueErrors
+        raise UserError(f"{bad}: {first_line(e)}") from None
+    return state, meta
+
+
+def write_safetensors(path: Path, state: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+    """A ``.safetensors`` with birder's metadata keys (JSON strings, as ``birder.fs_ops.save_st``)."""
+    header: dict[str, Any] = {}
+    offset = 0
+    arrays = []
+    for name, a in state.items():
+        a = np.ascontiguousarray(a)
+        if a.dtype not in _ST_NAMES:
+            raise UserError(f"cannot store tensor {name!r} of dtype {a.dtype} in .safetensors")
+        header[name] = {"dtype": _ST_NAMES[a.dtype], "shape": list(a.shape),
+                        "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+        arrays.append(a)
+    header["__metadata__"] = {k: (json.dumps(v) if k in _JSON_META else str(v)) for k, v in meta.items()}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # keep tensor data 8-byte aligned
+
+    def write(f: Any) -> None:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for a in arrays:
+            f.write(a.tobytes())
+
+    atomic_write(path, write)
