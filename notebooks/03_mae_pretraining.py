@@ -15,9 +15,8 @@
 # # 03 · MAE pre-training in JAX
 #
 # A few hundred steps of birder's `mae_vit` recipe (75 % of the patches masked, a transformer decoder, pixel MSE
-# on the masked patches, AdamW (0.9, 0.95) with weight decay 0.05, warm-up then cosine, birder's level-1
-# augmentation) on the 13 sample photos, with a tiny encoder and decoder so that it runs on a laptop CPU in about
-# a minute. The same code trains the full `vit_reg4_b16` (`vitreg-jax pretrain --data DIR --out RUN`) on GPUs
+# on the masked patches, AdamW (0.9, 0.95) with weight decay 0.05, warm-up then cosine) on the 13 sample photos,
+# with a tiny encoder and decoder so that it runs on a laptop CPU in about a minute. The same code trains the full `vit_reg4_b16` (`vitreg-jax pretrain --data DIR --out RUN`) on GPUs
 # and TPUs: the train step is one jitted function with donated state, data-parallel over every device.
 #
 # Thirteen images are far too few to learn anything general: the model learns to reconstruct *these* images.
@@ -63,16 +62,19 @@ print(f"encoder: {encoder_cfg.num_layers} blocks x {encoder_cfg.hidden_dim}, {en
       f" MAE parameters: {n_params:,}")
 
 # %% [markdown]
-# ## Data: the sample photos with birder's level-1 augmentation
+# ## Data: the sample photos, and birder's augmentation
 #
-# Random resized crop (scale 0.3-1), two random ops from {identity, small affine, brightness, contrast} and a
-# horizontal flip, deterministic given (seed, epoch, position): a resumed run reads exactly the same batches.
+# birder's level-1 training augmentation (the `vitreg-jax pretrain` default) is a random resized crop
+# (scale 0.3-1), two random ops from {identity, small affine, brightness, contrast} and a horizontal flip,
+# deterministic given (seed, epoch, position), so a resumed run reads exactly the same batches. Below: eight
+# draws of it on one photo. On only 13 photos and a few hundred steps it mostly slows the model down, so the
+# run itself uses level 0 (resize only): `TrainTransform(..., level=1)` is all it takes to switch.
 
 # %%
 rgb_stats = standin.MIM_RGB_STATS
 paths = list_inputs([standin.sample_images_dir()])
-train_cfg = TrainConfig(steps=STEPS, batch_size=8, lr=2e-3, warmup_steps=STEPS // 10, seed=0)
-data = TrainData(paths, TrainTransform(SIZE, rgb_stats, level=1), batch_size=train_cfg.batch_size, seed=0)
+train_cfg = TrainConfig(steps=STEPS, batch_size=8, lr=1e-3, warmup_steps=STEPS // 10, seed=0)
+data = TrainData(paths, TrainTransform(SIZE, rgb_stats, level=0), batch_size=train_cfg.batch_size, seed=0)
 mean, std = np.asarray(rgb_stats["mean"]), np.asarray(rgb_stats["std"])
 
 
@@ -81,12 +83,18 @@ def to_pixels(x: np.ndarray) -> np.ndarray:
     return np.clip(x * std + mean, 0.0, 1.0)
 
 
-first = data.batch(0)[0]  # (batch, H, W, 3): the first step's images (grad_accum_steps = 1)
-fig, axes = plt.subplots(1, len(first), figsize=(1.6 * len(first), 1.9))
-for ax, img in zip(axes, first):
+level1 = TrainTransform(SIZE, rgb_stats, level=1)
+photo = load_image(paths[0])
+draws = [level1(photo, np.random.default_rng([0, 0, i])) for i in range(8)]  # (H, W, 3) each
+fig, axes = plt.subplots(1, len(draws) + 1, figsize=(1.6 * (len(draws) + 1), 1.9))
+axes[0].imshow(to_pixels(data.transform(photo, np.random.default_rng(0))))  # what the run trains on: level 0
+axes[0].set_title("level 0", fontsize=8)
+for i, (ax, img) in enumerate(zip(axes[1:], draws)):
     ax.imshow(to_pixels(img))
+    ax.set_title(f"level 1 #{i}", fontsize=8)
+for ax in axes:
     ax.axis("off")
-fig.suptitle("one training batch (augmented)")
+fig.suptitle("birder's training augmentation at 64x64")
 fig.tight_layout()
 plt.show()
 
