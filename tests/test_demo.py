@@ -165,3 +165,19 @@ def test_an_unreachable_published_name_falls_back_to_the_standin(tmp_path: Path,
     assert w.is_standin
     out = capsys.readouterr().out
     assert "could not get vit_reg4_b16_mim_300" in out and "continuing with the stand-in" in out
+
+
+def test_demo_without_birder_or_torch_runs_all_but_the_parity_line(tmp_path: Path) -> None:
+    """birder and torch made unimportable: the stand-in comes from vitreg-jax as a .safetensors, and the parity
+    line says why it is skipped."""
+    code = ("import sys; sys.modules['birder'] = None; sys.modules['torch'] = None\n"
+            "from vitreg_jax.cli import main\n"
+            f"sys.exit(main(['demo', '--quick', '--out', {str(tmp_path / 'demo')!r}]))")
+    env = {**os.environ, "VITREG_JAX_CACHE": str(tmp_path / "cache")}
+    env.pop("XLA_FLAGS", None)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env,
+                       cwd=ROOT, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "parity      skipped: birder is not installed" in r.stdout
+    assert "vitreg-jax's own random init" in r.stdout and ".safetensors" in r.stdout
+    assert np.load(tmp_path / "demo" / "embeddings.npy").shape == (13, 64)
