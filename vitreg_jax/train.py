@@ -264,9 +264,8 @@ class MAETrainer:
             masks = Masks(*(jax.device_put(jnp.asarray(m), self.batch_sharding) for m in masks))
         return self._step(state, self.put_batch(batch), jnp.asarray(lr, jnp.float32), masks)
 
-    def _loss(self, flat: jax.Array, images: jax.Array, key: jax.Array, masks: Masks | None) -> jax.Array:
-        params = cast_matmul_weights(self.layout.unravel(flat), self.compute_dtype)
-        model = nnx.merge(self.graphdef, params, self.buffers)
+    def _loss(self, params: Any, images: jax.Array, key: jax.Array, masks: Masks | None) -> jax.Array:
+        model = nnx.merge(self.graphdef, cast_matmul_weights(params, self.compute_dtype), self.buffers)
         mask_key, drop_key = jax.random.split(key)
         if masks is None:
             masks = model.random_masks(mask_key, images.shape[0])
@@ -276,29 +275,37 @@ class MAETrainer:
     def _step_impl(self, state: TrainState, batch: jax.Array, lr: jax.Array,
                    masks: Masks | None) -> tuple[TrainState, dict[str, jax.Array]]:
         flat = state["params"]
+        # differentiate w.r.t. the tensors and concatenate their gradients: the gradient of each slice of the
+        # flat vector would be a model-sized pad, summed over every tensor
+        params = self.layout.unravel(flat)
         key = jax.random.fold_in(state["rng"], state["step"])
-        grad_fn = jax.value_and_grad(self._loss)
+
+        def grad_fn(images: jax.Array, k: jax.Array, m: Masks | None) -> tuple[jax.Array, jax.Array]:
+            loss_i, g = jax.value_and_grad(self._loss)(params, images, k, m)
+            return loss_i, self.layout.ravel(g)
+
         accum = batch.shape[0]
         if accum == 1:
-            loss, grads = grad_fn(flat, batch[0], jax.random.fold_in(key, 0),
+            loss, grads = grad_fn(batch[0], jax.random.fold_in(key, 0),
                                   None if masks is None else Masks(*(m[0] for m in masks)))
         else:  # birder: loss / accum_steps per micro-batch, gradients summed
             def micro(carry: Any, xs: Any) -> tuple[Any, None]:
                 g_sum, l_sum = carry
                 images, i, m = xs
-                loss_i, g_i = grad_fn(flat, images, jax.random.fold_in(key, i), m)
+                loss_i, g_i = grad_fn(images, jax.random.fold_in(key, i), m)
                 return (g_sum + g_i, l_sum + loss_i), None
 
             (grads, loss), _ = jax.lax.scan(micro, (jnp.zeros_like(flat), jnp.zeros((), jnp.float32)),
                                             (batch, jnp.arange(accum), masks))
             grads, loss = grads / accum, loss / accum
         grads, grad_norm = clip_grad_norm(grads, self.cfg.clip_grad_norm)
-        new_flat, new_opt = adamw_update(self.cfg, self.layout, flat, grads, state["opt_state"], lr)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731  a bad step changes nothing
-        new_state = {"params": keep(new_flat, flat),
-                     "opt_state": jax.tree_util.tree_map(keep, new_opt, state["opt_state"]),
-                     "step": state["step"] + finite.astype(jnp.int32), "rng": state["rng"]}
+        # a bad step changes nothing; cond (not where) keeps the update in place in the donated buffers
+        new_flat, new_opt = jax.lax.cond(
+            finite, lambda f, o: adamw_update(self.cfg, self.layout, f, grads, o, lr), lambda f, o: (f, o),
+            flat, state["opt_state"])
+        new_state = {"params": new_flat, "opt_state": new_opt, "step": state["step"] + finite.astype(jnp.int32),
+                     "rng": state["rng"]}
         return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
 
 
