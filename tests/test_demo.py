@@ -181,3 +181,24 @@ def test_demo_without_birder_or_torch_runs_all_but_the_parity_line(tmp_path: Pat
     assert "parity      skipped: birder is not installed" in r.stdout
     assert "vitreg-jax's own random init" in r.stdout and ".safetensors" in r.stdout
     assert np.load(tmp_path / "demo" / "embeddings.npy").shape == (13, 64)
+
+
+def test_demo_on_a_birder_file_with_a_legacy_json_and_on_a_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """--weights FILE --config JSON (a pre-0.4.13 json: `alias: vitreg4_b16`), then --weights CHECKPOINT: birder
+    gets the weights exported back from our checkpoint, under today's network name."""
+    pytest.importorskip("birder")
+    monkeypatch.setenv("VITREG_JAX_CACHE", str(tmp_path / "cache"))
+    w = standin.write_standin(tmp_path / "src", model_config=standin.TINY_MODEL_CONFIG)
+    cfg = json.loads(w.config.read_text())
+    cfg["alias"] = "vitreg4_b16"
+    del cfg["registered_name"]
+    legacy = tmp_path / "legacy.json"
+    legacy.write_text(json.dumps(cfg))
+    assert main(["demo", "--weights", str(w.weights), "--config", str(legacy), "--out", str(tmp_path / "a")]) == 0
+    assert main(["demo", "--weights", str(tmp_path / "a" / "checkpoint"), "--out", str(tmp_path / "b")]) == 0
+    text = capsys.readouterr().out
+    assert "is already a vitreg-jax checkpoint" in text
+    diffs = [float(m.group(2)) for m in PARITY.finditer(text)]
+    assert len(diffs) == 2 and max(diffs) <= 1e-4
+    assert "STAND-IN" not in text  # a file the user gave is not called a stand-in

@@ -211,13 +211,15 @@ def _birder_embeddings(weights: Any, cfg: dict[str, Any], params: Any, vit_cfg: 
     else:
         from birder.model_registry import registry
 
+        from vitreg_jax.config import canonical_name
         from vitreg_jax.convert.infer import signature_info
 
         size, num_classes, channels = signature_info(cfg["signature"])
-        net = registry.net_factory(cfg.get("registered_name") or "vit", num_classes, channels,
+        network = canonical_name(str(cfg.get("registered_name") or "vit"))  # legacy vitreg4_b16 -> vit_reg4_b16
+        net = registry.net_factory(network, num_classes, channels,
                                    config=dict(cfg["model_config"]), size=size)
         state = mapping.to_birder(params, vit_cfg)
-        net.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}, strict=True)
+        net.load_state_dict({k: torch.from_numpy(np.array(v, np.float32)) for k, v in state.items()}, strict=True)
     net.eval()
     size = birder.get_size_from_signature(cfg["signature"])
     theirs = birder.classification_transform(size, cfg["rgb_stats"])
