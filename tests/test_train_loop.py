@@ -69,6 +69,38 @@ def test_loss_falls_on_the_sample_images(trainer, images, tmp_path):
     lines = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == list(range(10, LOSS_STEPS + 1, 10))
     assert {"loss", "lr", "grad_norm", "images_per_s", "epoch"} <= set(lines[0])
+    assert lines[-1]["images_per_s"] > 0
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    except ImportError:
+        return
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [r["step"] for r in lines]
+
+
+class _SignalAt:
+    """Wraps a data stream: sends this process SIGUSR1 when step ``at``'s batch is taken."""
+
+    def __init__(self, data, at: int):
+        self.data, self.at, self.steps_per_epoch = data, at, data.steps_per_epoch
+
+    def iterate(self, start: int, stop: int):
+        import signal
+
+        for step, batch in self.data.iterate(start, stop):
+            if step == self.at:
+                os.kill(os.getpid(), signal.SIGUSR1)
+            yield step, batch
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGUSR1"), reason="no SIGUSR1 on this platform")
+def test_sigusr1_exports_on_demand(trainer, tmp_path):
+    exported = []
+    total = 5
+    fit(trainer, _SignalAt(_Batches(total), at=1), tmp_path, total=total, schedule=lr_schedule(trainer.cfg, total),
+        progress=False, checkpoint_every=total, export=lambda state, step: exported.append(step))
+    assert exported == [2, total]  # after the step during which the signal came, and at the end
 
 
 class _Batches:
