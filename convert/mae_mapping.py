@@ -66,20 +66,7 @@ def to_nnx(state: Mapping[str, Any], vit_cfg: ViTConfig, mae_cfg: MAEConfig) -> 
     enc_state, rest = split_encoder(state)
     out = {("encoder", *p): v for p, v in mapping.to_nnx(enc_state, vit_cfg).items()}
     rows = decoder_table(vit_cfg, mae_cfg)
-    expected = {r.birder_key for r in rows}
-    missing = [r.birder_key for r in rows if r.birder_key not in rest]
-    extra = sorted(set(rest) - expected)
-    wrong = [f"{r.birder_key} {tuple(np.shape(rest[r.birder_key]))} (expected {r.birder_shape})"
-             for r in rows if r.birder_key in rest and tuple(np.shape(rest[r.birder_key])) != r.birder_shape]
-    problems = []
-    if missing:
-        problems.append(f"missing {len(missing)} key(s): {_short(missing)}")
-    if extra:
-        problems.append(f"unexpected {len(extra)} key(s): {_short(extra)}")
-    if wrong:
-        problems.append(f"shape mismatch: {_short(wrong)}")
-    if problems:
-        raise UserError("MAE weights do not fit the architecture: " + "; ".join(problems))
+    mapping.check_fit(rest, {r.birder_key: r.birder_shape for r in rows}, "MAE weights do not fit the architecture")
     out.update({r.path: _to_ours(np.asarray(rest[r.birder_key]), r.layout) for r in rows})
     return out
 

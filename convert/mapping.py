@@ -137,20 +137,7 @@ def to_nnx(state: Mapping[str, Any], cfg: ViTConfig, *, consume: bool = False) -
     source = state
     state, _ = normalize_keys(state, cfg.num_layers)
     rows = table(cfg)
-    expected = {r.birder_key for r in rows}
-    missing = [r.birder_key for r in rows if r.birder_key not in state]
-    extra = sorted(set(state) - expected)
-    wrong = [f"{r.birder_key} {tuple(np.shape(state[r.birder_key]))} (expected {r.birder_shape})"
-             for r in rows if r.birder_key in state and tuple(np.shape(state[r.birder_key])) != r.birder_shape]
-    problems = []
-    if missing:
-        problems.append(f"missing {len(missing)} key(s): {_short(missing)}")
-    if extra:
-        problems.append(f"unexpected {len(extra)} key(s): {_short(extra)}")
-    if wrong:
-        problems.append(f"shape mismatch: {_short(wrong)}")
-    if problems:
-        raise UserError("weights do not fit the architecture: " + "; ".join(problems))
+    check_fit(state, {r.birder_key: r.birder_shape for r in rows}, "weights do not fit the architecture")
     if not consume:
         return {r.path: _to_ours(np.asarray(state[r.birder_key]), r.layout) for r in rows}
     source.clear()  # type: ignore[attr-defined]
@@ -170,6 +157,21 @@ def to_birder(params: Mapping[Path, Any], cfg: ViTConfig, *, consume: bool = Fal
         return {r.birder_key: _to_birder(np.asarray(params.pop(r.path)), r.layout)  # type: ignore[attr-defined]
                 for r in rows}
     return {r.birder_key: _to_birder(np.asarray(params[r.path]), r.layout) for r in rows}
+
+
+def check_fit(given: Mapping[Any, Any], expected: Mapping[Any, tuple[int, ...]], what: str) -> None:
+    """Refuse, listing every one, missing keys, unexpected keys and shape mismatches (one UserError line)."""
+    name = (lambda k: k) if all(isinstance(k, str) for k in expected) else (lambda k: ".".join(map(str, k)))
+    missing = [name(k) for k in expected if k not in given]
+    extra = sorted(name(k) for k in given if k not in expected)
+    wrong = [f"{name(k)} {tuple(np.shape(given[k]))} (expected {tuple(shape)})"
+             for k, shape in expected.items() if k in given and tuple(np.shape(given[k])) != tuple(shape)]
+    problems = [f"{label} {len(items)} key(s): {_short(items)}" if label != "shape mismatch"
+                else f"{label}: {_short(items)}"
+                for label, items in (("missing", missing), ("unexpected", extra), ("shape mismatch", wrong))
+                if items]
+    if problems:
+        raise UserError(f"{what}: " + "; ".join(problems))
 
 
 def _short(items: list[str], limit: int = 12) -> str:

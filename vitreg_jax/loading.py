@@ -113,14 +113,7 @@ def get_params(net: nnx.Module) -> dict[mapping.Path, np.ndarray]:
 def set_params(net: nnx.Module, params: Mapping[mapping.Path, Any], dtype: Any = jnp.float32) -> nnx.Module:
     """Put arrays into the model's parameters, checking that every path exists with the right shape."""
     current = mapping.flatten(nnx.state(net, nnx.Param).to_pure_dict())
-    missing = sorted(".".join(map(str, k)) for k in current if k not in params)
-    extra = sorted(".".join(map(str, k)) for k in params if k not in current)
-    wrong = [f"{'.'.join(map(str, k))} {tuple(np.shape(v))} (expected {tuple(current[k].shape)})"
-             for k, v in params.items() if k in current and tuple(np.shape(v)) != tuple(current[k].shape)]
-    if missing or extra or wrong:
-        raise UserError("parameters do not fit the model: " + "; ".join(
-            f"{label}: {', '.join(items[:8])}" for label, items in
-            (("missing", missing), ("unexpected", extra), ("shape mismatch", wrong)) if items))
+    mapping.check_fit(params, {k: v.shape for k, v in current.items()}, "parameters do not fit the model")
     nnx.update(net, mapping.unflatten({k: jnp.asarray(np.asarray(v), dtype) for k, v in params.items()}))
     return net
 

@@ -209,16 +209,9 @@ def flat_state(model: nnx.Module) -> dict[tuple[Any, ...], np.ndarray]:
 
 def load_flat_state(model: nnx.Module, flat: dict[tuple[Any, ...], Any]) -> nnx.Module:
     """Put {path: array} into the model's parameters and buffers; refuses missing, extra or mis-shaped ones."""
-    from vitreg_jax.convert.mapping import unflatten
+    from vitreg_jax.convert.mapping import check_fit, unflatten
 
     current = flat_state(model)
-    missing = sorted(".".join(map(str, k)) for k in current if k not in flat)
-    extra = sorted(".".join(map(str, k)) for k in flat if k not in current)
-    wrong = [f"{'.'.join(map(str, k))} {tuple(np.shape(v))} (expected {current[k].shape})"
-             for k, v in flat.items() if k in current and tuple(np.shape(v)) != tuple(current[k].shape)]
-    if missing or extra or wrong:
-        raise UserError("weights do not fit the MAE model: " + "; ".join(
-            f"{label}: {', '.join(items[:8])}" for label, items in
-            (("missing", missing), ("unexpected", extra), ("shape mismatch", wrong)) if items))
+    check_fit(flat, {k: v.shape for k, v in current.items()}, "weights do not fit the MAE model")
     nnx.update(model, unflatten({k: jnp.asarray(np.asarray(v), jnp.float32) for k, v in flat.items()}))
     return model
