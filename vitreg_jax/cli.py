@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import NoReturn
 
 from vitreg_jax.errors import UserError
 
@@ -23,14 +24,22 @@ COMMANDS: dict[str, str] = {
 }
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's errors as one line (its default prints the whole usage block first), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="vitreg-jax",
         description="birder's ViTReg encoders (vit_reg4_b16_mim and friends) in JAX: convert weights, embed "
         "images, pre-train with MAE.",
         epilog="Run `vitreg-jax COMMAND --help` for the options of one command.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     done: set[str] = set()
     for name, module in COMMANDS.items():
         if only is not None and name != only:

@@ -29,7 +29,6 @@ import os
 import re
 import shutil
 import signal
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -63,14 +62,6 @@ def _size(text: str) -> tuple[int, int]:
     return (values[0], values[-1])
 
 
-def _one_line_error(parser: argparse.ArgumentParser):
-    def error(message: str) -> None:  # argparse's default prints the usage block too: keep it to one line
-        print(f"{parser.prog}: error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-    return error
-
-
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "embed",
@@ -99,7 +90,6 @@ def register(subparsers: Any) -> None:
     g.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="coordinator address")
     g.add_argument("--num-processes", type=int, default=None)
     g.add_argument("--process-id", type=int, default=None)
-    p.error = _one_line_error(p)  # type: ignore[method-assign]
     p.set_defaults(func=run)
 
 
