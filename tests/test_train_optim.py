@@ -18,13 +18,13 @@ import pytest
 
 from vitreg_jax.config import TrainConfig
 from vitreg_jax.train import (
-    FlatLayout,
     LRSchedule,
     adamw_update,
     clip_grad_norm,
     decays_by_default,
     lr_schedule,
     make_optimizer,
+    weight_decay_mask,
 )
 
 torch = pytest.importorskip("torch")
@@ -57,11 +57,10 @@ def leaves_with_paths(tree: dict) -> list[tuple[tuple, np.ndarray]]:
 @pytest.mark.parametrize("decay_all", [True, False])
 @pytest.mark.parametrize("fused", [False, True])
 def test_adamw_matches_torch(decay_all, fused):
-    """Two steps of our flat AdamW (the trainer's) against torch's AdamW as birder builds it."""
+    """Two steps of our AdamW (the trainer's update) against torch's AdamW as birder builds it."""
     cfg = TrainConfig(steps=10, lr=1.5e-4, decay_bias_and_norm=decay_all)
     params = make_tree(0)
     grads_seq = [make_tree(1, 1e-2), make_tree(2, 1e-2)]
-    layout = FlatLayout(params, None if decay_all else decays_by_default)
     tparams = [(p, torch.nn.Parameter(torch.from_numpy(v.copy()))) for p, v in leaves_with_paths(params)]
     decays = {p: decays_by_default(tuple(p), v) for p, v in leaves_with_paths(params)}
     if decay_all:  # birder: one group, weight decay on everything
@@ -74,30 +73,21 @@ def test_adamw_matches_torch(decay_all, fused):
                                 fused=fused or None)
     except RuntimeError as e:  # fused kernels need a supported device / build
         pytest.skip(f"torch fused AdamW unavailable: {e}")
-    flat = layout.ravel(params)
-    opt_state = make_optimizer(cfg).init(flat)
-    update = jax.jit(lambda f, g, s: adamw_update(cfg, layout, f, g, s, jnp.float32(cfg.lr)))
+    ours = jax.tree_util.tree_map(jnp.asarray, params)
+    opt_state = make_optimizer(cfg).init(ours)
+    update = jax.jit(lambda p, g, s: adamw_update(cfg, p, g, s, jnp.float32(cfg.lr)))
     for grads in grads_seq:
         for (_, t), (_, g) in zip(tparams, leaves_with_paths(grads), strict=True):
             t.grad = torch.from_numpy(g.copy())
         opt.step()
-        flat, opt_state = update(flat, layout.ravel(grads), opt_state)
-        for (path, t), (_, o) in zip(tparams, leaves_with_paths(layout.unravel(flat)), strict=True):
+        ours, opt_state = update(ours, jax.tree_util.tree_map(jnp.asarray, grads), opt_state)
+        for (path, t), (_, o) in zip(tparams, leaves_with_paths(ours), strict=True):
             np.testing.assert_allclose(o, t.detach().numpy(), rtol=ADAMW_RTOL, atol=0, err_msg=str(path))
 
 
-def test_flat_layout_puts_decayed_tensors_first_and_inverts():
-    params = make_tree(0)
-    layout = FlatLayout(params, decays_by_default)
-    back = layout.unravel(layout.ravel(params))
-    for (p, a), (_, b) in zip(leaves_with_paths(params), leaves_with_paths(back), strict=True):
-        np.testing.assert_array_equal(a, b, err_msg=str(p))
-    decayed = {p for p, v in leaves_with_paths(params) if decays_by_default(p, v)}
-    assert decayed == {("decoder_embed", "kernel"), ("block", 0, "kernel")}  # not biases, norms, mask_token
-    assert layout.num_decayed == 24 * 16 + 16 * 48
-    vec = np.asarray(layout.decay_vector(0.05))
-    assert (vec[: layout.num_decayed] == np.float32(0.05)).all() and (vec[layout.num_decayed:] == 0).all()
-    assert FlatLayout(params).decay_vector(0.05) == 0.05  # birder: everything decays, a scalar
+def test_decay_mask_excludes_biases_norms_and_tokens():
+    mask = dict(leaves_with_paths(weight_decay_mask(make_tree(0))))
+    assert {p for p, m in mask.items() if m} == {("decoder_embed", "kernel"), ("block", 0, "kernel")}
 
 
 def birder_lrs(epochs: int, warmup_epochs: int | None, steps_per_epoch: int, per_step: bool,

@@ -120,7 +120,7 @@ def test_step_matches_birder(birder_and_ours, monkeypatch):
         assert loss_rel <= LOSS_RTOL, f"step {s}: loss {float(metrics['loss'])} vs birder {np.mean(losses)}"
         if s == 0:  # after one step AdamW's first moment is (1 - b1) * grad: our accumulated gradient
             mu = state["opt_state"][0].mu  # optax.adamw: (scale_by_adam, add_decayed_weights, scale) states
-            grads = ours_as_birder(trainer, np.asarray(mu) / (1 - cfg.betas[0]))
+            grads = ours_as_birder(trainer, jax.tree_util.tree_map(lambda v: np.asarray(v) / (1 - cfg.betas[0]), mu))
             worst = max((float(np.abs(grads[k] - g).max() / max(np.abs(g).max(), 1e-12)), k)
                         for k, g in torch_grads[0].items())
             record("MAE train step (tiny, 2x2 accum)", "grad (rel. to max)", worst[0])
@@ -146,13 +146,13 @@ def test_step_matches_birder(birder_and_ours, monkeypatch):
 def test_non_finite_step_changes_nothing(birder_and_ours):
     _, _, trainer = birder_and_ours
     state = trainer.init_state()
-    before = np.array(state["params"])
+    before = jax.tree_util.tree_map(np.array, state["params"])
     x = np.full((ACCUM, BATCH, *SIZE, 3), np.nan, np.float32)
     masks = numpy_masks((ACCUM, BATCH), seed=3)
     state, metrics = trainer.step(state, x, LR, masks=Masks(masks[1], masks[2], masks[0]))
     assert not bool(metrics["finite"]) and not np.isfinite(float(metrics["loss"]))
     assert int(state["step"]) == 0
-    np.testing.assert_array_equal(np.asarray(state["params"]), before)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, jax.tree_util.tree_map(np.asarray, state["params"]), before)
 
 
 def test_bf16_step_is_close_to_fp32_and_keeps_fp32_weights(birder_and_ours):
@@ -166,8 +166,9 @@ def test_bf16_step_is_close_to_fp32_and_keeps_fp32_weights(birder_and_ours):
     results = {}
     for name, tr in (("fp32", trainer), ("bf16", bf16)):
         state, metrics = tr.step(tr.init_state(), x, LR, masks=masks)
-        results[name] = (float(metrics["loss"]), np.asarray(state["opt_state"][0].mu))
-        assert state["params"].dtype == jnp.float32
+        mu = jax.tree_util.tree_leaves(state["opt_state"][0].mu)
+        results[name] = (float(metrics["loss"]), np.concatenate([np.ravel(v) for v in mu]))
+        assert all(v.dtype == jnp.float32 for v in jax.tree_util.tree_leaves(state["params"]))
     (l32, g32), (l16, g16) = results["fp32"], results["bf16"]
     cosine = float(g32 @ g16 / (np.linalg.norm(g32) * np.linalg.norm(g16)))
     record("MAE train step bf16 vs fp32 (tiny)", "loss (relative)", abs(l16 - l32) / l32)
@@ -201,7 +202,8 @@ DP_SCRIPT = textwrap.dedent("""
         out[name + "_batch_devices"] = len(batch.sharding.device_set)
         out[name + "_batch_spec"] = str(batch.sharding.spec)
         out[name + "_loss"] = float(m["loss"])
-        grads[name] = np.asarray(state["opt_state"][0].mu) / (1 - cfg.betas[0])  # AdamW's first moment, step 1
+        mu = jax.tree_util.tree_leaves(state["opt_state"][0].mu)  # AdamW's first moment after step 1
+        grads[name] = np.concatenate([np.ravel(v) for v in mu]) / (1 - cfg.betas[0])
     out["grad_diff_of_max"] = float(np.abs(grads["two"] - grads["one"]).max() / np.abs(grads["one"]).max())
     print(json.dumps(out))
 """)

@@ -4,8 +4,7 @@ birder's recipe (``scripts/train_mim.py`` + ``common/training_utils.py``, 0.8.4)
 
 * ``torch.optim.AdamW(lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.05)`` on every parameter, one group:
   :func:`make_optimizer` (``optax.adamw`` is the same update: decoupled decay ``p -= lr * wd * p`` plus the
-  bias-corrected Adam step) on the parameters held as one flat vector (:class:`FlatLayout`), optionally
-  without decay on biases, norms and tokens.
+  bias-corrected Adam step), optionally without decay on biases, norms and tokens.
 * ``SequentialLR([LinearLR(0.01, warm-up), CosineAnnealingLR(T_max=total - warm-up - 1)])`` stepped once per
   epoch (default) or per optimizer step: :class:`LRSchedule`, evaluated in float64 on the host and passed
   to the step, so the step needs no schedule state.
@@ -53,7 +52,8 @@ NO_DECAY_NAMES = frozenset({"pos_embedding", "class_token", "reg_tokens", "mask_
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
 
-TrainState = dict[str, Any]  # {"params": pure dict, "opt_state": optax state, "step": int32, "rng": uint32[2]}
+# {"params": the model's nested dict (float32), "opt_state": optax.adamw's, "step": int32, "rng": uint32[2]}
+TrainState = dict[str, Any]
 
 
 class NonFiniteLoss(UserError):
@@ -110,42 +110,7 @@ def lr_schedule(cfg: TrainConfig, steps_per_epoch: int) -> LRSchedule:
     return LRSchedule(cfg.lr, total, warmup, cfg.warmup_start_factor, cfg.lr_min, every)
 
 
-# parameters as one vector -----------------------------------------------------------------------------------
-class FlatLayout:
-    """The model's parameters as one float32 vector, the decayed tensors first.
-
-    The optimizer then updates one array (a few fused loops instead of several per tensor: a third less
-    compile time and no per-tensor launches), and weight decay restricted to some tensors is
-    ``where(index < num_decayed, wd, 0)`` rather than a constant the size of the model. ``unravel`` (slices
-    and reshapes) gives the nested dict the model takes.
-    """
-
-    def __init__(self, params: Any, decays: Callable[[tuple[Any, ...], Any], bool] | None = None):
-        leaves, self.treedef = jax.tree_util.tree_flatten_with_path(params)
-        flags = [True if decays is None else bool(decays(path, leaf)) for path, leaf in leaves]
-        self.order = sorted(range(len(leaves)), key=lambda i: not flags[i])  # stable: decayed first
-        self.shapes = [tuple(np.shape(leaf)) for _, leaf in leaves]
-        sizes = [int(np.prod(self.shapes[i], dtype=np.int64)) for i in self.order]
-        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        self.size = int(self.offsets[-1])
-        self.num_decayed = int(sum(sizes[k] for k, i in enumerate(self.order) if flags[i]))
-
-    def ravel(self, params: Any) -> jax.Array:
-        leaves = jax.tree_util.tree_leaves(params)
-        return jnp.concatenate([jnp.ravel(jnp.asarray(leaves[i], jnp.float32)) for i in self.order])
-
-    def unravel(self, flat: jax.Array) -> Any:
-        leaves: list[Any] = [None] * len(self.shapes)
-        for k, i in enumerate(self.order):
-            leaves[i] = flat[self.offsets[k]: self.offsets[k + 1]].reshape(self.shapes[i])
-        return jax.tree_util.tree_unflatten(self.treedef, leaves)
-
-    def decay_vector(self, weight_decay: float) -> jax.Array | float:
-        if self.num_decayed == self.size:
-            return weight_decay
-        return jnp.where(jnp.arange(self.size) < self.num_decayed, jnp.float32(weight_decay), jnp.float32(0.0))
-
-
+# optimizer ---------------------------------------------------------------------------------------------------
 def decays_by_default(path: tuple[Any, ...], leaf: Any) -> bool:
     """The usual exclusion (``decay_bias_and_norm=False``): decay matrices only, not biases, norm scales,
     tokens or position embeddings."""
@@ -153,22 +118,26 @@ def decays_by_default(path: tuple[Any, ...], leaf: Any) -> bool:
     return np.ndim(leaf) >= 2 and not (names & NO_DECAY_NAMES)
 
 
-def make_optimizer(cfg: TrainConfig, lr: Any = None, weight_decay: Any = None) -> optax.GradientTransformation:
+def weight_decay_mask(params: Any) -> Any:
+    """True for the tensors the usual exclusion decays (a pytree of bools shaped like ``params``)."""
+    return jax.tree_util.tree_map_with_path(decays_by_default, params)
+
+
+def make_optimizer(cfg: TrainConfig, lr: Any = None) -> optax.GradientTransformation:
     """torch's ``AdamW`` with birder's settings: ``optax.adamw`` (scale_by_adam, decoupled decay, -lr).
 
-    The step builds it with the current LR and the decay (a scalar, or a vector for the flat layout);
-    neither changes the optimizer state, which ``make_optimizer(cfg).init`` creates.
+    The step builds it with the current LR, which does not change the optimizer state (``make_optimizer(cfg)
+    .init`` creates it). Weight decay goes to every tensor, as birder's, or with ``decay_bias_and_norm=False``
+    only to :func:`weight_decay_mask`'s.
     """
     return optax.adamw(learning_rate=cfg.lr if lr is None else lr, b1=cfg.betas[0], b2=cfg.betas[1], eps=cfg.eps,
-                       weight_decay=cfg.weight_decay if weight_decay is None else weight_decay)
+                       weight_decay=cfg.weight_decay, mask=None if cfg.decay_bias_and_norm else weight_decay_mask)
 
 
-def adamw_update(cfg: TrainConfig, layout: FlatLayout, flat: jax.Array, grads: jax.Array, opt_state: Any,
-                 lr: Any) -> tuple[jax.Array, Any]:
-    """One AdamW step on the flat parameter vector: (new parameters, new optimizer state)."""
-    tx = make_optimizer(cfg, lr, layout.decay_vector(cfg.weight_decay))
-    updates, opt_state = tx.update(grads, opt_state, flat)
-    return flat + updates, opt_state
+def adamw_update(cfg: TrainConfig, params: Any, grads: Any, opt_state: Any, lr: Any) -> tuple[Any, Any]:
+    """One AdamW step: (new parameters, new optimizer state)."""
+    updates, opt_state = make_optimizer(cfg, lr).update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
 
 
 def cast_matmul_weights(params: Any, dtype: Any) -> Any:
@@ -201,15 +170,13 @@ class MAETrainer:
 
     ``state = trainer.init_state()`` then ``state, metrics = trainer.step(state, batch, lr)`` with ``batch``
     a (grad_accum_steps, batch, H, W, C) array (numpy, this process's share of the batch, or a global
-    ``jax.Array``). ``state`` is donated: use the returned one. ``state["params"]`` is the flat vector of
-    :class:`FlatLayout`; ``trainer.params(state)`` gives the nested dict, ``trainer.model(state)`` the MAE.
+    ``jax.Array``). ``state`` is donated: use the returned one. ``trainer.model(state)`` is the MAE.
     """
 
     def __init__(self, model: MAE, cfg: TrainConfig, *, mesh: Mesh | None = None):
         self.cfg = cfg
         self.graphdef, params, self.buffers = nnx.split(model, nnx.Param, ...)
         self._init_params = jax.tree_util.tree_map(lambda a: np.array(a, np.float32), params.to_pure_dict())
-        self.layout = FlatLayout(self._init_params, None if cfg.decay_bias_and_norm else decays_by_default)
         self.mesh = mesh if mesh is not None else local_mesh()
         self.replicated = NamedSharding(self.mesh, P())
         self.batch_sharding = NamedSharding(self.mesh, P(None, DATA_AXIS))  # (A, B, ...) split over B
@@ -221,23 +188,24 @@ class MAETrainer:
     # state -------------------------------------------------------------------------------------------------
     def init_state(self, params: Any | None = None) -> TrainState:
         """A fresh state (step 0) from the model's parameters (or ``params``, a nested dict), replicated."""
-        flat = np.asarray(self.layout.ravel(self._init_params if params is None else params))  # a host copy
-        state = {"params": flat, "opt_state": make_optimizer(self.cfg).init(flat), "step": np.zeros((), np.int32),
-                 "rng": np.asarray(jax.random.PRNGKey(self.cfg.seed))}
+        # host copies: the state is donated to the step, so it must not share buffers with the model
+        params = jax.tree_util.tree_map(lambda a: np.array(a, np.float32),
+                                        self._init_params if params is None else params)
+        state = {"params": params, "opt_state": make_optimizer(self.cfg).init(params),
+                 "step": np.zeros((), np.int32), "rng": np.asarray(jax.random.PRNGKey(self.cfg.seed))}
         return jax.device_put(state, self.replicated)
 
     def abstract_state(self) -> TrainState:
         """Shapes, dtypes and shardings of the state (what Orbax restores into)."""
-        flat = jax.ShapeDtypeStruct((self.layout.size,), jnp.float32)
-        shapes = {"params": flat, "opt_state": jax.eval_shape(make_optimizer(self.cfg).init, flat),
+        params = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32), self._init_params)
+        shapes = {"params": params, "opt_state": jax.eval_shape(make_optimizer(self.cfg).init, params),
                   "step": jax.ShapeDtypeStruct((), jnp.int32), "rng": jax.eval_shape(jax.random.PRNGKey, 0)}
         return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.replicated),
                                       shapes)
 
     def params(self, state: TrainState) -> Any:
         """The state's parameters as the model's nested dict of numpy arrays (on the host)."""
-        flat = np.asarray(jax.device_get(state["params"]))
-        return jax.tree_util.tree_map(np.asarray, self.layout.unravel(flat))
+        return jax.tree_util.tree_map(np.asarray, jax.device_get(state["params"]))
 
     def model(self, state: TrainState) -> MAE:
         """The MAE with this state's parameters, on the host."""
@@ -274,37 +242,32 @@ class MAETrainer:
 
     def _step_impl(self, state: TrainState, batch: jax.Array, lr: jax.Array,
                    masks: Masks | None) -> tuple[TrainState, dict[str, jax.Array]]:
-        flat = state["params"]
-        # differentiate w.r.t. the tensors and concatenate their gradients: the gradient of each slice of the
-        # flat vector would be a model-sized pad, summed over every tensor
-        params = self.layout.unravel(flat)
+        params = state["params"]
         key = jax.random.fold_in(state["rng"], state["step"])
-
-        def grad_fn(images: jax.Array, k: jax.Array, m: Masks | None) -> tuple[jax.Array, jax.Array]:
-            loss_i, g = jax.value_and_grad(self._loss)(params, images, k, m)
-            return loss_i, self.layout.ravel(g)
-
+        grad_fn = jax.value_and_grad(self._loss)
         accum = batch.shape[0]
         if accum == 1:
-            loss, grads = grad_fn(batch[0], jax.random.fold_in(key, 0),
+            loss, grads = grad_fn(params, batch[0], jax.random.fold_in(key, 0),
                                   None if masks is None else Masks(*(m[0] for m in masks)))
         else:  # birder: loss / accum_steps per micro-batch, gradients summed
             def micro(carry: Any, xs: Any) -> tuple[Any, None]:
                 g_sum, l_sum = carry
                 images, i, m = xs
-                loss_i, g_i = grad_fn(images, jax.random.fold_in(key, i), m)
-                return (g_sum + g_i, l_sum + loss_i), None
+                loss_i, g_i = grad_fn(params, images, jax.random.fold_in(key, i), m)
+                return (jax.tree_util.tree_map(jnp.add, g_sum, g_i), l_sum + loss_i), None
 
-            (grads, loss), _ = jax.lax.scan(micro, (jnp.zeros_like(flat), jnp.zeros((), jnp.float32)),
+            zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+            (grads, loss), _ = jax.lax.scan(micro, (zeros, jnp.zeros((), jnp.float32)),
                                             (batch, jnp.arange(accum), masks))
-            grads, loss = grads / accum, loss / accum
+            grads = jax.tree_util.tree_map(lambda g: g / accum, grads)
+            loss = loss / accum
         grads, grad_norm = clip_grad_norm(grads, self.cfg.clip_grad_norm)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         # a bad step changes nothing; cond (not where) keeps the update in place in the donated buffers
-        new_flat, new_opt = jax.lax.cond(
-            finite, lambda f, o: adamw_update(self.cfg, self.layout, f, grads, o, lr), lambda f, o: (f, o),
-            flat, state["opt_state"])
-        new_state = {"params": new_flat, "opt_state": new_opt, "step": state["step"] + finite.astype(jnp.int32),
+        new_params, new_opt = jax.lax.cond(
+            finite, lambda p, o: adamw_update(self.cfg, p, grads, o, lr), lambda p, o: (p, o),
+            params, state["opt_state"])
+        new_state = {"params": new_params, "opt_state": new_opt, "step": state["step"] + finite.astype(jnp.int32),
                      "rng": state["rng"]}
         return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
 
@@ -360,7 +323,10 @@ class RunResult:
 class MetricsLog:
     """JSON lines in ``RUN/metrics.jsonl`` (and TensorBoard events in ``RUN/tensorboard`` when installed)."""
 
-    def __init__(self, run_dir: Path, *, resume_step: int, tensorboard: bool = True):
+    def __init__(self, run_dir: Path, *, resume_step: int, tensorboard: bool = True, enabled: bool = True):
+        self.enabled = enabled  # one writer: process 0 of a multi-process run
+        if not enabled:
+            return
         self.path = run_dir / METRICS_FILE
         if self.path.exists():  # drop lines the interrupted run wrote after its last checkpoint
             kept = [ln for ln in self.path.read_text().splitlines() if ln.strip()
@@ -370,12 +336,16 @@ class MetricsLog:
         self.tb = _TensorBoard(run_dir / "tensorboard") if tensorboard else None
 
     def write(self, record: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
         self.handle.write(json.dumps(record) + "\n")
         self.handle.flush()
         if self.tb is not None:
             self.tb.write(record)
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         self.handle.close()
         if self.tb is not None:
             self.tb.close()
@@ -454,7 +424,7 @@ def fit(trainer: MAETrainer, data: Any, run_dir: str | os.PathLike[str], *, tota
         state, start = trainer.init_state(), 0
     spe = data.steps_per_epoch
     per_step = trainer.cfg.batch_size * trainer.cfg.grad_accum_steps
-    log = MetricsLog(run_dir, resume_step=start)
+    log = MetricsLog(run_dir, resume_step=start, enabled=jax.process_index() == 0)
     bar = None
     if progress:
         from tqdm import tqdm

@@ -315,9 +315,8 @@ def run(args: argparse.Namespace) -> int:
         except OSError as e:
             raise UserError(f"{out / FILES_FILE}: cannot read the run's file list ({e})") from None
 
-    if not args.bf16 and not options["bf16"] and "XLA_FLAGS" not in os.environ and "jax" not in sys.modules:
-        # float32 on CPU: XLA's YNNPACK fusion is slower than plain Eigen here (BENCHMARKS.md); bf16 wants it on
-        os.environ["XLA_FLAGS"] = "--xla_cpu_experimental_ynn_fusion_type="
+    # (XLA flags stay the user's: --xla_cpu_experimental_ynn_fusion_type=, which speeds up float32 inference on
+    # CPU, slows this train step down; BENCHMARKS.md "MAE train step")
     import jax
 
     if args.distributed:
