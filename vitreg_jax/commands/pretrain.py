@@ -94,14 +94,6 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _one_line_error(parser: argparse.ArgumentParser) -> Any:
-    def error(message: str) -> None:  # argparse's default prints the usage block too: keep it to one line
-        print(f"{parser.prog}: error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-    return error
-
-
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "pretrain",
@@ -187,8 +179,7 @@ The run folder RUN gets run.json (settings), files.txt (the images), checkpoints
     g = p.add_argument_group("several processes (jax.distributed)")
     g.add_argument("--distributed", action="store_true",
                    help="call jax.distributed.initialize() with cluster auto-detection (TPU pods, SLURM, ...)")
-    p.error = _one_line_error(p)  # type: ignore[method-assign]
-    p.set_defaults(func=run)
+    p.set_defaults(func=run)  # cli.OneLineParser keeps argparse's errors to one line
 
 
 # configuration ---------------------------------------------------------------------------------------------
