@@ -127,8 +127,15 @@ def make_jpegs(folder: Path, count: int) -> Path:
 # ---------------------------------------------------------------------------------------------------------
 # CPU worker
 # ---------------------------------------------------------------------------------------------------------
+def fresh_inductor_cache(args: argparse.Namespace) -> None:
+    """A cold torch.compile, as a user's first run sees it: inductor's on-disk caches would make it ~5 s."""
+    if not args.warm_torch_cache:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-", dir=args.workdir)
+
+
 def cpu_worker(args: argparse.Namespace) -> None:
     dtype = args.dtype
+    fresh_inductor_cache(args)
     if args.flags == "auto":
         from vitreg_jax.embed import configure_xla_flags
 
@@ -246,6 +253,7 @@ def e2e(args: argparse.Namespace, net, dtype: str, flags: str) -> None:
 def gpu_worker(args: argparse.Namespace) -> None:
     """Batch-256 bf16 throughput and an fp32 parity check on one GPU (``--gpu-dry-run``: the same code on CPU)."""
     dry = args.gpu_dry_run
+    fresh_inductor_cache(args)
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # share the GPU with torch
     missing = []
     for mod in ("jax", "flax", "numpy", "PIL", "torch", "torchvision", "birder"):
@@ -498,6 +506,8 @@ def main() -> None:
     p.add_argument("--gpu-iters", type=int, default=20)
     p.add_argument("--gpu-fp32-speed", action="store_true", help="GPU: also time the fp32 path")
     p.add_argument("--no-torch-compile", action="store_true", help="GPU: skip torch.compile")
+    p.add_argument("--warm-torch-cache", action="store_true",
+                   help="let torch.compile use inductor's on-disk cache (default: a fresh one: cold compile times)")
     p.add_argument("--gpu-dry-run", action="store_true",
                    help="run the GPU code path on the CPU with tiny settings (checks the script, not the speed)")
     # worker-only
@@ -517,10 +527,13 @@ def main() -> None:
 
     print(f"python {sys.version.split()[0]}; {os.cpu_count()} CPUs; load average {os.getloadavg()}", flush=True)
     if args.gpu or args.gpu_dry_run:
-        records = run_worker(["--worker", "gpu", "--gpu-batch-sizes", args.gpu_batch_sizes, "--gpu-iters",
-                              str(args.gpu_iters)] + (["--gpu-fp32-speed"] if args.gpu_fp32_speed else [])
-                             + (["--gpu-dry-run"] if args.gpu_dry_run else [])
-                             + (["--no-torch-compile"] if args.no_torch_compile else []))
+        with tempfile.TemporaryDirectory(prefix="vitreg-bench-") as work:
+            records = run_worker(["--worker", "gpu", "--workdir", work, "--gpu-batch-sizes", args.gpu_batch_sizes,
+                                  "--gpu-iters", str(args.gpu_iters)]
+                                 + (["--gpu-fp32-speed"] if args.gpu_fp32_speed else [])
+                                 + (["--warm-torch-cache"] if args.warm_torch_cache else [])
+                                 + (["--gpu-dry-run"] if args.gpu_dry_run else [])
+                                 + (["--no-torch-compile"] if args.no_torch_compile else []))
         report_gpu(records)
         return None
     if args.quick:
@@ -530,6 +543,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="vitreg-bench-") as work:
         common = ["--rounds", str(args.rounds), "--e2e-batch", str(args.e2e_batch), "--workdir", work]
         common += ["--no-pure-bf16"] if args.no_pure_bf16 else []
+        common += ["--warm-torch-cache"] if args.warm_torch_cache else []
         common += ["--workers", str(args.workers)] if args.workers is not None else []
         env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
         os.environ.clear()
