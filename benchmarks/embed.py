@@ -551,7 +551,7 @@ def main() -> None:
         # one short worker per piece, so that each fits in a quiet spell of a shared machine
         jobs: list[list[str]] = []
         for dtype in args.dtypes.split(","):
-            for b in args.batch_sizes.split(","):
+            for b in filter(None, args.batch_sizes.split(",")):
                 compile_b = b if b in args.torch_compile_batches.split(",") else ""
                 jobs.append(["--dtype", dtype, "--batch-sizes", b, "--torch-compile-batches", compile_b,
                              "--e2e-images", "0"])
