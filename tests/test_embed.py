@@ -58,6 +58,16 @@ def test_fp32_equals_net_embedding(net, images):
     assert_close(out, np.asarray(net.embedding(images)), FP32_ATOL, "Embedder fp32 vs net.embedding")
 
 
+def test_prime_batch_is_padded_to_micro_batches_not_split_into_ones(net, images):
+    """11 rows with micro-batch 4: padded to 3 steps of 4 (not 11 steps of 1); padding never leaks into rows."""
+    from vitreg_jax.embed import _micro_size
+
+    assert (_micro_size(11, 4), _micro_size(12, 4), _micro_size(10, 4), _micro_size(3, 4)) == (4, 4, 2, 3)
+    embed, params = make_embed_fn(net, micro_batch=4)
+    assert_close(np.asarray(embed(params, images)), np.asarray(net.embedding(images)), FP32_ATOL,
+                 "11 rows micro-batched by 4 vs net.embedding")
+
+
 def test_make_embed_fn_equals_net(net, images):
     embed, params = make_embed_fn(net, features="tokens", micro_batch=None)
     assert_close(np.asarray(embed(params, images[:3])), np.asarray(net.forward_features(images[:3])), FP32_ATOL,

@@ -121,10 +121,13 @@ def _extract(net: ViT, x: jax.Array, features: str) -> jax.Array:
 
 
 def _micro_size(batch: int, micro_batch: int | None) -> int:
-    """The largest micro-batch <= micro_batch that divides batch (batch itself when off or larger)."""
+    """The micro-batch for ``batch`` rows: the largest divisor <= micro_batch when it is at least half of it,
+    else micro_batch itself (the rows are then padded up to a multiple; a prime batch of 13 would otherwise
+    run as 13 micro-batches of 1). ``batch`` itself when micro-batching is off or the batch is small."""
     if not micro_batch or batch <= micro_batch:
         return batch
-    return max(d for d in range(1, micro_batch + 1) if batch % d == 0)
+    divisor = max(d for d in range(1, micro_batch + 1) if batch % d == 0)
+    return divisor if 2 * divisor >= micro_batch else micro_batch
 
 
 def _pure_fn(graphdef: nnx.GraphDef, dtype: str, features: str, micro_batch: int | None,
@@ -141,9 +144,12 @@ def _pure_fn(graphdef: nnx.GraphDef, dtype: str, features: str, micro_batch: int
             m = _micro_size(b, micro_batch)
             if m == b:
                 return _extract(net, x, features).astype(jnp.float32)
-            xs = x.reshape(b // m, m, *x.shape[1:])  # (steps, m, H, W, C)
+            steps = -(-b // m)
+            if steps * m > b:  # pad rows (each image is computed on its own, so real rows are unaffected)
+                x = jnp.concatenate([x, jnp.zeros((steps * m - b, *x.shape[1:]), x.dtype)])
+            xs = x.reshape(steps, m, *x.shape[1:])  # (steps, m, H, W, C)
             ys = jax.lax.map(lambda xb: _extract(net, xb, features), xs)  # (steps, m, ...)
-            return ys.reshape(b, *ys.shape[2:]).astype(jnp.float32)  # (B, ...)
+            return ys.reshape(steps * m, *ys.shape[2:])[:b].astype(jnp.float32)  # (B, ...)
 
     return fn
 
