@@ -38,7 +38,7 @@ import numpy as np
 from PIL import Image
 
 import vitreg_jax
-from vitreg_jax import standin
+from vitreg_jax.convert import standin
 from vitreg_jax.data import list_inputs
 from vitreg_jax.preprocess import load_image
 

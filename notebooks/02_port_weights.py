@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 import vitreg_jax
-from vitreg_jax import standin
+from vitreg_jax.convert import standin
 from vitreg_jax.cli import main as vitreg_jax_cli
 from vitreg_jax.data import list_inputs
 from vitreg_jax.posemb import bicubic_matrix, resize_grid

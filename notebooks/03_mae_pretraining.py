@@ -32,7 +32,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 from flax import nnx
 
-from vitreg_jax import ViT, standin
+from vitreg_jax import ViT
+from vitreg_jax.convert import standin
 from vitreg_jax.augment import TrainTransform
 from vitreg_jax.config import MAEConfig, TrainConfig, preset
 from vitreg_jax.data import list_inputs

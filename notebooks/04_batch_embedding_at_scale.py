@@ -42,7 +42,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import vitreg_jax
-from vitreg_jax import standin
+from vitreg_jax.convert import standin
 from vitreg_jax.cli import main as vitreg_jax_cli
 from vitreg_jax.data import iter_batches, list_inputs
 from vitreg_jax.embed import default_mesh

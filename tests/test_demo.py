@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vitreg_jax import standin
+from vitreg_jax.convert import standin
 from vitreg_jax.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]

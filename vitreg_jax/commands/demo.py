@@ -109,7 +109,7 @@ class _Printer:
 
 
 def _choose_weights(args: argparse.Namespace, out: Path, say: _Printer) -> Any:
-    from vitreg_jax import standin
+    from vitreg_jax.convert import standin
     from vitreg_jax.convert import hub
 
     if args.quick:
@@ -188,56 +188,6 @@ def _read_images(images_dir: Path, size: tuple[int, int], rgb_stats: Any, say: _
     return kept, np.concatenate(arrays)
 
 
-def _birder_embeddings(weights: Any, cfg: dict[str, Any], params: Any, vit_cfg: Any,
-                       paths: list[str]) -> tuple[Any, int, float]:
-    """birder's embeddings of ``paths`` with its own preprocessing, how many inputs were bit-identical to
-    ours, and the seconds birder's ``net.embedding`` took on the batch.
-
-    A stand-in is loaded exactly as birder users load published files (``birder.load_model_with_cfg`` on the
-    ``.pt`` and ``.json`` birder wrote); other weights go to birder's network as the state dict exported back
-    from our checkpoint (so any key layout, and an Orbax input, work).
-    """
-    import birder
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    from vitreg_jax.convert import mapping
-    from vitreg_jax.preprocess import classification_transform, to_rgb
-
-    torch.backends.cuda.matmul.allow_tf32 = False
-    if weights.is_standin and weights.writer == "birder":
-        net, _ = birder.load_model_with_cfg(str(weights.config), str(weights.weights))  # what birder users run
-    else:
-        from birder.model_registry import registry
-
-        from vitreg_jax.config import canonical_name
-        from vitreg_jax.convert.infer import signature_info
-
-        size, num_classes, channels = signature_info(cfg["signature"])
-        network = canonical_name(str(cfg.get("registered_name") or "vit"))  # legacy vitreg4_b16 -> vit_reg4_b16
-        net = registry.net_factory(network, num_classes, channels,
-                                   config=dict(cfg["model_config"]), size=size)
-        state = mapping.to_birder(params, vit_cfg)
-        net.load_state_dict({k: torch.from_numpy(np.array(v, np.float32)) for k, v in state.items()}, strict=True)
-    net.eval()
-    size = birder.get_size_from_signature(cfg["signature"])
-    theirs = birder.classification_transform(size, cfg["rgb_stats"])
-    ours = classification_transform(size, cfg["rgb_stats"])
-    batch, same = [], 0
-    for p in paths:
-        with Image.open(p) as img:
-            rgb = to_rgb(img)  # birder's dataset loaders convert to RGB; its transform itself does not
-            t = theirs(rgb)  # (3, H, W) torch
-            same += int(np.array_equal(t.numpy().transpose(1, 2, 0), ours(rgb)))
-            batch.append(t)
-    x = torch.stack(batch)  # (N, 3, H, W)
-    with torch.no_grad():
-        start = time.perf_counter()
-        emb = net.embedding(x).numpy()
-        return emb, same, time.perf_counter() - start
-
-
 def _neighbours(emb: Any, names: list[str], k: int) -> list[list[tuple[str, float]]]:
     import numpy as np
 
@@ -253,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
     if args.top < 1:
         raise UserError(f"--top must be at least 1, got {args.top}")
     say = _Printer()
-    from vitreg_jax.standin import sample_images_dir
+    from vitreg_jax.convert.standin import sample_images_dir
 
     images_dir = args.images if args.images is not None else sample_images_dir()
     if not images_dir.is_dir():
@@ -267,7 +217,7 @@ def run(args: argparse.Namespace) -> int:
     from vitreg_jax.embed import configure_xla_flags
 
     configure_xla_flags("float32")  # before JAX starts (birder/torch may import first; they do not start it)
-    from vitreg_jax import standin
+    from vitreg_jax.convert import standin
 
     birder_why = "--no-parity was given" if args.no_parity else standin.birder_missing()
     print(f"vitreg-jax demo: birder's ViTReg encoder in JAX, on the images in {images_dir}", flush=True)
@@ -314,7 +264,9 @@ def run(args: argparse.Namespace) -> int:
     birder_s: float | None = None
     if birder_why is None:
         params = get_params(net)
-        theirs, same, birder_s = _birder_embeddings(weights, cfg, params, net.cfg, paths)
+        from vitreg_jax.convert import verify
+
+        theirs, same, birder_s = verify.birder_embeddings_of_images(weights, cfg, params, net.cfg, paths)
         parity = float(np.max(np.abs(emb.astype(np.float64) - theirs.astype(np.float64))))
         verdict = "OK" if parity <= PARITY_TOLERANCE else "FAILED"
         import birder
