@@ -480,6 +480,23 @@ def report_cpu(records: list[dict[str, Any]]) -> None:
         if r["kind"] == "check":
             print(f"check {r['dtype']} batch {r['batch']}: ours vs birder max |diff| {r['max_abs_diff']:.2e}, "
                   f"min cosine {r['min_cosine']:.6f}")
+    # the flag study: the same JAX path under both XLA:CPU flag settings, each next to torch eager
+    jax_rows = {(r["dtype"], r["batch"], bool(r["flags"])): r for r in records if r["kind"] == "jax"}
+    torch_rows = {}
+    for i, r in enumerate(records):
+        if r["kind"] == "torch eager":
+            flags = next(q["flags"] for q in reversed(records[:i]) if q["kind"] == "jax")
+            torch_rows[(r["dtype"], r["batch"], bool(flags))] = r
+    pairs = sorted({(d, b) for d, b, _ in jax_rows if (d, b, True) in jax_rows and (d, b, False) in jax_rows})
+    if pairs:
+        print("\nXLA:CPU flag study (img/s of vitreg-jax; in brackets: ratio to torch eager in the same rounds)")
+        for d, b in pairs:
+            cells = []
+            for off in (False, True):
+                j, t = jax_rows[(d, b, off)], torch_rows.get((d, b, off))
+                ratio = f" [{j['img_s'] / t['img_s']:.2f}x]" if t else ""
+                cells.append(f"{'YNN fusion off' if off else 'default'}: {j['img_s']:.2f}{ratio}")
+            print(f"  {d:<9} batch {b:>3}:  " + ";  ".join(cells))
 
 
 def main() -> None:
@@ -490,6 +507,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="timed rounds per batch (two fewer at batch >= 32)")
     p.add_argument("--torch-compile-batches", default="8", help="batches to run torch.compile at ('' = none)")
     p.add_argument("--no-pure-bf16", action="store_true", help="skip torch.compile of a pure-bf16 birder model")
+    p.add_argument("--flag-study-batches", default="8,64", help="batches of the flag study")
     p.add_argument("--no-flag-study", action="store_true",
                    help="skip the JAX-only runs with the other XLA:CPU flags (the evidence for the flag choice)")
     p.add_argument("--e2e-images", type=int, default=64)
@@ -561,8 +579,9 @@ def main() -> None:
         if not args.no_flag_study:  # the other flags, with torch eager alongside as the yardstick
             for dtype, flags in (("float32", "default"), ("bfloat16", "ynn-off")):
                 if dtype in args.dtypes:
-                    jobs.append(["--dtype", dtype, "--flags", flags, "--batch-sizes", "8",
-                                 "--torch-compile-batches", "", "--e2e-images", "0"])
+                    for b in filter(None, args.flag_study_batches.split(",")):
+                        jobs.append(["--dtype", dtype, "--flags", flags, "--batch-sizes", b,
+                                     "--torch-compile-batches", "", "--e2e-images", "0"])
         for job in jobs:
             records += run_worker(["--worker", "cpu", *job, *common], retries=args.retries,
                                   max_wait=args.max_wait, threshold=args.quiet_threshold)
