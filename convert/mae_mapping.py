@@ -13,10 +13,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-
-from vitreg_jax.config import MAEConfig, ViTConfig
 from vitreg_jax.convert import mapping
 from vitreg_jax.convert.mapping import Path, Row, _linear, _norm, _short, _to_birder, _to_ours
+
+from vitreg_jax.config import MAEConfig, ViTConfig
 from vitreg_jax.errors import UserError
 
 ENCODER_PREFIX = "encoder."

@@ -14,11 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from vitreg_jax.convert import mae_mapping, mapping
 
 from tests import birder_ref as ref
 from tests.conftest import record
 from vitreg_jax.config import MAEConfig, ViTConfig, mae_preset, preset
-from vitreg_jax.convert import mae_mapping, mapping
 from vitreg_jax.mae import (
     MAE,
     Masks,
@@ -86,7 +86,7 @@ def numpy_masks(batch: int, seq_len: int, ratio: float, seed: int) -> tuple[np.n
     return mask, ids_shuffle[:, :keep], ids_restore
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def make_pair(variant: str):
     """(variant, birder MAE, our MAE, state): both holding the same perturbed weights."""
     bnet = birder_mae(variant)

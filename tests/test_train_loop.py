@@ -157,7 +157,7 @@ def run_cli(args: list[str], cache: Path, env_extra: dict[str, str] | None = Non
            "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0", **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "vitreg_jax", *args], env=env, capture_output=True, text=True,
-                          timeout=CLI_TIMEOUT_S, cwd=ROOT)
+                          timeout=CLI_TIMEOUT_S, cwd=ROOT, check=False)
 
 
 def final_state(run: Path) -> tuple[int, dict]:

@@ -385,13 +385,13 @@ class _ExportRequest:
         self.previous: Any = None
         self.installed = False
 
-    def __enter__(self) -> _ExportRequest:
+    def __enter__(self) -> _ExportRequest:  # noqa: PYI034
         if hasattr(signal, "SIGUSR1") and threading.current_thread() is threading.main_thread():
             self.previous = signal.signal(signal.SIGUSR1, lambda *_: self.flag.set())
             self.installed = True
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self.installed:
             signal.signal(signal.SIGUSR1, self.previous)
 
