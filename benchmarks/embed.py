@@ -35,8 +35,17 @@ ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "examples" / "images"
 GFLOP_PER_IMAGE = 35.85  # vit_reg4_b16 forward at 224 px: 201 tokens, ~17.9 GMACs
 # dense bf16 peak (TFLOP/s) by device-name fragment, for the "fraction of peak" line
-BF16_PEAK_TFLOPS = {"H200": 989.4, "H100 SXM": 989.4, "H100 80GB HBM3": 989.4, "H100 NVL": 835.0,
-                    "H100 PCIe": 756.0, "H100": 989.4, "A100": 312.0, "L4": 121.0, "A10": 125.0}
+BF16_PEAK_TFLOPS = {
+    "H200": 989.4,
+    "H100 SXM": 989.4,
+    "H100 80GB HBM3": 989.4,
+    "H100 NVL": 835.0,
+    "H100 PCIe": 756.0,
+    "H100": 989.4,
+    "A100": 312.0,
+    "L4": 121.0,
+    "A10": 125.0,
+}
 NET = "vit_reg4_b16"
 SIZE = (224, 224)
 RESULT = "RESULT "
@@ -50,7 +59,8 @@ def use_checkout() -> None:
     import importlib.util
 
     try:
-        import vitreg_jax.convert  # noqa: F401
+        import vitreg_jax.convert
+
         return
     except ImportError:
         pass
@@ -58,8 +68,11 @@ def use_checkout() -> None:
     import vitreg_jax
 
     if "vitreg_jax.convert" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("vitreg_jax.convert", ROOT / "convert" / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT / "convert")])
+        spec = importlib.util.spec_from_file_location(
+            "vitreg_jax.convert",
+            ROOT / "convert" / "__init__.py",
+            submodule_search_locations=[str(ROOT / "convert")],
+        )
         module = importlib.util.module_from_spec(spec)
         sys.modules["vitreg_jax.convert"] = module
         spec.loader.exec_module(module)
@@ -77,9 +90,9 @@ def build_pair(device: str = "cpu"):
     """birder's randomly initialised vit_reg4_b16 and our ViT holding the same weights."""
     import torch
     from birder.model_registry import registry
+    from vitreg_jax.convert import mapping
 
     from vitreg_jax.config import preset
-    from vitreg_jax.convert import mapping
     from vitreg_jax.loading import abstract_model, set_params
 
     torch.manual_seed(0)
@@ -141,8 +154,9 @@ def cpu_worker(args: argparse.Namespace) -> None:
 
         configure_xla_flags(dtype)
     else:
-        os.environ["XLA_FLAGS"] = {"ynn-off": "--xla_cpu_experimental_ynn_fusion_type=", "default": ""}[args.flags]
-    import jax
+        os.environ["XLA_FLAGS"] = {"ynn-off": "--xla_cpu_experimental_ynn_fusion_type=", "default": ""}[
+            args.flags
+        ]
     import numpy as np
     import torch
 
@@ -160,6 +174,7 @@ def cpu_worker(args: argparse.Namespace) -> None:
         def run() -> float:
             with torch.inference_mode(), autocast:
                 return timed(lambda: module(x))
+
         return run
 
     checked = False
@@ -168,7 +183,7 @@ def cpu_worker(args: argparse.Namespace) -> None:
         xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
         embedder = Embedder(net, dtype=dtype, batch_size=b)
         compile_s = embedder.warmup(*SIZE, buckets=[embedder.buckets[-1]])
-        runners = {"jax": lambda: timed(lambda: embedder(x))}
+        runners = {"jax": lambda e=embedder, x=x: timed(lambda: e(x))}
         if not args.jax_only:
             runners["torch eager"] = torch_runner(bnet.embedding, xt)
         for r in runners.values():  # warm-up
@@ -177,24 +192,52 @@ def cpu_worker(args: argparse.Namespace) -> None:
             with torch.inference_mode(), autocast:
                 ref = bnet.embedding(xt).float().numpy()
             ours = embedder(x)
-            cos = float(((ours * ref).sum(-1) / np.linalg.norm(ours, axis=-1) / np.linalg.norm(ref, axis=-1)).min())
-            emit(kind="check", dtype=dtype, batch=b, max_abs_diff=float(np.abs(ours - ref).max()), min_cosine=cos)
+            cos = float(
+                ((ours * ref).sum(-1) / np.linalg.norm(ours, axis=-1) / np.linalg.norm(ref, axis=-1)).min()
+            )
+            emit(
+                kind="check",
+                dtype=dtype,
+                batch=b,
+                max_abs_diff=float(np.abs(ours - ref).max()),
+                min_cosine=cos,
+            )
             checked = True
         med = interleave(runners, args.rounds if b < 32 else max(1, args.rounds - 2))
-        emit(kind="jax", dtype=dtype, flags=flags, batch=b, img_s=b / med["jax"], compile_s=compile_s,
-             micro_batch=embedder.micro_batch)
+        emit(
+            kind="jax",
+            dtype=dtype,
+            flags=flags,
+            batch=b,
+            img_s=b / med["jax"],
+            compile_s=compile_s,
+            micro_batch=embedder.micro_batch,
+        )
         if "torch eager" in med:
-            emit(kind="torch eager", dtype=dtype, batch=b, img_s=b / med["torch eager"], jax_img_s=b / med["jax"])
+            emit(
+                kind="torch eager",
+                dtype=dtype,
+                batch=b,
+                img_s=b / med["torch eager"],
+                jax_img_s=b / med["jax"],
+            )
         if b in compile_batches and not args.jax_only:
             modes = [("torch.compile", bnet, xt, autocast)]
             if dtype == "bfloat16" and not args.no_pure_bf16:
                 import copy
-                modes.append(("torch.compile pure bf16", copy.deepcopy(bnet).to(torch.bfloat16),
-                              xt.to(torch.bfloat16), torch.autocast("cpu", enabled=False)))
+
+                modes.append(
+                    (
+                        "torch.compile pure bf16",
+                        copy.deepcopy(bnet).to(torch.bfloat16),
+                        xt.to(torch.bfloat16),
+                        torch.autocast("cpu", enabled=False),
+                    )
+                )
             for name, module, xin, ctx in modes:
                 compiled = torch.compile(module.embedding)
                 with torch.inference_mode(), ctx:
-                    cold = timed(lambda: compiled(xin))
+                    cold = timed(lambda c=compiled, x=xin: c(x))
                     compiled(xin)
 
                 def run(compiled=compiled, xin=xin, ctx=ctx) -> float:
@@ -202,8 +245,14 @@ def cpu_worker(args: argparse.Namespace) -> None:
                         return timed(lambda: compiled(xin))
 
                 med = interleave({"jax": runners["jax"], name: run}, args.rounds)
-                emit(kind=name, dtype=dtype, batch=b, img_s=b / med[name], jax_img_s=b / med["jax"],
-                     compile_s=cold)
+                emit(
+                    kind=name,
+                    dtype=dtype,
+                    batch=b,
+                    img_s=b / med[name],
+                    jax_img_s=b / med["jax"],
+                    compile_s=cold,
+                )
                 del compiled
         del embedder
 
@@ -223,8 +272,11 @@ def e2e(args: argparse.Namespace, net, dtype: str, flags: str) -> None:
     folder = make_jpegs(work / f"jpegs{args.e2e_images}", args.e2e_images)
     ckpt = work / "ckpt"
     if not ckpt.exists():
-        save_model(ckpt, net, birder_config(net.cfg, {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
-                                            NET))
+        save_model(
+            ckpt,
+            net,
+            birder_config(net.cfg, {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}, NET),
+        )
     b = args.e2e_batch
     embedder = Embedder(net, dtype=dtype, batch_size=b)
     embedder.warmup(*SIZE, buckets=[embedder.buckets[-1]])
@@ -232,9 +284,21 @@ def e2e(args: argparse.Namespace, net, dtype: str, flags: str) -> None:
     embedder(x)
     model_times = [timed(lambda: embedder(x))]
     out = work / f"out-{dtype}-{time.time_ns()}"
-    os.environ.setdefault("XLA_FLAGS", flags)  # the command keeps this process's flags (they are already live)
-    cmd = ["embed", "--checkpoint", str(ckpt), str(folder), "--out", str(out), "--batch-size", str(b),
-           "--dtype", dtype]
+    os.environ.setdefault(
+        "XLA_FLAGS", flags
+    )  # the command keeps this process's flags (they are already live)
+    cmd = [
+        "embed",
+        "--checkpoint",
+        str(ckpt),
+        str(folder),
+        "--out",
+        str(out),
+        "--batch-size",
+        str(b),
+        "--dtype",
+        dtype,
+    ]
     if args.workers is not None:
         cmd += ["--workers", str(args.workers)]
     start = time.perf_counter()
@@ -243,15 +307,23 @@ def e2e(args: argparse.Namespace, net, dtype: str, flags: str) -> None:
     model_times.append(timed(lambda: embedder(x)))
     meta = json.loads((out / "meta.json").read_text())
     model = b / statistics.median(model_times)
-    emit(kind="e2e", dtype=dtype, batch=b, images=args.e2e_images, img_s=meta["timing"]["images_per_second_this_run"],
-         model_img_s=model, wall_s=wall, compile_s=meta["timing"]["compile_seconds"])
+    emit(
+        kind="e2e",
+        dtype=dtype,
+        batch=b,
+        images=args.e2e_images,
+        img_s=meta["timing"]["images_per_second_this_run"],
+        model_img_s=model,
+        wall_s=wall,
+        compile_s=meta["timing"]["compile_seconds"],
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
 # GPU worker
 # ---------------------------------------------------------------------------------------------------------
 def gpu_worker(args: argparse.Namespace) -> None:
-    """Batch-256 bf16 throughput and an fp32 parity check on one GPU (``--gpu-dry-run``: the same code on CPU)."""
+    """Batch-256 bf16 throughput and an fp32 parity check on one GPU (``--gpu-dry-run``: same code on CPU)."""
     dry = args.gpu_dry_run
     fresh_inductor_cache(args)
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # share the GPU with torch
@@ -262,8 +334,13 @@ def gpu_worker(args: argparse.Namespace) -> None:
         except Exception as e:  # noqa: BLE001 - report every reason a module does not import
             missing.append(f"{mod} ({type(e).__name__}: {e})")
     if missing:
-        print("missing: " + "; ".join(missing) + "\ninstall e.g.: pip install 'jax[cuda12]==0.10.2' flax==0.12.8 "
-              "torch torchvision birder==0.8.4 pillow", flush=True)
+        print(
+            "missing: "
+            + "; ".join(missing)
+            + "\ninstall e.g.: pip install 'jax[cuda12]==0.10.2' flax==0.12.8 "
+            "torch torchvision birder==0.8.4 pillow",
+            flush=True,
+        )
         sys.exit(1)
     import jax
     import numpy as np
@@ -274,12 +351,18 @@ def gpu_worker(args: argparse.Namespace) -> None:
     dev = "cpu" if dry else "cuda"
     accel = [d for d in jax.devices() if d.platform == ("cpu" if dry else "gpu")]
     if not accel or (not dry and not torch.cuda.is_available()):
-        print(f"no GPU: jax sees {jax.devices()} (backend {jax.default_backend()}), torch.cuda.is_available()="
-              f"{torch.cuda.is_available()}; install jax[cuda12] and a CUDA build of torch", flush=True)
+        print(
+            f"no GPU: jax sees {jax.devices()} (backend {jax.default_backend()}), torch.cuda.is_available()="
+            f"{torch.cuda.is_available()}; install jax[cuda12] and a CUDA build of torch",
+            flush=True,
+        )
         sys.exit(1)
     name = "dry run on CPU" if dry else torch.cuda.get_device_name(0)
-    print(f"jax {jax.__version__} on {accel[0].device_kind} (x{len(accel)}; this benchmark uses one); torch "
-          f"{torch.__version__} on {name}; XLA_FLAGS={os.environ.get('XLA_FLAGS')!r}", flush=True)
+    print(
+        f"jax {jax.__version__} on {accel[0].device_kind} (x{len(accel)}; this benchmark uses one); torch "
+        f"{torch.__version__} on {name}; XLA_FLAGS={os.environ.get('XLA_FLAGS')!r}",
+        flush=True,
+    )
     mesh = default_mesh(accel[:1])
 
     def sync() -> None:
@@ -305,16 +388,28 @@ def gpu_worker(args: argparse.Namespace) -> None:
     ours_bf16 = Embedder(net, dtype="bfloat16", batch_size=n_check, mesh=mesh)(x)
     with torch.inference_mode(), torch.autocast(dev, dtype=torch.bfloat16):
         ref_bf16 = bnet.embedding(xt).float().cpu().numpy()
-    emit(kind="gpu parity", images=n_check, fp32_max_abs_diff=float(np.abs(ours - ref).max()),
-         fp32_min_cosine=cos(ours, ref), ours_bf16_vs_ours_fp32_min_cosine=cos(ours_bf16, ours),
-         ours_bf16_vs_birder_autocast_min_cosine=cos(ours_bf16, ref_bf16))
+    emit(
+        kind="gpu parity",
+        images=n_check,
+        fp32_max_abs_diff=float(np.abs(ours - ref).max()),
+        fp32_min_cosine=cos(ours, ref),
+        ours_bf16_vs_ours_fp32_min_cosine=cos(ours_bf16, ours),
+        ours_bf16_vs_birder_autocast_min_cosine=cos(ours_bf16, ref_bf16),
+    )
 
     peak = None if dry else next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
 
     def rate_record(kind: str, b: int, rate: float, **extra: Any) -> None:
         tflops = rate * GFLOP_PER_IMAGE / 1e3
-        emit(kind=kind, batch=b, img_s=rate, tflops=tflops, bf16_peak_tflops=peak,
-             fraction_of_bf16_peak=tflops / peak if peak else None, **extra)
+        emit(
+            kind=kind,
+            batch=b,
+            img_s=rate,
+            tflops=tflops,
+            bf16_peak_tflops=peak,
+            fraction_of_bf16_peak=tflops / peak if peak else None,
+            **extra,
+        )
 
     iters = args.gpu_iters
     for b in [int(v) for v in args.gpu_batch_sizes.split(",")]:
@@ -343,8 +438,10 @@ def gpu_worker(args: argparse.Namespace) -> None:
         if not args.no_torch_compile:
             import copy
 
-            for label, module, xin, autocast in (("torch.compile autocast", bnet, xt, True),
-                                                 ("torch.compile pure bf16", None, xt.to(torch.bfloat16), False)):
+            for label, module, xin, autocast in (
+                ("torch.compile autocast", bnet, xt, True),
+                ("torch.compile pure bf16", None, xt.to(torch.bfloat16), False),
+            ):
                 module = module if module is not None else copy.deepcopy(bnet).to(torch.bfloat16)
                 fn = torch.compile(module.embedding)
                 with torch.inference_mode(), torch.autocast(dev, dtype=torch.bfloat16, enabled=autocast):
@@ -361,18 +458,25 @@ def gpu_worker(args: argparse.Namespace) -> None:
                 for _ in range(iters):
                     fn(xin)
                 sync()
-            rate_record("birder " + label, b, b * iters / (time.perf_counter() - start), dtype="bfloat16",
-                        compile_s=cold)
+            rate_record(
+                "birder " + label,
+                b,
+                b * iters / (time.perf_counter() - start),
+                dtype="bfloat16",
+                compile_s=cold,
+            )
 
 
 def report_gpu(records: list[dict[str, Any]]) -> None:
     print("\n== GPU results (one device) ==")
     for r in records:
         if r["kind"] == "gpu parity":
-            print(f"fp32 parity, TF32 off on both sides, {r['images']} images: max |diff| "
-                  f"{r['fp32_max_abs_diff']:.2e}, min cosine {r['fp32_min_cosine']:.7f}; bf16 vs our fp32 "
-                  f"{r['ours_bf16_vs_ours_fp32_min_cosine']:.6f}; our bf16 vs birder autocast "
-                  f"{r['ours_bf16_vs_birder_autocast_min_cosine']:.6f}")
+            print(
+                f"fp32 parity, TF32 off on both sides, {r['images']} images: max |diff| "
+                f"{r['fp32_max_abs_diff']:.2e}, min cosine {r['fp32_min_cosine']:.7f}; bf16 vs our fp32 "
+                f"{r['ours_bf16_vs_ours_fp32_min_cosine']:.6f}; our bf16 vs birder autocast "
+                f"{r['ours_bf16_vs_birder_autocast_min_cosine']:.6f}"
+            )
     for b in sorted({r["batch"] for r in records if "batch" in r}):
         rows = [r for r in records if r.get("batch") == b]
         ours = next((r for r in rows if r["kind"] == "jax Embedder" and r["dtype"] == "bfloat16"), None)
@@ -380,11 +484,13 @@ def report_gpu(records: list[dict[str, Any]]) -> None:
         for r in rows:
             ratio = f"ours/this {ours['img_s'] / r['img_s']:.2f}x" if ours and r is not ours else ""
             frac = r.get("fraction_of_bf16_peak")
-            print(f"  {r['kind'] + ' ' + r['dtype']:<38} {r['img_s']:>9.1f} img/s  {r['tflops']:>6.1f} TFLOP/s"
-                  + (f"  {100 * frac:5.1f}% of bf16 peak" if frac else "")
-                  + (f"  compile {r['compile_s']:.1f} s" if r.get("compile_s") else "")
-                  + (f"  host-fed {r['host_fed_img_s']:.1f} img/s" if r.get("host_fed_img_s") else "")
-                  + (f"  {ratio}" if ratio else ""))
+            print(
+                f"  {r['kind'] + ' ' + r['dtype']:<38} {r['img_s']:>9.1f} img/s  {r['tflops']:>6.1f} TFLOP/s"
+                + (f"  {100 * frac:5.1f}% of bf16 peak" if frac else "")
+                + (f"  compile {r['compile_s']:.1f} s" if r.get("compile_s") else "")
+                + (f"  host-fed {r['host_fed_img_s']:.1f} img/s" if r.get("host_fed_img_s") else "")
+                + (f"  {ratio}" if ratio else "")
+            )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -412,8 +518,13 @@ def wait_quiet(max_wait: float, threshold: float = 0.15, window: float = 3.0) ->
             return used
 
 
-def run_worker(argv: list[str], env: dict[str, str] | None = None, retries: int = 0, max_wait: float = 0.0,
-               threshold: float = 0.15) -> list[dict[str, Any]]:
+def run_worker(
+    argv: list[str],
+    env: dict[str, str] | None = None,
+    retries: int = 0,
+    max_wait: float = 0.0,
+    threshold: float = 0.15,
+) -> list[dict[str, Any]]:
     """Run one worker; with ``retries``, rerun it (after waiting for a quiet machine) while other processes
     used more than ``threshold`` cores on average during it. Keeps the least disturbed attempt; every record
     carries ``other_cores``, the mean number of cores that other processes used meanwhile."""
@@ -424,10 +535,14 @@ def run_worker(argv: list[str], env: dict[str, str] | None = None, retries: int 
             wait_quiet(max_wait, threshold)
         print(f"$ {' '.join(cmd[1:])}" + (f"   (attempt {attempt + 1})" if attempt else ""), flush=True)
         busy0, usage0, t0 = cpu_busy_seconds(), _children_cpu(), time.perf_counter()
-        proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True)
+        proc = subprocess.run(
+            cmd, check=False, cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True
+        )
         wall = time.perf_counter() - t0
         other = max(0.0, (cpu_busy_seconds() - busy0) - (_children_cpu() - usage0)) / wall
-        records = [json.loads(line[len(RESULT):]) for line in proc.stdout.splitlines() if line.startswith(RESULT)]
+        records = [
+            json.loads(line[len(RESULT) :]) for line in proc.stdout.splitlines() if line.startswith(RESULT)
+        ]
         for line in proc.stdout.splitlines():
             if not line.startswith(RESULT):
                 print("  " + line, flush=True)
@@ -457,10 +572,14 @@ def fmt(v: float | None, digits: int = 2) -> str:
 
 
 def report_cpu(records: list[dict[str, Any]]) -> None:
-    print("\n== CPU results: img/s, median of interleaved rounds; 'ours' = vitreg-jax in the same rounds, ratio = "
-          "ours / that path; 'other' = cores used by other processes meanwhile ==")
-    print(f"{'dtype':<9} {'batch':>5}  {'path':<38} {'img/s':>7} {'ours':>7} {'ratio':>6} {'compile s':>9} "
-          f"{'other':>5}")
+    print(
+        "\n== CPU results: img/s, median of interleaved rounds; 'ours' = vitreg-jax in the same rounds, ratio = "
+        "ours / that path; 'other' = cores used by other processes meanwhile =="
+    )
+    print(
+        f"{'dtype':<9} {'batch':>5}  {'path':<38} {'img/s':>7} {'ours':>7} {'ratio':>6} {'compile s':>9} "
+        f"{'other':>5}"
+    )
     for r in records:
         if r["kind"] == "check":
             continue
@@ -469,17 +588,31 @@ def report_cpu(records: list[dict[str, Any]]) -> None:
             cells = (fmt(r["img_s"]), "", "", fmt(r["compile_s"]))
         elif r["kind"] == "e2e":
             label = f"embed command, {r['images']} JPEGs (vs model)"
-            cells = (fmt(r["img_s"]), fmt(r["model_img_s"]), fmt(r["img_s"] / r["model_img_s"]), fmt(r["compile_s"]))
+            cells = (
+                fmt(r["img_s"]),
+                fmt(r["model_img_s"]),
+                fmt(r["img_s"] / r["model_img_s"]),
+                fmt(r["compile_s"]),
+            )
         else:
             autocast = r["dtype"] == "bfloat16" and "pure" not in r["kind"]
             label = "birder " + r["kind"] + (" (autocast)" if autocast else "")
-            cells = (fmt(r["img_s"]), fmt(r["jax_img_s"]), fmt(r["jax_img_s"] / r["img_s"]), fmt(r.get("compile_s")))
-        print(f"{r['dtype']:<9} {r['batch']:>5}  {label:<38} {cells[0]:>7} {cells[1]:>7} {cells[2]:>6} "
-              f"{cells[3]:>9} {fmt(r.get('other_cores')):>5}")
+            cells = (
+                fmt(r["img_s"]),
+                fmt(r["jax_img_s"]),
+                fmt(r["jax_img_s"] / r["img_s"]),
+                fmt(r.get("compile_s")),
+            )
+        print(
+            f"{r['dtype']:<9} {r['batch']:>5}  {label:<38} {cells[0]:>7} {cells[1]:>7} {cells[2]:>6} "
+            f"{cells[3]:>9} {fmt(r.get('other_cores')):>5}"
+        )
     for r in records:
         if r["kind"] == "check":
-            print(f"check {r['dtype']} batch {r['batch']}: ours vs birder max |diff| {r['max_abs_diff']:.2e}, "
-                  f"min cosine {r['min_cosine']:.6f}")
+            print(
+                f"check {r['dtype']} batch {r['batch']}: ours vs birder max |diff| {r['max_abs_diff']:.2e}, "
+                f"min cosine {r['min_cosine']:.6f}"
+            )
     # the flag study: the same JAX path under both XLA:CPU flag settings, each next to torch eager
     jax_rows = {(r["dtype"], r["batch"], bool(r["flags"])): r for r in records if r["kind"] == "jax"}
     torch_rows = {}
@@ -489,7 +622,9 @@ def report_cpu(records: list[dict[str, Any]]) -> None:
             torch_rows[(r["dtype"], r["batch"], bool(flags))] = r
     pairs = sorted({(d, b) for d, b, _ in jax_rows if (d, b, True) in jax_rows and (d, b, False) in jax_rows})
     if pairs:
-        print("\nXLA:CPU flag study (img/s of vitreg-jax; in brackets: ratio to torch eager in the same rounds)")
+        print(
+            "\nXLA:CPU flag study (img/s of vitreg-jax; in brackets: ratio to torch eager in the same rounds)"
+        )
         for d, b in pairs:
             cells = []
             for off in (False, True):
@@ -501,33 +636,58 @@ def report_cpu(records: list[dict[str, Any]]) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--gpu", action="store_true", help="the GPU benchmark (batch 256 bf16) and fp32 parity check")
+    p.add_argument(
+        "--gpu", action="store_true", help="the GPU benchmark (batch 256 bf16) and fp32 parity check"
+    )
     p.add_argument("--quick", action="store_true", help="CPU: no torch.compile, no batch 64, 32 JPEGs")
     p.add_argument("--batch-sizes", default="1,8,64")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds per batch (two fewer at batch >= 32)")
     p.add_argument("--torch-compile-batches", default="8", help="batches to run torch.compile at ('' = none)")
-    p.add_argument("--no-pure-bf16", action="store_true", help="skip torch.compile of a pure-bf16 birder model")
+    p.add_argument(
+        "--no-pure-bf16", action="store_true", help="skip torch.compile of a pure-bf16 birder model"
+    )
     p.add_argument("--flag-study-batches", default="8,64", help="batches of the flag study")
-    p.add_argument("--no-flag-study", action="store_true",
-                   help="skip the JAX-only runs with the other XLA:CPU flags (the evidence for the flag choice)")
+    p.add_argument(
+        "--no-flag-study",
+        action="store_true",
+        help="skip the JAX-only runs with the other XLA:CPU flags (the evidence for the flag choice)",
+    )
     p.add_argument("--e2e-images", type=int, default=64)
     p.add_argument("--e2e-batch", type=int, default=32)
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--dtypes", default="float32,bfloat16")
-    p.add_argument("--retries", type=int, default=2,
-                   help="rerun a worker (up to this many times) when other processes used the CPU during it")
-    p.add_argument("--max-wait", type=float, default=300.0,
-                   help="seconds to wait for a quiet machine before each worker (0: do not wait)")
-    p.add_argument("--quiet-threshold", type=float, default=0.15,
-                   help="cores other processes may use for a run to count as undisturbed")
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=2,
+        help="rerun a worker (up to this many times) when other processes used the CPU during it",
+    )
+    p.add_argument(
+        "--max-wait",
+        type=float,
+        default=300.0,
+        help="seconds to wait for a quiet machine before each worker (0: do not wait)",
+    )
+    p.add_argument(
+        "--quiet-threshold",
+        type=float,
+        default=0.15,
+        help="cores other processes may use for a run to count as undisturbed",
+    )
     p.add_argument("--gpu-batch-sizes", default="256")
     p.add_argument("--gpu-iters", type=int, default=20)
     p.add_argument("--gpu-fp32-speed", action="store_true", help="GPU: also time the fp32 path")
     p.add_argument("--no-torch-compile", action="store_true", help="GPU: skip torch.compile")
-    p.add_argument("--warm-torch-cache", action="store_true",
-                   help="let torch.compile use inductor's on-disk cache (default: a fresh one: cold compile times)")
-    p.add_argument("--gpu-dry-run", action="store_true",
-                   help="run the GPU code path on the CPU with tiny settings (checks the script, not the speed)")
+    p.add_argument(
+        "--warm-torch-cache",
+        action="store_true",
+        help="let torch.compile use inductor's on-disk cache (default: a fresh one: cold compile times)",
+    )
+    p.add_argument(
+        "--gpu-dry-run",
+        action="store_true",
+        help="run the GPU code path on the CPU with tiny settings (checks the script, not the speed)",
+    )
     # worker-only
     p.add_argument("--worker", choices=("cpu", "gpu"), help=argparse.SUPPRESS)
     p.add_argument("--dtype", help=argparse.SUPPRESS)
@@ -543,15 +703,27 @@ def main() -> None:
     if args.worker == "gpu":
         return gpu_worker(args)
 
-    print(f"python {sys.version.split()[0]}; {os.cpu_count()} CPUs; load average {os.getloadavg()}", flush=True)
+    print(
+        f"python {sys.version.split()[0]}; {os.cpu_count()} CPUs; load average {os.getloadavg()}", flush=True
+    )
     if args.gpu or args.gpu_dry_run:
         with tempfile.TemporaryDirectory(prefix="vitreg-bench-") as work:
-            records = run_worker(["--worker", "gpu", "--workdir", work, "--gpu-batch-sizes", args.gpu_batch_sizes,
-                                  "--gpu-iters", str(args.gpu_iters)]
-                                 + (["--gpu-fp32-speed"] if args.gpu_fp32_speed else [])
-                                 + (["--warm-torch-cache"] if args.warm_torch_cache else [])
-                                 + (["--gpu-dry-run"] if args.gpu_dry_run else [])
-                                 + (["--no-torch-compile"] if args.no_torch_compile else []))
+            records = run_worker(
+                [
+                    "--worker",
+                    "gpu",
+                    "--workdir",
+                    work,
+                    "--gpu-batch-sizes",
+                    args.gpu_batch_sizes,
+                    "--gpu-iters",
+                    str(args.gpu_iters),
+                ]
+                + (["--gpu-fp32-speed"] if args.gpu_fp32_speed else [])
+                + (["--warm-torch-cache"] if args.warm_torch_cache else [])
+                + (["--gpu-dry-run"] if args.gpu_dry_run else [])
+                + (["--no-torch-compile"] if args.no_torch_compile else [])
+            )
         report_gpu(records)
         return None
     if args.quick:
@@ -571,20 +743,56 @@ def main() -> None:
         for dtype in args.dtypes.split(","):
             for b in filter(None, args.batch_sizes.split(",")):
                 compile_b = b if b in args.torch_compile_batches.split(",") else ""
-                jobs.append(["--dtype", dtype, "--batch-sizes", b, "--torch-compile-batches", compile_b,
-                             "--e2e-images", "0"])
+                jobs.append(
+                    [
+                        "--dtype",
+                        dtype,
+                        "--batch-sizes",
+                        b,
+                        "--torch-compile-batches",
+                        compile_b,
+                        "--e2e-images",
+                        "0",
+                    ]
+                )
             if args.e2e_images:
-                jobs.append(["--dtype", dtype, "--batch-sizes", "", "--torch-compile-batches", "",
-                             "--e2e-images", str(args.e2e_images)])
+                jobs.append(
+                    [
+                        "--dtype",
+                        dtype,
+                        "--batch-sizes",
+                        "",
+                        "--torch-compile-batches",
+                        "",
+                        "--e2e-images",
+                        str(args.e2e_images),
+                    ]
+                )
         if not args.no_flag_study:  # the other flags, with torch eager alongside as the yardstick
             for dtype, flags in (("float32", "default"), ("bfloat16", "ynn-off")):
                 if dtype in args.dtypes:
                     for b in filter(None, args.flag_study_batches.split(",")):
-                        jobs.append(["--dtype", dtype, "--flags", flags, "--batch-sizes", b,
-                                     "--torch-compile-batches", "", "--e2e-images", "0"])
+                        jobs.append(
+                            [
+                                "--dtype",
+                                dtype,
+                                "--flags",
+                                flags,
+                                "--batch-sizes",
+                                b,
+                                "--torch-compile-batches",
+                                "",
+                                "--e2e-images",
+                                "0",
+                            ]
+                        )
         for job in jobs:
-            records += run_worker(["--worker", "cpu", *job, *common], retries=args.retries,
-                                  max_wait=args.max_wait, threshold=args.quiet_threshold)
+            records += run_worker(
+                ["--worker", "cpu", *job, *common],
+                retries=args.retries,
+                max_wait=args.max_wait,
+                threshold=args.quiet_threshold,
+            )
     report_cpu(records)
     print(f"\nbenchmark wall time {time.perf_counter() - start:.0f} s; load average now {os.getloadavg()}")
     return None

@@ -35,7 +35,9 @@ OUTPUTS = {"embeddings.npy", "paths.txt", "failed.txt", "meta.json"}
 def ckpt(tmp_path_factory) -> Path:
     cfg = preset("vit_reg4_b16", model_config=TINY, image_size=SIZE)
     net = ViT(cfg, rngs=nnx.Rngs(0))
-    return save_model(tmp_path_factory.mktemp("ckpt") / "tiny", net, birder_config(cfg, STATS, "vit_reg4_b16"))
+    return save_model(
+        tmp_path_factory.mktemp("ckpt") / "tiny", net, birder_config(cfg, STATS, "vit_reg4_b16")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -81,13 +83,24 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 
 def run_sub(*args: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vitreg_jax", "embed", *map(str, args)], env=cli_env(**env),
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "vitreg_jax", "embed", *map(str, args)],
+        check=False,
+        env=cli_env(**env),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def read_out(out: Path) -> tuple[np.ndarray, list[str], list[str], dict]:
-    return (np.load(out / "embeddings.npy"), (out / "paths.txt").read_text().splitlines(),
-            (out / "failed.txt").read_text().splitlines(), json.loads((out / "meta.json").read_text()))
+    return (
+        np.load(out / "embeddings.npy"),
+        (out / "paths.txt").read_text().splitlines(),
+        (out / "failed.txt").read_text().splitlines(),
+        json.loads((out / "meta.json").read_text()),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +127,9 @@ def test_outputs_match_net_embedding(ckpt, reference):
     diff = np.abs(emb - np.asarray(net.embedding(x))).max()
     assert diff <= FP32_ATOL, f"embed command vs net.embedding: max |diff| {diff:.2e}"
     assert meta["status"] == "complete" and meta["dtype"] == "float32" and meta["size"] == list(SIZE)
-    assert meta["counts"]["inputs"] == 13 and meta["counts"]["embedded"] == 11 and meta["counts"]["failed"] == 2
+    assert (
+        meta["counts"]["inputs"] == 13 and meta["counts"]["embedded"] == 11 and meta["counts"]["failed"] == 2
+    )
     assert meta["timing"]["images_per_second_this_run"] > 0
 
 
@@ -133,8 +148,22 @@ def test_features_size_dtype_and_list_file(ckpt, inputs, tmp_path):
     listing = tmp_path / "list.txt"
     listing.write_text(f"# two files\n{inputs / 'img00.jpg'}\n\n{inputs / 'a' / 'img06.png'}\n")
     out = tmp_path / "out"
-    assert run_cli("--checkpoint", ckpt, listing, "--out", out, "--features", "patches", "--size", "48x40",
-                   "--dtype", "bfloat16") == 0
+    assert (
+        run_cli(
+            "--checkpoint",
+            ckpt,
+            listing,
+            "--out",
+            out,
+            "--features",
+            "patches",
+            "--size",
+            "48x40",
+            "--dtype",
+            "bfloat16",
+        )
+        == 0
+    )
     emb, paths, failed, meta = read_out(out)
     assert emb.shape == (2, 30, 64) and len(paths) == 2 and failed == []
     net, cfg = load_model_with_cfg(None, ckpt)
@@ -144,15 +173,18 @@ def test_features_size_dtype_and_list_file(ckpt, inputs, tmp_path):
     assert cos.min() >= 0.999 and meta["embedding_shape"] == [30, 64]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--batch-size", "0"], "--batch-size must be a positive integer"),
-    (["--dtype", "float16"], "invalid choice: 'float16'"),
-    (["--size", "abc"], "expected H, HxW or H,W"),
-    (["--size", "36"], "not a multiple of the model's patch size 8"),
-    (["--features", "mean"], "invalid choice: 'mean'"),
-    (["--workers", "-1"], "--workers must be 0 or more"),
-    (["--process-id", "1"], "go together"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--batch-size", "0"], "--batch-size must be a positive integer"),
+        (["--dtype", "float16"], "invalid choice: 'float16'"),
+        (["--size", "abc"], "expected H, HxW or H,W"),
+        (["--size", "36"], "not a multiple of the model's patch size 8"),
+        (["--features", "mean"], "invalid choice: 'mean'"),
+        (["--workers", "-1"], "--workers must be 0 or more"),
+        (["--process-id", "1"], "go together"),
+    ],
+)
 def test_bad_args_one_line_exit_2_nothing_written(ckpt, inputs, tmp_path, capsys, args, message):
     out = tmp_path / "out"
     assert run_cli("--checkpoint", ckpt, inputs, "--out", out, *args) == 2
@@ -165,11 +197,15 @@ def test_zero_inputs(ckpt, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     out = tmp_path / "out"
-    for args, message in (([empty], "no images found"), ([], "no inputs given"),
-                          ([tmp_path / "nope"], "input not found")):
+    for args, message in (
+        ([empty], "no images found"),
+        ([], "no inputs given"),
+        ([tmp_path / "nope"], "input not found"),
+    ):
         assert run_cli("--checkpoint", ckpt, *args, "--out", out) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err
+
 
 def test_missing_checkpoint(inputs, tmp_path, capsys):
     out = tmp_path / "out"
@@ -217,11 +253,35 @@ def free_port() -> int:
 def test_two_processes_equal_one(ckpt, inputs, reference, tmp_path):
     out = tmp_path / "out"
     port = free_port()
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "vitreg_jax", "embed", "--checkpoint", str(ckpt), str(inputs), "--out", str(out),
-         "--batch-size", "4", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id",
-         str(i)], env=cli_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "vitreg_jax",
+                "embed",
+                "--checkpoint",
+                str(ckpt),
+                str(inputs),
+                "--out",
+                str(out),
+                "--batch-size",
+                "4",
+                "--coordinator",
+                f"127.0.0.1:{port}",
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+            ],
+            env=cli_env(),
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     results = [p.communicate(timeout=300) for p in procs]
     for p, (_, err) in zip(procs, results):
         assert p.returncode == 0, err[-3000:]

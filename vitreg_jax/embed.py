@@ -64,7 +64,8 @@ def configure_xla_flags(dtype: str) -> str | None:
 
     Does nothing (returns None) when the user has set ``XLA_FLAGS`` (their choice wins) or when JAX's backends
     have already started (flags are read once per process; a warning says so when the choice would have
-    differed). Returns the flags it set otherwise. The flags only touch XLA:CPU, so GPU/TPU runs are unaffected.
+    differed). Returns the flags it set otherwise. The flags only touch XLA:CPU (GPU/TPU runs are
+    unaffected).
     """
     _check_dtype(dtype)
     if "XLA_FLAGS" in os.environ:
@@ -72,8 +73,11 @@ def configure_xla_flags(dtype: str) -> str | None:
     flags = CPU_XLA_FLAGS[dtype]
     if _backends_started():
         if flags:
-            warnings.warn(f"JAX has already started, so XLA_FLAGS={flags!r} (faster for {dtype} on CPU) cannot "
-                          "be applied in this process; set it before JAX starts", stacklevel=2)
+            warnings.warn(
+                f"JAX has already started, so XLA_FLAGS={flags!r} (faster for {dtype} on CPU) cannot "
+                "be applied in this process; set it before JAX starts",
+                stacklevel=2,
+            )
         return None
     if flags:
         os.environ["XLA_FLAGS"] = flags
@@ -83,6 +87,7 @@ def configure_xla_flags(dtype: str) -> str | None:
 def _backends_started() -> bool:
     try:
         from jax._src import xla_bridge
+
         return bool(xla_bridge.backends_are_initialized())
     except (ImportError, AttributeError):  # private API moved: assume started, so we never claim otherwise
         return True
@@ -130,8 +135,13 @@ def _micro_size(batch: int, micro_batch: int | None) -> int:
     return divisor if 2 * divisor >= micro_batch else micro_batch
 
 
-def _pure_fn(graphdef: nnx.GraphDef, dtype: str, features: str, micro_batch: int | None,
-             on_trace: Callable[[], None] | None = None) -> Callable[[nnx.State, jax.Array], jax.Array]:
+def _pure_fn(
+    graphdef: nnx.GraphDef,
+    dtype: str,
+    features: str,
+    micro_batch: int | None,
+    on_trace: Callable[[], None] | None = None,
+) -> Callable[[nnx.State, jax.Array], jax.Array]:
     """``fn(params, images (B, H, W, C)) -> float32 features`` on one device's rows, micro-batched."""
     precision = FLOAT32_PRECISION if dtype == "float32" else None
 
@@ -159,8 +169,9 @@ def default_micro_batch() -> int | None:
     return CPU_MICRO_BATCH if jax.default_backend() == "cpu" else None
 
 
-def make_embed_fn(net: ViT, *, dtype: str = "float32", features: str = "cls",
-                  micro_batch: int | None = -1) -> tuple[Callable[[nnx.State, Any], jax.Array], nnx.State]:
+def make_embed_fn(
+    net: ViT, *, dtype: str = "float32", features: str = "cls", micro_batch: int | None = -1
+) -> tuple[Callable[[nnx.State, Any], jax.Array], nnx.State]:
     """``(embed, params)``: a jitted pure ``embed(params, images)`` and the parameters it takes.
 
     ``images`` is (B, H, W, C) float32 (any B; any H, W divisible by the patch size); the result is float32
@@ -234,8 +245,16 @@ class Embedder:
       needed: ``vitreg-jax embed`` does), since the computation spans every process's devices.
     """
 
-    def __init__(self, net: ViT, *, dtype: str = "float32", features: str = "cls", batch_size: int = 64,
-                 micro_batch: int | None = -1, mesh: Mesh | None = None):
+    def __init__(
+        self,
+        net: ViT,
+        *,
+        dtype: str = "float32",
+        features: str = "cls",
+        batch_size: int = 64,
+        micro_batch: int | None = -1,
+        mesh: Mesh | None = None,
+    ):
         _check_dtype(dtype)
         _check_features(features)
         self.dtype = dtype
@@ -256,7 +275,9 @@ class Embedder:
         self.batch_sharding = NamedSharding(self.mesh, P(DATA_AXIS))
         self.params = jax.tree_util.tree_map(self._replicate, params)
         per_device = _pure_fn(graphdef, dtype, features, self.micro_batch, on_trace=self._count_trace)
-        sharded = jax.shard_map(per_device, mesh=self.mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=P(DATA_AXIS))
+        sharded = jax.shard_map(
+            per_device, mesh=self.mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=P(DATA_AXIS)
+        )
         self._jitted = jax.jit(sharded)
         self._compiled: dict[tuple[int, int, int], Any] = {}
         # pixels travel as float32 in both modes: the bf16 path casts them on the device, in the patch
@@ -281,8 +302,9 @@ class Embedder:
             raise UserError(f"expected images as (N, H, W, {c}), got shape {tuple(x.shape)}")
         p = self.cfg.patch_size
         if x.shape[1] % p or x.shape[2] % p or x.shape[1] == 0 or x.shape[2] == 0:
-            raise UserError(f"image size {x.shape[1]}x{x.shape[2]} is not a positive multiple of the patch "
-                            f"size {p}")
+            raise UserError(
+                f"image size {x.shape[1]}x{x.shape[2]} is not a positive multiple of the patch size {p}"
+            )
         return x
 
     def bucket_for(self, n: int) -> int:
@@ -296,17 +318,19 @@ class Embedder:
         exe = self._compiled.get(key)
         if exe is None:
             start = time.perf_counter()
-            spec = jax.ShapeDtypeStruct((bucket, height, width, self.cfg.in_channels), self.input_dtype,
-                                        sharding=self.batch_sharding)
+            spec = jax.ShapeDtypeStruct(
+                (bucket, height, width, self.cfg.in_channels), self.input_dtype, sharding=self.batch_sharding
+            )
             exe = self._jitted.lower(self.params, spec).compile()
             self.compile_seconds[key] = time.perf_counter() - start
             self._compiled[key] = exe
         return exe
 
-    def warmup(self, height: int | None = None, width: int | None = None,
-               buckets: Iterable[int] | None = None) -> float:
+    def warmup(
+        self, height: int | None = None, width: int | None = None, buckets: Iterable[int] | None = None
+    ) -> float:
         """Compile every bucket (or those given) for one image size; returns the seconds it took."""
-        h, w = (self.cfg.image_size if height is None else (height, width or height))
+        h, w = self.cfg.image_size if height is None else (height, width or height)
         start = time.perf_counter()
         for b in self.buckets if buckets is None else buckets:
             self.compiled(b, h, w)

@@ -56,7 +56,9 @@ def _size(text: str) -> tuple[int, int]:
     try:
         values = [int(p) for p in parts]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected H, HxW or H,W with positive integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected H, HxW or H,W with positive integers, got {text!r}"
+        ) from None
     if len(values) not in (1, 2) or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected H, HxW or H,W with positive integers, got {text!r}")
     return (values[0], values[-1])
@@ -70,23 +72,51 @@ def register(subparsers: Any) -> None:
         "weight name. Writes DIR/embeddings.npy, DIR/paths.txt, DIR/failed.txt and DIR/meta.json; rerun the "
         "same command to resume an interrupted run.",
     )
-    p.add_argument("inputs", nargs="*", metavar="INPUT", help="image files, folders (recursive) or .txt lists")
-    p.add_argument("--checkpoint", required=True, metavar="CKPT",
-                   help="Orbax checkpoint dir, birder .pt/.safetensors, or a published weight name")
-    p.add_argument("--config", default=None, metavar="JSON", help="birder json config for a birder weights file")
+    p.add_argument(
+        "inputs", nargs="*", metavar="INPUT", help="image files, folders (recursive) or .txt lists"
+    )
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="CKPT",
+        help="Orbax checkpoint dir, birder .pt/.safetensors, or a published weight name",
+    )
+    p.add_argument(
+        "--config", default=None, metavar="JSON", help="birder json config for a birder weights file"
+    )
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="global batch (all devices); default 32 per CPU device, 256 per GPU/TPU device")
-    p.add_argument("--dtype", choices=DTYPES, default="float32",
-                   help="float32, or bfloat16 matmuls with float32 accumulation, norms and softmax")
-    p.add_argument("--size", type=_size, default=None, metavar="H[xW]",
-                   help="input size (default: the checkpoint's signature); a multiple of the patch size")
-    p.add_argument("--features", choices=FEATURES, default="cls",
-                   help="cls: net.embedding (N x D); tokens: all tokens; patches: patch tokens only")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="global batch (all devices); default 32 per CPU device, 256 per GPU/TPU device",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="float32",
+        help="float32, or bfloat16 matmuls with float32 accumulation, norms and softmax",
+    )
+    p.add_argument(
+        "--size",
+        type=_size,
+        default=None,
+        metavar="H[xW]",
+        help="input size (default: the checkpoint's signature); a multiple of the patch size",
+    )
+    p.add_argument(
+        "--features",
+        choices=FEATURES,
+        default="cls",
+        help="cls: net.embedding (N x D); tokens: all tokens; patches: patch tokens only",
+    )
     p.add_argument("--workers", type=int, default=None, help="decode threads (default: CPU count, at most 8)")
     g = p.add_argument_group("several processes (jax.distributed)")
-    g.add_argument("--distributed", action="store_true",
-                   help="call jax.distributed.initialize() with cluster auto-detection (TPU pods, SLURM, ...)")
+    g.add_argument(
+        "--distributed",
+        action="store_true",
+        help="call jax.distributed.initialize() with cluster auto-detection (TPU pods, SLURM, ...)",
+    )
     g.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="coordinator address")
     g.add_argument("--num-processes", type=int, default=None)
     g.add_argument("--process-id", type=int, default=None)
@@ -109,8 +139,10 @@ def _check_args(args: argparse.Namespace) -> None:
         if any(v is None for v in explicit):
             raise UserError("--coordinator, --num-processes and --process-id go together")
         if args.num_processes < 1 or not 0 <= args.process_id < args.num_processes:
-            raise UserError(f"--process-id must be in 0..{args.num_processes - 1} and --num-processes >= 1, got "
-                            f"{args.process_id} of {args.num_processes}")
+            raise UserError(
+                f"--process-id must be in 0..{args.num_processes - 1} and --num-processes >= 1, got "
+                f"{args.process_id} of {args.num_processes}"
+            )
 
 
 # run identity -----------------------------------------------------------------------------------------
@@ -127,13 +159,28 @@ def _checkpoint_identity(ckpt: str) -> dict[str, Any]:
     return ident
 
 
-def _run_identity(args: argparse.Namespace, paths: Sequence[str], size: tuple[int, int], batch: int,
-                  num_processes: int, num_devices: int) -> dict[str, Any]:
+def _run_identity(
+    args: argparse.Namespace,
+    paths: Sequence[str],
+    size: tuple[int, int],
+    batch: int,
+    num_processes: int,
+    num_devices: int,
+) -> dict[str, Any]:
     digest = hashlib.sha256("\n".join(paths).encode("utf-8", "surrogateescape")).hexdigest()
-    return {"format": FORMAT, "checkpoint": _checkpoint_identity(args.checkpoint), "config": args.config,
-            "size": list(size), "dtype": args.dtype, "features": args.features, "batch_size": batch,
-            "num_processes": num_processes, "num_devices": num_devices, "num_inputs": len(paths),
-            "inputs_sha256": digest}
+    return {
+        "format": FORMAT,
+        "checkpoint": _checkpoint_identity(args.checkpoint),
+        "config": args.config,
+        "size": list(size),
+        "dtype": args.dtype,
+        "features": args.features,
+        "batch_size": batch,
+        "num_processes": num_processes,
+        "num_devices": num_devices,
+        "num_inputs": len(paths),
+        "inputs_sha256": digest,
+    }
 
 
 def _differences(a: dict[str, Any], b: dict[str, Any]) -> str:
@@ -163,7 +210,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 # plan ---------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Plan:
-    """Process p owns inputs [p * share, (p + 1) * share); step k covers rows [k * rows, (k + 1) * rows) of it."""
+    """Process p owns inputs [p * share, (p + 1) * share); its step k covers rows [k * rows, (k + 1) * rows)."""
 
     num_inputs: int
     num_processes: int
@@ -183,7 +230,7 @@ class Plan:
         return min(self.rows, self.share - k * self.rows)
 
     def positions(self, k: int, process: int | None = None) -> range:
-        """Global input positions of process's part k (may be shorter than step_rows, or empty, at the end)."""
+        """Global input positions of a process's part k (shorter than step_rows, or empty, at the end)."""
         p = self.process if process is None else process
         lo = p * self.share + k * self.rows
         hi = min(lo + self.step_rows(k), (p + 1) * self.share, self.num_inputs)
@@ -199,15 +246,19 @@ def _write_part(path: Path, index: Any, embeddings: Any, failed: list[tuple[int,
 
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
-        np.savez(f, index=np.asarray(index, np.int64), embeddings=np.asarray(embeddings, np.float32),
-                 failed_index=np.asarray([i for i, _ in failed], np.int64),
-                 failed_reason=np.asarray([r for _, r in failed], dtype=str))
+        np.savez(
+            f,
+            index=np.asarray(index, np.int64),
+            embeddings=np.asarray(embeddings, np.float32),
+            failed_index=np.asarray([i for i, _ in failed], np.int64),
+            failed_reason=np.asarray([r for _, r in failed], dtype=str),
+        )
     os.replace(tmp, path)
 
 
 # decoding ---------------------------------------------------------------------------------------------
 def _parts_from_batches(batches: Iterator[Any], bounds: list[tuple[int, int]]) -> Iterator[tuple[list, list]]:
-    """Regroup data.iter_batches output by part: yields (list of (pos, image), list of (pos, reason)) per bound.
+    """Regroup data.iter_batches output by part: (list of (pos, image), list of (pos, reason)) per bound.
 
     ``bounds`` are consecutive [lo, hi) ranges of positions in the list given to iter_batches.
     """
@@ -215,8 +266,9 @@ def _parts_from_batches(batches: Iterator[Any], bounds: list[tuple[int, int]]) -
     images: list[tuple[int, Any]] = []
     failed: list[tuple[int, str]] = []
     for batch in batches:
-        items: list[tuple[int, Any, str | None]] = [(int(i), img, None) for i, img in zip(batch.indices,
-                                                                                           batch.images)]
+        items: list[tuple[int, Any, str | None]] = [
+            (int(i), img, None) for i, img in zip(batch.indices, batch.images)
+        ]
         items += [(f.index, None, f.reason) for f in batch.failed]
         items.sort(key=lambda t: t[0])
         for pos, img, reason in items:
@@ -247,8 +299,9 @@ def run(args: argparse.Namespace) -> int:
     import jax
 
     if args.coordinator is not None:
-        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
-                                   process_id=args.process_id)
+        jax.distributed.initialize(
+            coordinator_address=args.coordinator, num_processes=args.num_processes, process_id=args.process_id
+        )
     elif args.distributed:
         jax.distributed.initialize()
 
@@ -277,11 +330,15 @@ def run(args: argparse.Namespace) -> int:
         batch = math.ceil(args.batch_size / ndev) * ndev  # every device gets the same number of rows
     ident = _run_identity(args, paths, size, batch, nproc, ndev)
     if nproc > 1:  # every process must have listed the same inputs with the same arguments
-        mine = np.frombuffer(hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).digest()[:8], np.int32)
+        mine = np.frombuffer(
+            hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).digest()[:8], np.int32
+        )
         every = np.asarray(multihost_utils.process_allgather(mine))
         if not (every == mine).all():
-            raise UserError("the processes disagree on the inputs or arguments: give every process the same "
-                            "command line and the same file system view")
+            raise UserError(
+                "the processes disagree on the inputs or arguments: give every process the same "
+                "command line and the same file system view"
+            )
 
     out = Path(args.out)
     parts = out / PARTS_DIR
@@ -290,16 +347,22 @@ def run(args: argparse.Namespace) -> int:
         if meta.get("run") == ident:
             if pid == 0:
                 shutil.rmtree(parts, ignore_errors=True)
-                print(f"{out}: already complete ({meta['counts']['embedded']} embeddings, "
-                      f"{meta['counts']['failed']} failed); nothing to do")
+                print(
+                    f"{out}: already complete ({meta['counts']['embedded']} embeddings, "
+                    f"{meta['counts']['failed']} failed); nothing to do"
+                )
             return 0
-        raise UserError(f"{out} already holds embeddings of another run (differs in "
-                        f"{_differences(meta.get('run') or {}, ident)}); choose another --out or remove it")
+        raise UserError(
+            f"{out} already holds embeddings of another run (differs in "
+            f"{_differences(meta.get('run') or {}, ident)}); choose another --out or remove it"
+        )
     previous = _read_json(parts / RUN_FILE)
     if previous is not None and previous != ident:
-        raise UserError(f"{out} holds an unfinished run with other arguments (differs in "
-                        f"{_differences(previous, ident)}); rerun that command to finish it, or choose another "
-                        "--out")
+        raise UserError(
+            f"{out} holds an unfinished run with other arguments (differs in "
+            f"{_differences(previous, ident)}); rerun that command to finish it, or choose another "
+            "--out"
+        )
     if previous is None and (out / "embeddings.npy").exists():
         raise UserError(f"{out} holds an embeddings.npy that this run did not write; choose another --out")
 
@@ -336,8 +399,15 @@ def run(args: argparse.Namespace) -> int:
 
     mine_total = sum(len(plan.positions(k)) for k in range(plan.steps))
     done_images = sum(len(plan.positions(k)) for k in range(plan.steps) if own_done[k])
-    bar = tqdm(total=mine_total, initial=done_images, unit="img", desc="embed", disable=pid != 0,
-               dynamic_ncols=True, smoothing=0.1)
+    bar = tqdm(
+        total=mine_total,
+        initial=done_images,
+        unit="img",
+        desc="embed",
+        disable=pid != 0,
+        dynamic_ncols=True,
+        smoothing=0.1,
+    )
     kill_after, kill_sig = _kill_hook()
     written = computed_images = 0
     out_shape = embedder.output_shape(*size)
@@ -352,7 +422,9 @@ def run(args: argparse.Namespace) -> int:
         k, pending, valid, failed, write = item
         rows = pending.result()
         if write:
-            _write_part(_part_path(parts, pid, k), valid, rows[: len(valid)], [(flat[i], r) for i, r in failed])
+            _write_part(
+                _part_path(parts, pid, k), valid, rows[: len(valid)], [(flat[i], r) for i, r in failed]
+            )
             written += 1
             computed_images += len(valid) + len(failed)
             bar.update(len(valid) + len(failed))
@@ -392,27 +464,48 @@ def run(args: argparse.Namespace) -> int:
     if pid == 0:
         counts = _merge(out, parts, plan, paths, out_shape)
         meta = {
-            "status": "complete", "format": FORMAT, "run": ident, "checkpoint": args.checkpoint,
-            "config": args.config, "model": cfg.get("registered_name") or cfg.get("name"),
-            "size": list(size), "dtype": args.dtype, "features": args.features, "batch_size": batch,
-            "embedding_shape": list(out_shape), "rgb_stats": cfg["rgb_stats"],
-            "counts": {"inputs": len(paths), **counts, "computed_this_run": computed_images,
-                       "parts_written_this_run": written},
-            "timing": {"seconds_total_this_run": round(time.perf_counter() - start_time, 3),
-                       "seconds_embedding_this_run": round(compute_seconds, 3),
-                       "images_per_second_this_run": round(computed_images / compute_seconds, 3)
-                       if compute_seconds > 0 else None,
-                       "compile_seconds": round(sum(embedder.compile_seconds.values()), 3)},
-            "devices": {"platform": jax.default_backend(), "count": ndev, "processes": nproc,
-                        "kind": jax.devices()[0].device_kind},
+            "status": "complete",
+            "format": FORMAT,
+            "run": ident,
+            "checkpoint": args.checkpoint,
+            "config": args.config,
+            "model": cfg.get("registered_name") or cfg.get("name"),
+            "size": list(size),
+            "dtype": args.dtype,
+            "features": args.features,
+            "batch_size": batch,
+            "embedding_shape": list(out_shape),
+            "rgb_stats": cfg["rgb_stats"],
+            "counts": {
+                "inputs": len(paths),
+                **counts,
+                "computed_this_run": computed_images,
+                "parts_written_this_run": written,
+            },
+            "timing": {
+                "seconds_total_this_run": round(time.perf_counter() - start_time, 3),
+                "seconds_embedding_this_run": round(compute_seconds, 3),
+                "images_per_second_this_run": round(computed_images / compute_seconds, 3)
+                if compute_seconds > 0
+                else None,
+                "compile_seconds": round(sum(embedder.compile_seconds.values()), 3),
+            },
+            "devices": {
+                "platform": jax.default_backend(),
+                "count": ndev,
+                "processes": nproc,
+                "kind": jax.devices()[0].device_kind,
+            },
             "xla_flags": os.environ.get("XLA_FLAGS"),
             "versions": _versions(),
         }
         _atomic_write_json(out / "meta.json", meta)  # last: its presence marks the run complete
         shutil.rmtree(parts, ignore_errors=True)
         rate = meta["timing"]["images_per_second_this_run"]
-        print(f"embedded {counts['embedded']} images ({counts['failed']} failed) into {out}"
-              + (f"; {computed_images} computed this run at {rate:.2f} img/s" if rate else ""))
+        print(
+            f"embedded {counts['embedded']} images ({counts['failed']} failed) into {out}"
+            + (f"; {computed_images} computed this run at {rate:.2f} img/s" if rate else "")
+        )
     if nproc > 1:
         multihost_utils.sync_global_devices("vitreg-jax embed: merged")
     return 0
@@ -434,15 +527,19 @@ def _versions() -> dict[str, str]:
     return {"vitreg_jax": __version__, "jax": jax.__version__}
 
 
-def _merge(out: Path, parts: Path, plan: Plan, paths: Sequence[str], out_shape: tuple[int, ...]) -> dict[str, int]:
+def _merge(
+    out: Path, parts: Path, plan: Plan, paths: Sequence[str], out_shape: tuple[int, ...]
+) -> dict[str, int]:
     """All parts, in input order, into the final files (each written under a temporary name, then renamed)."""
     import numpy as np
 
     files = [_part_path(parts, q, k) for q in range(plan.num_processes) for k in range(plan.steps)]
     missing = [f.name for f in files if not f.exists()]
     if missing:
-        raise UserError(f"{parts}: parts {', '.join(missing[:5])} are missing; every process must write to the "
-                        "same --out folder (a file system all of them see)")
+        raise UserError(
+            f"{parts}: parts {', '.join(missing[:5])} are missing; every process must write to the "
+            "same --out folder (a file system all of them see)"
+        )
     total = 0
     for f in files:
         with np.load(f) as z:
@@ -453,8 +550,10 @@ def _merge(out: Path, parts: Path, plan: Plan, paths: Sequence[str], out_shape: 
     emb = np.lib.format.open_memmap(tmp_npy, mode="w+", dtype=np.float32, shape=(total, *out_shape))
     row = n_failed = 0
     last = -1
-    with open(tmp_paths, "w", encoding="utf-8", errors="surrogateescape") as fp, \
-            open(tmp_failed, "w", encoding="utf-8", errors="surrogateescape") as ff:
+    with (
+        open(tmp_paths, "w", encoding="utf-8", errors="surrogateescape") as fp,
+        open(tmp_failed, "w", encoding="utf-8", errors="surrogateescape") as ff,
+    ):
         for f in files:
             with np.load(f) as z:
                 index, rows = z["index"], z["embeddings"]
