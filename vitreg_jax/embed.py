@@ -11,7 +11,7 @@ Two entry points:
 
 Compute dtypes: ``float32`` runs every matmul in float32 at ``"highest"`` precision (no TF32 or bf16 passes
 on GPU/TPU unless asked); ``bfloat16`` stores the matmul kernels in bfloat16 so that every matmul takes
-bfloat16 inputs and accumulates in float32 (``vitreg_jax.layers.dense``), while LayerNorm, softmax, GELU,
+bfloat16 inputs and accumulates in float32 (``vitreg_jax.ops.dense``), while LayerNorm, softmax, GELU,
 biases and the residual stream stay float32. Outputs are always float32.
 
 What to return (``features``): ``"cls"`` is birder's ``net.embedding`` (the CLS token after the final norm,

@@ -1,8 +1,9 @@
 """The building blocks of birder's ViT, written for parity first.
 
-Every matmul goes through :func:`dense`, whose input dtype follows the weight's dtype: store the kernels in
-bfloat16 and the matmuls take bfloat16 inputs with float32 accumulation, while LayerNorm, softmax, GELU,
-biases and the residual stream stay float32 (the mixed path that is fast on CPU and GPU alike).
+Every matmul goes through :func:`vitreg_jax.ops.dense` or :func:`vitreg_jax.ops.matmul`, whose input dtype
+follows the weight's dtype: store the kernels in bfloat16 and the matmuls take bfloat16 inputs with float32
+accumulation, while LayerNorm, softmax, GELU, biases and the residual stream stay float32 (the mixed path that
+is fast on CPU and GPU alike).
 """
 
 from __future__ import annotations
@@ -12,45 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vitreg_jax.config import ViTConfig
-
-
-def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None) -> jax.Array:
-    """``x @ kernel + bias`` with the matmul in the kernel's dtype and a float32 result."""
-    if kernel.dtype == jnp.float32:
-        y = jnp.matmul(x.astype(kernel.dtype), kernel, preferred_element_type=jnp.float32)
-    else:
-        y = _low_precision_matmul(x, kernel)
-    if bias is not None:
-        y = y + bias.astype(jnp.float32)
-    return y
-
-
-@jax.custom_vjp
-def _low_precision_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """The forward of ``dense`` for bf16 kernels; its gradient also multiplies in the kernel's dtype.
-
-    JAX's own transpose would multiply the float32 cotangent by the bf16 operands (a float32 matmul on
-    CPU, half the speed); casting the cotangent first, as torch's autocast backward does, keeps both
-    gradient matmuls on the bf16 units with float32 accumulation. (Added for MAE training, issue 5.)
-    """
-    return jnp.matmul(x.astype(kernel.dtype), kernel, preferred_element_type=jnp.float32)
-
-
-def _low_precision_matmul_fwd(x: jax.Array, kernel: jax.Array) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-    xc = x.astype(kernel.dtype)
-    y = jnp.matmul(xc, kernel, preferred_element_type=jnp.float32)
-    return y, (xc, kernel, jnp.zeros((), x.dtype))
-
-
-def _low_precision_matmul_bwd(res: tuple[jax.Array, ...], g: jax.Array) -> tuple[jax.Array, jax.Array]:
-    xc, kernel, x_dtype = res
-    gc = g.astype(kernel.dtype)
-    dx = jnp.matmul(gc, kernel.T, preferred_element_type=jnp.float32).astype(x_dtype.dtype)  # (..., in)
-    dk = jnp.einsum("...i,...o->io", xc, gc, preferred_element_type=jnp.float32)  # (in, out)
-    return dx, dk.astype(kernel.dtype)
-
-
-_low_precision_matmul.defvjp(_low_precision_matmul_fwd, _low_precision_matmul_bwd)
+from vitreg_jax.ops import dense, gelu, matmul, residual_grad_boundary, softmax
 
 
 def trunc_normal(key: jax.Array, shape: tuple[int, ...], std: float) -> jax.Array:
@@ -124,11 +87,11 @@ class Attention(nnx.Module):
         qkv = self.qkv(x).reshape(b, n, 3, h, d)  # (B, N, 3, H, Dh)
         q, k, v = jnp.transpose(qkv, (2, 0, 3, 1, 4))  # each (B, H, N, Dh)
         cdt = self.qkv.kernel[...].dtype  # bf16 weights -> bf16 attention matmuls, fp32 accumulation
-        logits = jnp.einsum("bhqd,bhkd->bhqk", q.astype(cdt), k.astype(cdt),
-                            preferred_element_type=jnp.float32) * (d**-0.5)  # (B, H, N, N)
-        probs = jax.nn.softmax(logits, axis=-1)  # float32 softmax
-        out = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(cdt), v.astype(cdt),
-                         preferred_element_type=jnp.float32)  # (B, H, N, Dh)
+        # the scale goes on q (B, H, N, Dh), not on the (B, H, N, N) logits: XLA:CPU would materialise a
+        # broadcast of it the logits' size in every block, forward and backward
+        logits = matmul(q * d**-0.5, jnp.swapaxes(k, -1, -2), cdt)  # (B, H, N, N)
+        probs = softmax(logits)  # float32
+        out = matmul(probs, v, cdt)  # (B, H, N, Dh)
         out = jnp.transpose(out, (0, 2, 1, 3)).reshape(b, n, c)  # (B, N, C)
         return self.proj(out)
 
@@ -141,7 +104,7 @@ class MLP(nnx.Module):
         self.fc2 = Linear(mlp_dim, dim, init=init, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))  # exact GELU: birder uses nn.GELU() (erf)
+        return self.fc2(gelu(self.fc1(x)))
 
 
 class LayerScale(nnx.Module):
@@ -178,10 +141,11 @@ class EncoderBlock(nnx.Module):
         k1 = k2 = None
         if dropout_key is not None and self.drop_path_rate > 0.0:
             k1, k2 = jax.random.split(dropout_key)
+        x = residual_grad_boundary(x)
         y = self.attn(self.norm1(x))
         if self.ls1 is not None:
             y = self.ls1(y)
-        x = x + drop_path(y, self.drop_path_rate, k1)
+        x = residual_grad_boundary(x + drop_path(y, self.drop_path_rate, k1))
         y = self.mlp(self.norm2(x))
         if self.ls2 is not None:
             y = self.ls2(y)

@@ -19,7 +19,8 @@ from flax import nnx
 
 from vitreg_jax.config import ViTConfig
 from vitreg_jax.errors import UserError
-from vitreg_jax.layers import LayerNorm, Linear, dense, encoder_block, trunc_normal
+from vitreg_jax.layers import LayerNorm, Linear, encoder_block, trunc_normal
+from vitreg_jax.ops import dense
 from vitreg_jax.posemb import resample_pos_embed
 
 
