@@ -16,7 +16,7 @@ from flax import nnx
 from PIL import Image
 
 from vitreg_jax.cli import main
-from vitreg_jax.commands.embed import KILL_HOOK_ENV, PARTS_DIR
+from vitreg_jax.commands.embed import PARTS_DIR
 from vitreg_jax.config import preset
 from vitreg_jax.loading import birder_config, load_model_with_cfg, save_model
 from vitreg_jax.preprocess import classification_transform, load_image
@@ -78,13 +78,16 @@ def run_cli(*args: str) -> int:
 
 
 def cli_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", KILL_HOOK_ENV)}
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     return {**env, "JAX_PLATFORMS": "cpu", **extra}
 
 
-def run_sub(*args: str, **env: str) -> subprocess.CompletedProcess:
+def run_sub(*args: str, kill_after_parts: str | None = None, **env: str) -> subprocess.CompletedProcess:
+    """``vitreg-jax embed`` in a fresh process; ``kill_after_parts="N"`` SIGKILLs it once N parts are written
+    ("N:INT" sends SIGINT, as Ctrl-C does; ``tests/kill_run.py``)."""
+    runner = ["vitreg_jax"] if kill_after_parts is None else ["tests.kill_run", "embed-parts", kill_after_parts, "--"]
     return subprocess.run(
-        [sys.executable, "-m", "vitreg_jax", "embed", *map(str, args)],
+        [sys.executable, "-m", *runner, "embed", *map(str, args)],
         check=False,
         env=cli_env(**env),
         cwd=ROOT,
@@ -219,14 +222,14 @@ def test_resume_after_ctrl_c_and_kill_recomputes_nothing(ckpt, inputs, reference
     out = tmp_path / "out"
     args = ["--checkpoint", ckpt, inputs, "--out", out, "--batch-size", 4, "--workers", 2]
     # 13 inputs in parts of 4: parts 0..3. Ctrl-C after the first part.
-    r = run_sub(*args, **{KILL_HOOK_ENV: "1:INT"})
+    r = run_sub(*args, kill_after_parts="1:INT")
     assert r.returncode == 130 and "run the same command again to resume" in r.stderr, r.stderr[-2000:]
     parts = sorted(p.name for p in (out / PARTS_DIR).glob("p*.npz"))
     assert parts == ["p00000-0000000.npz"]
     assert not OUTPUTS & set(os.listdir(out))  # no final file, not even half of one
     first = (out / PARTS_DIR / parts[0]).stat()
     # a hard kill after one more part
-    r = run_sub(*args, **{KILL_HOOK_ENV: "1"})
+    r = run_sub(*args, kill_after_parts="1")
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
     parts = sorted(p.name for p in (out / PARTS_DIR).glob("p*.npz"))
     assert parts == ["p00000-0000000.npz", "p00000-0000001.npz"]

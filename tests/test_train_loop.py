@@ -151,12 +151,14 @@ def pretrain_args(out: Path, steps: int = 8) -> list[str]:
             "--no-progress"]
 
 
-def run_cli(args: list[str], cache: Path, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """``python -m vitreg_jax`` in a fresh process sharing one persistent compilation cache."""
+def run_cli(args: list[str], cache: Path, kill_at_step: int | None = None) -> subprocess.CompletedProcess:
+    """``python -m vitreg_jax`` in a fresh process sharing one persistent compilation cache; with
+    ``kill_at_step``, the process SIGKILLs itself when the loop asks for that step (``tests/kill_run.py``)."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_backend_optimization_level=0",
            "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0", **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "vitreg_jax", *args], env=env, capture_output=True, text=True,
+           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    runner = ["vitreg_jax"] if kill_at_step is None else ["tests.kill_run", "pretrain-step", str(kill_at_step), "--"]
+    return subprocess.run([sys.executable, "-m", *runner, *args], env=env, capture_output=True, text=True,
                           timeout=CLI_TIMEOUT_S, cwd=ROOT, check=False)
 
 
@@ -178,7 +180,7 @@ def test_pretrain_killed_and_resumed_equals_uninterrupted(tmp_path):
     assert whole.returncode == 0, whole.stderr[-3000:]
     # SIGKILL when the loop asks for step 7's batch: between the checkpoints of steps 6 and 8 (checkpoint 6
     # may still be in flight, asynchronously: then the run resumes from 3)
-    killed = run_cli(pretrain_args(tmp_path / "resumed"), cache, {"_VITREG_JAX_PRETRAIN_KILL_AT_STEP": "7"})
+    killed = run_cli(pretrain_args(tmp_path / "resumed"), cache, kill_at_step=7)
     assert killed.returncode == -9, killed.stderr[-3000:]
     assert not (tmp_path / "resumed" / "encoder").exists()
     resumed = run_cli(["pretrain", "--out", str(tmp_path / "resumed"), "--resume", "--log-every", "1",

@@ -28,7 +28,6 @@ import math
 import os
 import re
 import shutil
-import signal
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -45,8 +44,6 @@ OUTPUT_FILES = ("embeddings.npy", "paths.txt", "failed.txt", "meta.json")
 # Default global batch per device: XLA:CPU peaks at small batches (micro-batched inside the jit);
 # accelerators want large ones.
 DEFAULT_BATCH_PER_DEVICE = {"cpu": 32, "gpu": 256, "tpu": 256}
-# Test hook: "N" SIGKILLs the process right after its N-th part is written this run, "N:INT" sends SIGINT.
-KILL_HOOK_ENV = "_VITREG_JAX_EMBED_KILL_AFTER_PARTS"
 FORMAT = "vitreg-jax-embed/1"
 
 
@@ -408,7 +405,6 @@ def run(args: argparse.Namespace) -> int:
         dynamic_ncols=True,
         smoothing=0.1,
     )
-    kill_after, kill_sig = _kill_hook()
     written = computed_images = 0
     out_shape = embedder.output_shape(*size)
     # compile the buckets this run needs before the clock starts (a part whose inputs partly failed may
@@ -428,8 +424,6 @@ def run(args: argparse.Namespace) -> int:
             written += 1
             computed_images += len(valid) + len(failed)
             bar.update(len(valid) + len(failed))
-            if kill_after is not None and written >= kill_after:
-                os.kill(os.getpid(), kill_sig)
 
     try:
         in_flight = None
@@ -509,14 +503,6 @@ def run(args: argparse.Namespace) -> int:
     if nproc > 1:
         multihost_utils.sync_global_devices("vitreg-jax embed: merged")
     return 0
-
-
-def _kill_hook() -> tuple[int | None, int]:
-    value = os.environ.get(KILL_HOOK_ENV)
-    if not value:
-        return None, signal.SIGKILL
-    count, _, sig = value.partition(":")
-    return int(count), signal.SIGINT if sig.upper() == "INT" else signal.SIGKILL
 
 
 def _versions() -> dict[str, str]:

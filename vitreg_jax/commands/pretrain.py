@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,6 @@ FILES_FILE = "files.txt"
 ENCODER_DIR = "encoder"
 FORMAT = "vitreg-jax-pretrain/1"
 # Test hook: "N" SIGKILLs the process when the loop asks for the batch of step N (0-based), i.e. after N steps.
-KILL_HOOK_ENV = "_VITREG_JAX_PRETRAIN_KILL_AT_STEP"
 # birder's get_rgb_stats (data/transforms/classification.py, 0.8.4); training default: "birder"
 RGB_STATS: dict[str, dict[str, tuple[float, float, float]]] = {
     "birder": {"mean": (0.5191, 0.5306, 0.4877), "std": (0.2316, 0.2304, 0.2588)},
@@ -396,9 +394,6 @@ def _train(args: argparse.Namespace, out: Path, saved: dict[str, Any] | None, op
         export(state, step)
         return 0
 
-    kill_at = os.environ.get(KILL_HOOK_ENV)
-    if kill_at:
-        data = _KillAt(data, int(kill_at))
     if main:
         print(f"vitreg-jax pretrain: {network} + {options['mae']} at {vit_cfg.image_size[0]}x{vit_cfg.image_size[1]}, "
               f"{len(paths)} images, {spe} steps per epoch, {total} steps of {train_cfg.batch_size} x "
@@ -414,16 +409,3 @@ def _train(args: argparse.Namespace, out: Path, saved: dict[str, Any] | None, op
         print(f"vitreg-jax pretrain: done, {result.step} steps{resumed}, last loss {result.loss:.4f}", file=sys.stderr)
     return 0
 
-
-class _KillAt:
-    """Test hook: SIGKILL this process when the loop asks for step ``at`` (see KILL_HOOK_ENV)."""
-
-    def __init__(self, data: Any, at: int):
-        self.data, self.at = data, at
-        self.steps_per_epoch = data.steps_per_epoch
-
-    def iterate(self, start: int, stop: int) -> Any:
-        for step, batch in self.data.iterate(start, stop):
-            if step == self.at:
-                os.kill(os.getpid(), signal.SIGKILL)
-            yield step, batch
