@@ -223,7 +223,7 @@ def test_full_size_decoder_parameter_count():
     """mae_vit on vit_reg4_b16: 26,008,320 decoder parameters (111.8 M with the encoder), as birder's."""
     model = nnx.eval_shape(lambda: MAE(ViT(preset(ENCODER), rngs=nnx.Rngs(0)), mae_preset("mae_vit"),
                                        rngs=nnx.Rngs(1)))
-    counts = {p: int(np.prod(v.shape)) for p, v in mapping.flatten(nnx.state(model, nnx.Param).to_pure_dict()).items()}
+    counts = {p: int(np.prod(v.shape)) for p, v in mapping.flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param))).items()}
     decoder = sum(n for p, n in counts.items() if p[0] != "encoder")
     assert decoder == 26_008_320
     assert sum(counts.values()) == 85_804_800 + 26_008_320

@@ -32,9 +32,14 @@ _EXPORTS: dict[str, str] = {
     "get_size_from_signature": "vitreg_jax.preprocess",
     "Embedder": "vitreg_jax.embed",
     "make_embed_fn": "vitreg_jax.embed",
+    "mae_preset": "vitreg_jax.config",
+    "MAE": "vitreg_jax.mae",
+    "Masks": "vitreg_jax.mae",
+    "MAETrainer": "vitreg_jax.train",
+    "fit": "vitreg_jax.train",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(_EXPORTS)  # noqa: PLE0605 (the lazily imported names above are the API)
 
 
 def __getattr__(name: str) -> Any:

@@ -106,13 +106,13 @@ def abstract_model(vit_cfg: ViTConfig) -> ViT:
 
 def get_params(net: nnx.Module) -> dict[mapping.Path, np.ndarray]:
     """{parameter path: numpy array} of a model (list indices as ints)."""
-    flat = mapping.flatten(nnx.state(net, nnx.Param).to_pure_dict())
+    flat = mapping.flatten(nnx.to_pure_dict(nnx.state(net, nnx.Param)))
     return {k: np.asarray(v) for k, v in flat.items()}
 
 
 def set_params(net: nnx.Module, params: Mapping[mapping.Path, Any], dtype: Any = jnp.float32) -> nnx.Module:
     """Put arrays into the model's parameters, checking that every path exists with the right shape."""
-    current = mapping.flatten(nnx.state(net, nnx.Param).to_pure_dict())
+    current = mapping.flatten(nnx.to_pure_dict(nnx.state(net, nnx.Param)))
     mapping.check_fit(params, {k: v.shape for k, v in current.items()}, "parameters do not fit the model")
     nnx.update(net, mapping.unflatten({k: jnp.asarray(np.asarray(v), dtype) for k, v in params.items()}))
     return net

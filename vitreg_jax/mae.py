@@ -204,7 +204,7 @@ def flat_state(model: nnx.Module) -> dict[tuple[Any, ...], np.ndarray]:
     """{path: numpy array} of every parameter and buffer (list indices as ints), e.g. for ``mae_mapping``."""
     from vitreg_jax.convert.mapping import flatten
 
-    return {k: np.asarray(v) for k, v in flatten(nnx.state(model, (nnx.Param, Buffer)).to_pure_dict()).items()}
+    return {k: np.asarray(v) for k, v in flatten(nnx.to_pure_dict(nnx.state(model, (nnx.Param, Buffer)))).items()}
 
 
 def load_flat_state(model: nnx.Module, flat: dict[tuple[Any, ...], Any]) -> nnx.Module:

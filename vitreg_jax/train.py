@@ -141,7 +141,7 @@ def adamw_update(cfg: TrainConfig, params: Any, grads: Any, opt_state: Any, lr: 
 
 
 def cast_matmul_weights(params: Any, dtype: Any) -> Any:
-    """Matmul kernels to ``dtype`` (layers.dense then multiplies in it with float32 accumulation); the rest
+    """Matmul kernels to ``dtype`` (ops.dense then multiplies in it with float32 accumulation); the rest
     (biases, norms, tokens, position embeddings) stays float32."""
     def cast(path: tuple[Any, ...], leaf: jax.Array) -> jax.Array:
         last = getattr(path[-1], "key", None)
@@ -152,7 +152,7 @@ def cast_matmul_weights(params: Any, dtype: Any) -> Any:
 
 def clip_grad_norm(grads: Any, max_norm: float | None) -> tuple[Any, jax.Array]:
     """torch's ``clip_grad_norm_``: scale by ``min(1, max_norm / (norm + 1e-6))``; returns (grads, norm)."""
-    norm = optax.global_norm(grads)
+    norm = optax.tree.norm(grads)
     if max_norm is None:
         return grads, norm
     coef = jnp.minimum(1.0, max_norm / (norm + CLIP_EPS))
@@ -176,7 +176,7 @@ class MAETrainer:
     def __init__(self, model: MAE, cfg: TrainConfig, *, mesh: Mesh | None = None):
         self.cfg = cfg
         self.graphdef, params, self.buffers = nnx.split(model, nnx.Param, ...)
-        self._init_params = jax.tree_util.tree_map(lambda a: np.array(a, np.float32), params.to_pure_dict())
+        self._init_params = jax.tree_util.tree_map(lambda a: np.array(a, np.float32), nnx.to_pure_dict(params))
         self.mesh = mesh if mesh is not None else local_mesh()
         self.replicated = NamedSharding(self.mesh, P())
         self.batch_sharding = NamedSharding(self.mesh, P(None, DATA_AXIS))  # (A, B, ...) split over B

@@ -109,8 +109,7 @@ class _Printer:
 
 
 def _choose_weights(args: argparse.Namespace, out: Path, say: _Printer) -> Any:
-    from vitreg_jax.convert import standin
-    from vitreg_jax.convert import hub
+    from vitreg_jax.convert import hub, standin
 
     if args.quick:
         if args.weights:
