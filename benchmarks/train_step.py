@@ -4,6 +4,10 @@
     python benchmarks/train_step.py --batch 4 --rounds 3 # quicker
     python benchmarks/train_step.py --torch-compile      # also birder under torch.compile (slow to compile)
 
+GPU (one command on a machine with jax[cuda], torch (CUDA) and birder installed)::
+
+    python benchmarks/train_step.py --gpu                # batch 64, bf16 and fp32, birder eager + torch.compile
+
 One optimizer step is: draw masks, encoder on the kept 25 % of the patches, decoder on all tokens, masked-pixel
 loss, backward, AdamW (birder's settings). Each variant runs in its own process, because the best XLA flags
 differ between float32 and bf16 on CPU (cpu-performance.md), and torch and JAX should not share the cores:
@@ -60,6 +64,8 @@ def child_ours(args: argparse.Namespace) -> None:
     from vitreg_jax.train import MAETrainer
     from vitreg_jax.vit import ViT
 
+    if args.gpu:  # fp32 means fp32 on both sides (no TF32)
+        jax.config.update("jax_default_matmul_precision", "highest")
     vit_cfg = preset(args.network, model_config={"drop_path_rate": 0.0}, image_size=(args.size, args.size))
     model = MAE(ViT(vit_cfg, rngs=nnx.Rngs(0)), mae_preset(args.mae), rngs=nnx.Rngs(1))
     trainer = MAETrainer(model, TrainConfig(batch_size=args.batch, steps=1000, compute_dtype=args.dtype))
@@ -81,23 +87,28 @@ def child_birder(args: argparse.Namespace, compile_: bool) -> None:
     import torch
     from birder.model_registry import registry
 
+    device = "cuda" if args.gpu else "cpu"
+    if args.gpu:  # fp32 means fp32 on both sides (JAX's GPU matmuls are not TF32 under "highest" either)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(0)
     enc = registry.net_factory(args.network, 0, 3, config={"drop_path_rate": 0.0}, size=(args.size, args.size))
-    net = registry.mim_net_factory(args.mae, enc, size=(args.size, args.size)).train()
+    net = registry.mim_net_factory(args.mae, enc, size=(args.size, args.size)).train().to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=True)
     step_net = torch.compile(net) if compile_ else net
     x = torch.from_numpy(np.random.default_rng(0).standard_normal((args.batch, 3, args.size, args.size),
-                                                                 dtype=np.float32))
+                                                                 dtype=np.float32)).to(device)
 
     def step() -> float:
-        with torch.amp.autocast("cpu", enabled=args.dtype == "bfloat16", dtype=torch.bfloat16):
+        with torch.amp.autocast(device, enabled=args.dtype == "bfloat16", dtype=torch.bfloat16):
             loss = step_net(x)["loss"]
         loss.backward()
         opt.step()
         opt.zero_grad()
         return float(loss.detach())
 
-    serve(step, args.warmup, {"device": f"torch {torch.__version__}, {torch.get_num_threads()} threads"})
+    where = torch.cuda.get_device_name() if args.gpu else f"{torch.get_num_threads()} threads"
+    serve(step, args.warmup, {"device": f"torch {torch.__version__}, {where}"})
 
 
 VARIANTS = {
@@ -119,6 +130,9 @@ def start_variant(name: str, args: argparse.Namespace) -> subprocess.Popen:
         env["XLA_FLAGS"] = flags
     cmd = [sys.executable, __file__, "--child", kind, "--dtype", dtype, "--network", args.network, "--mae", args.mae,
            "--size", str(args.size), "--batch", str(args.batch), "--warmup", str(args.warmup)]
+    if args.gpu:
+        cmd.append("--gpu")
+        env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # the JAX and torch children share the GPU
     return subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
 
@@ -136,14 +150,20 @@ def main() -> None:
     p.add_argument("--network", default="vit_reg4_b16")
     p.add_argument("--mae", default="mae_vit")
     p.add_argument("--size", type=int, default=224)
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch", type=int, default=None, help="images per step (default: 8 on CPU, 64 with --gpu)")
     p.add_argument("--rounds", type=int, default=4, help="timed steps per variant, interleaved (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (the first one compiles)")
     p.add_argument("--torch-compile", action="store_true", help="also time birder under torch.compile")
+    p.add_argument("--gpu", action="store_true",
+                   help="run both sides on the GPU (JAX's default device and torch's cuda), with torch.compile")
     p.add_argument("--only", nargs="+", default=None, choices=sorted(VARIANTS), metavar="VARIANT")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.batch is None:
+        args.batch = 64 if args.gpu else 8
+    if args.gpu:
+        args.torch_compile = True
     if args.child is not None:
         if args.child == "ours":
             child_ours(args)
@@ -151,7 +171,8 @@ def main() -> None:
             child_birder(args, compile_=args.child == "birder-compile")
         return
 
-    names = args.only or [n for n in VARIANTS if args.torch_compile or "torch.compile" not in n]
+    names = args.only or [n for n in VARIANTS if (args.torch_compile or "torch.compile" not in n)
+                          and not (args.gpu and "YNN" in n)]
     print(f"MAE train step: {args.network} + {args.mae}, {args.size} px, batch {args.batch}; median of {args.rounds} "
           f"interleaved rounds after {args.warmup} warm-up step(s); {platform.machine()}, {os.cpu_count()} CPUs",
           flush=True)
@@ -182,7 +203,7 @@ def main() -> None:
         print(f"  {name:<36} {rate[name]:7.2f} img/s   step {step_s:6.2f} s (min {min(times[name]):.2f})   "
               f"first step (compiles) {first[name]['first_step_s']:5.1f} s", flush=True)
     for ours, theirs in (("ours fp32", "birder fp32"), ("ours bf16", "birder bf16 autocast"),
-                         ("ours bf16", "birder bf16 autocast torch.compile")):
+                         ("ours fp32", "birder fp32 torch.compile"), ("ours bf16", "birder bf16 autocast torch.compile")):
         if ours in rate and theirs in rate:
             print(f"  {ours} / {theirs}: {rate[ours] / rate[theirs]:.2f}x")
 
