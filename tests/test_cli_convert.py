@@ -24,19 +24,20 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tests.tolerances import CONVERT_PARITY_ATOL
 from vitreg_jax.cli import main
 from vitreg_jax.convert import hub, mapping
 from vitreg_jax.convert.readers import read_birder_file
 
 try:
     from tests.test_convert import (
-        PARITY_ATOL, RGB, SIZE, TINY, Tiny, birder_embedding, birder_net, birder_save,
+        RGB, SIZE, TINY, Tiny, birder_embedding, birder_net, birder_save,
         damaged_files, evil_files, legacy_state, nhwc_input, save_pt, signature, state_tensors, to_numpy,
     )
     from tests.test_convert import tiny  # the session fixture
 except ImportError:  # tests/ run as plain folder
     from test_convert import (  # type: ignore[no-redef]
-        PARITY_ATOL, RGB, SIZE, TINY, Tiny, birder_embedding, birder_net, birder_save,
+        RGB, SIZE, TINY, Tiny, birder_embedding, birder_net, birder_save,
         damaged_files, evil_files, legacy_state, nhwc_input, save_pt, signature, state_tensors, to_numpy,
     )
     from test_convert import tiny  # type: ignore[no-redef]  # noqa: F401
@@ -102,7 +103,7 @@ def converted(tiny: Tiny, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_convert_a_birder_file_gives_birders_embedding(tiny: Tiny, converted: Path,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
     x = nhwc_input()
-    assert np.max(np.abs(our_embedding(converted, x) - birder_embedding(tiny.net, x))) < PARITY_ATOL
+    assert np.max(np.abs(our_embedding(converted, x) - birder_embedding(tiny.net, x))) < CONVERT_PARITY_ATOL
     meta = metadata(converted)
     prov = meta["provenance"]
     assert prov["source_file"] == tiny.pt.name and prov["source_sha256"] == sha256(tiny.pt)
@@ -194,7 +195,7 @@ def test_half_precision_files_convert_and_export_bit_for_bit(tiny: Tiny, tmp_pat
     original, _ = birder.load_model_with_cfg(str(js), str(pt))
     exported, _ = birder.load_model_with_cfg(str(tmp_path / "back.json"), str(tmp_path / "back.pt"))
     assert np.array_equal(birder_embedding(original.eval(), x), birder_embedding(exported.eval(), x))
-    assert np.max(np.abs(our_embedding(tmp_path / "c", x) - birder_embedding(original.eval(), x))) < PARITY_ATOL
+    assert np.max(np.abs(our_embedding(tmp_path / "c", x) - birder_embedding(original.eval(), x))) < CONVERT_PARITY_ATOL
 
 
 def test_a_classifier_head_is_kept(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -404,7 +405,7 @@ def test_load_model_with_cfg_reads_a_birder_file_without_its_json(tiny: Tiny) ->
 
     net, cfg = vitreg_jax.load_model_with_cfg(None, tiny.pt)
     x = nhwc_input()
-    assert np.max(np.abs(np.asarray(net.embedding(x)) - birder_embedding(tiny.net, x))) < PARITY_ATOL
+    assert np.max(np.abs(np.asarray(net.embedding(x)) - birder_embedding(tiny.net, x))) < CONVERT_PARITY_ATOL
     assert cfg["rgb_stats"]["mean"] == list(RGB["mean"]) and cfg["signature"] == signature()
 
 

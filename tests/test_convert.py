@@ -34,7 +34,6 @@ logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 TINY = {"num_layers": 2, "hidden_dim": 64, "num_heads": 2, "mlp_dim": 128}
 SIZE = (32, 32)
 RGB = {"mean": (0.5191, 0.5306, 0.4877), "std": (0.2316, 0.2304, 0.2588)}
-PARITY_ATOL = 2e-5  # our embedding vs birder's, fp32 CPU (birder's own fp32 floor is ~5e-6)
 DEPTH = TINY["num_layers"]
 
 

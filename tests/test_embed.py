@@ -14,15 +14,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from tests.tolerances import EMBEDDER_BF16_MIN_COSINE, EMBEDDER_FP32_ATOL
 from vitreg_jax.config import preset
 from vitreg_jax.embed import CPU_XLA_FLAGS, Embedder, bucket_sizes, configure_xla_flags, make_embed_fn
 from vitreg_jax.errors import UserError
 from vitreg_jax.vit import ViT
 
 # fp32 jitted vs eager: the same math in another fusion / micro-batch order
-FP32_ATOL = 1e-5
 # bf16 matmul inputs with fp32 accumulation vs the fp32 embedding (the bar)
-BF16_MIN_COSINE = 0.999
 TINY = {"num_layers": 2, "hidden_dim": 64, "mlp_dim": 128, "num_heads": 4, "patch_size": 8}
 SIZE = (32, 32)
 
@@ -57,7 +56,7 @@ def test_fp32_equals_net_embedding(net, images):
     embedder = Embedder(net, batch_size=8)  # 11 images: a full bucket of 8 (micro-batched) + a padded 4
     out = embedder(images)
     assert out.dtype == np.float32
-    assert_close(out, np.asarray(net.embedding(images)), FP32_ATOL, "Embedder fp32 vs net.embedding")
+    assert_close(out, np.asarray(net.embedding(images)), EMBEDDER_FP32_ATOL, "Embedder fp32 vs net.embedding")
 
 
 def test_prime_batch_is_padded_to_micro_batches_not_split_into_ones(net, images):
@@ -69,7 +68,7 @@ def test_prime_batch_is_padded_to_micro_batches_not_split_into_ones(net, images)
     assert_close(
         np.asarray(embed(params, images)),
         np.asarray(net.embedding(images)),
-        FP32_ATOL,
+        EMBEDDER_FP32_ATOL,
         "11 rows micro-batched by 4 vs net.embedding",
     )
 
@@ -79,7 +78,7 @@ def test_make_embed_fn_equals_net(net, images):
     assert_close(
         np.asarray(embed(params, images[:3])),
         np.asarray(net.forward_features(images[:3])),
-        FP32_ATOL,
+        EMBEDDER_FP32_ATOL,
         "make_embed_fn tokens vs forward_features",
     )
 
@@ -94,7 +93,7 @@ def test_features_and_any_size(net):
         ("cls", np.asarray(net.embedding(x))),
     ):
         out = Embedder(net, features=features, batch_size=4)(x)
-        assert_close(out, ref, FP32_ATOL, f"features={features} at 48x40")
+        assert_close(out, ref, EMBEDDER_FP32_ATOL, f"features={features} at 48x40")
     assert Embedder(net, features="patches").output_shape(48, 40) == (30, 64)
 
 
@@ -109,7 +108,7 @@ def test_bf16_close_to_fp32(net, images):
     out = embedder(images)
     assert out.dtype == np.float32
     cos = cosine(out, np.asarray(net.embedding(images)))
-    assert cos.min() >= BF16_MIN_COSINE, f"bf16 cosine to fp32: min {cos.min():.6f}"
+    assert cos.min() >= EMBEDDER_BF16_MIN_COSINE, f"bf16 cosine to fp32: min {cos.min():.6f}"
 
 
 def test_one_compilation_per_bucket(net, images):
@@ -118,7 +117,7 @@ def test_one_compilation_per_bucket(net, images):
     ref = np.asarray(net.embedding(images))
     sizes = [3, 8, 5, 1, 8, 2, 7, 11, 4, 6, 1, 9]  # ragged stream; 11 and 9 run as 8 + a smaller bucket
     for n in sizes:
-        assert_close(embedder(images[:n]), ref[:n], FP32_ATOL, f"batch of {n}")
+        assert_close(embedder(images[:n]), ref[:n], EMBEDDER_FP32_ATOL, f"batch of {n}")
     assert embedder.compile_count == 4, embedder.compile_seconds
     assert sorted(b for b, _, _ in embedder.compile_seconds) == [1, 2, 4, 8]
     embedder(images[:8])
@@ -129,7 +128,7 @@ def test_stream_and_empty(net, images):
     embedder = Embedder(net, batch_size=4)
     outs = list(embedder.stream([images[:4], images[4:5], images[5:5], images[5:11]]))
     assert [len(o) for o in outs] == [4, 1, 0, 6]
-    assert_close(np.concatenate(outs), np.asarray(net.embedding(images)), FP32_ATOL, "stream")
+    assert_close(np.concatenate(outs), np.asarray(net.embedding(images)), EMBEDDER_FP32_ATOL, "stream")
     assert embedder(np.zeros((0, *SIZE, 3), np.float32)).shape == (0, 64)
 
 
@@ -219,5 +218,5 @@ def test_sharded_over_four_cpu_devices_equals_single_device():
     assert r["devices"] == 4 and r["mesh"] == 4
     assert r["buckets"] == [4, 8]  # multiples of the device count
     assert r["out_devices"] == 4 and r["shards"] == [2, 2, 2, 2]  # the batch is split, not replicated
-    assert r["max_diff"] <= FP32_ATOL and r["max_diff_eager"] <= FP32_ATOL, r
+    assert r["max_diff"] <= EMBEDDER_FP32_ATOL and r["max_diff_eager"] <= EMBEDDER_FP32_ATOL, r
     assert r["compiles"] == 1  # 13 images run as 8 + 5 padded to 8: the one executable compiled above

@@ -18,6 +18,7 @@ from vitreg_jax.convert import mae_mapping, mapping
 
 from tests import birder_ref as ref
 from tests.conftest import record
+from tests.tolerances import MAE_ENCODER_TOKENS_ATOL, MAE_LOSS_RTOL, MAE_POS_EMBED_ATOL, MAE_PRED_ATOL
 from vitreg_jax.config import MAEConfig, ViTConfig, mae_preset, preset
 from vitreg_jax.mae import (
     MAE,
@@ -36,10 +37,6 @@ pytest.importorskip("birder")
 jax.config.update("jax_default_matmul_precision", "highest")
 
 # tolerances (fp32, CPU)
-PRED_ATOL = 1e-4  # decoder predictions (issue 5)
-LOSS_RTOL = 1e-5  # loss, relative (issue 5)
-POS_EMBED_ATOL = 1e-6  # the sin-cos table: float32 sin/cos of the same float32 arguments
-ENCODER_TOKENS_ATOL = 2e-5  # encoder part of an MAE checkpoint through the encoder table
 WEIGHT_NOISE_STD = 0.05  # added to every birder tensor, so biases, norms and tokens are not at their init values
 
 SIZE = (64, 64)
@@ -123,8 +120,8 @@ def test_forward_matches_birder(pair, monkeypatch):
     record(f"MAE {variant} (tiny, 64 px)", "pred", pred_diff)
     record(f"MAE {variant} (tiny, 64 px)", "loss (relative)", loss_rel)
     np.testing.assert_array_equal(np.asarray(out_o["mask"]), out_b["mask"].numpy())
-    assert pred_diff <= PRED_ATOL, f"{variant}: decoder predictions differ by {pred_diff:.2e}"
-    assert loss_rel <= LOSS_RTOL, f"{variant}: loss {loss_o} vs birder {loss_b} (relative {loss_rel:.2e})"
+    assert pred_diff <= MAE_PRED_ATOL, f"{variant}: decoder predictions differ by {pred_diff:.2e}"
+    assert loss_rel <= MAE_LOSS_RTOL, f"{variant}: loss {loss_o} vs birder {loss_b} (relative {loss_rel:.2e})"
 
 
 def test_table_covers_birder_state_dict_both_ways(pair):
@@ -153,7 +150,7 @@ def test_encoder_part_converts_with_the_encoder_table():
     ours_tokens = np.asarray(net.forward_features(jnp.asarray(x)))
     diff = float(np.abs(ours_tokens - ref.run(bnet.encoder.forward_features, x)).max())
     record("MAE encoder part (tiny)", "forward_features", diff)
-    assert diff <= ENCODER_TOKENS_ATOL
+    assert diff <= MAE_ENCODER_TOKENS_ATOL
     ours_encoder = {p[1:]: v for p, v in flat_state(ours).items() if p[0] == "encoder"}
     for path, value in mapping.to_nnx(enc_state, vit_cfg).items():
         np.testing.assert_array_equal(ours_encoder[path], value, err_msg=str(path))
@@ -195,7 +192,7 @@ def test_sincos_pos_embed_matches_birder(endpoint, grid, dim):
     ours = sincos_pos_embed_2d(grid, dim, 5, include_frequency_endpoint=endpoint)
     assert ours.shape == theirs.shape and ours.dtype == np.float32
     np.testing.assert_array_equal(ours[:5], 0.0)
-    np.testing.assert_allclose(ours, theirs, rtol=0, atol=POS_EMBED_ATOL)
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=MAE_POS_EMBED_ATOL)
 
 
 def test_decoder_pos_embed_follows_the_frequency_option():

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.tolerances import AFFINE_EQUAL_FRACTION, CROP_STAT_ATOL
 from vitreg_jax import augment as A
 from vitreg_jax.augment import TrainTransform
 from vitreg_jax.errors import UserError
@@ -19,9 +20,7 @@ IMAGES = Path(__file__).parents[1] / "examples" / "images"
 STATS = {"mean": [0.5191, 0.5306, 0.4877], "std": [0.2316, 0.2304, 0.2588]}
 # torchvision resizes uint8 tensors with its own antialiased kernels, PIL with its fixed-point ones: a few levels
 RESIZE_MAX_LEVELS = {"bilinear": 1, "bicubic": 6}
-AFFINE_EQUAL_FRACTION = 0.9999  # nearest sampling: a rare coordinate lands on a .5 tie rounded differently
 CROP_DRAWS = 4000
-CROP_STAT_ATOL = 0.02  # mean area fraction / log aspect of 4000 draws, ours vs torchvision's
 
 
 def photo() -> Image.Image:

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.tolerances import ADAMW_RTOL, CLIP_RTOL, LR_ATOL, LR_RTOL
 from vitreg_jax.config import TrainConfig
 from vitreg_jax.train import (
     LRSchedule,
@@ -29,10 +30,6 @@ from vitreg_jax.train import (
 
 torch = pytest.importorskip("torch")
 
-ADAMW_RTOL = 1e-6  # parameters after the step, relative (issue 5)
-LR_RTOL = 1e-12  # both sides in float64
-LR_ATOL = 1e-18  # the cosine's last value is 0 (torch: ~1e-20 from its recursive form)
-CLIP_RTOL = 1e-6
 
 SHAPES = {"decoder_embed": {"kernel": (24, 16), "bias": (16,)}, "norm": {"scale": (16,), "bias": (16,)},
           "mask_token": (1, 1, 16), "block": {0: {"kernel": (16, 48)}}}

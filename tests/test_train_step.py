@@ -22,6 +22,16 @@ from vitreg_jax.convert import mae_mapping
 
 from tests import birder_ref as ref
 from tests.conftest import record
+from tests.tolerances import (
+    STEP_BF16_GRAD_COSINE,
+    STEP_BF16_LOSS_RTOL,
+    STEP_DP_GRAD_RTOL_OF_MAX,
+    STEP_DP_LOSS_RTOL,
+    STEP_GRAD_FLOOR,
+    STEP_GRAD_RTOL_OF_MAX,
+    STEP_LOSS_RTOL,
+    STEP_UPDATE_ATOL_OF_LR,
+)
 from vitreg_jax.config import MAEConfig, TrainConfig, preset
 from vitreg_jax.mae import MAE, Masks, load_flat_state
 from vitreg_jax.train import MAETrainer
@@ -30,14 +40,6 @@ from vitreg_jax.vit import ViT
 jax.config.update("jax_default_matmul_precision", "highest")
 
 # tolerances (fp32, CPU)
-GRAD_RTOL_OF_MAX = 1e-4  # accumulated gradients vs torch's, per tensor, relative to its largest entry
-UPDATE_ATOL_OF_LR = 1e-3  # what two AdamW steps moved each parameter, in units of the learning rate ...
-GRAD_FLOOR = 1e-6  # ... where both gradients exceed 100 x AdamW's eps (see test_step_matches_birder)
-LOSS_RTOL = 1e-5
-BF16_LOSS_RTOL = 2e-2  # bf16 matmul inputs vs the fp32 step
-BF16_GRAD_COSINE = 0.99
-DP_GRAD_RTOL_OF_MAX = 1e-5  # 2 devices vs 1 device: the gradient differs by reduction order only
-DP_LOSS_RTOL = 1e-6
 
 # small enough to compile in seconds: one encoder block, one decoder block, 32 px images in 8 px patches
 SIZE = (32, 32)
@@ -117,14 +119,14 @@ def test_step_matches_birder(birder_and_ours, monkeypatch):
         opt.step()
         state, metrics = trainer.step(state, x[s], LR, masks=Masks(masks[s][1], masks[s][2], masks[s][0]))
         loss_rel = abs(float(metrics["loss"]) - np.mean(losses)) / np.mean(losses)
-        assert loss_rel <= LOSS_RTOL, f"step {s}: loss {float(metrics['loss'])} vs birder {np.mean(losses)}"
+        assert loss_rel <= STEP_LOSS_RTOL, f"step {s}: loss {float(metrics['loss'])} vs birder {np.mean(losses)}"
         if s == 0:  # after one step AdamW's first moment is (1 - b1) * grad: our accumulated gradient
             mu = state["opt_state"][0].mu  # optax.adamw: (scale_by_adam, add_decayed_weights, scale) states
             grads = ours_as_birder(trainer, jax.tree_util.tree_map(lambda v: np.asarray(v) / (1 - cfg.betas[0]), mu))
             worst = max((float(np.abs(grads[k] - g).max() / max(np.abs(g).max(), 1e-12)), k)
                         for k, g in torch_grads[0].items())
             record("MAE train step (tiny, 2x2 accum)", "grad (rel. to max)", worst[0])
-            assert worst[0] <= GRAD_RTOL_OF_MAX, f"gradient of {worst[1]} differs by {worst[0]:.2e} of its max"
+            assert worst[0] <= STEP_GRAD_RTOL_OF_MAX, f"gradient of {worst[1]} differs by {worst[0]:.2e} of its max"
     ours = ours_as_birder(trainer, state["params"])
     theirs = birder_params(bnet)
     # Compare what the two steps moved, in units of the learning rate. Adam divides each gradient by its own
@@ -134,11 +136,11 @@ def test_step_matches_birder(birder_and_ours, monkeypatch):
     worst = (0.0, "")
     for k in names:
         moved_o, moved_t = ours[k] - start[k], theirs[k] - start[k]
-        steady = np.minimum(np.abs(torch_grads[0][k]), np.abs(torch_grads[1][k])) > GRAD_FLOOR
+        steady = np.minimum(np.abs(torch_grads[0][k]), np.abs(torch_grads[1][k])) > STEP_GRAD_FLOOR
         assert np.abs(moved_o - moved_t)[~steady].max(initial=0.0) <= 2 * 2 * LR, k  # at most lr per step each
         worst = max(worst, (float(np.abs(moved_o - moved_t)[steady].max(initial=0.0)) / LR, k))
     record("MAE train step (tiny, 2x2 accum)", "update after 2 steps / lr", worst[0])
-    assert worst[0] <= UPDATE_ATOL_OF_LR, f"{worst[1]}: the updates differ by {worst[0]:.2e} lr"
+    assert worst[0] <= STEP_UPDATE_ATOL_OF_LR, f"{worst[1]}: the updates differ by {worst[0]:.2e} lr"
     np.testing.assert_array_equal(ours["decoder_pos_embed"], theirs["decoder_pos_embed"])  # a buffer: untouched
     assert int(state["step"]) == 2
 
@@ -172,8 +174,8 @@ def test_bf16_step_is_close_to_fp32_and_keeps_fp32_weights(birder_and_ours):
     (l32, g32), (l16, g16) = results["fp32"], results["bf16"]
     cosine = float(g32 @ g16 / (np.linalg.norm(g32) * np.linalg.norm(g16)))
     record("MAE train step bf16 vs fp32 (tiny)", "loss (relative)", abs(l16 - l32) / l32)
-    assert abs(l16 - l32) / l32 <= BF16_LOSS_RTOL
-    assert cosine >= BF16_GRAD_COSINE, f"bf16 gradient cosine to fp32 {cosine:.4f}"
+    assert abs(l16 - l32) / l32 <= STEP_BF16_LOSS_RTOL
+    assert cosine >= STEP_BF16_GRAD_COSINE, f"bf16 gradient cosine to fp32 {cosine:.4f}"
 
 
 def bf16_masks(trainer: MAETrainer, masks: Masks) -> Masks:
@@ -222,5 +224,5 @@ def test_data_parallel_over_two_devices_matches_one(tmp_path):
     assert out["two_batch_devices"] == 2 and out["one_batch_devices"] == 1
     assert "'data'" in out["two_batch_spec"]
     record("MAE train step, 2 devices vs 1", "grad (rel. to max)", out["grad_diff_of_max"])
-    assert out["grad_diff_of_max"] <= DP_GRAD_RTOL_OF_MAX
-    assert out["two_loss"] == pytest.approx(out["one_loss"], rel=DP_LOSS_RTOL)
+    assert out["grad_diff_of_max"] <= STEP_DP_GRAD_RTOL_OF_MAX
+    assert out["two_loss"] == pytest.approx(out["one_loss"], rel=STEP_DP_LOSS_RTOL)

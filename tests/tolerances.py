@@ -8,3 +8,36 @@ DETECTION_RTOL_OF_MAX = 1e-5
 POS_EMBED_ATOL = 1e-6  # the resampled position embedding itself
 # beyond fp32's conditioning: our distance to birder-in-float64 may be at most this times birder-fp32's own
 ILL_CONDITIONED_FLOOR_FACTOR = 2.0
+
+# MAE pre-training vs birder's MAE_ViT (tests/test_mae_parity.py)
+MAE_PRED_ATOL = 1e-4  # decoder predictions (issue 5)
+MAE_LOSS_RTOL = 1e-5  # loss, relative (issue 5)
+MAE_POS_EMBED_ATOL = 1e-6  # the sin-cos table: float32 sin/cos of the same float32 arguments
+MAE_ENCODER_TOKENS_ATOL = 2e-5  # encoder part of an MAE checkpoint through the encoder table
+
+# The MAE train step vs birder's (torch) step (tests/test_train_step.py)
+STEP_GRAD_RTOL_OF_MAX = 1e-4  # accumulated gradients vs torch's, per tensor, relative to its largest entry
+STEP_UPDATE_ATOL_OF_LR = 1e-3  # what two AdamW steps moved each parameter, in units of the learning rate ...
+STEP_GRAD_FLOOR = 1e-6  # ... where both gradients exceed 100 x AdamW's eps (see test_step_matches_birder)
+STEP_LOSS_RTOL = 1e-5
+STEP_BF16_LOSS_RTOL = 2e-2  # bf16 matmul inputs vs the fp32 step
+STEP_BF16_GRAD_COSINE = 0.99
+STEP_DP_GRAD_RTOL_OF_MAX = 1e-5  # 2 devices vs 1 device: the gradient differs by reduction order only
+STEP_DP_LOSS_RTOL = 1e-6
+
+# Optimizer, schedule and clipping vs torch (tests/test_train_optim.py)
+ADAMW_RTOL = 1e-6  # parameters after the step, relative (issue 5)
+LR_RTOL = 1e-12  # both sides in float64
+LR_ATOL = 1e-18  # the cosine's last value is 0 (torch: ~1e-20 from its recursive form)
+CLIP_RTOL = 1e-6
+
+# Training augmentation vs torchvision (tests/test_train_data.py)
+AFFINE_EQUAL_FRACTION = 0.9999  # nearest sampling: a rare coordinate lands on a .5 tie rounded differently
+CROP_STAT_ATOL = 0.02  # mean area fraction / log aspect of 4000 draws, ours vs torchvision's
+
+# The compiled Embedder vs net.embedding (tests/test_embed.py)
+EMBEDDER_FP32_ATOL = 1e-5
+EMBEDDER_BF16_MIN_COSINE = 0.999
+
+# Converted weights vs birder (tests/test_cli_convert.py)
+CONVERT_PARITY_ATOL = 2e-5  # our embedding vs birder's, fp32 CPU (birder's own fp32 floor is ~5e-6)
