@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from tests.conftest import record
+from tests.tolerances import DP_RUN_LOSS_RTOL, DP_RUN_PARAM_ATOL_OF_LR
 from vitreg_jax import cli
 from vitreg_jax.augment import TrainTransform
 from vitreg_jax.config import MAEConfig, TrainConfig, preset
@@ -151,12 +153,16 @@ def pretrain_args(out: Path, steps: int = 8) -> list[str]:
             "--no-progress"]
 
 
+def cli_env(cache: Path) -> dict[str, str]:
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_backend_optimization_level=0",
+            "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
 def run_cli(args: list[str], cache: Path, kill_at_step: int | None = None) -> subprocess.CompletedProcess:
     """``python -m vitreg_jax`` in a fresh process sharing one persistent compilation cache; with
     ``kill_at_step``, the process SIGKILLs itself when the loop asks for that step (``tests/kill_run.py``)."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_backend_optimization_level=0",
-           "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    env = cli_env(cache)
     runner = ["vitreg_jax"] if kill_at_step is None else ["tests.kill_run", "pretrain-step", str(kill_at_step), "--"]
     return subprocess.run([sys.executable, "-m", *runner, *args], env=env, capture_output=True, text=True,
                           timeout=CLI_TIMEOUT_S, cwd=ROOT, check=False)
@@ -169,8 +175,11 @@ def final_state(run: Path) -> tuple[int, dict]:
     step = max(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit())
     import orbax.checkpoint as ocp
 
-    with ocp.StandardCheckpointer() as ckptr:
-        state = ckptr.restore((ckpt_dir / str(step) / "state").absolute())
+    path = (ckpt_dir / str(step) / "state").absolute()
+    with ocp.PyTreeCheckpointer() as ckptr:  # as host arrays, whatever devices saved it
+        tree = ckptr.metadata(path).item_metadata.tree
+        state = ckptr.restore(path, restore_args=jax.tree_util.tree_map(
+            lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree))
     return step, {"state": state, "encoder": restore_params(run / "encoder")}
 
 
@@ -228,7 +237,7 @@ def test_pretrain_help(capsys):
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     for option in ("--data", "--out", "--steps", "--epochs", "--batch-size", "--lr", "--resume", "--init",
-                   "--network", "--bf16", "examples:"):
+                   "--network", "--bf16", "--coordinator", "--num-processes", "--process-id", "examples:"):
         assert option in text
 
 
@@ -243,6 +252,11 @@ def test_pretrain_user_errors(tmp_path, capsys):
     assert "KEY=VALUE" in cli_error(["pretrain", "--data", str(IMAGES), "--out", out, "--steps", "5",
                                      "--model-config", "num_layers"], capsys)
     assert "positive integer" in cli_error(["pretrain", "--data", str(IMAGES), "--out", out, "--steps", "0"], capsys)
+    assert "go together" in cli_error(["pretrain", "--data", str(IMAGES), "--out", out, "--steps", "5",
+                                       "--coordinator", "127.0.0.1:1"], capsys)
+    assert "--process-id must be in 0..1" in cli_error(["pretrain", "--data", str(IMAGES), "--out", out, "--steps",
+                                                        "5", "--coordinator", "127.0.0.1:1", "--num-processes", "2",
+                                                        "--process-id", "2"], capsys)
     assert not (tmp_path / "run").exists(), "a failed start left files behind"
     # an existing run: continue only with --resume, and only with its own settings
     (tmp_path / "run").mkdir()
@@ -253,3 +267,38 @@ def test_pretrain_user_errors(tmp_path, capsys):
     assert "--resume" in cli_error(["pretrain", "--data", str(IMAGES), "--out", out, "--steps", "5"], capsys)
     assert "--steps 7 (run has 5)" in cli_error(["pretrain", "--out", out, "--resume", "--steps", "7"], capsys)
     cli_error(["pretrain", "--out", out, "--export-only"], capsys)  # no file list / checkpoint yet: one line
+
+
+def test_pretrain_two_processes_equal_one(tmp_path):
+    """Two processes (one CPU device each, jax.distributed on 127.0.0.1) train the run that one process does:
+    each reads its half of every global batch and the gradients are averaged across the processes."""
+    import socket
+
+    cache = tmp_path / "jax-cache"
+    steps = 4
+    one = run_cli(pretrain_args(tmp_path / "one", steps=steps), cache)
+    assert one.returncode == 0, one.stderr[-3000:]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-m", "vitreg_jax", *pretrain_args(tmp_path / "two", steps=steps),
+                               "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+                              env=cli_env(cache), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    results = [p.communicate(timeout=CLI_TIMEOUT_S) for p in procs]
+    for p, (_, err) in zip(procs, results, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    assert json.loads((tmp_path / "two" / "run.json").read_text())["devices"] == 2
+    losses = [[json.loads(ln)["loss"] for ln in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+              for run in ("one", "two")]
+    assert len(losses[0]) == len(losses[1]) == steps
+    np.testing.assert_allclose(losses[1], losses[0], rtol=DP_RUN_LOSS_RTOL)
+    step_a, a = final_state(tmp_path / "one")
+    step_b, b = final_state(tmp_path / "two")
+    assert step_a == step_b == steps
+    lr = 1e-3  # pretrain_args
+    worst = max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+                for x, y in zip(jax.tree_util.tree_leaves(a["encoder"]), jax.tree_util.tree_leaves(b["encoder"]),
+                                strict=True))
+    record("pretrain, 2 processes vs 1", "encoder |diff| / lr", worst / lr)
+    assert worst <= DP_RUN_PARAM_ATOL_OF_LR * lr

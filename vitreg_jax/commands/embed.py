@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vitreg_jax.commands import distributed
 from vitreg_jax.errors import UserError
 
 FEATURES = ("cls", "tokens", "patches")
@@ -108,15 +109,7 @@ def register(subparsers: Any) -> None:
         help="cls: net.embedding (N x D); tokens: all tokens; patches: patch tokens only",
     )
     p.add_argument("--workers", type=int, default=None, help="decode threads (default: CPU count, at most 8)")
-    g = p.add_argument_group("several processes (jax.distributed)")
-    g.add_argument(
-        "--distributed",
-        action="store_true",
-        help="call jax.distributed.initialize() with cluster auto-detection (TPU pods, SLURM, ...)",
-    )
-    g.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="coordinator address")
-    g.add_argument("--num-processes", type=int, default=None)
-    g.add_argument("--process-id", type=int, default=None)
+    distributed.add_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -131,15 +124,7 @@ def _check_args(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")
-    explicit = [args.coordinator, args.num_processes, args.process_id]
-    if any(v is not None for v in explicit):
-        if any(v is None for v in explicit):
-            raise UserError("--coordinator, --num-processes and --process-id go together")
-        if args.num_processes < 1 or not 0 <= args.process_id < args.num_processes:
-            raise UserError(
-                f"--process-id must be in 0..{args.num_processes - 1} and --num-processes >= 1, got "
-                f"{args.process_id} of {args.num_processes}"
-            )
+    distributed.check(args)
 
 
 # run identity -----------------------------------------------------------------------------------------
@@ -295,12 +280,7 @@ def run(args: argparse.Namespace) -> int:
 
     import jax
 
-    if args.coordinator is not None:
-        jax.distributed.initialize(
-            coordinator_address=args.coordinator, num_processes=args.num_processes, process_id=args.process_id
-        )
-    elif args.distributed:
-        jax.distributed.initialize()
+    distributed.initialize(args)
 
     import numpy as np
     from jax.experimental import multihost_utils

@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from vitreg_jax.commands import distributed
 from vitreg_jax.errors import UserError
 
 RUN_FILE = "run.json"
@@ -174,9 +175,7 @@ The run folder RUN gets run.json (settings), files.txt (the images), checkpoints
                    help="export RUN/encoder from the latest checkpoint and exit (no training)")
     g.add_argument("--log-every", type=_positive_int, default=10, help="steps per metrics line (default 10)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g = p.add_argument_group("several processes (jax.distributed)")
-    g.add_argument("--distributed", action="store_true",
-                   help="call jax.distributed.initialize() with cluster auto-detection (TPU pods, SLURM, ...)")
+    distributed.add_arguments(p)
     p.set_defaults(func=run)  # cli.OneLineParser keeps argparse's errors to one line
 
 
@@ -293,6 +292,7 @@ def run(args: argparse.Namespace) -> int:
         options = _resolve(given)
     if args.workers is not None and args.workers < 0:
         raise UserError(f"--workers must be 0 or more, got {args.workers}")
+    distributed.check(args)
     vit_cfg, mae_cfg, train_cfg = _build_configs(options)  # UserError for bad networks / values, before JAX
     if saved is None and not args.export_only:
         from vitreg_jax.data import list_inputs
@@ -306,10 +306,7 @@ def run(args: argparse.Namespace) -> int:
 
     # (XLA flags stay the user's: --xla_cpu_experimental_ynn_fusion_type=, which speeds up float32 inference on
     # CPU, slows this train step down; BENCHMARKS.md "MAE train step")
-    import jax
-
-    if args.distributed:
-        jax.distributed.initialize()
+    distributed.initialize(args)
     return _train(args, out, saved, options, paths, vit_cfg, mae_cfg, train_cfg)
 
 
