@@ -172,3 +172,8 @@ plt.show()
 #   `RUN/encoder/`, a vitreg-jax checkpoint that `vitreg-jax embed` uses and `vitreg-jax export` turns into a
 #   birder `.pt`.
 # - `--init vit_reg4_b16_mim_300` starts from the published encoder (fine-tuning the MAE on your own images).
+# - Several hosts (a TPU slice, GPU nodes): run the same command once per host with `--distributed`
+#   (`jax.distributed` finds the others on TPU pods and under SLURM) or with
+#   `--coordinator HOST0:PORT --num-processes N --process-id I`; `--batch-size` stays the global batch, each
+#   process reads its share of every batch, and the gradients are averaged over every device of every host.
+#   `RUN` must be on a file system that all hosts see.
