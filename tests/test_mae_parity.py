@@ -20,6 +20,7 @@ from tests import birder_ref as ref
 from tests.conftest import record
 from tests.tolerances import MAE_ENCODER_TOKENS_ATOL, MAE_LOSS_RTOL, MAE_POS_EMBED_ATOL, MAE_PRED_ATOL
 from vitreg_jax.config import MAEConfig, ViTConfig, mae_preset, preset
+from vitreg_jax.errors import UserError
 from vitreg_jax.mae import (
     MAE,
     Masks,
@@ -169,6 +170,47 @@ def test_masks_from_noise_match_uniform_mask(ratio):
     np.testing.assert_array_equal(np.asarray(ours.mask), mask.numpy())
     np.testing.assert_array_equal(np.asarray(ours.ids_keep), keep.numpy())
     np.testing.assert_array_equal(np.asarray(ours.ids_restore), restore.numpy())
+
+
+@pytest.mark.parametrize(("ratio", "grid"), [(0.75, (14, 14)), (0.6, (8, 12))])
+def test_block_masks_from_noise_match_uniform_mask(ratio, grid):
+    """birder's min_mask_size=2: whole 2x2 blocks kept or masked. torch's argsort is not stable, so the kept
+    patches of one block (equal sort keys) may come in another order: compared as block-noise sequences."""
+    import torch
+    from birder.common.masking import uniform_mask
+
+    h, w = grid
+    torch.manual_seed(7)
+    noise = torch.rand(4, (h // 2) * (w // 2))
+    torch.manual_seed(7)
+    mask, keep, restore = uniform_mask(4, h, w, ratio, min_mask_size=2)
+    ours = masks_from_noise(jnp.asarray(noise.numpy()), ratio, grid=grid, min_mask_size=2)
+    np.testing.assert_array_equal(np.asarray(ours.mask), mask.numpy())
+    assert ours.ids_keep.shape == tuple(keep.shape)
+    ours_keep, keep = np.asarray(ours.ids_keep), keep.numpy()
+    np.testing.assert_array_equal(np.sort(ours_keep, axis=1), np.sort(keep, axis=1))
+    block = (np.arange(h)[:, None] // 2 * (w // 2) + np.arange(w)[None, :] // 2).reshape(-1)  # patch -> block
+    block_noise = noise.numpy()[:, block]  # (B, L)
+    np.testing.assert_array_equal(np.take_along_axis(block_noise, ours_keep, 1),
+                                  np.take_along_axis(block_noise, keep, 1))
+    for r in (np.asarray(ours.ids_restore), restore.numpy()):  # a permutation that undoes the shuffle
+        assert sorted(r[0]) == list(range(h * w))
+    shuffle = np.argsort(np.asarray(ours.ids_restore), axis=1)
+    np.testing.assert_array_equal(shuffle[:, : keep.shape[1]], ours_keep)
+
+
+def test_block_masking_in_the_model():
+    vit_cfg = preset(ENCODER, model_config=ENCODER_CONFIG, image_size=SIZE)  # a 4x4 patch grid
+    model = MAE(ViT(vit_cfg, rngs=nnx.Rngs(0)), MAEConfig(**DECODER, min_mask_size=2), rngs=nnx.Rngs(1))
+    masks = model.random_masks(jax.random.PRNGKey(3), 5)
+    blocks = np.asarray(masks.mask).reshape(5, 2, 2, 2, 2)  # (B, h/2, 2, w/2, 2)
+    assert (blocks == blocks[:, :, :1, :, :1]).all(), "a 2x2 block is partly masked"
+    assert masks.ids_keep.shape == (5, 4)  # int(4 * 0.25) = 1 block of 4 patches
+    out = model(jnp.zeros((5, *SIZE, 3), jnp.float32), masks)
+    assert np.isfinite(float(out["loss"]))
+    assert MAEConfig.from_birder({}, min_mask_size=2).min_mask_size == 2
+    with pytest.raises(UserError, match="does not divide"):
+        MAE(ViT(vit_cfg, rngs=nnx.Rngs(0)), MAEConfig(**DECODER, min_mask_size=3), rngs=nnx.Rngs(1))
 
 
 def test_random_masking_properties():

@@ -206,8 +206,11 @@ class MAEConfig:
     # birder 0.8.4 divides the sin-cos frequency exponents by dim//4; the code that trained the published
     # weights (<= 0.6.2) by dim//4 - 1 ("include_frequency_endpoint").
     include_frequency_endpoint: bool = False
+    min_mask_size: int = 1  # birder's MAE_ViT(min_mask_size=): mask whole m x m blocks of patches
 
     def __post_init__(self) -> None:
+        if self.min_mask_size < 1:
+            raise UserError(f"MAEConfig: min_mask_size must be 1 or more, got {self.min_mask_size}")
         if self.decoder_embed_dim <= 0 or self.decoder_depth < 0 or self.decoder_num_heads <= 0:
             raise UserError("MAEConfig: decoder_embed_dim and decoder_num_heads must be positive, depth >= 0")
         if self.decoder_embed_dim % self.decoder_num_heads:
@@ -230,13 +233,15 @@ class MAEConfig:
         return _from_dict(cls, d, "MAEConfig")
 
     @classmethod
-    def from_birder(cls, config: dict[str, Any], *, mask_ratio: float | None = None) -> MAEConfig:
-        """From birder's MAE ``config`` dict (``decoder_depth``, ``decoder_embed_dim``, ...)."""
+    def from_birder(cls, config: dict[str, Any], *, mask_ratio: float | None = None,
+                    min_mask_size: int | None = None) -> MAEConfig:
+        """From birder's MAE ``config`` dict (``decoder_depth``, ``decoder_embed_dim``, ...) and the
+        ``MAE_ViT`` constructor's ``mask_ratio`` / ``min_mask_size`` when they are not the defaults."""
         known = {"decoder_depth", "decoder_embed_dim", "norm_pix_loss", "learnable_pos_embed"}
         unknown = sorted(set(config) - known)
         if unknown:
             raise UserError(f"unsupported birder MAE option(s): {', '.join(unknown)}")
-        extra = {} if mask_ratio is None else {"mask_ratio": mask_ratio}
+        extra = {k: v for k, v in (("mask_ratio", mask_ratio), ("min_mask_size", min_mask_size)) if v is not None}
         return cls(**config, **extra)
 
     def to_birder(self) -> dict[str, Any]:

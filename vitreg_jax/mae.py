@@ -52,20 +52,47 @@ def num_kept(seq_len: int, mask_ratio: float) -> int:
     return int(seq_len * (1 - mask_ratio))
 
 
-def masks_from_noise(noise: jax.Array, mask_ratio: float) -> Masks:
-    """birder's ``uniform_mask`` (min_mask_size=1) for given noise (B, L): the smallest noise values are kept."""
-    _, seq_len = noise.shape
-    keep = num_kept(seq_len, mask_ratio)
-    ids_shuffle = jnp.argsort(noise, axis=1).astype(jnp.int32)  # (B, L) ascending: first `keep` are kept
-    ids_restore = jnp.argsort(ids_shuffle, axis=1).astype(jnp.int32)  # (B, L) rank of each patch
-    mask = (ids_restore >= keep).astype(jnp.float32)  # (B, L) 1 = masked, the same as gathering [0]*keep+[1]*rest
-    return Masks(ids_keep=ids_shuffle[:, :keep], ids_restore=ids_restore, mask=mask)
+def masks_from_noise(noise: jax.Array, mask_ratio: float, *, grid: tuple[int, int] | None = None,
+                     min_mask_size: int = 1) -> Masks:
+    """birder's ``uniform_mask`` for given noise: the patches (or blocks) with the smallest noise are kept.
+
+    ``min_mask_size`` = 1: ``noise`` is (B, L), one value per patch. ``min_mask_size`` = m > 1: whole m x m
+    blocks of patches are kept or masked; ``noise`` is (B, (h/m) * (w/m)), one value per block of the
+    ``grid`` (h, w), and the kept patches are ordered by their block's noise as birder orders them.
+    """
+    b, n = noise.shape
+    keep = num_kept(n, mask_ratio)  # patches, or blocks
+    ids_shuffle = jnp.argsort(noise, axis=1).astype(jnp.int32)  # (B, n) ascending: first `keep` are kept
+    ids_restore = jnp.argsort(ids_shuffle, axis=1).astype(jnp.int32)  # (B, n) rank of each patch / block
+    mask = (ids_restore >= keep).astype(jnp.float32)  # (B, n) 1 = masked, the same as gathering [0]*keep+[1]*rest
+    if min_mask_size == 1:
+        return Masks(ids_keep=ids_shuffle[:, :keep], ids_restore=ids_restore, mask=mask)
+    if grid is None:
+        raise UserError("masks_from_noise: min_mask_size > 1 needs the patch grid")
+    m = min_mask_size
+    h, w = grid
+    if h % m or w % m or n != (h // m) * (w // m):
+        raise UserError(f"masks_from_noise: a {h}x{w} patch grid does not split into {m}x{m} blocks for "
+                        f"{n} noise values")
+
+    def fine(coarse: jax.Array) -> jax.Array:  # (B, h/m * w/m) -> (B, h * w), each block's value on its patches
+        x = coarse.reshape(b, h // m, 1, w // m, 1)  # (B, h/m, 1, w/m, 1)
+        return jnp.broadcast_to(x, (b, h // m, m, w // m, m)).reshape(b, h * w)
+
+    mask = fine(mask)  # (B, L)
+    # birder: argsort(mask * 2 + noise per patch): the kept blocks first, ordered by their noise
+    ids_shuffle = jnp.argsort(mask * 2 + fine(noise), axis=1).astype(jnp.int32)  # (B, L)
+    ids_restore = jnp.argsort(ids_shuffle, axis=1).astype(jnp.int32)  # (B, L)
+    return Masks(ids_keep=ids_shuffle[:, :keep * m * m], ids_restore=ids_restore, mask=mask)
 
 
-def random_masking(key: jax.Array, batch: int, seq_len: int, mask_ratio: float) -> Masks:
-    """Per-sample uniform random masking: ``int(seq_len * (1 - mask_ratio))`` patches kept per sample."""
-    noise = jax.random.uniform(key, (batch, seq_len), jnp.float32)  # (B, L)
-    return masks_from_noise(noise, mask_ratio)
+def random_masking(key: jax.Array, batch: int, seq_len: int, mask_ratio: float, *,
+                   grid: tuple[int, int] | None = None, min_mask_size: int = 1) -> Masks:
+    """Per-sample uniform random masking: ``int(seq_len * (1 - mask_ratio))`` patches kept per sample (with
+    ``min_mask_size`` m > 1, that many m x m blocks of the ``grid`` instead, ``seq_len`` / m^2 of them)."""
+    n = seq_len // (min_mask_size * min_mask_size)
+    noise = jax.random.uniform(key, (batch, n), jnp.float32)  # (B, n)
+    return masks_from_noise(noise, mask_ratio, grid=grid, min_mask_size=min_mask_size)
 
 
 def patchify(images: jax.Array, patch_size: int) -> jax.Array:
@@ -125,6 +152,8 @@ class MAE(nnx.Module):
         d = cfg.decoder_embed_dim
         s = vcfg.num_special_tokens
         grid = vcfg.grid_size
+        if grid[0] % cfg.min_mask_size or grid[1] % cfg.min_mask_size:
+            raise UserError(f"MAE: min_mask_size {cfg.min_mask_size} does not divide the {grid[0]}x{grid[1]} patch grid")
         self.decoder_embed = Linear(vcfg.hidden_dim, d, init="xavier", rngs=rngs)  # xavier_uniform_, zero bias
         self.mask_token = nnx.Param(0.02 * jax.random.normal(rngs.params(), (1, 1, d), jnp.float32))
         if cfg.learnable_pos_embed:
@@ -153,7 +182,8 @@ class MAE(nnx.Module):
         return h * w
 
     def random_masks(self, key: jax.Array, batch: int) -> Masks:
-        return random_masking(key, batch, self.seq_len, self.cfg.mask_ratio)
+        return random_masking(key, batch, self.seq_len, self.cfg.mask_ratio, grid=self.grid,
+                              min_mask_size=self.cfg.min_mask_size)
 
     def forward_decoder(self, latent: jax.Array, ids_restore: jax.Array) -> jax.Array:
         """(B, S + K, E) encoder tokens -> (B, L, p*p*C) pixel predictions for every patch."""
