@@ -197,7 +197,14 @@ SHARDED_SCRIPT = textwrap.dedent("""
     exe = sharded.compiled(8, *SIZE)
     y = exe(sharded.params, jax.device_put(x[:8], sharded.batch_sharding))
     a, b = sharded(x), single(x)
+    fsdp = Embedder(net, batch_size=8, shard_weights=True)
+    c = fsdp(x)
+    kernel = fsdp.params["encoder"]["block"][0]["mlp"]["fc1"]["kernel"]
+    bias = fsdp.params["encoder"]["block"][0]["mlp"]["fc1"]["bias"]
     print(json.dumps({"devices": len(jax.devices()), "mesh": sharded.num_devices, "buckets": sharded.buckets,
+                      "fsdp_max_diff": float(np.abs(c - b).max()),
+                      "kernel": [list(kernel.shape), list(kernel.addressable_shards[0].data.shape)],
+                      "bias": [list(bias.shape), list(bias.addressable_shards[0].data.shape)],
                       "out_devices": len(y.sharding.device_set),
                       "shards": [s.data.shape[0] for s in y.addressable_shards],
                       "max_diff": float(np.abs(a - b).max()),
@@ -220,3 +227,8 @@ def test_sharded_over_four_cpu_devices_equals_single_device():
     assert r["out_devices"] == 4 and r["shards"] == [2, 2, 2, 2]  # the batch is split, not replicated
     assert r["max_diff"] <= EMBEDDER_FP32_ATOL and r["max_diff_eager"] <= EMBEDDER_FP32_ATOL, r
     assert r["compiles"] == 1  # 13 images run as 8 + 5 padded to 8: the one executable compiled above
+    # shard_weights: each device holds a quarter of the large weights, and the results do not change
+    (k_rows, k_cols), (ks_rows, ks_cols) = r["kernel"]
+    assert ks_rows * ks_cols * 4 == k_rows * k_cols, r["kernel"]
+    assert r["bias"][0] == r["bias"][1]  # small: whole on every device
+    assert r["fsdp_max_diff"] <= EMBEDDER_FP32_ATOL, r

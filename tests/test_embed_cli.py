@@ -253,7 +253,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_equal_one(ckpt, inputs, reference, tmp_path):
+@pytest.mark.parametrize("weights", ["replicated", "sharded"])
+def test_two_processes_equal_one(ckpt, inputs, reference, tmp_path, weights):
     out = tmp_path / "out"
     port = free_port()
     procs = [
@@ -276,6 +277,7 @@ def test_two_processes_equal_one(ckpt, inputs, reference, tmp_path):
                 "2",
                 "--process-id",
                 str(i),
+                *(["--shard-weights"] if weights == "sharded" else []),
             ],
             env=cli_env(),
             cwd=ROOT,
@@ -293,5 +295,6 @@ def test_two_processes_equal_one(ckpt, inputs, reference, tmp_path):
     assert paths == ref_paths and failed == ref_failed
     np.testing.assert_allclose(emb, ref_emb, atol=FP32_ATOL, rtol=0)
     assert meta["devices"]["processes"] == 2 and meta["devices"]["count"] == 2
+    assert meta["devices"]["weights"] == weights
     assert meta["counts"]["computed_this_run"] == 13  # both shares, summed over the processes
     assert set(os.listdir(out)) == OUTPUTS

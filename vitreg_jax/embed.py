@@ -54,6 +54,8 @@ DATA_AXIS = "data"
 CPU_MICRO_BATCH = 4
 # The float32 matmul precision of the float32 path: fp32 means fp32 on every backend (no TF32 / bf16 passes).
 FLOAT32_PRECISION = "highest"
+# shard_weights leaves weights of fewer elements than this whole on every device (biases, norms, tokens)
+MIN_SHARDED_WEIGHT = 4096
 # XLA_FLAGS chosen per dtype on CPU (see the module docstring and BENCHMARKS.md).
 CPU_XLA_FLAGS: dict[str, str] = {"float32": "--xla_cpu_experimental_ynn_fusion_type=", "bfloat16": ""}
 
@@ -187,6 +189,31 @@ def make_embed_fn(
     return jax.jit(_pure_fn(graphdef, dtype, features, micro)), params
 
 
+def _weight_spec(shape: tuple[int, ...], num_devices: int) -> P:
+    """Split a weight along its largest dimension that ``num_devices`` divides; small or indivisible ones
+    (biases, norms, tokens when they do not divide) stay whole on every device."""
+    dims = [i for i, n in enumerate(shape) if n % num_devices == 0 and n >= num_devices]
+    if num_devices == 1 or not dims or int(np.prod(shape)) < MIN_SHARDED_WEIGHT:
+        return P()
+    dim = max(dims, key=lambda i: shape[i])
+    return P(*([None] * dim), DATA_AXIS)
+
+
+def _gathering(fn: Callable[[nnx.State, jax.Array], jax.Array],
+               specs: Any) -> Callable[[nnx.State, jax.Array], jax.Array]:
+    """``fn`` on whole weights, for use inside ``shard_map`` with the weights split as ``specs`` say."""
+
+    def gather(leaf: jax.Array, spec: P) -> jax.Array:
+        if not spec:  # P(): already whole
+            return leaf
+        return jax.lax.all_gather(leaf, DATA_AXIS, axis=len(spec) - 1, tiled=True)
+
+    def wrapped(params: nnx.State, x: jax.Array) -> jax.Array:
+        return fn(jax.tree_util.tree_map(gather, params, specs), x)
+
+    return wrapped
+
+
 # the batch engine ---------------------------------------------------------------------------------------
 def default_mesh(devices: Iterable[jax.Device] | None = None) -> Mesh:
     """A 1-D ``data`` mesh over ``devices`` (default: every device of every process, grouped by process)."""
@@ -235,6 +262,9 @@ class Embedder:
 
     - The model is split once; the weights (kernels cast to ``dtype``) are replicated on every device of
       ``mesh`` (default: all devices of all processes) and each batch is sharded along its ``data`` axis.
+      ``shard_weights=True`` (for variants too large to copy to every device) stores each large weight split
+      along the same axis instead, 1/n per device, and all-gathers it inside each call (FSDP-style); the
+      results are the same, the weights' resting memory per device is divided by the device count.
     - A call with ``n`` images runs in chunks of at most ``batch_size``; each chunk is zero-padded up to the
       smallest bucket (:func:`bucket_sizes`) that holds it, so ragged batches compile once per bucket and
       image size. ``compile_count`` and ``compile_seconds`` say what was compiled.
@@ -254,6 +284,7 @@ class Embedder:
         batch_size: int = 64,
         micro_batch: int | None = -1,
         mesh: Mesh | None = None,
+        shard_weights: bool = False,
     ):
         _check_dtype(dtype)
         _check_features(features)
@@ -271,12 +302,18 @@ class Embedder:
 
         graphdef, params = nnx.split(net)
         params = cast_params(params, dtype)
-        self._replicated = NamedSharding(self.mesh, P())
         self.batch_sharding = NamedSharding(self.mesh, P(DATA_AXIS))
-        self.params = jax.tree_util.tree_map(self._replicate, params)
+        # each weight's partition spec: P() (a full copy per device), or with shard_weights split along
+        # its largest dimension that the device count divides (FSDP-style: gathered inside each call)
+        self.param_specs = jax.tree_util.tree_map(
+            lambda leaf: _weight_spec(leaf.shape, self.num_devices) if shard_weights else P(), params
+        )
+        self.params = jax.tree_util.tree_map(self._place, params, self.param_specs)
         per_device = _pure_fn(graphdef, dtype, features, self.micro_batch, on_trace=self._count_trace)
+        if shard_weights:
+            per_device = _gathering(per_device, self.param_specs)
         sharded = jax.shard_map(
-            per_device, mesh=self.mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=P(DATA_AXIS)
+            per_device, mesh=self.mesh, in_specs=(self.param_specs, P(DATA_AXIS)), out_specs=P(DATA_AXIS)
         )
         self._jitted = jax.jit(sharded)
         self._compiled: dict[tuple[int, int, int], Any] = {}
@@ -285,9 +322,10 @@ class Embedder:
         self.input_dtype = jnp.float32
 
     # set-up ---------------------------------------------------------------------------------------------
-    def _replicate(self, leaf: jax.Array) -> jax.Array:
+    def _place(self, leaf: jax.Array, spec: P) -> jax.Array:
         host = np.asarray(leaf)
-        return jax.make_array_from_callback(host.shape, self._replicated, lambda index: host[index])
+        sharding = NamedSharding(self.mesh, spec)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
     def _count_trace(self) -> None:
         self.compile_count += 1

@@ -109,6 +109,12 @@ def register(subparsers: Any) -> None:
         help="cls: net.embedding (N x D); tokens: all tokens; patches: patch tokens only",
     )
     p.add_argument("--workers", type=int, default=None, help="decode threads (default: CPU count, at most 8)")
+    p.add_argument(
+        "--shard-weights",
+        action="store_true",
+        help="split the large weights over the devices instead of copying them to each (for models too large "
+        "for one device; same results)",
+    )
     distributed.add_arguments(p)
     p.set_defaults(func=run)
 
@@ -343,7 +349,9 @@ def run(args: argparse.Namespace) -> int:
     if previous is None and (out / "embeddings.npy").exists():
         raise UserError(f"{out} holds an embeddings.npy that this run did not write; choose another --out")
 
-    embedder = Embedder(net, dtype=args.dtype, features=args.features, batch_size=batch, mesh=mesh)
+    embedder = Embedder(
+        net, dtype=args.dtype, features=args.features, batch_size=batch, mesh=mesh, shard_weights=args.shard_weights
+    )
     plan = Plan(num_inputs=len(paths), num_processes=nproc, process=pid, rows=embedder.batch_size // nproc)
     parts.mkdir(parents=True, exist_ok=True)  # the first thing written, after every check passed
     _atomic_write_json(parts / RUN_FILE, ident)
@@ -469,6 +477,7 @@ def run(args: argparse.Namespace) -> int:
                 "count": ndev,
                 "processes": nproc,
                 "kind": jax.devices()[0].device_kind,
+                "weights": "sharded" if args.shard_weights else "replicated",
             },
             "xla_flags": os.environ.get("XLA_FLAGS"),
             "versions": _versions(),
