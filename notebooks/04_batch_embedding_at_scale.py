@@ -184,3 +184,7 @@ print(sorted(p.name for p in out_dir.iterdir()), cli_emb.shape,
 # a ViT-B/16-reg4 forward pass at 224 px is about 35.9 GFLOP per image, so an H100's bf16 peak would allow about
 # 27,600 images/s, and a well-fed data-parallel run scales with the number of chips because the weights
 # (86 M parameters) are replicated and no communication happens between devices during a step.
+#
+# For a variant too large to copy to every device, `Embedder(net, shard_weights=True)` (`vitreg-jax embed
+# --shard-weights`) keeps each large weight split over the devices, 1/n on each, and gathers it inside every
+# call (FSDP-style): the same results for more communication per batch.
