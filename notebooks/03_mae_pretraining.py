@@ -38,8 +38,9 @@ from vitreg_jax.augment import TrainTransform
 from vitreg_jax.config import MAEConfig, TrainConfig, preset
 from vitreg_jax.data import list_inputs
 from vitreg_jax.mae import MAE, random_masking, unpatchify
+from vitreg_jax.optim import lr_schedule
 from vitreg_jax.preprocess import classification_transform, load_image
-from vitreg_jax.train import MAETrainer, lr_schedule
+from vitreg_jax.train import MAETrainer
 from vitreg_jax.train_data import TrainData
 
 QUICK = os.environ.get("VITREG_JAX_NOTEBOOK_QUICK") == "1"
@@ -103,7 +104,7 @@ plt.show()
 # ## Train
 #
 # `MAETrainer.step` is the jit boundary: one compiled function with the state donated, the masks drawn inside
-# from the step's key, the batch sharded over every device. `vitreg_jax.train.fit` (behind `vitreg-jax
+# from the step's key, the batch sharded over every device. `vitreg_jax.train_loop.fit` (behind `vitreg-jax
 # pretrain`) wraps the same step with checkpoints, resumption and logging; here a plain loop is enough.
 
 # %%

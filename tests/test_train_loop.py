@@ -22,9 +22,11 @@ from vitreg_jax.augment import TrainTransform
 from vitreg_jax.config import MAEConfig, TrainConfig, preset
 from vitreg_jax.data import list_inputs
 from vitreg_jax.mae import MAE
+from vitreg_jax.optim import lr_schedule
 from vitreg_jax.preprocess import load_image
-from vitreg_jax.train import CHECKPOINT_DIR, Checkpoints, MAETrainer, NonFiniteLoss, fit, lr_schedule
+from vitreg_jax.train import MAETrainer
 from vitreg_jax.train_data import TrainData
+from vitreg_jax.train_loop import CHECKPOINT_DIR, Checkpoints, NonFiniteLoss, fit
 from vitreg_jax.vit import ViT
 
 ROOT = Path(__file__).parents[1]

@@ -18,7 +18,7 @@ import pytest
 
 from tests.tolerances import ADAMW_RTOL, CLIP_RTOL, LR_ATOL, LR_RTOL
 from vitreg_jax.config import TrainConfig
-from vitreg_jax.train import (
+from vitreg_jax.optim import (
     LRSchedule,
     adamw_update,
     clip_grad_norm,

@@ -36,7 +36,7 @@ _EXPORTS: dict[str, str] = {
     "MAE": "vitreg_jax.mae",
     "Masks": "vitreg_jax.mae",
     "MAETrainer": "vitreg_jax.train",
-    "fit": "vitreg_jax.train",
+    "fit": "vitreg_jax.train_loop",
 }
 
 __all__ = sorted(_EXPORTS)  # noqa: PLE0605 (the lazily imported names above are the API)

@@ -319,8 +319,10 @@ def _train(args: argparse.Namespace, out: Path, saved: dict[str, Any] | None, op
     from vitreg_jax.augment import TrainTransform
     from vitreg_jax.loading import birder_config, load_model_with_cfg, save_model
     from vitreg_jax.mae import MAE
-    from vitreg_jax.train import MAETrainer, fit, lr_schedule, total_steps
+    from vitreg_jax.optim import lr_schedule, total_steps
+    from vitreg_jax.train import MAETrainer
     from vitreg_jax.train_data import TrainData
+    from vitreg_jax.train_loop import fit
     from vitreg_jax.vit import ViT
 
     main = jax.process_index() == 0
@@ -378,7 +380,7 @@ def _train(args: argparse.Namespace, out: Path, saved: dict[str, Any] | None, op
         print(f"vitreg-jax pretrain: exported the encoder at step {step} to {out / ENCODER_DIR}", file=sys.stderr)
 
     if args.export_only:
-        from vitreg_jax.train import CHECKPOINT_DIR, Checkpoints
+        from vitreg_jax.train_loop import CHECKPOINT_DIR, Checkpoints
 
         ckpt = Checkpoints(out / CHECKPOINT_DIR, keep=train_cfg.keep_checkpoints, asynchronous=False)
         try:
