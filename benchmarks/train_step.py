@@ -153,6 +153,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=None, help="images per step (default: 8 on CPU, 64 with --gpu)")
     p.add_argument("--rounds", type=int, default=4, help="timed steps per variant, interleaved (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (the first one compiles)")
+    p.add_argument("--gap", type=float, default=1.0, help="idle seconds before each timed step (default 1)")
     p.add_argument("--torch-compile", action="store_true", help="also time birder under torch.compile")
     p.add_argument("--gpu", action="store_true",
                    help="run both sides on the GPU (JAX's default device and torch's cuda), with torch.compile")
@@ -186,6 +187,7 @@ def main() -> None:
     times: dict[str, list[float]] = {n: [] for n in live}
     for _ in range(args.rounds):
         for name in live:
+            time.sleep(args.gap)  # let the previous variant's threads go idle (OpenMP spins after a region)
             procs[name].stdin.write("step\n")
             procs[name].stdin.flush()
             r = reply(procs[name])
