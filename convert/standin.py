@@ -165,7 +165,7 @@ def birder_standin_net(network: str = STANDIN_NETWORK, seed: int = STANDIN_SEED,
 
 
 @contextlib.contextmanager
-def _birder_models_dir(directory: Path) -> Iterator[None]:
+def birder_models_dir(directory: Path) -> Iterator[None]:
     """birder's fs_ops write under ``settings.MODELS_DIR``."""
     from birder.conf import settings
 
@@ -190,7 +190,7 @@ def _standin_by_birder(directory: Path, network: str, seed: int, model_config: M
     net = birder_standin_net(network, seed, model_config, size)
     sig = _signature(size)
     stats = {"mean": list(rgb_stats["mean"]), "std": list(rgb_stats["std"])}
-    with _birder_models_dir(directory):
+    with birder_models_dir(directory):
         fs_ops.checkpoint_model(STANDIN_NAME, STANDIN_EPOCH, net, sig, {}, stats, None, None, None, None)
         fs_ops.write_config(STANDIN_NAME, net, sig, stats)
     return Weights(weights=directory / f"{STANDIN_NAME}_{STANDIN_EPOCH}.pt",

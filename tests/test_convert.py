@@ -12,8 +12,6 @@ import builtins
 import json
 import logging
 import zipfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ import pytest
 
 from vitreg_jax.config import ViTConfig
 from vitreg_jax.convert import infer, mapping
+from vitreg_jax.convert.standin import birder_models_dir
 from vitreg_jax.convert.readers import read_birder_file
 from vitreg_jax.errors import UserError
 
@@ -50,19 +49,6 @@ def birder_net(name: str = "vit_reg4_b16", config: dict[str, Any] | None = TINY,
     return registry.net_factory(name, num_classes, 3, config=config, size=size).eval()
 
 
-@contextmanager
-def models_dir(folder: Path) -> Iterator[None]:
-    """birder's fs_ops write under settings.MODELS_DIR."""
-    from birder.conf import settings
-
-    old = settings.MODELS_DIR
-    settings.MODELS_DIR = folder
-    try:
-        yield
-    finally:
-        settings.MODELS_DIR = old
-
-
 def birder_save(net: Any, folder: Path, name: str, *, external_config: dict[str, Any] | None = None,
                 class_to_idx: dict[str, int] | None = None, size: tuple[int, int] = SIZE) -> tuple[Path, Path]:
     """(.pt, .json) exactly as birder's training scripts write them (epoch 1)."""
@@ -70,7 +56,7 @@ def birder_save(net: Any, folder: Path, name: str, *, external_config: dict[str,
 
     folder.mkdir(parents=True, exist_ok=True)
     sig = signature(size, getattr(net, "num_classes", 0))
-    with models_dir(folder):
+    with birder_models_dir(folder):
         fs_ops.checkpoint_model(name, 1, net, sig, class_to_idx or {}, RGB, None, None, None, None,
                                 external_config=external_config)
         fs_ops.write_config(name, net, sig, RGB)
