@@ -34,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 NO_YNN = "--xla_cpu_experimental_ynn_fusion_type="
 
@@ -82,31 +83,41 @@ def child_ours(args: argparse.Namespace) -> None:
                               "xla_flags": os.environ.get("XLA_FLAGS", "")})
 
 
-def child_birder(args: argparse.Namespace, compile_: bool) -> None:
+def birder_step(network: str, mae: str, size: int, batch: int, dtype: str, *, device: str = "cpu",
+                compile_: bool = False) -> Callable[[], float]:
+    """One optimizer step of birder's recipe (``MAE_ViT`` in train mode, fused AdamW, autocast for bf16) on a
+    fixed random batch; returns the loss (which waits for the step)."""
     import numpy as np
     import torch
     from birder.model_registry import registry
 
-    device = "cuda" if args.gpu else "cpu"
-    if args.gpu:  # fp32 means fp32 on both sides (JAX's GPU matmuls are not TF32 under "highest" either)
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(0)
-    enc = registry.net_factory(args.network, 0, 3, config={"drop_path_rate": 0.0}, size=(args.size, args.size))
-    net = registry.mim_net_factory(args.mae, enc, size=(args.size, args.size)).train().to(device)
+    enc = registry.net_factory(network, 0, 3, config={"drop_path_rate": 0.0}, size=(size, size))
+    net = registry.mim_net_factory(mae, enc, size=(size, size)).train().to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=True)
     step_net = torch.compile(net) if compile_ else net
-    x = torch.from_numpy(np.random.default_rng(0).standard_normal((args.batch, 3, args.size, args.size),
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((batch, 3, size, size),
                                                                  dtype=np.float32)).to(device)
 
     def step() -> float:
-        with torch.amp.autocast(device, enabled=args.dtype == "bfloat16", dtype=torch.bfloat16):
+        with torch.amp.autocast(device, enabled=dtype == "bfloat16", dtype=torch.bfloat16):
             loss = step_net(x)["loss"]
         loss.backward()
         opt.step()
         opt.zero_grad()
         return float(loss.detach())
 
+    return step
+
+
+def child_birder(args: argparse.Namespace, compile_: bool) -> None:
+    import torch
+
+    if args.gpu:  # fp32 means fp32 on both sides (JAX's GPU matmuls are not TF32 under "highest" either)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    step = birder_step(args.network, args.mae, args.size, args.batch, args.dtype,
+                       device="cuda" if args.gpu else "cpu", compile_=compile_)
     where = torch.cuda.get_device_name() if args.gpu else f"{torch.get_num_threads()} threads"
     serve(step, args.warmup, {"device": f"torch {torch.__version__}, {where}"})
 

@@ -6,8 +6,9 @@
 Prints, in one process (run it on a quiet machine; ~2 minutes):
 
 1. ours and birder's step time alone (median of ``--steps`` after two warm-up steps);
-2. one ``jax.profiler`` trace of our step, its compiled ops summed by kind: matmuls, layout-copy fusions,
-   other fusions, the AdamW update (the ops inside the step's finite-loss conditional), the rest;
+2. one ``jax.profiler`` trace of our step, its compiled ops summed by kind: dense-layer and attention matmuls, layout-copy fusions,
+   other fusions, the AdamW update (the ops inside the step's finite-loss conditional); and birder's largest
+   ops in one ``torch.profiler`` trace of its step;
 3. CPU time / wall time of a batched (attention-shaped) and of a plain 2-D matmul: XLA:CPU runs the first on
    one thread;
 4. AdamW over the same parameters alone: ours (jitted, donated) against torch's ``AdamW(fused=True)``.
@@ -64,8 +65,10 @@ def op_kinds(hlo: str) -> dict[str, str]:
         body = bodies.get(calls.group(1), "") if calls else ""
         if name in in_adamw:
             kinds[name] = "AdamW update"
+        elif (op == "dot" and "lhs_batch_dims" in rest) or re.search(r" dot\(.*lhs_batch_dims", body):
+            kinds[name] = "batched matmuls (attention)"
         elif op == "dot" or " dot(" in body:
-            kinds[name] = "matmuls"
+            kinds[name] = "matmuls (dense layers)"
         elif name.startswith(("copy", "transpose")):
             kinds[name] = "layout copies"
         else:
@@ -106,8 +109,8 @@ def main() -> None:
     import jax.numpy as jnp
     import numpy as np
     import torch
-    from birder.model_registry import registry
     from flax import nnx
+    from train_step import birder_step  # this folder's benchmark
 
     from vitreg_jax.config import TrainConfig, mae_preset, preset
     from vitreg_jax.mae import MAE
@@ -161,22 +164,13 @@ def main() -> None:
     shapes = [q.shape for q in jax.tree_util.tree_leaves(params)]
 
     # birder: the step alone, then its AdamW alone
-    torch.manual_seed(0)
-    enc = registry.net_factory(args.network, 0, 3, config={"drop_path_rate": 0.0}, size=size)
-    net = registry.mim_net_factory(args.mae, enc, size=size).train()
-    opt = torch.optim.AdamW(net.parameters(), lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=True)
-    tx = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
-
-    def birder() -> None:
-        with torch.amp.autocast("cpu", enabled=args.dtype == "bfloat16", dtype=torch.bfloat16):
-            loss = net(tx)["loss"]
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-
+    birder = birder_step(args.network, args.mae, size[0], args.batch, args.dtype)
     birder()
     birder()
     birder_s = median_seconds(birder, args.steps)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        birder()
+    torch_ops = sorted(((e.key, e.self_cpu_time_total / 1e6) for e in prof.key_averages()), key=lambda kv: -kv[1])
     tparams = [torch.zeros(shape) for shape in shapes]
     for t in tparams:
         t.grad = torch.full_like(t, 1e-3)
@@ -191,6 +185,9 @@ def main() -> None:
         print(f"     {seconds:6.2f} s  {kind}")
     print(f"3. CPU time / wall time: batched (128, 201, 201) @ (128, 201, 32) {batched_ratio:.2f}; "
           f"2-D (1608, 512) @ (512, 2048) {plain_ratio:.2f}")
+    print("   birder's traced step (torch.profiler), the largest ops by self CPU time:")
+    for name, seconds in torch_ops[:6]:
+        print(f"     {seconds:6.2f} s  {name}")
     n = sum(t.numel() for t in tparams)
     print(f"4. AdamW alone over {n / 1e6:.1f} M parameters: ours {ours_adamw_s * 1e3:.0f} ms, "
           f"torch fused {torch_adamw_s * 1e3:.0f} ms")
