@@ -19,6 +19,8 @@ COMMANDS: dict[str, str] = {
     "export": "vitreg_jax.convert.commands",
     "info": "vitreg_jax.convert.commands",
     "embed": "vitreg_jax.commands.embed",
+    "knn": "vitreg_jax.commands.knn",
+    "eval": "vitreg_jax.commands.eval",
     "pretrain": "vitreg_jax.commands.pretrain",
     "demo": "vitreg_jax.commands.demo",
 }
