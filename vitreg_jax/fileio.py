@@ -1,0 +1,78 @@
+"""Writing files safely and reporting errors on one line: the one place the package does either.
+
+Every file vitreg-jax writes for a user goes through :func:`atomic_write` (or its text / JSON forms): the
+bytes go to a hidden temporary file beside the target, which is renamed over it only once complete, so a
+kill never leaves a half-written file. Files get the usual ``0666 & ~umask`` permissions, like any other tool's
+output, and :func:`make_dir` gives folders ``0777 & ~umask``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from vitreg_jax.errors import UserError
+
+
+def first_line(e: BaseException | object) -> str:
+    """The first line of an exception's message (its type name when the message is empty)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def umask() -> int:
+    """The process's file-creation mask (read without changing it for longer than a moment)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], Any]) -> None:
+    """Call ``write(f)`` on a temporary file beside ``path``, then rename it to ``path``.
+
+    A missing or unwritable folder is a :class:`UserError`; any failure removes the temporary file.
+    """
+    path = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except FileNotFoundError:
+        raise UserError(f"{path.parent}: no such directory") from None
+    except PermissionError:
+        raise UserError(f"{path.parent}: not writable") from None
+    try:
+        os.fchmod(fd, 0o666 & ~umask())  # mkstemp's 0600 would make the result private to its writer
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any, *, sort_keys: bool = False) -> None:
+    """``obj`` as indented JSON plus a newline (it must be JSON-serialisable: see :func:`json_safe`)."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n")
+
+
+def make_dir(path: str | os.PathLike[str]) -> Path:
+    """``mkdir -p`` with the user's umask; an OS failure is one :class:`UserError` line."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UserError(f"{path}: exists and is not a directory") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot create it ({e.strerror or first_line(e)})") from None
+    return path
