@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# An old birder release, unpacked on its own (no dependencies) for tests against the files it writes itself.
+LEGACY_BIRDER := 0.3.3
 
 .PHONY: demo test install clean-venv
 
@@ -12,6 +14,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -e ".[torch,test,notebooks]"
+	$(PY) -m pip install --quiet --no-deps --upgrade --target $(VENV)/birder-$(LEGACY_BIRDER) birder==$(LEGACY_BIRDER)
 	touch $(STAMP)
 
 demo: $(STAMP)
