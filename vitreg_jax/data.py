@@ -1,5 +1,10 @@
 """Input pipeline: list image files, then decode + preprocess them in worker threads, in order, in batches.
 
+Two entry points: `list_inputs` + `iter_batches` (a flat list of local paths, positions as indices) and
+`iter_item_batches` (shards from `vitreg_jax.sources`: files, folders, lists, webdataset tars, brace
+patterns, globs and fsspec URLs), whose batches carry each image's shard, key and source, failures with
+shard, key and reason, and which shards are complete. Both decode in threads, in order, memory-bounded.
+
 `list_inputs` turns command-line inputs (image files, folders, text files listing paths) into one ordered
 list of paths. `iter_batches` streams that list as `Batch`es of preprocessed float32 NHWC arrays: worker
 threads decode and transform the next images while the consumer (the jitted model) works on the current
@@ -22,16 +27,22 @@ from __future__ import annotations
 
 import collections
 import os
+import queue
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 import numpy as np
 from PIL import Image
 
 from vitreg_jax.errors import UserError
-from vitreg_jax.preprocess import ImageReadError, load_image
+from vitreg_jax.fileio import first_line
+from vitreg_jax.preprocess import MAX_IMAGE_PIXELS, ImageReadError, decode_image, load_image
+
+if TYPE_CHECKING:
+    from vitreg_jax.sources import Item, Shard
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -46,6 +57,8 @@ QUEUED_PER_WORKER = 2
 NUM_CHANNELS = 3
 
 Transform = Callable[[Image.Image], np.ndarray]
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 
 
 class Failure(NamedTuple):
@@ -95,10 +108,10 @@ def list_inputs(inputs: Sequence[str | os.PathLike[str]]) -> list[str]:
     for item in inputs:
         name = os.fspath(item)
         if os.path.isdir(name):
-            paths.extend(_walk_images(name))
+            paths.extend(walk_images(name))
         elif os.path.isfile(name):
             if os.path.splitext(name)[1].lower() in LIST_EXTENSIONS:
-                paths.extend(_read_list_file(name))
+                paths.extend(read_list_file(name))
             else:
                 paths.append(name)
         elif os.path.exists(name):
@@ -115,7 +128,7 @@ def list_inputs(inputs: Sequence[str | os.PathLike[str]]) -> list[str]:
     return paths
 
 
-def _walk_images(folder: str) -> list[str]:
+def walk_images(folder: str) -> list[str]:
     """Image files under `folder`, recursively, sorted by their path components; hidden names skipped."""
     found: list[tuple[tuple[str, ...], str]] = []
     for root, dirs, files in os.walk(folder):
@@ -129,7 +142,7 @@ def _walk_images(folder: str) -> list[str]:
     return [path for _, path in found]
 
 
-def _read_list_file(list_path: str) -> list[str]:
+def read_list_file(list_path: str) -> list[str]:
     """The paths a list file names, relative ones resolved against its folder."""
     try:
         with open(list_path, encoding="utf-8") as handle:
@@ -248,3 +261,257 @@ def _batches(
             for _, future in pending:
                 future.cancel()
             executor.shutdown(wait=True, cancel_futures=True)
+
+
+# ------------------------------------------------------------------------------ items from shards
+# Samples read ahead of the decoders (a tar streams in one reader thread, so reading overlaps decoding).
+READ_AHEAD = 64
+
+
+class ItemFailure(NamedTuple):
+    """A sample that could not be read or decoded: its shard index, key, source (file or tar) and why."""
+
+    shard: int
+    key: str
+    source: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ItemBatch:
+    """Up to `batch_size` decoded images from shards, in stream order, plus failures and finished shards.
+
+    `shards[i]`, `keys[i]`, `sources[i]` and `meta[i]` describe `images[i]`; `failed` lists the samples
+    that failed since the previous batch; `done` lists the shards whose every sample is in this batch or
+    an earlier one (a shard's part can be written once it is done). Only the last batch may hold fewer
+    than `batch_size` images (possibly none).
+    """
+
+    shards: np.ndarray  # (b,) int64
+    keys: list[str]
+    sources: list[str]
+    images: np.ndarray  # (b, H, W, 3) float32
+    failed: list[ItemFailure]
+    done: list[int]
+    meta: list[dict[str, bytes]]
+
+
+class _ShardEnd(NamedTuple):
+    shard: int
+
+
+def iter_item_batches(
+    shards: Sequence[Shard],
+    transform: Transform,
+    batch_size: int,
+    workers: int | None = None,
+    *,
+    max_pixels: int | None = MAX_IMAGE_PIXELS,
+) -> Iterator[ItemBatch]:
+    """Stream the samples of `shards` (in order) as `ItemBatch`es of `transform(image)`.
+
+    One reader thread streams the shards (`sources.iter_items`) at most READ_AHEAD samples ahead; `workers`
+    threads decode (`workers=0`: in the calling thread). In memory at once, besides the batch the consumer
+    holds: READ_AHEAD encoded samples, `QUEUED_PER_WORKER * workers + 1` samples being decoded, and the
+    batch being built. Unreadable samples become `ItemFailure`s and the stream goes on; closing the
+    iterator early stops the reader and joins every thread.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
+    workers = default_workers() if workers is None else workers
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise UserError(f"workers must be an integer >= 0, got {workers!r}")
+    return _item_batches(list(shards), transform, batch_size, workers, max_pixels)
+
+
+def _stream(shards: list[Shard]) -> Iterator[Item | _ShardEnd]:
+    from vitreg_jax.sources import iter_items
+
+    for shard in shards:
+        yield from iter_items(shard)
+        yield _ShardEnd(shard.index)
+
+
+def _decode_item(
+    job: Item | _ShardEnd, transform: Transform, max_pixels: int | None
+) -> np.ndarray | str | None:
+    """The preprocessed image, the reason it failed, or None for a shard end."""
+    if isinstance(job, _ShardEnd):
+        return None
+    if job.reason is not None:
+        return job.reason
+    from vitreg_jax.sources import is_url
+
+    try:
+        if job.data is not None:
+            image = decode_image(job.data, f"{job.source}:{job.key}", max_pixels=max_pixels)
+        elif is_url(job.source):
+            image = decode_image(_fetch(job.source), job.source, max_pixels=max_pixels)
+        else:
+            image = load_image(job.source, max_pixels=max_pixels)
+        return transform(image)
+    except ImageReadError as e:
+        return e.reason
+    except UserError as e:
+        return str(e)
+
+
+def _fetch(url: str) -> bytes:
+    from vitreg_jax.sources import read_bytes
+
+    try:
+        return read_bytes(url)
+    except FileNotFoundError:
+        raise ImageReadError(url, "file not found") from None
+    except Exception as e:  # noqa: BLE001 - each fsspec filesystem raises its own types
+        raise ImageReadError(url, f"cannot read ({first_line(e)})") from None
+
+
+def _item_batches(
+    shards: list[Shard], transform: Transform, batch_size: int, workers: int, max_pixels: int | None
+) -> Iterator[ItemBatch]:
+    builder = _ItemBatchBuilder(getattr(transform, "output_shape", None))
+    decoded = _ordered_map(
+        _read_ahead(_stream(shards), READ_AHEAD),
+        lambda job: _decode_item(job, transform, max_pixels),
+        workers,
+        QUEUED_PER_WORKER * workers + 1,
+    )
+    try:
+        for job, result in decoded:
+            builder.add(job, result)
+            if builder.count == batch_size:
+                yield builder.take()
+        if builder.count or builder.failed or builder.done:
+            yield builder.take()
+    finally:
+        decoded.close()
+
+
+class _ItemBatchBuilder:
+    def __init__(self, item_shape: tuple[int, ...] | None) -> None:
+        self.item_shape = item_shape
+        self._reset()
+
+    def _reset(self) -> None:
+        self.shards: list[int] = []
+        self.keys: list[str] = []
+        self.sources: list[str] = []
+        self.images: list[np.ndarray] = []
+        self.meta: list[dict[str, bytes]] = []
+        self.failed: list[ItemFailure] = []
+        self.done: list[int] = []
+
+    @property
+    def count(self) -> int:
+        return len(self.images)
+
+    def add(self, job: Item | _ShardEnd, result: np.ndarray | str | None) -> None:
+        if isinstance(job, _ShardEnd):
+            self.done.append(job.shard)
+        elif isinstance(result, str):
+            self.failed.append(ItemFailure(job.shard, job.key, job.source, result))
+        else:
+            assert result is not None
+            self.shards.append(job.shard)
+            self.keys.append(job.key)
+            self.sources.append(job.source)
+            self.images.append(result)
+            self.meta.append(job.meta)
+            self.item_shape = result.shape
+
+    def take(self) -> ItemBatch:
+        shape = (0, *self.item_shape) if self.item_shape is not None else (0, 0, 0, NUM_CHANNELS)
+        batch = ItemBatch(
+            shards=np.asarray(self.shards, dtype=np.int64),
+            keys=self.keys,
+            sources=self.sources,
+            images=np.stack(self.images) if self.images else np.empty(shape, np.float32),
+            failed=self.failed,
+            done=self.done,
+            meta=self.meta,
+        )
+        self._reset()
+        return batch
+
+
+def _ordered_map(
+    jobs: Iterator[_T], fn: Callable[[_T], _R], workers: int, window: int
+) -> Iterator[tuple[_T, _R]]:
+    """`(job, fn(job))` in job order, `fn` running in `workers` threads, at most `window` jobs in flight."""
+    if workers == 0:
+        try:
+            for job in jobs:
+                yield job, fn(job)
+        finally:
+            _close(jobs)
+        return
+    executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vitreg-data")
+    pending: collections.deque[tuple[_T, Future[_R]]] = collections.deque()
+    try:
+        for job in jobs:
+            pending.append((job, executor.submit(fn, job)))
+            if len(pending) >= window:
+                done_job, future = pending.popleft()
+                yield done_job, future.result()
+        while pending:
+            done_job, future = pending.popleft()
+            yield done_job, future.result()
+    finally:
+        for _, future in pending:
+            future.cancel()
+        executor.shutdown(wait=True, cancel_futures=True)
+        _close(jobs)
+
+
+def _close(iterator: Iterator[object]) -> None:
+    close = getattr(iterator, "close", None)
+    if close is not None:
+        close()
+
+
+class _Raised(NamedTuple):
+    error: BaseException
+
+
+_DONE = object()
+
+
+def _read_ahead(items: Iterator[_T], size: int) -> Iterator[_T]:
+    """`items`, produced by one background thread at most `size` ahead of the consumer."""
+    slots: queue.Queue[object] = queue.Queue(maxsize=size)
+    stop = threading.Event()
+
+    def put(value: object) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(value, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run() -> None:
+        try:
+            for value in items:
+                if not put(value):
+                    return
+            put(_DONE)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
+            put(_Raised(e))
+        finally:
+            _close(items)
+
+    thread = threading.Thread(target=run, name="vitreg-data-read", daemon=True)
+    thread.start()
+    try:
+        while True:
+            value = slots.get()
+            if value is _DONE:
+                return
+            if isinstance(value, _Raised):
+                raise value.error
+            yield value  # type: ignore[misc]
+    finally:
+        stop.set()
+        thread.join()

@@ -8,6 +8,7 @@ can be unreadable into one `ImageReadError` (a `UserError`) that names the path 
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import threading
@@ -113,21 +114,37 @@ def load_image(path: str | os.PathLike[str], *, max_pixels: int | None = MAX_IMA
     name = os.fspath(path)
     try:
         with open(name, "rb") as handle:
-            img = _open_with_pixel_limit(handle, max_pixels)
-            pixels = img.width * img.height
-            if max_pixels is not None and pixels > max_pixels:
-                raise ImageReadError(
-                    name,
-                    f"image too large: {img.width}x{img.height} = {pixels / 1e6:.0f} megapixels, "
-                    f"more than the limit of {max_pixels / 1e6:.0f}",
-                )
-            img.load()
-        return img
+            return _decode(handle, name, max_pixels)
     except ImageReadError:
         raise
     # PIL raises many types for corrupt data (OSError, SyntaxError, EOFError, struct.error, zlib.error...)
     except Exception as e:  # noqa: BLE001
         raise ImageReadError(name, _reason(e)) from None
+
+
+def decode_image(data: bytes, name: str, *, max_pixels: int | None = MAX_IMAGE_PIXELS) -> Image.Image:
+    """`load_image` for encoded bytes already in memory (a tar member, a remote file); `name` is for errors."""
+    try:
+        return _decode(io.BytesIO(data), name, max_pixels)
+    except ImageReadError:
+        raise
+    # PIL raises many types for corrupt data (OSError, SyntaxError, EOFError, struct.error, zlib.error...)
+    except Exception as e:  # noqa: BLE001
+        raise ImageReadError(name, _reason(e)) from None
+
+
+def _decode(handle: Any, name: str, max_pixels: int | None) -> Image.Image:
+    """Open and fully decode the image in a binary file object, refusing more than `max_pixels` pixels."""
+    img = _open_with_pixel_limit(handle, max_pixels)
+    pixels = img.width * img.height
+    if max_pixels is not None and pixels > max_pixels:
+        raise ImageReadError(
+            name,
+            f"image too large: {img.width}x{img.height} = {pixels / 1e6:.0f} megapixels, "
+            f"more than the limit of {max_pixels / 1e6:.0f}",
+        )
+    img.load()
+    return img
 
 
 def _open_with_pixel_limit(handle: Any, max_pixels: int | None) -> Image.Image:
