@@ -1,0 +1,493 @@
+"""Embed a dataset into a folder: resumable, in one process or several, as npy or parquet.
+
+>>> net, cfg = vitreg_jax.load_model_with_cfg(None, "ckpt/mim_300")
+>>> result = embed_dataset(net, ["images/"], "out/", cfg=cfg, checkpoint="ckpt/mim_300", format="parquet")
+
+The output formats are described in :mod:`vitreg_jax.embed_outputs`; ``vitreg-jax embed`` is this function
+behind a command line.
+
+How a run goes. The inputs are cut into ordered shards (:func:`vitreg_jax.sources.list_shards`: each tar
+file is one, consecutive image files are grouped ``files_per_part`` at a time); every shard becomes
+one part file, written under a temporary name and renamed, so a part is complete or absent. A run records
+what it computes (checkpoint, size, dtype, features, the shards) in ``DIR/.vitreg-jax-embed/run.json``; a
+rerun with the same settings skips the shards whose part exists and computes the rest (whatever the number
+of processes or the batch size), while a rerun with other settings is refused rather than mixing two runs.
+When every part exists, ``npy`` merges them into its four files and ``parquet`` writes ``manifest.json``;
+that file, written last, marks the run complete, and the state folder is removed.
+
+Safety. ``DIR`` is locked for the run (:class:`vitreg_jax.folder_lock.FolderLock`): a second run into it
+stops with a ``UserError`` saying it is in use; a lock left by a killed run does not block. A run never
+overwrites a file it did not write: a fresh run into a folder that already holds ``meta.json``,
+``paths.txt``, ``failed.txt``, ``sources.txt``, ``embeddings.npy``, ``manifest.json`` or ``part-*.parquet``
+not written by a run with the same settings is refused.
+
+Several processes (``jax.distributed`` initialised before the call): process p takes the shards whose index
+is p modulo the process count, decodes only those, and writes their parts. Every step is one computation
+over every device of every process (the Embedder's mesh), so the processes step in lockstep: before each step
+they exchange how many images each has (one small all-gather), every process feeds the largest count
+(zero-padded), and the loop ends when all are out of images. Process 0 checks and locks the folder first and
+writes the final files at the end; ``DIR`` must be on a file system every process sees.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from vitreg_jax.data import ItemBatch, iter_item_batches
+from vitreg_jax.embed import Embedder, PendingEmbedding
+from vitreg_jax.embed_outputs import (
+    FORMATS,
+    MANIFEST_FILE,
+    META_FILE,
+    NOT_UTF8,
+    NPY_FILES,
+    NPY_FORMAT,
+    PARQUET_FORMAT,
+    PART_GLOB,
+    PartData,
+    is_utf8,
+    part_name,
+    read_part_record,
+    write_manifest,
+    write_npy,
+    write_part,
+)
+from vitreg_jax.errors import UserError
+from vitreg_jax.fileio import atomic_write_json, make_dir
+from vitreg_jax.folder_lock import FolderLock
+from vitreg_jax.preprocess import classification_transform, get_size_from_signature
+from vitreg_jax.sources import FILES_PER_SHARD, Shard, list_shards, shards_for_process
+
+if TYPE_CHECKING:
+    from vitreg_jax.vit import ViT
+
+STATE_DIR = ".vitreg-jax-embed"
+RUN_FILE = "run.json"
+# Default global batch per device: XLA:CPU peaks at small batches (micro-batched inside the jit);
+# accelerators want large ones.
+DEFAULT_BATCH_PER_DEVICE = {"cpu": 32, "gpu": 256, "tpu": 256}
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    """What a call did: where, how many rows in all, and what this call computed."""
+
+    out: Path
+    format: str
+    embedded: int
+    failed: int
+    computed: int  # images this call read (all processes), 0 when the folder was already complete
+    parts_written: int  # parts this call wrote (all processes)
+    already_complete: bool
+    images_per_second: float | None
+    meta: dict[str, Any]  # meta.json (npy) or manifest.json (parquet)
+
+
+# settings ----------------------------------------------------------------------------------------------
+def checkpoint_identity(checkpoint: str | os.PathLike[str]) -> dict[str, Any]:
+    """What names a checkpoint: the argument, a local file's or folder's path, size and modification time,
+    and a vitreg-jax checkpoint's provenance."""
+    ckpt = os.fspath(checkpoint)
+    path = Path(ckpt).expanduser()
+    ident: dict[str, Any] = {"argument": ckpt}
+    if path.exists():
+        ident["path"] = str(path.resolve())
+        probe = path / "metadata.json" if path.is_dir() else path
+        if probe.is_file():
+            st = probe.stat()
+            ident.update(size=st.st_size, mtime_ns=st.st_mtime_ns)
+        if path.is_dir() and probe.is_file():
+            try:
+                ident["provenance"] = json.loads(probe.read_text()).get("provenance")
+            except (OSError, ValueError, AttributeError):
+                pass
+    return ident
+
+
+def _shard_source(shard: Shard) -> str:
+    """What a part's record calls its shard: the tar's path or URL, or the range of files."""
+    return shard.url if shard.kind == "tar" else f"{shard.files[0]} .. {shard.files[-1]} ({len(shard.files)} files)"
+
+
+def _inputs_digest(shards: Sequence[Shard]) -> str:
+    """sha256 of the ordered shards (tar URLs, file paths): what a resumed run must see again."""
+    digest = hashlib.sha256()
+    for shard in shards:
+        for name in (shard.url,) if shard.kind == "tar" else shard.files:
+            digest.update(f"{shard.index}\0{shard.kind}\0".encode() + name.encode("utf-8", "surrogatepass") + b"\0")
+    return digest.hexdigest()
+
+
+def _differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> str:
+    return ", ".join(sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))) or "nothing"
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+# collectives -------------------------------------------------------------------------------------------
+def _gather(values: Sequence[int]) -> np.ndarray:
+    """(processes, len(values)) int64: every process's values (a no-op reshape for one process)."""
+    mine = np.asarray(values, np.int64)
+    if jax.process_count() == 1:
+        return mine[None]
+    return np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), -1)
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+# the output folder -------------------------------------------------------------------------------------
+def _check_folder(out: Path, fmt: str, ident: dict[str, Any]) -> str:
+    """Process 0's verdict on ``out`` (locked): "complete", "resume" or "fresh"; UserError when refused."""
+    for marker in (META_FILE, MANIFEST_FILE):
+        if not (out / marker).exists():
+            continue
+        done = _read_json(out / marker)
+        if done is None or done.get("format") not in (NPY_FORMAT, PARQUET_FORMAT):
+            raise UserError(f"{out} holds a {marker} that vitreg-jax embed did not write; choose another --out")
+        if done.get("status") == "complete" and done.get("run") == ident:
+            return "complete"
+        if done.get("status") == "complete":
+            raise UserError(
+                f"{out} already holds embeddings of another run (differs in "
+                f"{_differences(done.get('run') or {}, ident)}); choose another --out or remove it"
+            )
+    previous = _read_json(out / STATE_DIR / RUN_FILE)
+    if previous is not None:
+        if previous != ident:
+            raise UserError(
+                f"{out} holds an unfinished run with other settings (differs in "
+                f"{_differences(previous, ident)}); rerun that command to finish it, or choose another --out"
+            )
+        return "resume"
+    foreign = [name for name in NPY_FILES if (out / name).exists()] if fmt == "npy" else []
+    if fmt == "parquet":
+        foreign = [MANIFEST_FILE] if (out / MANIFEST_FILE).exists() else []
+        foreign += sorted(p.name for p in out.glob(PART_GLOB))[:3]
+    if foreign:
+        raise UserError(
+            f"{out} holds {', '.join(foreign)} that this run did not write; choose another --out "
+            "(embed never overwrites files it did not write)"
+        )
+    return "fresh"
+
+
+def _remove_stale_temporaries(out: Path, parts: Path) -> None:
+    """Files of an interrupted write (``vitreg_jax.fileio`` names them ``.NAME.XXXX.tmp``)."""
+    names = [*NPY_FILES, MANIFEST_FILE, "part-"]
+    for folder in {out, parts}:
+        for stale in folder.glob(".*.tmp"):
+            if any(stale.name.startswith(f".{n}") for n in names):
+                stale.unlink(missing_ok=True)
+
+
+def _prepare(out: Path, fmt: str, ident: dict[str, Any], lock: FolderLock | None) -> str:
+    """Check (process 0 locks and decides, the others follow) and create the state folder."""
+    verdict = 2
+    error: UserError | None = None
+    if lock is not None:
+        try:
+            lock.acquire()
+            status = _check_folder(out, fmt, ident)
+            verdict = {"fresh": 0, "resume": 0, "complete": 1}[status]
+            if status != "complete":
+                make_dir(out / STATE_DIR)
+                atomic_write_json(out / STATE_DIR / RUN_FILE, ident, sort_keys=True)
+                _remove_stale_temporaries(out, out / STATE_DIR)
+        except UserError as e:
+            error = e
+    verdict = int(_gather([verdict])[0, 0])
+    if error is not None:
+        raise error
+    if verdict == 2:
+        raise UserError(f"process 0 refused the output folder {out}; see its message")
+    return "complete" if verdict == 1 else "run"
+
+
+# the run -----------------------------------------------------------------------------------------------
+def embed_dataset(
+    model: Embedder | ViT,
+    inputs: Sequence[str | os.PathLike[str]] | Sequence[Shard] | str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    cfg: Mapping[str, Any],
+    format: str = "npy",
+    checkpoint: str | os.PathLike[str] | None = None,
+    size: tuple[int, int] | None = None,
+    dtype: str = "float32",
+    features: str = "cls",
+    batch_size: int | None = None,
+    shard_weights: bool = False,
+    files_per_part: int = FILES_PER_SHARD,
+    workers: int | None = None,
+    progress: bool = True,
+) -> EmbedResult:
+    """Embed ``inputs`` into the folder ``out``; rerun the same call to resume.
+
+    ``inputs``: what :func:`vitreg_jax.sources.list_shards` expands (image files, folders, path lists, .tar
+    shards, brace patterns, globs, fsspec URLs), or the shards it returned.
+
+    ``model`` is a built ``ViT`` (an :class:`~vitreg_jax.embed.Embedder` is made from it with ``dtype``,
+    ``features``, ``batch_size`` (global; default 32 per CPU device, 256 per GPU/TPU device) and
+    ``shard_weights``) or an ``Embedder`` (those four are then its own). ``cfg`` is the birder config that
+    came with the weights: its ``rgb_stats`` preprocess the images and its ``signature`` gives the default
+    ``size`` (H, W). ``checkpoint`` names the weights in the outputs and in the run's identity (resuming with
+    other weights is refused when it is given). ``files_per_part``: image files per part (a tar shard is one part). See the module
+    docstring for resuming, locking and several processes. ``UserError`` for anything the user can fix;
+    nothing is written before every check has passed.
+    """
+    start_time = time.perf_counter()
+    if format not in FORMATS:
+        raise UserError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    if inputs and all(isinstance(i, Shard) for i in inputs):
+        shards = list(inputs)  # type: ignore[arg-type]
+    else:
+        shards = list_shards([os.fspath(i) for i in inputs], files_per_part)  # type: ignore[arg-type]
+    embedder = model if isinstance(model, Embedder) else _make_embedder(
+        model, dtype, features, batch_size, shard_weights)
+    size = size or get_size_from_signature(cfg["signature"])
+    p = embedder.cfg.patch_size
+    if size[0] % p or size[1] % p:
+        raise UserError(f"size {size[0]}x{size[1]} is not a multiple of the model's patch size {p}")
+    transform = classification_transform(size, cfg["rgb_stats"])
+    ident = {
+        "format": NPY_FORMAT if format == "npy" else PARQUET_FORMAT,
+        "checkpoint": checkpoint_identity(checkpoint) if checkpoint is not None else None,
+        "model": cfg.get("name"),
+        "size": list(size),
+        "dtype": embedder.dtype,
+        "features": embedder.features,
+        "files_per_part": files_per_part,
+        "num_shards": len(shards),
+        "inputs_sha256": _inputs_digest(shards),
+    }
+    run_id = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+    every = _gather(np.frombuffer(bytes.fromhex(run_id)[:8], np.int32).tolist())
+    if not (every == every[0]).all():
+        raise UserError("the processes disagree on the inputs or settings: give every process the same "
+                        "arguments and the same file system view")
+
+    pid, nproc = jax.process_index(), jax.process_count()
+    if pid == 0:
+        make_dir(out)
+    lock = FolderLock(out, "embed") if pid == 0 else None
+    try:
+        if _prepare(out, format, ident, lock) == "complete":
+            return _already_complete(out, format)
+        parts_dir = out if format == "parquet" else out / STATE_DIR
+        todo = [s for s in shards_for_process(shards, pid, nproc) if not (parts_dir / part_name(s.index)).exists()]
+        counters = _compute(embedder, todo, transform, size, parts_dir, run_id, format, workers,
+                            progress and pid == 0)
+        totals = _gather([counters["computed"], counters["parts"]]).sum(axis=0)
+        _sync("vitreg-jax embed: parts written")
+        meta = _finish_meta(ident, cfg, embedder, size, checkpoint, counters, totals, start_time)
+        result_meta: dict[str, Any] = {}
+        if pid == 0:
+            result_meta = _merge(out, parts_dir, format, shards, embedder, size, meta)
+            shutil.rmtree(out / STATE_DIR, ignore_errors=True)
+        _sync("vitreg-jax embed: merged")
+    finally:
+        if lock is not None:
+            lock.release()
+    counts = result_meta.get("counts", {})
+    return EmbedResult(out, format, counts.get("embedded", 0), counts.get("failed", 0), int(totals[0]),
+                       int(totals[1]), False, meta["timing"]["images_per_second_this_run"], result_meta)
+
+
+def _make_embedder(net: ViT, dtype: str, features: str, batch_size: int | None, shard_weights: bool) -> Embedder:
+    ndev = jax.device_count()
+    if batch_size is None:
+        batch_size = DEFAULT_BATCH_PER_DEVICE.get(jax.default_backend(), 32) * ndev
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UserError(f"batch size must be a positive integer, got {batch_size!r}")
+    return Embedder(net, dtype=dtype, features=features, batch_size=batch_size, shard_weights=shard_weights)
+
+
+def _already_complete(out: Path, fmt: str) -> EmbedResult:
+    meta = _read_json(out / (META_FILE if fmt == "npy" else MANIFEST_FILE)) or {}
+    if jax.process_index() == 0:
+        shutil.rmtree(out / STATE_DIR, ignore_errors=True)
+    counts = meta.get("counts", {})
+    return EmbedResult(out, fmt, counts.get("embedded", 0), counts.get("failed", 0), 0, 0, True, None, meta)
+
+
+class _Parts:
+    """This process's unfinished parts: rows arrive in order, a part is written once its shard is done."""
+
+    def __init__(self, parts_dir: Path, shape: tuple[int, ...], run_id: str, names: dict[int, str],
+                 utf8_only: bool) -> None:
+        self.parts_dir, self.shape, self.run_id, self.names = parts_dir, shape, run_id, names
+        self.utf8_only = utf8_only
+        self.open: dict[int, PartData] = {}
+        self.written = 0
+
+    def _part(self, index: int) -> PartData:
+        if index not in self.open:
+            self.open[index] = PartData(index, self.names[index])
+        return self.open[index]
+
+    def add(self, chunk: ItemBatch, rows: np.ndarray) -> None:
+        for failure in chunk.failed:
+            self._part(failure.shard).failures.append(
+                {"source": failure.source, "key": failure.key, "reason": failure.reason})
+        for i, (shard, key, src) in enumerate(zip(chunk.shards.tolist(), chunk.keys, chunk.sources)):
+            part = self._part(shard)
+            if self.utf8_only and not (is_utf8(key) and is_utf8(src)):
+                part.failures.append({"source": src, "key": key, "reason": NOT_UTF8})
+                continue
+            part.keys.append(key)
+            part.sources.append(src)
+            part.rows.append(rows[i : i + 1])
+        for index in chunk.done:
+            write_part(self.parts_dir / part_name(index), self._part(index), self.shape, self.run_id)
+            del self.open[index]
+            self.written += 1
+
+
+def _compute(embedder: Embedder, todo: list[Shard], transform: Any, size: tuple[int, int],
+             parts_dir: Path, run_id: str, fmt: str, workers: int | None, progress: bool) -> dict[str, Any]:
+    """Embed this process's unfinished shards, in lockstep with the other processes."""
+    from tqdm import tqdm
+
+    nproc = jax.process_count()
+    rows_per_step = max(1, embedder.batch_size // nproc)
+    parts = _Parts(parts_dir, embedder.output_shape(*size), run_id, {s.index: _shard_source(s) for s in todo},
+                   utf8_only=fmt == "parquet")
+    stream = iter_item_batches(todo, transform, rows_per_step, workers)
+    total = sum(len(s.files) for s in todo) if all(s.kind == "files" for s in todo) else None
+    bar = tqdm(total=total, unit="img", desc="embed", disable=not progress, dynamic_ncols=True, smoothing=0.1)
+    # compile the full-batch bucket before the clock starts (smaller ones compile on first use)
+    if todo or nproc > 1:
+        embedder.warmup(*size, buckets=[embedder.batch_size])
+    computed = 0
+    compute_start = time.perf_counter()
+    try:
+        for chunk, rows in _lockstep(embedder, stream, size):
+            parts.add(chunk, rows)
+            n = len(chunk.keys) + len(chunk.failed)
+            computed += n
+            bar.update(n)
+    finally:
+        bar.close()
+        stream.close()
+    return {"computed": computed, "parts": parts.written, "seconds": time.perf_counter() - compute_start}
+
+
+def _lockstep(embedder: Embedder, stream: Iterator[ItemBatch], size: tuple[int, int]
+              ) -> Iterator[tuple[ItemBatch, np.ndarray]]:
+    """(chunk, its embeddings) for every chunk of ``stream``, one embedding in flight while the next decodes;
+    with several processes, every step feeds the same number of rows on every process (zero-padded)."""
+    channels = embedder.cfg.in_channels
+    in_flight: tuple[ItemBatch, PendingEmbedding | None] | None = None
+    while True:
+        chunk = next(stream, None)
+        n = 0 if chunk is None else len(chunk.keys)
+        counts = _gather([n, chunk is None])  # (processes, 2)
+        if counts[:, 1].all():
+            break
+        n_call = int(counts[:, 0].max())
+        pending = None
+        if n_call:
+            x = np.zeros((n_call, *size, channels), np.float32)  # (n_call, H, W, C)
+            if n:
+                x[:n] = chunk.images  # type: ignore[union-attr]
+            pending = embedder.embed_async(x)
+        if in_flight is not None:
+            yield _result(*in_flight)
+        in_flight = (chunk, pending) if chunk is not None else None
+    if in_flight is not None:
+        yield _result(*in_flight)
+
+
+def _result(chunk: ItemBatch, pending: PendingEmbedding | None) -> tuple[ItemBatch, np.ndarray]:
+    rows = pending.result() if pending is not None else np.zeros((0,), np.float32)
+    return chunk, rows[: len(chunk.keys)]
+
+
+def _finish_meta(ident: dict[str, Any], cfg: Mapping[str, Any], embedder: Embedder, size: tuple[int, int],
+                 checkpoint: Any, counters: dict[str, Any], totals: np.ndarray, start: float) -> dict[str, Any]:
+    from vitreg_jax import __version__
+
+    seconds = counters["seconds"]
+    rate = round(int(totals[0]) / seconds, 3) if seconds > 0 and totals[0] else None
+    return {
+        "status": "complete",
+        "format": ident["format"],
+        "run": ident,
+        "checkpoint": os.fspath(checkpoint) if checkpoint is not None else None,
+        "model": cfg.get("registered_name") or cfg.get("name"),
+        "size": list(size),
+        "dtype": embedder.dtype,
+        "features": embedder.features,
+        "batch_size": embedder.batch_size,
+        "embedding_shape": list(embedder.output_shape(*size)),
+        "rgb_stats": cfg["rgb_stats"],
+        "counts": {"computed_this_run": int(totals[0]), "parts_written_this_run": int(totals[1])},
+        "timing": {
+            "seconds_total_this_run": round(time.perf_counter() - start, 3),
+            "seconds_embedding_this_run": round(seconds, 3),
+            "images_per_second_this_run": rate,
+            "compile_seconds": round(sum(embedder.compile_seconds.values()), 3),
+        },
+        "devices": {
+            "platform": jax.default_backend(),
+            "count": embedder.num_devices,
+            "processes": jax.process_count(),
+            "kind": jax.devices()[0].device_kind,
+            "weights": "sharded" if _sharded(embedder) else "replicated",
+        },
+        "xla_flags": os.environ.get("XLA_FLAGS"),
+        "versions": {"vitreg_jax": __version__, "jax": jax.__version__},
+    }
+
+
+def _sharded(embedder: Embedder) -> bool:
+    return any(len(spec) for spec in jax.tree_util.tree_leaves(
+        embedder.param_specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)))
+
+
+def _merge(out: Path, parts_dir: Path, fmt: str, shards: list[Shard], embedder: Embedder, size: tuple[int, int],
+           meta: dict[str, Any]) -> dict[str, Any]:
+    """Process 0: every part's record, then the npy files or the manifest (the completion marker last)."""
+    files = [parts_dir / part_name(s.index) for s in shards]
+    missing = [f.name for f in files if not f.exists()]
+    if missing:
+        raise UserError(
+            f"{parts_dir}: parts {', '.join(missing[:5])} are missing; every process must write to the "
+            "same output folder (a file system all of them see)"
+        )
+    records = [read_part_record(f) for f in files]
+    shape = embedder.output_shape(*size)
+    embedded = sum(int(r["rows"]) for r in records)
+    failed = sum(int(r["failed"]) for r in records)
+    meta["counts"]["inputs"] = embedded + failed
+    if fmt == "npy":
+        write_npy(out, files, records, shape, meta)
+        return _read_json(out / META_FILE) or {}
+    write_manifest(out, records, meta)
+    return _read_json(out / MANIFEST_FILE) or {}
