@@ -30,9 +30,10 @@ from typing import Any
 from vitreg_jax.errors import UserError
 
 KNOWN_NAMES = "vit_reg4_b16_mim_200, vit_reg4_b16_mim_300, vitreg4_b16_mim_200 (legacy)"
-CACHE_HELP = ("Published names are downloaded once (with progress), checked against their published sha256 and "
-              "cached in $VITREG_JAX_CACHE (default ~/.cache/vitreg-jax); $VITREG_JAX_HUB_URL changes the hub "
-              "address (default https://huggingface.co).")
+CACHE_HELP = ("Published names are downloaded once (with progress) through huggingface_hub, checked against "
+              "their published sha256 and kept in the Hugging Face cache ($HF_HUB_CACHE, default "
+              "~/.cache/huggingface/hub; $VITREG_JAX_CACHE replaces it for vitreg-jax). $HF_ENDPOINT picks a "
+              "mirror, HF_HUB_OFFLINE=1 uses cached files only, $HF_TOKEN is sent when set.")
 EXIT_VERIFY_FAILED = 1
 EXIT_HELP = ("Exit status: 0 done, 1 --verify found a difference above --tolerance (nothing written), 2 a usage "
              "or input error (one line on stderr, nothing written).")

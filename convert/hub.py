@@ -1,30 +1,38 @@
-"""Published birder weights by name: fetched once from the Hugging Face hub, checked by sha256, cached.
+"""Published birder weights by name, through ``huggingface_hub``: a pinned revision, sha256-checked, cached.
 
 ``resolve("vit_reg4_b16_mim_200")`` returns the cached ``.pt`` file (downloading it the first time) together
-with the json config published beside it; ``resolve_weights`` returns just the weights path. An existing local
-path is passed through unchanged, so every command can take "a file or a published name".
+with the json config published beside it; ``resolve_weights`` returns just the weights path; ``cached`` the
+verified cached file without any network access. An existing local path is passed through unchanged, so
+every command can take "a file or a published name".
+
+Downloads go through ``huggingface_hub.hf_hub_download``, so the files live in the standard Hugging Face cache
+(shared with every other tool: ``$HF_HUB_CACHE``, default ``~/.cache/huggingface/hub``) and the usual settings
+apply: ``$HF_ENDPOINT`` (a mirror), ``$HF_HUB_OFFLINE=1`` (cached files only), ``$HF_TOKEN`` or a stored login.
+``$VITREG_JAX_CACHE``, when set, replaces the cache folder (same Hugging Face layout inside). ``HF_ENDPOINT``
+and ``HF_HUB_OFFLINE`` are read at each call, not only when ``huggingface_hub`` is imported.
 
 Safety rules:
 
 - a weights file is accepted only when its sha256 is one of the known hashes for its name (``PUBLISHED``);
   the matching hash also says which state_dict key layout the file uses (``"current"``: birder >= 0.4
-  re-export, ``"legacy"``: the older ``self_attention`` / ``ln1`` names);
-- a download streams into a temporary file beside its destination, is hashed while streaming and is renamed
-  into place only after the hash matched; on any failure (HTTP error, refused connection, timeout, truncated
-  response, wrong hash, Ctrl-C) the temporary file is removed;
-- a cached file whose hash does not match is never used: it is deleted and downloaded again;
-- two processes never download the same file at once (an ``fcntl.flock`` on a lock file beside it);
-- the json config is **not** hash-checked (birder publishes no hash for it; it was edited in place on the hub
-  over time); it is optional, and its absence on the server is remembered so that later calls stay offline.
+  re-export, ``"legacy"``: the older ``self_attention`` / ``ln1`` names). The hash is checked after every
+  download and on every cache hit; a file with any other hash is deleted from the cache (its snapshot link and
+  its blob) and never used;
+- ``huggingface_hub`` streams into a temporary file and renames it into place only when complete (its size
+  checked against the hub's), removes the temporary file on any failure, and serialises concurrent
+  downloads of one file with a lock;
+- a verified cached file is used without asking the hub anything: the sha256 pins the content;
+- the json config is **not** hash-checked (birder publishes no hash for it; it was edited in place on the
+  hub over time); it is optional, and its absence on the hub is remembered by ``huggingface_hub``.
 
-Configuration: the cache lives in ``$VITREG_JAX_CACHE`` (default ``~/.cache/vitreg-jax``), laid out as
-``<cache>/<hub repo>/<file>``; the hub base address is ``$VITREG_JAX_HUB_URL`` (default
-``https://huggingface.co``), which lets tests and mirrors serve the same ``<repo>/resolve/main/<file>``
-layout.
+The pinned revision (``Published.revision``): birder 0.8.4's own registry records only
+``https://huggingface.co/<repo>/resolve/main`` for these files, no commit. So the revision stays ``main`` and
+the sha256 allow-list is the pin: a moved ``main`` can never hand us a different file, only a refused one.
 
-Every failure raises :class:`vitreg_jax.errors.UserError` with one line naming the URL or name and the
-problem.
-This module uses only the standard library and tqdm (no torch, no jax).
+Before a download, one HEAD request without retries checks that the hub answers, so that a machine without a
+network (or a wrong ``$HF_ENDPOINT``) fails at once with one line instead of after ``huggingface_hub``'s
+retries. Every failure raises :class:`vitreg_jax.errors.UserError` with one line naming the URL or name and
+the problem. This module imports neither torch nor jax.
 """
 
 from __future__ import annotations
@@ -32,64 +40,66 @@ from __future__ import annotations
 import contextlib
 import difflib
 import hashlib
-import http.client
 import json
 import os
-import secrets
 import sys
-import urllib.error
 import urllib.parse
-import urllib.request
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from http import HTTPStatus
 from pathlib import Path
 
+import httpx2  # huggingface_hub's HTTP client: its transport errors are what an unreachable hub raises
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    FileMetadataError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 from tqdm import tqdm
 
 from vitreg_jax.errors import UserError
-
-try:  # POSIX only; elsewhere downloads are not serialised across processes (still atomic and hash-checked)
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
+from vitreg_jax.fileio import first_line
 
 __all__ = [
     "DEFAULT_BASE_URL",
     "ENV_CACHE",
     "ENV_HUB_URL",
+    "ENV_OFFLINE",
+    "HUB_REVISION",
     "LAYOUT_CURRENT",
     "LAYOUT_LEGACY",
     "PUBLISHED",
     "Published",
     "Resolved",
+    "cached",
     "default_cache_dir",
     "hub_base_url",
+    "is_offline",
     "published_names",
     "resolve",
     "resolve_weights",
 ]
 
-ENV_CACHE = "VITREG_JAX_CACHE"
-ENV_HUB_URL = "VITREG_JAX_HUB_URL"
-DEFAULT_CACHE_DIR = Path("~/.cache/vitreg-jax")
+ENV_CACHE = "VITREG_JAX_CACHE"  # replaces the Hugging Face cache folder for vitreg-jax only
+ENV_HUB_URL = "HF_ENDPOINT"
+ENV_OFFLINE = "HF_HUB_OFFLINE"
 DEFAULT_BASE_URL = "https://huggingface.co"
-HUB_REVISION = "main"
-URL_SCHEMES = ("http", "https", "file")  # file:// serves a local mirror laid out like the hub
-USER_AGENT = "vitreg-jax (+https://pypi.org/project/vitreg-jax/)"
+HUB_REVISION = "main"  # see the module docstring: birder's registry pins no commit; the sha256 does
+URL_SCHEMES = ("http", "https")
 
-DEFAULT_TIMEOUT_S = 30.0  # per socket operation (connect, each read), not for the whole download
+DEFAULT_TIMEOUT_S = 30.0  # the HEAD requests (reachability, metadata); reads use $HF_HUB_DOWNLOAD_TIMEOUT
 CONFIG_TIMEOUT_S = 10.0  # the json is small and optional: do not make a cache hit wait long for it
-CHUNK_BYTES = 1 << 20
 MAX_CONFIG_BYTES = 1 << 20  # a birder json config is ~1 KB; anything this large is not one
 
 LAYOUT_CURRENT = "current"  # state_dict keys of birder >= 0.4 (attn.qkv, norm1, norm2)
 LAYOUT_LEGACY = "legacy"  # state_dict keys of birder < 0.4 (self_attention.in_proj_*, ln1, ln2)
 
-TMP_SUFFIX = ".part"
-LOCK_SUFFIX = ".lock"
-MISSING_SUFFIX = ".missing"  # marker: the server answered 404 for this (optional) config file
+_TRUE = ("1", "on", "yes", "true")
 
 
 @dataclass(frozen=True)
@@ -106,12 +116,15 @@ class Published:
     filename: str
     config_filename: str | None
     hashes: Mapping[str, str]
+    revision: str = HUB_REVISION
 
-    def url(self, base_url: str) -> str:
-        return _hub_url(base_url, self.repo, self.filename)
+    def url(self, base_url: str | None = None) -> str:
+        return hf_hub_url(self.repo, self.filename, revision=self.revision, endpoint=hub_base_url(base_url))
 
-    def config_url(self, base_url: str) -> str | None:
-        return None if self.config_filename is None else _hub_url(base_url, self.repo, self.config_filename)
+    def config_url(self, base_url: str | None = None) -> str | None:
+        if self.config_filename is None:
+            return None
+        return hf_hub_url(self.repo, self.config_filename, revision=self.revision, endpoint=hub_base_url(base_url))
 
 
 def _published(name: str, repo: str, config_filename: str, hashes: Mapping[str, str]) -> Published:
@@ -123,8 +136,9 @@ def _published(name: str, repo: str, config_filename: str, hashes: Mapping[str, 
 _REPO = "birder-project/vit_reg4_b16_mim"
 _REPO_LEGACY = "birder-project/vitreg4_b16_mim"
 
-# sha256 values: reference/birder-vit-reg4.md section 0 (birder's registry for the re-exports; git history for
-# the pre-0.4 files, which the hub served under these same names before 2026-01).
+# sha256 values: the "current" ones are birder 0.8.4's weights registry (birder/net/vit.py), the "legacy" ones
+# birder 0.3.3's (the same names served the pre-0.4 files until the 2026-01 re-export); the legacy name
+# vitreg4_b16_mim_200 is that same 200-epoch file, published before the 2025-04 rename.
 PUBLISHED: dict[str, Published] = {
     p.name: p
     for p in (
@@ -178,13 +192,18 @@ def published_names() -> list[str]:
 
 
 def default_cache_dir() -> Path:
-    """``$VITREG_JAX_CACHE``, else ``~/.cache/vitreg-jax``."""
-    return Path(os.environ.get(ENV_CACHE) or DEFAULT_CACHE_DIR).expanduser()
+    """``$VITREG_JAX_CACHE``, else the Hugging Face hub cache (``$HF_HUB_CACHE``, ``~/.cache/huggingface/hub``)."""
+    return Path(os.environ.get(ENV_CACHE) or hf_constants.HF_HUB_CACHE).expanduser()
 
 
 def hub_base_url(base_url: str | None = None) -> str:
-    """The hub base address: the argument, else ``$VITREG_JAX_HUB_URL``, else ``https://huggingface.co``."""
-    return (base_url or os.environ.get(ENV_HUB_URL) or DEFAULT_BASE_URL).rstrip("/")
+    """The hub address: the argument, else ``$HF_ENDPOINT`` (read now), else ``https://huggingface.co``."""
+    return (base_url or os.environ.get(ENV_HUB_URL) or hf_constants.ENDPOINT or DEFAULT_BASE_URL).rstrip("/")
+
+
+def is_offline() -> bool:
+    """``$HF_HUB_OFFLINE`` is set to a true value (now, or when ``huggingface_hub`` was imported)."""
+    return hf_constants.HF_HUB_OFFLINE or os.environ.get(ENV_OFFLINE, "").strip().lower() in _TRUE
 
 
 def resolve_weights(
@@ -201,6 +220,22 @@ def resolve_weights(
     ).weights
 
 
+def cached(name: str, *, cache_dir: str | os.PathLike[str] | None = None) -> Resolved | None:
+    """The published ``name`` if its file is already in the cache with a known sha256, else None.
+
+    Never touches the network (the json config too comes from the cache only); a cached file with an unknown
+    hash is deleted.
+    """
+    pub = PUBLISHED[name]
+    cache = _cache_root(cache_dir)
+    hit = _cached_weights(pub, cache)
+    if hit is None:
+        return None
+    path, digest, layout = hit
+    config = _config(pub, cache, None, offline=True, timeout=CONFIG_TIMEOUT_S)
+    return Resolved(weights=path, config=config, layout=layout, sha256=digest, name=pub.name)
+
+
 def resolve(
     name_or_path: str | os.PathLike[str],
     *,
@@ -211,8 +246,8 @@ def resolve(
 ) -> Resolved:
     """Resolve a local path (returned as is) or a published weight name (cached, sha256-verified).
 
-    ``progress`` shows a tqdm bar (bytes, bytes/s) on stderr while downloading. ``timeout`` bounds each
-    socket operation in seconds. Raises :class:`UserError` on every failure.
+    ``progress`` shows a progress bar (bytes, bytes/s) on stderr while downloading. ``timeout`` bounds the
+    HEAD requests in seconds. Raises :class:`UserError` on every failure.
     """
     text = os.fspath(name_or_path)
     if not text:
@@ -224,53 +259,39 @@ def resolve(
     if pub is None:
         raise UserError(_unknown_message(text))
 
-    base = _checked_base_url(hub_base_url(base_url))
-    target = _cache_root(cache_dir) / pub.repo / pub.filename
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(
-            f"cannot create the weights cache {target.parent}: {_one_line(e)} (set ${ENV_CACHE})"
-        ) from None
-
-    hit = _verified(target, pub.hashes)
+    cache = _cache_root(cache_dir)
+    offline = is_offline()
+    endpoint = None if offline else _checked_base_url(hub_base_url(base_url))
+    hit = _cached_weights(pub, cache)
     if hit is None:
-        with _locked(target.with_name(target.name + LOCK_SUFFIX), progress=progress, what=pub.name):
-            hit = _verified(target, pub.hashes)  # another process may have finished it meanwhile
-            if hit is None:
-                with contextlib.suppress(FileNotFoundError):
-                    target.unlink()  # present but wrong: never used, and not kept
-                hit = _download(pub.url(base), target, pub.hashes, timeout=timeout, progress=progress)
-    digest, layout = hit
-    return Resolved(
-        weights=target,
-        config=_config(pub, target.parent, base, timeout),
-        layout=layout,
-        sha256=digest,
-        name=pub.name,
-    )
+        if endpoint is None:
+            raise UserError(
+                f"{pub.name} is not in the weights cache {cache} and ${ENV_OFFLINE} is set: "
+                f"download it once with network access (unset ${ENV_OFFLINE})"
+            )
+        downloaded = _download(pub, cache, endpoint, timeout=timeout, progress=progress)
+        hit = _verify_download(pub, downloaded, pub.url(endpoint))
+    weights, digest, layout = hit
+    config = _config(pub, cache, endpoint, offline=offline, timeout=timeout)
+    return Resolved(weights=weights, config=config, layout=layout, sha256=digest, name=pub.name)
 
 
 # ------------------------------------------------------------------------------------------------------------
 # internals
 
 
-def _hub_url(base_url: str, repo: str, filename: str) -> str:
-    return f"{base_url.rstrip('/')}/{repo}/resolve/{HUB_REVISION}/{filename}"
-
-
 def _checked_base_url(base: str) -> str:
     parts = urllib.parse.urlsplit(base)
-    if parts.scheme not in URL_SCHEMES or (parts.scheme != "file" and not parts.netloc):
+    if parts.scheme not in URL_SCHEMES or not parts.netloc:
         raise UserError(
-            f"invalid hub URL {base!r}: expected http(s)://host[:port][/path] "
-            f"(from base_url or ${ENV_HUB_URL})"
+            f"invalid hub URL {base!r}: expected http(s)://host[:port][/path] (from base_url or ${ENV_HUB_URL})"
         )
     return base
 
 
 def _cache_root(cache_dir: str | os.PathLike[str] | None) -> Path:
-    return default_cache_dir() if cache_dir is None else Path(cache_dir).expanduser()
+    root = default_cache_dir() if cache_dir is None else Path(cache_dir).expanduser()
+    return root.resolve()  # as huggingface_hub does, so that paths from a hit and a download agree
 
 
 def _known() -> str:
@@ -284,207 +305,171 @@ def _unknown_message(text: str) -> str:
     return f"{text!r} is neither an existing file nor a published weight name ({_known()}){hint}"
 
 
-def _one_line(e: BaseException | object) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
-
-
 def _sha256(path: Path) -> str:
     with path.open("rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _verified(path: Path, hashes: Mapping[str, str]) -> tuple[str, str] | None:
-    """(sha256, layout) of a cached file whose hash is known, else None (missing or wrong)."""
+def _forget(path: Path) -> None:
+    """Remove a cached file: its snapshot link and the blob it points to."""
+    blob = Path(os.path.realpath(path))
+    for p in (path, blob):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+
+
+def _cached_weights(pub: Published, cache: Path) -> tuple[Path, str, str] | None:
+    """(path, sha256, layout) of the cached file of ``pub`` when its hash is known; a wrong one is deleted."""
+    found = try_to_load_from_cache(pub.repo, pub.filename, cache_dir=cache, revision=pub.revision)
+    if not isinstance(found, str):
+        return None
+    path = Path(found)
     try:
-        if not path.is_file():
-            return None
         digest = _sha256(path)
     except OSError:
         return None
-    layout = hashes.get(digest)
-    return None if layout is None else (digest, layout)
-
-
-@contextlib.contextmanager
-def _locked(lock_path: Path, *, progress: bool, what: str) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``lock_path``; the lock file is removed again on release.
-
-    Removing a lock file is safe only with the inode check: a waiter that wakes up on a file that was unlinked
-    meanwhile retries on the current one.
-    """
-    if fcntl is None:  # pragma: no cover - Windows
-        yield
-        return
-    told = False
-    while True:
-        try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise UserError(f"cannot create the lock file {lock_path}: {_one_line(e)}") from None
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                if progress and not told:
-                    print(f"waiting for another process downloading {what} ({lock_path})", file=sys.stderr)
-                    told = True
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            try:
-                current = os.stat(lock_path)
-            except FileNotFoundError:
-                current = None
-            held = os.fstat(fd)
-            if current is not None and (current.st_dev, current.st_ino) == (held.st_dev, held.st_ino):
-                break
-        except BaseException:
-            os.close(fd)
-            raise
-        os.close(fd)  # the file we locked was replaced: lock the current one
-    try:
-        yield
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(lock_path)  # while still holding the lock
-        os.close(fd)
-
-
-def _open(url: str, timeout: float) -> http.client.HTTPResponse:
-    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
-    return urllib.request.urlopen(request, timeout=timeout)  # noqa: S310 - the scheme is the user's choice
-
-
-def _failure(url: str, e: BaseException, timeout: float) -> str:
-    """One line describing why a request to ``url`` failed."""
-    if isinstance(e, urllib.error.HTTPError):
-        return f"download failed: {url}: HTTP {e.code} {_one_line(e.reason)}"
-    reason = e.reason if isinstance(e, urllib.error.URLError) else e
-    if isinstance(reason, TimeoutError):
-        return f"download failed: {url}: no answer within {timeout:g} s (timed out)"
-    if isinstance(reason, (http.client.HTTPException, ConnectionError)):
-        what = f"{type(reason).__name__}: {_one_line(reason)}"
-        return f"download failed: {url}: connection interrupted ({what})"
-    if isinstance(e, ValueError):
-        return f"download failed: {url}: not a valid URL ({_one_line(e)}; check ${ENV_HUB_URL})"
-    return f"download failed: {url}: {_one_line(reason)}"
-
-
-def _content_length(response: http.client.HTTPResponse) -> int | None:
-    value = response.headers.get("Content-Length")
-    try:
-        return int(value) if value is not None else None
-    except ValueError:
+    layout = pub.hashes.get(digest)
+    if layout is None:
+        _forget(path)  # present but wrong: never used, and not kept
         return None
+    return path, digest, layout
 
 
-def _temp_beside(dest: Path) -> tuple[int, Path]:
-    """A new file next to ``dest`` (same file system, so the final rename is atomic), mode 0o644 & ~umask."""
-    tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(6)}{TMP_SUFFIX}")
-    return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), tmp
+def _verify_download(pub: Published, path: Path, url: str) -> tuple[Path, str, str]:
+    digest = _sha256(path)
+    layout = pub.hashes.get(digest)
+    if layout is None:
+        _forget(path)
+        expected = " or ".join(sorted(pub.hashes))
+        raise UserError(f"download refused: {url}: sha256 {digest} is not the published {expected}; file deleted")
+    return path, digest, layout
 
 
-def _download(
-    url: str, dest: Path, hashes: Mapping[str, str], *, timeout: float, progress: bool
-) -> tuple[str, str]:
-    """Stream ``url`` into ``dest`` if its sha256 is a key of ``hashes``; return (sha256, layout)."""
-    tmp: Path | None = None
+def _bar(filename: str) -> type[tqdm]:
+    """The download bar for ``filename``: bytes and bytes/s on stderr."""
+
+    class Bar(tqdm):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            kwargs.update(desc=filename, file=sys.stderr, unit_divisor=1024, dynamic_ncols=True)
+            super().__init__(*args, **kwargs)
+
+    return Bar
+
+
+class _NoBar(tqdm):
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        kwargs["disable"] = True
+        super().__init__(*args, **kwargs)
+
+
+def _reachable(url: str, endpoint: str, timeout: float) -> None:
+    """Raise a one-line UserError at once if nothing at ``endpoint`` answers (no retries, unlike a download).
+
+    HTTP error statuses are left to the download itself, which reports (or retries) them.
+    """
     try:
-        with _open(url, timeout) as response:
-            total = _content_length(response)
-            fd, tmp = _temp_beside(dest)
-            digest = hashlib.sha256()
-            received = 0
-            with (
-                os.fdopen(fd, "wb") as out,
-                tqdm(
-                    total=total,
-                    desc=dest.name,
-                    unit="B",
-                    unit_scale=True,
-                    unit_divisor=1024,
-                    file=sys.stderr,
-                    disable=not progress,
-                    dynamic_ncols=True,
-                ) as bar,
-            ):
-                while chunk := response.read(CHUNK_BYTES):
-                    out.write(chunk)
-                    digest.update(chunk)
-                    received += len(chunk)
-                    bar.update(len(chunk))
-            if total is not None and received != total:
-                raise UserError(
-                    f"download failed: {url}: connection interrupted after {received} of {total} bytes"
-                )
-        sha = digest.hexdigest()
-        layout = hashes.get(sha)
-        if layout is None:
-            expected = " or ".join(sorted(hashes))
-            raise UserError(
-                f"download refused: {url}: sha256 {sha} is not the published {expected}; file deleted"
+        meta = get_hf_file_metadata(url, timeout=timeout, endpoint=endpoint)
+    except httpx2.TimeoutException:
+        raise UserError(f"download failed: {url}: no answer within {timeout:g} s (timed out)") from None
+    except httpx2.TransportError as e:
+        raise UserError(
+            f"download failed: {url}: cannot reach the hub ({first_line(e)}); check the network and "
+            f"${ENV_HUB_URL}, or set {ENV_OFFLINE}=1 to use cached files only"
+        ) from None
+    except HfHubHTTPError:
+        return
+    if meta.commit_hash is None or meta.etag is None:
+        raise UserError(
+            f"download failed: {url}: the server does not answer like a Hugging Face hub (no X-Repo-Commit or "
+            f"ETag header); check ${ENV_HUB_URL}"
+        )
+
+
+def _http_failure(url: str, e: HfHubHTTPError) -> str:
+    status = e.response.status_code if e.response is not None else "?"
+    if isinstance(e, EntryNotFoundError):
+        what = "no such file on the hub"
+    elif isinstance(e, RevisionNotFoundError):
+        what = "no such revision on the hub"
+    elif isinstance(e, RepositoryNotFoundError):
+        what = "repository not found, private or gated (log in with `hf auth login` or set $HF_TOKEN)"
+    else:
+        what = first_line(e)
+    return f"download failed: {url}: HTTP {status} ({what})"
+
+
+def _download(pub: Published, cache: Path, endpoint: str, *, timeout: float, progress: bool) -> Path:
+    url = pub.url(endpoint)
+    _reachable(url, endpoint, timeout)
+    try:
+        return Path(
+            hf_hub_download(
+                pub.repo,
+                pub.filename,
+                revision=pub.revision,
+                cache_dir=cache,
+                endpoint=endpoint,
+                etag_timeout=timeout,
+                tqdm_class=_bar(pub.filename) if progress else _NoBar,
             )
-        os.replace(tmp, dest)
-        tmp = None
-        return sha, layout
-    except UserError:
-        raise
-    except (OSError, ValueError, http.client.HTTPException) as e:  # URLError/HTTPError/timeouts are OSErrors
-        if isinstance(e, urllib.error.HTTPError):
-            e.close()  # it holds the response body
-        raise UserError(_failure(url, e, timeout)) from None
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+        )
+    except HfHubHTTPError as e:
+        raise UserError(_http_failure(url, e)) from None
+    except LocalEntryNotFoundError as e:  # the HEAD failed and nothing is cached
+        cause = e.__cause__
+        if isinstance(cause, FileMetadataError):
+            raise UserError(f"download failed: {url}: {first_line(cause)}") from None
+        raise UserError(f"download failed: {url}: {first_line(cause or e)}") from None
+    except httpx2.TransportError as e:
+        raise UserError(f"download failed: {url}: connection interrupted ({first_line(e)})") from None
+    except OSError as e:  # a size mismatch (truncated download), a full disk, an unwritable cache
+        if "Consistency check failed" in str(e):
+            raise UserError(f"download failed: {url}: truncated ({first_line(e)})") from None
+        raise UserError(f"download failed: {url}: {first_line(e)} (cache {cache}; set ${ENV_CACHE})") from None
 
 
-def _config(pub: Published, folder: Path, base_url: str, timeout: float) -> Path | None:
+def _config(pub: Published, cache: Path, endpoint: str | None, *, offline: bool, timeout: float) -> Path | None:
     """The cached json config of ``pub``; fetched once if not cached. Never hash-checked; never fatal."""
     if pub.config_filename is None:
         return None
-    dest = folder / pub.config_filename
-    if dest.is_file():
-        return dest
-    missing = dest.with_name(dest.name + MISSING_SUFFIX)
-    if missing.exists():
+    found = try_to_load_from_cache(pub.repo, pub.config_filename, cache_dir=cache, revision=pub.revision)
+    if found is not None and not isinstance(found, str):
+        return None  # the hub said it has no such file; huggingface_hub remembers that
+    if isinstance(found, str):
+        path = Path(found)
+    elif offline or endpoint is None:
         return None
-    url = pub.config_url(base_url)
-    assert url is not None
-    timeout = min(timeout, CONFIG_TIMEOUT_S)
-    try:
-        with _open(url, timeout) as response:
-            data = response.read(MAX_CONFIG_BYTES + 1)
-    except urllib.error.HTTPError as e:
-        e.close()
-        if e.code == HTTPStatus.NOT_FOUND:
-            missing.touch()  # remembered: later calls do not ask again
+    else:
+        url = pub.config_url(endpoint)
+        assert url is not None
+        timeout = min(timeout, CONFIG_TIMEOUT_S)
+        try:
+            _reachable(url, endpoint, timeout)
+            path = Path(
+                hf_hub_download(
+                    pub.repo,
+                    pub.config_filename,
+                    revision=pub.revision,
+                    cache_dir=cache,
+                    endpoint=endpoint,
+                    etag_timeout=timeout,
+                    tqdm_class=_NoBar,
+                )
+            )
+        except EntryNotFoundError:
             return None
-        warnings.warn(f"json config not fetched ({_failure(url, e, timeout)})", stacklevel=3)
-        return None
-    except (OSError, ValueError, http.client.HTTPException) as e:
-        if isinstance(e, urllib.error.URLError) and isinstance(e.reason, FileNotFoundError):  # file:// mirror
-            missing.touch()
+        except UserError as e:
+            warnings.warn(f"json config not fetched ({e})", stacklevel=3)
             return None
-        warnings.warn(f"json config not fetched ({_failure(url, e, timeout)})", stacklevel=3)
-        return None
+        except (HfHubHTTPError, httpx2.TransportError, OSError) as e:
+            warnings.warn(f"json config not fetched: {url}: {first_line(e)}", stacklevel=3)
+            return None
     try:
-        if len(data) > MAX_CONFIG_BYTES or not isinstance(json.loads(data), dict):
+        if path.stat().st_size > MAX_CONFIG_BYTES or not isinstance(json.loads(path.read_bytes()), dict):
             raise ValueError("not a json object")
-    except ValueError:
-        warnings.warn(f"json config not used: {url} is not a json config object", stacklevel=3)
+    except (OSError, ValueError):
+        warnings.warn(f"json config not used: {pub.config_filename} of {pub.repo} is not a json config object",
+                      stacklevel=3)
+        _forget(path)
         return None
-    tmp: Path | None = None
-    try:
-        fd, tmp = _temp_beside(dest)
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-        os.replace(tmp, dest)
-        tmp = None
-    except OSError as e:
-        warnings.warn(f"json config not cached: {dest}: {_one_line(e)}", stacklevel=3)
-        return None
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-    return dest
-
+    return path

@@ -103,22 +103,13 @@ def cached_published(names: tuple[str, ...] = PUBLISHED_PREFERENCE,
                      cache_dir: str | os.PathLike[str] | None = None) -> Weights | None:
     """The published weights if one of ``names`` is already in the cache with a known sha256, else None.
 
-    Never downloads: a name is resolved (through ``hub.resolve``) only after its cached file's hash was
-    checked here, so the network is touched at most for the optional json config.
+    Never touches the network (``hub.cached``: the json config too comes from the cache only).
     """
     from vitreg_jax.convert import hub
-    from vitreg_jax.convert.readers import sha256_of
-    from vitreg_jax.errors import UserError
 
-    root = hub.default_cache_dir() if cache_dir is None else Path(cache_dir).expanduser()
     for name in names:
-        pub = hub.PUBLISHED[name]
-        target = root / pub.repo / pub.filename
-        try:
-            if not target.is_file() or sha256_of(target) not in pub.hashes:
-                continue
-            resolved = hub.resolve(name, cache_dir=root, progress=False)
-        except (OSError, UserError):
+        resolved = hub.cached(name, cache_dir=cache_dir)
+        if resolved is None:
             continue
         return Weights(weights=resolved.weights, config=resolved.config, kind="published", published_name=name,
                        layout=resolved.layout)

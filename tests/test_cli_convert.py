@@ -14,17 +14,15 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from tests.tolerances import CONVERT_PARITY_ATOL
+from tests.hf_mirror import HfMirror
+from tests.tolerances import CONVERT_PARITY_ATOL, VERIFY_INJECTED_ERROR, VERIFY_LOOSE_TOLERANCE
 from vitreg_jax.cli import main
 from vitreg_jax.convert import hub, mapping
 from vitreg_jax.convert.readers import read_birder_file
@@ -312,27 +310,15 @@ def test_info_on_a_file_whose_architecture_is_unknown(tiny: Tiny, capsys: pytest
 
 # published names -------------------------------------------------------------------------------------------
 @pytest.fixture
-def hub_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """A local HTTP server laid out like the hub; the cache and hub address point at tmp_path."""
-    root = tmp_path / "hub"
-    root.mkdir()
-    class Quiet(SimpleHTTPRequestHandler):
-        def log_message(self, format: str, *args: Any) -> None:  # http.server's signature
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(Quiet, directory=str(root)))
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
-    thread.start()
-    monkeypatch.setenv(hub.ENV_HUB_URL, f"http://127.0.0.1:{server.server_address[1]}")
-    monkeypatch.setenv(hub.ENV_CACHE, str(tmp_path / "cache"))
-    try:
-        yield root
-    finally:
-        server.shutdown()
-        server.server_close()
+def hub_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[HfMirror]:
+    """A local Hugging Face hub mirror; $HF_ENDPOINT and the cache point at it and at tmp_path."""
+    with HfMirror(tmp_path / "hub") as mirror:
+        monkeypatch.setenv(hub.ENV_HUB_URL, mirror.url)
+        monkeypatch.setenv(hub.ENV_CACHE, str(tmp_path / "cache"))
+        yield mirror
 
 
-def publish(root: Path, monkeypatch: pytest.MonkeyPatch, name: str, weights: Path, layout: str,
+def publish(mirror: HfMirror, monkeypatch: pytest.MonkeyPatch, name: str, weights: Path, layout: str,
             config: Path | None = None) -> None:
     pub = hub.PUBLISHED[name]
     folder = root / pub.repo / "resolve" / "main"
@@ -343,7 +329,7 @@ def publish(root: Path, monkeypatch: pytest.MonkeyPatch, name: str, weights: Pat
     monkeypatch.setitem(hub.PUBLISHED, name, dataclasses.replace(pub, hashes={sha256(weights): layout}))
 
 
-def test_convert_and_info_by_published_name(tiny: Tiny, converted: Path, tmp_path: Path, hub_server: Path,
+def test_convert_and_info_by_published_name(tiny: Tiny, converted: Path, tmp_path: Path, hub_server: HfMirror,
                                             monkeypatch: pytest.MonkeyPatch,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     publish(hub_server, monkeypatch, "vit_reg4_b16_mim_200", tiny.pt_bare_meta, hub.LAYOUT_CURRENT, tiny.json)
@@ -358,7 +344,7 @@ def test_convert_and_info_by_published_name(tiny: Tiny, converted: Path, tmp_pat
     assert json.loads(out)["provenance"]["published_name"] == "vit_reg4_b16_mim_200"
 
 
-def test_legacy_published_name_and_a_wrong_hash(tiny: Tiny, tmp_path: Path, hub_server: Path,
+def test_legacy_published_name_and_a_wrong_hash(tiny: Tiny, tmp_path: Path, hub_server: HfMirror,
                                                 monkeypatch: pytest.MonkeyPatch,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     legacy = save_pt(tmp_path / "legacy.pt", legacy_state(state_tensors(tiny.net)), config=TINY)
@@ -377,7 +363,7 @@ def test_legacy_published_name_and_a_wrong_hash(tiny: Tiny, tmp_path: Path, hub_
     assert not (tmp_path / "d").exists()
 
 
-def test_an_unusable_published_json_falls_back_to_the_file(tiny: Tiny, tmp_path: Path, hub_server: Path,
+def test_an_unusable_published_json_falls_back_to_the_file(tiny: Tiny, tmp_path: Path, hub_server: HfMirror,
                                                            monkeypatch: pytest.MonkeyPatch,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
     broken = tmp_path / "broken.json"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
@@ -72,7 +74,7 @@ def test_knn_blockwise_matches_whole(data):
     xt, yt, xv, _ = data
     whole = knn_classify(xt, yt, xv, k=20, num_classes=NUM_CLASSES)
     cuts = [0, 3, 250, 251, 600, len(xt)]
-    blocks = (xt[a:b] for a, b in zip(cuts[:-1], cuts[1:], strict=True))
+    blocks = (xt[a:b] for a, b in itertools.pairwise(cuts))
     streamed = knn_classify(blocks, yt, xv, k=20, num_classes=NUM_CLASSES, block_rows=64)
     np.testing.assert_array_equal(streamed.neighbours, whole.neighbours)
     np.testing.assert_array_equal(streamed.predictions, whole.predictions)

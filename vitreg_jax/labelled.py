@@ -135,17 +135,17 @@ def load_labelled_embeddings(directory: str | os.PathLike[str], what: str = "emb
 
     directory = os.fspath(directory)
     emb_set = open_embeddings(directory)
+    if len(emb_set.shape) != 1:
+        raise UserError(f"{what} {directory}: holds per-token features {emb_set.shape}; evaluation needs one "
+                        "vector per image (embed with --features cls)")
     keys, emb = emb_set.load()
     emb = np.asarray(emb, np.float32)
-    if emb.ndim != 2:
-        raise UserError(f"{what} {directory}: holds per-token features {emb.shape[1:]}; evaluation needs one "
-                        "vector per image (embed with --features cls)")
     names = [class_of_key(k) for k in keys]
     if any(not n for n in names):
         bad = keys[names.index("")]
         raise UserError(f"{what} {directory}: cannot tell the class of {bad!r} (expected paths like "
                         "CLASS/IMAGE, as embedding a folder with one sub-folder per class gives)")
-    failures = [(str(p), str(r)) for p, r in getattr(emb_set, "failures", [])]
+    failures = [(str(p), str(r)) for p, r in emb_set.failures]
     found = sorted(set(names))
     if len(found) < 2:
         raise UserError(f"{what} {directory}: only one class ({found[0] if found else 'none'}); at least "
