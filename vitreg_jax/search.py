@@ -117,22 +117,23 @@ def _fixed_blocks(blocks: Iterable[ArrayLike], dim: int, size: int) -> Iterator[
     When the whole stream is shorter than ``size``, the one block is smaller: the row count rounded up to a
     power of two (at least MIN_BLOCK), so small indexes do not pay for a full block.
     """
-    buffer: list[np.ndarray] = []
-    buffered = 0
+    pending: list[np.ndarray] = []  # pieces of the block being filled (views of the inputs)
+    filled = 0
     first = True
     for i, raw in enumerate(blocks):
         part = _as_matrix(raw, f"index block {i}", dim)
-        buffer.append(part)
-        buffered += part.shape[0]
-        while buffered >= size:
-            joined = np.concatenate(buffer)  # (buffered, D)
-            yield joined[:size], size
-            buffer, buffered, first = [joined[size:]], buffered - size, False
-    if buffered:
-        rows = np.concatenate(buffer)  # (buffered, D)
+        while len(part):
+            piece, part = part[: size - filled], part[size - filled :]
+            pending.append(piece)
+            filled += len(piece)
+            if filled == size:
+                yield (pending[0] if len(pending) == 1 else np.concatenate(pending)), size  # (size, D)
+                pending, filled, first = [], 0, False
+    if filled:
+        rows = np.concatenate(pending)  # (filled, D)
         if first:
-            size = max(MIN_BLOCK, 1 << (buffered - 1).bit_length())
-        yield np.pad(rows, ((0, size - buffered), (0, 0))), buffered
+            size = max(MIN_BLOCK, 1 << (filled - 1).bit_length())
+        yield np.pad(rows, ((0, size - filled), (0, 0))), filled
 
 
 def _normalise(x: jax.Array) -> jax.Array:
