@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from tests.hf_mirror import HfMirror
-from tests.tolerances import CONVERT_PARITY_ATOL, VERIFY_INJECTED_ERROR, VERIFY_LOOSE_TOLERANCE
+from tests.tolerances import CONVERT_PARITY_ATOL
 from vitreg_jax.cli import main
 from vitreg_jax.convert import hub, mapping
 from vitreg_jax.convert.readers import read_birder_file
@@ -321,11 +321,9 @@ def hub_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[HfMi
 def publish(mirror: HfMirror, monkeypatch: pytest.MonkeyPatch, name: str, weights: Path, layout: str,
             config: Path | None = None) -> None:
     pub = hub.PUBLISHED[name]
-    folder = root / pub.repo / "resolve" / "main"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / pub.filename).write_bytes(weights.read_bytes())
+    mirror.put(pub.repo, pub.filename, weights.read_bytes())
     if config is not None:
-        (folder / pub.config_filename).write_bytes(config.read_bytes())
+        mirror.put(pub.repo, pub.config_filename, config.read_bytes())
     monkeypatch.setitem(hub.PUBLISHED, name, dataclasses.replace(pub, hashes={sha256(weights): layout}))
 
 
