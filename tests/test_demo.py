@@ -130,18 +130,18 @@ def test_a_cached_published_file_is_found_without_the_network(tmp_path: Path,
     import dataclasses
     import hashlib
 
+    from tests.hf_mirror import put_in_cache
     from vitreg_jax.convert import hub
 
     src = standin.write_standin(tmp_path / "src", model_config=standin.TINY_MODEL_CONFIG, use_birder=False)
     pub = hub.PUBLISHED["vit_reg4_b16_mim_300"]
-    cached = tmp_path / "cache" / pub.repo / pub.filename
-    cached.parent.mkdir(parents=True)
-    cached.write_bytes(src.weights.read_bytes())
-    (cached.parent / pub.config_filename).write_text(src.config.read_text())
+    cache = (tmp_path / "cache").resolve()
+    cached = put_in_cache(cache, pub.repo, pub.filename, src.weights.read_bytes())
+    put_in_cache(cache, pub.repo, pub.config_filename, src.config.read_bytes())
     digest = hashlib.sha256(cached.read_bytes()).hexdigest()
     monkeypatch.setitem(hub.PUBLISHED, pub.name, dataclasses.replace(pub, hashes={digest: hub.LAYOUT_CURRENT}))
     monkeypatch.setenv(hub.ENV_HUB_URL, "http://127.0.0.1:9")  # nothing listens there: any request would fail
-    found = standin.cached_published(cache_dir=tmp_path / "cache")
+    found = standin.cached_published(cache_dir=cache)
     assert found is not None and found.kind == "published" and found.published_name == pub.name
     assert found.weights == cached and found.config == cached.parent / pub.config_filename
     assert "published vit_reg4_b16_mim_300" in found.describe()
