@@ -61,7 +61,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--weights", metavar="W",
                    help="a birder .pt/.safetensors file, a vitreg-jax checkpoint directory, or a published name "
                         "(vit_reg4_b16_mim_300, vit_reg4_b16_mim_200, vitreg4_b16_mim_200). Default: a published "
-                        "file already in the weights cache ($VITREG_JAX_CACHE, ~/.cache/vitreg-jax), else the "
+                        "file already in the weights cache (the Hugging Face cache, or $VITREG_JAX_CACHE), else the "
                         "stand-in. If a published name cannot be downloaded, the demo says so and uses the "
                         "stand-in.")
     p.add_argument("--config", metavar="JSON", help="birder's json config for a --weights file (optional: "
