@@ -15,7 +15,8 @@ API (used by the dataset embedder and by `data.iter_item_batches`):
     (``*``, ``?``, ``[...]``, ``**``; matches sorted);
   - any of the above as an fsspec URL (``file://``, ``memory://``, ``gs://``, ``s3://``, ``https://``...),
     read through fsspec when the protocol's package is installed (``pip install 'vitreg-jax[gcs]'`` for
-    ``gs://``, ``[s3]`` for ``s3://``); a missing package or an unknown protocol is one ``UserError`` line.
+    ``gs://``, ``[s3]`` for ``s3://``, ``[http]`` for ``https://``); a missing package or an unknown protocol
+    is one ``UserError`` line.
   Consecutive image files (from files, folders and lists alike) are grouped into ``kind="files"`` shards of
   at most ``files_per_shard`` files; each tar is one ``kind="tar"`` shard. A local input that does not exist
   is a ``UserError``; a remote ``.tar`` named explicitly (or by a brace pattern) is not checked up front: a
@@ -58,7 +59,7 @@ FILES_PER_SHARD = 1000
 TAR_EXTENSION = ".tar"
 META_EXTENSIONS = frozenset({"json", "txt", "cls"})
 # fsspec protocol -> the vitreg-jax extra that installs its filesystem package
-EXTRAS = {"gs": "gcs", "gcs": "gcs", "s3": "s3", "s3a": "s3"}
+EXTRAS = {"gs": "gcs", "gcs": "gcs", "s3": "s3", "s3a": "s3", "http": "http", "https": "http"}
 GLOB_CHARS = re.compile(r"[*?\[]")
 BRACE = re.compile(r"\{([^{}]*)\}")
 RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
