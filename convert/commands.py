@@ -22,12 +22,21 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vitreg_jax.errors import UserError
+from vitreg_jax.fileio import first_line, umask
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from vitreg_jax.config import ViTConfig
+    from vitreg_jax.convert.hub import Resolved
+    from vitreg_jax.convert.readers import BirderFile
+    from vitreg_jax.tree import Path as ParamPath
 
 KNOWN_NAMES = "vit_reg4_b16_mim_200, vit_reg4_b16_mim_300, vitreg4_b16_mim_200 (legacy)"
 CACHE_HELP = ("Published names are downloaded once (with progress) through huggingface_hub, checked against "
@@ -39,7 +48,7 @@ EXIT_HELP = ("Exit status: 0 done, 1 --verify found a difference above --toleran
              "or input error (one line on stderr, nothing written).")
 
 
-def register(subparsers: Any) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``convert``, ``export`` and ``info`` parsers (the cli calls this lazily)."""
     from vitreg_jax.convert.verify import VERIFY_ATOL
 
@@ -139,13 +148,13 @@ def _verify_args(p: argparse.ArgumentParser, default: float, when: str) -> None:
 @dataclass
 class Architecture:
     cfg: dict[str, Any]  # birder's json config dict (registered_name is a name birder 0.8.4 knows)
-    vit_cfg: Any  # ViTConfig
+    vit_cfg: ViTConfig
     source: str  # where the architecture came from, for people
     layout: str  # the file's state_dict key layout
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
-def resolve_architecture(bfile: Any, config: str | os.PathLike[str] | None, network: str | None,
+def resolve_architecture(bfile: BirderFile, config: str | os.PathLike[str] | None, network: str | None,
                          config_origin: str = "--config") -> Architecture:
     """The architecture of a birder file: its json (``config``), else its metadata and tensor shapes;
     ``network`` overrides either."""
@@ -181,13 +190,13 @@ def resolve_architecture(bfile: Any, config: str | os.PathLike[str] | None, netw
     return Architecture(cfg, vit_cfg, source, layout, tuple(notes))
 
 
-def _load_birder(src: str, config: str | None, network: str | None) -> tuple[Any, Any, Architecture]:
+def _load_birder(src: str, config: str | None, network: str | None) -> tuple[Resolved, BirderFile, Architecture]:
     """(hub.Resolved, BirderFile, Architecture) for a file path or a published name."""
     resolved, bfile = _read_birder(src)
     return resolved, bfile, _architecture(resolved, bfile, config, network)
 
 
-def _read_birder(src: str) -> tuple[Any, Any]:
+def _read_birder(src: str) -> tuple[Resolved, BirderFile]:
     from vitreg_jax.checkpoint import is_checkpoint
     from vitreg_jax.convert import hub
     from vitreg_jax.convert.readers import read_birder_file
@@ -198,7 +207,7 @@ def _read_birder(src: str) -> tuple[Any, Any]:
     return resolved, read_birder_file(resolved.weights, isolate=None)  # big .pt: torch stays out of this process
 
 
-def _architecture(resolved: Any, bfile: Any, config: str | None, network: str | None) -> Architecture:
+def _architecture(resolved: Resolved, bfile: BirderFile, config: str | None, network: str | None) -> Architecture:
     """--config, else the json published beside a published name, else the file itself."""
     if config is None and resolved.config is not None:
         try:
@@ -267,6 +276,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from vitreg_jax.checkpoint import save_checkpoint
     from vitreg_jax.convert import mapping
     from vitreg_jax.loading import checkpoint_metadata
+    from vitreg_jax.tree import unflatten
 
     dtypes = bfile.dtypes
     extra = {"source_layout": arch.layout, "architecture_source": arch.source,
@@ -294,7 +304,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     created = _make_parents(out)
     try:
-        save_checkpoint(out, mapping.unflatten(params), meta, force=args.force)
+        save_checkpoint(out, unflatten(params), meta, force=args.force)
     except OSError as e:
         _remove_empty(created)
         raise _os_error(e, out) from None
@@ -307,7 +317,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _verified(params: Mapping[Any, Any], vit_cfg: Any, x: Any, theirs: Any, tolerance: float) -> bool:
+def _verified(params: Mapping[ParamPath, np.ndarray], vit_cfg: ViTConfig, x: np.ndarray, theirs: np.ndarray,
+              tolerance: float) -> bool:
     from vitreg_jax.convert import verify
     from vitreg_jax.loading import abstract_model, set_params
 
@@ -317,7 +328,7 @@ def _verified(params: Mapping[Any, Any], vit_cfg: Any, x: Any, theirs: Any, tole
     return result.ok
 
 
-def _print_source(bfile: Any, resolved: Any, arch: Architecture) -> None:
+def _print_source(bfile: BirderFile, resolved: Resolved, arch: Architecture) -> None:
     what = f"published {resolved.name}, " if resolved.name else ""
     version = bfile.meta.get("birder_version")
     print(f"source       {bfile.path} ({what}birder .{bfile.format}{f' {version}' if version else ''}, "
@@ -392,6 +403,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         fd, tmp_json_name = tempfile.mkstemp(prefix=f".{json_out.name}.", suffix=".partial", dir=json_out.parent)
         tmp_json = Path(tmp_json_name)
         try:
+            os.fchmod(fd, 0o666 & ~umask())  # mkstemp's 0600 would make the json private to its writer
             with os.fdopen(fd, "w") as f:
                 json.dump(json_cfg, f, indent=2)
                 f.write("\n")
@@ -419,11 +431,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_checkpoint(path: Path) -> tuple[dict[Any, Any], Any, dict[str, Any], dict[str, Any]]:
+def _read_checkpoint(path: Path) -> tuple[dict[ParamPath, np.ndarray], ViTConfig, dict[str, Any], dict[str, Any]]:
     """(flat params with int list indices, ViTConfig, birder config, birder file metadata) of a checkpoint."""
     from vitreg_jax.checkpoint import load_checkpoint
     from vitreg_jax.config import ViTConfig
     from vitreg_jax.convert import mapping
+    from vitreg_jax.tree import flatten, int_keys
 
     params, meta = load_checkpoint(path)
     try:
@@ -432,7 +445,7 @@ def _read_checkpoint(path: Path) -> tuple[dict[Any, Any], Any, dict[str, Any], d
         cfg["rgb_stats"] = meta.get("rgb_stats", cfg.get("rgb_stats"))
     except (KeyError, TypeError) as e:
         raise UserError(f"{path}: metadata.json lacks {e} (not written by vitreg-jax?)") from None
-    flat = {tuple(int(p) if p.isdigit() else p for p in k): v for k, v in mapping.flatten(params).items()}
+    flat = int_keys(flatten(params))
     extra = sorted(".".join(map(str, k)) for k in set(flat) - {r.path for r in mapping.table(vit_cfg)})
     if extra:  # never drop weights silently
         raise UserError(f"{path}: holds {len(extra)} parameter(s) a birder ViT does not have: "
@@ -440,7 +453,7 @@ def _read_checkpoint(path: Path) -> tuple[dict[Any, Any], Any, dict[str, Any], d
     return flat, vit_cfg, cfg, dict(meta.get("birder_meta") or {})
 
 
-def _verify_export(ours: Any, x: Any, json_path: Path, weights: Path, tolerance: float) -> bool:
+def _verify_export(ours: np.ndarray, x: np.ndarray, json_path: Path, weights: Path, tolerance: float) -> bool:
     """birder.load_model_with_cfg(json, weights) (strict) on ``x`` against our embedding ``ours``."""
     from vitreg_jax.convert import verify
 
@@ -484,7 +497,7 @@ def checkpoint_info(path: Path) -> dict[str, Any]:
         tree = ocp.PyTreeCheckpointer().metadata((path / PARAMS_DIR).absolute()).item_metadata.tree
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise UserError(f"{path}: the weights' metadata could not be read (damaged checkpoint?): "
-                        f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+                        f"{first_line(e)}") from None
     leaves = jax.tree_util.tree_leaves(tree)
     try:
         vit_cfg = ViTConfig.from_dict(meta["vit_config"])
@@ -528,8 +541,9 @@ def birder_file_info(src: str, config: str | None, network: str | None) -> dict[
         error=error)
 
 
-def _info_dict(*, path: str, kind: str, vit_cfg: Any, describe: Any, network: str | None, source: str | None,
-               notes: Any, counts: list[int], nbytes: int, dtypes: list[str], signature: Any, rgb_stats: Any,
+def _info_dict(*, path: str, kind: str, vit_cfg: ViTConfig | None, describe: Callable[[ViTConfig], str],
+               network: str | None, source: str | None, notes: Sequence[str], counts: list[int], nbytes: int,
+               dtypes: list[str], signature: Any, rgb_stats: Any,
                provenance: Mapping[str, Any], error: str | None) -> dict[str, Any]:
     info: dict[str, Any] = {"path": path, "kind": kind, "network": network, "architecture_source": source}
     if vit_cfg is not None:

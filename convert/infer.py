@@ -15,8 +15,8 @@ from the shapes            patch size, width, layers, MLP width, registers, clas
 ``layer_scale_init_value`` 1e-5 (only used to initialise; the stored gammas are loaded)
 =========================  ===============================================================================
 
-``infer_birder_config(bfile)`` returns birder's json config dict for the file (the hook
-``vitreg_jax.loading.config_from_file`` calls); ``infer(...)`` also says where each choice came from.
+``infer_birder_config(bfile)`` returns birder's json config dict for the file (what
+``vitreg_jax.convert.load`` uses when no config is given); ``infer(...)`` also says where each choice came from.
 """
 
 from __future__ import annotations
@@ -27,14 +27,21 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 
 from vitreg_jax.config import ViTConfig, canonical_name, preset
 from vitreg_jax.convert import mapping
 from vitreg_jax.errors import UserError
+from vitreg_jax.loading import DEFAULT_BIRDER_VERSION, birder_config
 from vitreg_jax.presets import PRESETS
+
+if TYPE_CHECKING:
+    from vitreg_jax.convert.readers import BirderFile
+
+# ((H, W), num_classes, in_channels) read from birder's signature
+SignatureInfo: TypeAlias = tuple[tuple[int, int], int, int]
 
 DEFAULT_EPS = 1e-6  # birder ViT's default norm_layer_eps
 PRE_NORM_EPS = 1e-5  # every birder preset with pre_norm=True uses this
@@ -136,7 +143,7 @@ def describe(vit_cfg: ViTConfig) -> str:
 
 
 # metadata ------------------------------------------------------------------------------------------------
-def signature_info(signature: Any, where: str = "") -> tuple[tuple[int, int], int, int]:
+def signature_info(signature: Any, where: str = "") -> SignatureInfo:
     """((H, W), num_classes, in_channels) from birder's signature dict; refuses a malformed one."""
     try:
         shape = signature["inputs"][0]["data_shape"]
@@ -165,8 +172,6 @@ def infer(state: Mapping[str, Any], meta: Mapping[str, Any], *, network: str | N
           path: str | Path | None = None) -> Inference:
     """The architecture and birder config of a state dict with birder's file metadata (``signature``,
     ``rgb_stats``, optional ``config``); ``network`` names the architecture instead of inferring it."""
-    from vitreg_jax.loading import DEFAULT_BIRDER_VERSION, birder_config
-
     where = f"{path}: " if path is not None else ""
     if meta.get("rgb_stats") is None:
         raise UserError(f"{where}the file records no rgb_stats (a bare state dict?); pass birder's json config "
@@ -197,8 +202,8 @@ def infer(state: Mapping[str, Any], meta: Mapping[str, Any], *, network: str | N
                      layout=layout, notes=tuple(notes))
 
 
-def infer_birder_config(bfile: Any, network: str | None = None) -> dict[str, Any]:
-    """birder's config dict for a ``BirderFile`` given without its json (the ``loading`` hook)."""
+def infer_birder_config(bfile: BirderFile, network: str | None = None) -> dict[str, Any]:
+    """birder's config dict for a ``BirderFile`` given without its json."""
     return infer(bfile.state, bfile.meta, network=network, path=bfile.path).birder_config
 
 
@@ -230,7 +235,8 @@ def _image_size(shapes: Mapping[str, tuple[int, ...]], patch: int, special: int,
                     "and the file has no signature: pass --config")
 
 
-def _from_network(network: str, shapes: Mapping[str, tuple[int, ...]], sig: Any, where: str) -> ViTConfig:
+def _from_network(network: str, shapes: Mapping[str, tuple[int, ...]], sig: SignatureInfo | None, where: str
+                  ) -> ViTConfig:
     base = preset(network)  # refuses unknown names
     num_classes = shapes["classifier.weight"][0] if "classifier.weight" in shapes else 0
     in_channels = shapes["conv_proj.weight"][1] if "conv_proj.weight" in shapes else base.in_channels
@@ -244,7 +250,7 @@ def _from_network(network: str, shapes: Mapping[str, tuple[int, ...]], sig: Any,
     return base.replace(image_size=size, num_classes=num_classes, in_channels=in_channels)
 
 
-def _from_shapes(shapes: Mapping[str, tuple[int, ...]], sig: Any, file_cfg: dict[str, Any], where: str,
+def _from_shapes(shapes: Mapping[str, tuple[int, ...]], sig: SignatureInfo | None, file_cfg: dict[str, Any], where: str,
                  notes: list[str]) -> tuple[ViTConfig, str, bool, str]:
     conv = shapes.get("conv_proj.weight")
     if conv is None or len(conv) != 4 or conv[2] != conv[3]:

@@ -17,8 +17,7 @@ import numpy as np
 
 from vitreg_jax.config import ViTConfig
 from vitreg_jax.errors import UserError
-
-Path = tuple[str | int, ...]
+from vitreg_jax.tree import Path, check_fit, short_list
 
 # birder < 0.4 (nn.MultiheadAttention blocks): key suffix -> today's suffix. in_proj packs rows [q; k; v],
 # head-major inside each, which is exactly the layout of today's fused qkv, so a rename is enough.
@@ -43,11 +42,13 @@ class Row:
     birder_shape: tuple[int, ...]
 
 
-def _norm(key: str, path: Path, dim: int) -> list[Row]:
+def norm_rows(key: str, path: Path, dim: int) -> list[Row]:
+    """A LayerNorm's two rows (``weight`` -> ``scale``, ``bias``)."""
     return [Row(f"{key}.weight", (*path, "scale"), "none", (dim,)), Row(f"{key}.bias", (*path, "bias"), "none", (dim,))]
 
 
-def _linear(key: str, path: Path, d_in: int, d_out: int, bias: bool = True) -> list[Row]:
+def linear_rows(key: str, path: Path, d_in: int, d_out: int, bias: bool = True) -> list[Row]:
+    """A Linear's rows: torch ``(out, in)`` weight <-> ``(in, out)`` kernel, and its bias."""
     rows = [Row(f"{key}.weight", (*path, "kernel"), "linear", (d_out, d_in))]
     return rows + ([Row(f"{key}.bias", (*path, "bias"), "none", (d_out,))] if bias else [])
 
@@ -66,29 +67,30 @@ def table(cfg: ViTConfig) -> list[Row]:
     if not cfg.pre_norm:
         rows.append(Row("conv_proj.bias", ("conv_proj", "bias"), "none", (d,)))
     if cfg.pre_norm:
-        rows += _norm("encoder.pre_block.0", ("encoder", "pre_norm"), d)
+        rows += norm_rows("encoder.pre_block.0", ("encoder", "pre_norm"), d)
     for i in range(cfg.num_layers):
         k, pth = f"encoder.block.{i}", ("encoder", "block", i)
-        rows += _norm(f"{k}.norm1", (*pth, "norm1"), d)
-        rows += _linear(f"{k}.attn.qkv", (*pth, "attn", "qkv"), d, 3 * d, cfg.qkv_bias)
-        rows += _linear(f"{k}.attn.proj", (*pth, "attn", "proj"), d, d)
+        rows += norm_rows(f"{k}.norm1", (*pth, "norm1"), d)
+        rows += linear_rows(f"{k}.attn.qkv", (*pth, "attn", "qkv"), d, 3 * d, cfg.qkv_bias)
+        rows += linear_rows(f"{k}.attn.proj", (*pth, "attn", "proj"), d, d)
         if cfg.layer_scale_init_value is not None:
             rows.append(Row(f"{k}.layer_scale_1.gamma", (*pth, "ls1", "gamma"), "none", (d,)))
-        rows += _norm(f"{k}.norm2", (*pth, "norm2"), d)
-        rows += _linear(f"{k}.mlp.0", (*pth, "mlp", "fc1"), d, cfg.mlp_dim)
-        rows += _linear(f"{k}.mlp.3", (*pth, "mlp", "fc2"), cfg.mlp_dim, d)
+        rows += norm_rows(f"{k}.norm2", (*pth, "norm2"), d)
+        rows += linear_rows(f"{k}.mlp.0", (*pth, "mlp", "fc1"), d, cfg.mlp_dim)
+        rows += linear_rows(f"{k}.mlp.3", (*pth, "mlp", "fc2"), cfg.mlp_dim, d)
         if cfg.layer_scale_init_value is not None:
             rows.append(Row(f"{k}.layer_scale_2.gamma", (*pth, "ls2", "gamma"), "none", (d,)))
     if cfg.post_norm and not cfg.norm_after_pool:
-        rows += _norm("norm", ("norm",), d)
+        rows += norm_rows("norm", ("norm",), d)
     if cfg.post_norm and cfg.norm_after_pool:
-        rows += _norm("embedding_norm", ("embedding_norm",), d)
+        rows += norm_rows("embedding_norm", ("embedding_norm",), d)
     if cfg.num_classes:
-        rows += _linear("classifier", ("classifier",), d, cfg.num_classes)
+        rows += linear_rows("classifier", ("classifier",), d, cfg.num_classes)
     return rows
 
 
-def _to_ours(a: np.ndarray, layout: str) -> np.ndarray:
+def to_our_layout(a: np.ndarray, layout: str) -> np.ndarray:
+    """One birder tensor in our layout."""
     if layout == "linear":
         return np.ascontiguousarray(a.T)
     if layout == "conv":
@@ -96,7 +98,8 @@ def _to_ours(a: np.ndarray, layout: str) -> np.ndarray:
     return a
 
 
-def _to_birder(a: np.ndarray, layout: str) -> np.ndarray:
+def to_birder_layout(a: np.ndarray, layout: str) -> np.ndarray:
+    """One of our arrays in birder's layout."""
     if layout == "linear":
         return np.ascontiguousarray(a.T)
     if layout == "conv":
@@ -139,9 +142,9 @@ def to_nnx(state: Mapping[str, Any], cfg: ViTConfig, *, consume: bool = False) -
     rows = table(cfg)
     check_fit(state, {r.birder_key: r.birder_shape for r in rows}, "weights do not fit the architecture")
     if not consume:
-        return {r.path: _to_ours(np.asarray(state[r.birder_key]), r.layout) for r in rows}
+        return {r.path: to_our_layout(np.asarray(state[r.birder_key]), r.layout) for r in rows}
     source.clear()  # type: ignore[attr-defined]
-    return {r.path: _to_ours(np.asarray(state.pop(r.birder_key)), r.layout) for r in rows}
+    return {r.path: to_our_layout(np.asarray(state.pop(r.birder_key)), r.layout) for r in rows}
 
 
 def to_birder(params: Mapping[Path, Any], cfg: ViTConfig, *, consume: bool = False) -> dict[str, np.ndarray]:
@@ -152,49 +155,8 @@ def to_birder(params: Mapping[Path, Any], cfg: ViTConfig, *, consume: bool = Fal
     rows = table(cfg)
     missing = [".".join(map(str, r.path)) for r in rows if r.path not in params]
     if missing:
-        raise UserError(f"parameters lack {len(missing)} entr(ies): {_short(missing)}")
+        raise UserError(f"parameters lack {len(missing)} entr(ies): {short_list(missing)}")
     if consume:
-        return {r.birder_key: _to_birder(np.asarray(params.pop(r.path)), r.layout)  # type: ignore[attr-defined]
+        return {r.birder_key: to_birder_layout(np.asarray(params.pop(r.path)), r.layout)  # type: ignore[attr-defined]
                 for r in rows}
-    return {r.birder_key: _to_birder(np.asarray(params[r.path]), r.layout) for r in rows}
-
-
-def check_fit(given: Mapping[Any, Any], expected: Mapping[Any, tuple[int, ...]], what: str) -> None:
-    """Refuse, listing every one, missing keys, unexpected keys and shape mismatches (one UserError line)."""
-    name = (lambda k: k) if all(isinstance(k, str) for k in expected) else (lambda k: ".".join(map(str, k)))
-    missing = [name(k) for k in expected if k not in given]
-    extra = sorted(name(k) for k in given if k not in expected)
-    wrong = [f"{name(k)} {tuple(np.shape(given[k]))} (expected {tuple(shape)})"
-             for k, shape in expected.items() if k in given and tuple(np.shape(given[k])) != tuple(shape)]
-    problems = [f"{label} {len(items)} key(s): {_short(items)}" if label != "shape mismatch"
-                else f"{label}: {_short(items)}"
-                for label, items in (("missing", missing), ("unexpected", extra), ("shape mismatch", wrong))
-                if items]
-    if problems:
-        raise UserError(f"{what}: " + "; ".join(problems))
-
-
-def _short(items: list[str], limit: int = 12) -> str:
-    shown = ", ".join(items[:limit])
-    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
-
-
-# nested <-> flat helpers (nnx pure dicts use int keys for list entries) ----------------------------------
-def flatten(tree: Mapping[Any, Any], prefix: Path = ()) -> dict[Path, Any]:
-    out: dict[Path, Any] = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(flatten(v, (*prefix, k)))
-        else:
-            out[(*prefix, k)] = v
-    return out
-
-
-def unflatten(flat: Mapping[Path, Any]) -> dict[Any, Any]:
-    tree: dict[Any, Any] = {}
-    for path, v in flat.items():
-        node = tree
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = v
-    return tree
+    return {r.birder_key: to_birder_layout(np.asarray(params[r.path]), r.layout) for r in rows}

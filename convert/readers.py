@@ -24,9 +24,9 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from vitreg_jax.convert.atomic import atomic_write, first_line
 from vitreg_jax.convert.safetensors_io import read_safetensors, write_safetensors
 from vitreg_jax.errors import UserError
+from vitreg_jax.fileio import atomic_write, first_line
 
 # `isolate=None` reads .pt files at least this large in a child process (small ones are not worth its start-up)
 ISOLATE_ABOVE_BYTES = 64 * 1024 * 1024

@@ -15,8 +15,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from vitreg_jax.convert.atomic import atomic_write, first_line
 from vitreg_jax.errors import UserError
+from vitreg_jax.fileio import atomic_write, first_line
 
 # birder's metadata keys that .safetensors stores as JSON strings
 _JSON_META = ("class_to_idx", "signature", "rgb_stats", "config", "backbone_config")

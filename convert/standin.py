@@ -21,7 +21,12 @@ import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+from vitreg_jax.fileio import atomic_write_json, first_line
+
+if TYPE_CHECKING:
+    import torch
 
 STANDIN_SEED = 0
 STANDIN_NETWORK = "vit_reg4_b16"
@@ -88,8 +93,7 @@ def birder_missing() -> str | None:
     except ImportError as e:
         return f"{e.name or 'birder'} is not installed (pip install 'vitreg-jax[test]')"
     except Exception as e:  # noqa: BLE001 - a broken torch/torchvision pair raises all sorts of errors
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return f"birder does not import here ({type(e).__name__}: {first})"
+        return f"birder does not import here ({type(e).__name__}: {first_line(e)})"
     logging.getLogger("birder").setLevel(logging.WARNING)  # its INFO lines ("Saving ...") are noise here
     return None
 
@@ -144,7 +148,8 @@ def write_standin(directory: str | os.PathLike[str], *, network: str = STANDIN_N
 
 
 def birder_standin_net(network: str = STANDIN_NETWORK, seed: int = STANDIN_SEED,
-                       model_config: Mapping[str, Any] | None = None, size: tuple[int, int] = (224, 224)) -> Any:
+                       model_config: Mapping[str, Any] | None = None, size: tuple[int, int] = (224, 224)
+                       ) -> torch.nn.Module:
     """birder's network with birder's own random init from ``torch.manual_seed(seed)``, in eval mode."""
     _quiet_torch_logs()
     import torch
@@ -190,8 +195,6 @@ def _standin_by_birder(directory: Path, network: str, seed: int, model_config: M
 
 def _standin_by_us(directory: Path, network: str, seed: int, model_config: Mapping[str, Any] | None,
                    size: tuple[int, int], rgb_stats: Mapping[str, Any]) -> Weights:
-    import json
-
     from vitreg_jax.config import preset
     from vitreg_jax.convert import mapping
     from vitreg_jax.convert.readers import write_birder_file
@@ -205,7 +208,7 @@ def _standin_by_us(directory: Path, network: str, seed: int, model_config: Mappi
     write_birder_file(weights, state, {"task": cfg["task"], "signature": cfg["signature"],
                                        "rgb_stats": cfg["rgb_stats"]})
     config = directory / f"{STANDIN_NAME}.json"
-    config.write_text(json.dumps(cfg, indent=2) + "\n")
+    atomic_write_json(config, cfg)
     return Weights(weights=weights, config=config, kind="standin", writer="vitreg-jax")
 
 

@@ -5,6 +5,8 @@ birder's MAE state_dict holds ``encoder.<every encoder key>`` (the encoder table
 ``decoder_embed.*``, ``decoder.{i}.*`` for the blocks, ``decoder.{depth}`` (LayerNorm) and
 ``decoder.{depth + 1}`` (the pixel prediction Linear). Our paths have the same names, so each row is a
 rename of the separator plus the same layouts as the encoder table. Pure numpy, both directions.
+
+The tests use it to move weights between birder's ``MAE_ViT`` and ours; the package itself never needs it.
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from vitreg_jax.convert import mapping
-from vitreg_jax.convert.mapping import Path, Row, _linear, _norm, _short, _to_birder, _to_ours
 
 from vitreg_jax.config import MAEConfig, ViTConfig
+from vitreg_jax.convert import mapping
+from vitreg_jax.convert.mapping import Row, linear_rows, norm_rows, to_birder_layout, to_our_layout
 from vitreg_jax.errors import UserError
+from vitreg_jax.tree import Path, check_fit, short_list
 
 ENCODER_PREFIX = "encoder."
 
@@ -29,18 +32,18 @@ def decoder_table(vit_cfg: ViTConfig, mae_cfg: MAEConfig) -> list[Row]:
     pos_shape = (1, seq, d) if mae_cfg.learnable_pos_embed else (seq, d)
     rows = [Row("mask_token", ("mask_token",), "none", (1, 1, d)),
             Row("decoder_pos_embed", ("decoder_pos_embed",), "none", pos_shape)]
-    rows += _linear("decoder_embed", ("decoder_embed",), e, d)
+    rows += linear_rows("decoder_embed", ("decoder_embed",), e, d)
     for i in range(mae_cfg.decoder_depth):
         k, pth = f"decoder.{i}", ("decoder", i)
-        rows += _norm(f"{k}.norm1", (*pth, "norm1"), d)
-        rows += _linear(f"{k}.attn.qkv", (*pth, "attn", "qkv"), d, 3 * d)
-        rows += _linear(f"{k}.attn.proj", (*pth, "attn", "proj"), d, d)
-        rows += _norm(f"{k}.norm2", (*pth, "norm2"), d)
-        rows += _linear(f"{k}.mlp.0", (*pth, "mlp", "fc1"), d, 4 * d)
-        rows += _linear(f"{k}.mlp.3", (*pth, "mlp", "fc2"), 4 * d, d)
+        rows += norm_rows(f"{k}.norm1", (*pth, "norm1"), d)
+        rows += linear_rows(f"{k}.attn.qkv", (*pth, "attn", "qkv"), d, 3 * d)
+        rows += linear_rows(f"{k}.attn.proj", (*pth, "attn", "proj"), d, d)
+        rows += norm_rows(f"{k}.norm2", (*pth, "norm2"), d)
+        rows += linear_rows(f"{k}.mlp.0", (*pth, "mlp", "fc1"), d, 4 * d)
+        rows += linear_rows(f"{k}.mlp.3", (*pth, "mlp", "fc2"), 4 * d, d)
     depth = mae_cfg.decoder_depth
-    rows += _norm(f"decoder.{depth}", ("decoder", depth), d)
-    rows += _linear(f"decoder.{depth + 1}", ("decoder", depth + 1), d,
+    rows += norm_rows(f"decoder.{depth}", ("decoder", depth), d)
+    rows += linear_rows(f"decoder.{depth + 1}", ("decoder", depth + 1), d,
                     vit_cfg.patch_size**2 * vit_cfg.in_channels)
     return rows
 
@@ -66,8 +69,8 @@ def to_nnx(state: Mapping[str, Any], vit_cfg: ViTConfig, mae_cfg: MAEConfig) -> 
     enc_state, rest = split_encoder(state)
     out = {("encoder", *p): v for p, v in mapping.to_nnx(enc_state, vit_cfg).items()}
     rows = decoder_table(vit_cfg, mae_cfg)
-    mapping.check_fit(rest, {r.birder_key: r.birder_shape for r in rows}, "MAE weights do not fit the architecture")
-    out.update({r.path: _to_ours(np.asarray(rest[r.birder_key]), r.layout) for r in rows})
+    check_fit(rest, {r.birder_key: r.birder_shape for r in rows}, "MAE weights do not fit the architecture")
+    out.update({r.path: to_our_layout(np.asarray(rest[r.birder_key]), r.layout) for r in rows})
     return out
 
 
@@ -76,5 +79,5 @@ def to_birder(params: Mapping[Path, Any], vit_cfg: ViTConfig, mae_cfg: MAEConfig
     rows = table(vit_cfg, mae_cfg)
     missing = [".".join(map(str, r.path)) for r in rows if r.path not in params]
     if missing:
-        raise UserError(f"MAE parameters lack {len(missing)} entr(ies): {_short(missing)}")
-    return {r.birder_key: _to_birder(np.asarray(params[r.path]), r.layout) for r in rows}
+        raise UserError(f"MAE parameters lack {len(missing)} entr(ies): {short_list(missing)}")
+    return {r.birder_key: to_birder_layout(np.asarray(params[r.path]), r.layout) for r in rows}

@@ -24,21 +24,48 @@ import pytest
 from tests.hf_mirror import HfMirror
 from tests.tolerances import CONVERT_PARITY_ATOL
 from vitreg_jax.cli import main
-from vitreg_jax.convert import hub, mapping
+from vitreg_jax.convert import hub
 from vitreg_jax.convert.readers import read_birder_file
+from vitreg_jax.tree import flatten
 
 try:
     from tests.test_convert import (
-        RGB, SIZE, TINY, Tiny, birder_embedding, birder_net, birder_save,
-        damaged_files, evil_files, legacy_state, nhwc_input, save_pt, signature, state_tensors, to_numpy,
+        RGB,
+        SIZE,
+        TINY,
+        Tiny,
+        birder_embedding,
+        birder_net,
+        birder_save,
+        damaged_files,
+        evil_files,
+        legacy_state,
+        nhwc_input,
+        save_pt,
+        signature,
+        state_tensors,
+        tiny,  # the session fixture
+        to_numpy,
     )
-    from tests.test_convert import tiny  # the session fixture
 except ImportError:  # tests/ run as plain folder
     from test_convert import (  # type: ignore[no-redef]
-        RGB, SIZE, TINY, Tiny, birder_embedding, birder_net, birder_save,
-        damaged_files, evil_files, legacy_state, nhwc_input, save_pt, signature, state_tensors, to_numpy,
+        RGB,
+        SIZE,
+        TINY,
+        Tiny,
+        birder_embedding,
+        birder_net,
+        birder_save,
+        damaged_files,
+        evil_files,
+        legacy_state,
+        nhwc_input,
+        save_pt,
+        signature,
+        state_tensors,
+        tiny,  # type: ignore[no-redef]  # noqa: F401
+        to_numpy,
     )
-    from test_convert import tiny  # type: ignore[no-redef]  # noqa: F401
 
 torch = pytest.importorskip("torch")
 birder = pytest.importorskip("birder")
@@ -78,7 +105,7 @@ def our_embedding(ckpt: Path, x: np.ndarray) -> np.ndarray:
 def restored(ckpt: Path) -> dict[tuple[str, ...], np.ndarray]:
     from vitreg_jax.checkpoint import restore_params
 
-    return mapping.flatten(restore_params(ckpt))
+    return flatten(restore_params(ckpt))
 
 
 def metadata(ckpt: Path) -> dict[str, Any]:
@@ -384,7 +411,7 @@ def test_rgb_stats_of_the_json_win_and_the_difference_is_shown(tiny: Tiny, tmp_p
 
 
 def test_load_model_with_cfg_reads_a_birder_file_without_its_json(tiny: Tiny) -> None:
-    """vitreg_jax.loading's hook uses the converter's inference when no config is given."""
+    """vitreg_jax.load_model_with_cfg infers the architecture from the file when no config is given."""
     import vitreg_jax
 
     net, cfg = vitreg_jax.load_model_with_cfg(None, tiny.pt)

@@ -22,8 +22,8 @@ import pytest
 
 from vitreg_jax.config import ViTConfig
 from vitreg_jax.convert import infer, mapping
-from vitreg_jax.convert.standin import birder_models_dir
 from vitreg_jax.convert.readers import read_birder_file
+from vitreg_jax.convert.standin import birder_models_dir
 from vitreg_jax.errors import UserError
 
 torch = pytest.importorskip("torch")

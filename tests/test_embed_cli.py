@@ -18,7 +18,8 @@ from PIL import Image
 from vitreg_jax.cli import main
 from vitreg_jax.commands.embed import PARTS_DIR
 from vitreg_jax.config import preset
-from vitreg_jax.loading import birder_config, load_model_with_cfg, save_model
+from vitreg_jax.convert.load import load_model_with_cfg
+from vitreg_jax.loading import birder_config, save_model
 from vitreg_jax.preprocess import classification_transform, load_image
 from vitreg_jax.vit import ViT
 

@@ -1,7 +1,7 @@
 """The MAE head against birder 0.8.4's ``MAE_ViT`` on CPU in fp32, with birder's weights and masks.
 
 Inputs, weight perturbations and mask noise are generated once with numpy and fed to both frameworks; birder's
-weights reach ours through ``convert/mae_mapping.py``; birder's ``uniform_mask`` is replaced by one returning
+weights reach ours through ``tests/mae_mapping.py``; birder's ``uniform_mask`` is replaced by one returning
 the numpy-made masks, and ours receives the same masks.
 """
 
@@ -14,12 +14,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from vitreg_jax.convert import mae_mapping, mapping
 
 from tests import birder_ref as ref
+from tests import mae_mapping
 from tests.conftest import record
-from tests.tolerances import MAE_ENCODER_TOKENS_ATOL, MAE_LOSS_RTOL, MAE_POS_EMBED_ATOL, MAE_PRED_ATOL
+from tests.tolerances import (
+    MAE_ENCODER_TOKENS_ATOL,
+    MAE_LOSS_RTOL,
+    MAE_POS_EMBED_ATOL,
+    MAE_POS_EMBED_VARIANTS_MIN_DIFF,
+    MAE_PRED_ATOL,
+)
 from vitreg_jax.config import MAEConfig, ViTConfig, mae_preset, preset
+from vitreg_jax.convert import mapping
 from vitreg_jax.errors import UserError
 from vitreg_jax.mae import (
     MAE,
@@ -32,6 +39,7 @@ from vitreg_jax.mae import (
     sincos_pos_embed_2d,
     unpatchify,
 )
+from vitreg_jax.tree import flatten
 from vitreg_jax.vit import ViT
 
 pytest.importorskip("birder")
@@ -245,7 +253,7 @@ def test_decoder_pos_embed_follows_the_frequency_option():
     assert old.cfg.include_frequency_endpoint
     a = sincos_pos_embed_2d(GRID, 32, 5, include_frequency_endpoint=False)
     b = sincos_pos_embed_2d(GRID, 32, 5, include_frequency_endpoint=True)
-    assert np.abs(a - b).max() > 1e-2, "the two denominators should give different tables"
+    assert np.abs(a - b).max() > MAE_POS_EMBED_VARIANTS_MIN_DIFF, "the two denominators should give different tables"
 
 
 def test_patchify_matches_birder_and_inverts():
@@ -262,7 +270,7 @@ def test_full_size_decoder_parameter_count():
     """mae_vit on vit_reg4_b16: 26,008,320 decoder parameters (111.8 M with the encoder), as birder's."""
     model = nnx.eval_shape(lambda: MAE(ViT(preset(ENCODER), rngs=nnx.Rngs(0)), mae_preset("mae_vit"),
                                        rngs=nnx.Rngs(1)))
-    counts = {p: int(np.prod(v.shape)) for p, v in mapping.flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param))).items()}
+    counts = {p: int(np.prod(v.shape)) for p, v in flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param))).items()}
     decoder = sum(n for p, n in counts.items() if p[0] != "encoder")
     assert decoder == 26_008_320
     assert sum(counts.values()) == 85_804_800 + 26_008_320

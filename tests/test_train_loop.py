@@ -207,7 +207,7 @@ def test_pretrain_killed_and_resumed_equals_uninterrupted(tmp_path):
     assert [r["step"] for r in lines[1]] == list(range(1, 9))
     assert [r["loss"] for r in lines[0]] == [r["loss"] for r in lines[1]]
     # the exported encoder is a vitreg-jax checkpoint that the loader (embed, export, info) accepts
-    from vitreg_jax.loading import load_model_with_cfg
+    from vitreg_jax.convert.load import load_model_with_cfg
 
     net, cfg = load_model_with_cfg(None, tmp_path / "whole" / "encoder")
     assert cfg["model_config"]["num_layers"] == 1 and tuple(net.cfg.image_size) == SIZE

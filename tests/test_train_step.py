@@ -18,9 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from vitreg_jax.convert import mae_mapping
 
 from tests import birder_ref as ref
+from tests import mae_mapping
 from tests.conftest import record
 from tests.tolerances import (
     STEP_BF16_GRAD_COSINE,

@@ -14,6 +14,8 @@ MAE_PRED_ATOL = 1e-4  # decoder predictions
 MAE_LOSS_RTOL = 1e-5  # loss, relative
 MAE_POS_EMBED_ATOL = 1e-6  # the sin-cos table: float32 sin/cos of the same float32 arguments
 MAE_ENCODER_TOKENS_ATOL = 2e-5  # encoder part of an MAE checkpoint through the encoder table
+# the sin-cos tables with and without the frequency endpoint differ by at least this (a real difference)
+MAE_POS_EMBED_VARIANTS_MIN_DIFF = 1e-2
 
 # The MAE train step vs birder's (torch) step (tests/test_train_step.py)
 STEP_GRAD_RTOL_OF_MAX = 1e-4  # accumulated gradients vs torch's, per tensor, relative to its largest entry

@@ -8,6 +8,8 @@ The public API mirrors birder's model card (NHWC instead of NCHW)::
     embedding = net.embedding(transform(image)[None])
 
 Names are imported lazily so that ``import vitreg_jax`` stays cheap and never imports torch.
+``load_model_with_cfg`` (any source: birder files, published names, checkpoints) comes from the converter
+package ``vitreg_jax.convert``, which sits above this core library.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ _EXPORTS: dict[str, str] = {
     "TrainConfig": "vitreg_jax.config",
     "preset": "vitreg_jax.config",
     "UserError": "vitreg_jax.errors",
-    "load_model_with_cfg": "vitreg_jax.loading",
+    "load_model_with_cfg": "vitreg_jax.convert.load",
     "build_model": "vitreg_jax.loading",
     "save_checkpoint": "vitreg_jax.checkpoint",
     "load_checkpoint": "vitreg_jax.checkpoint",

@@ -1,9 +1,10 @@
-"""Build models from birder configs and load weights from any supported source.
+"""Build models from birder configs, move parameters in and out, and save / load checkpoint directories.
 
-``load_model_with_cfg(config, weights)`` mirrors ``birder.load_model_with_cfg``: ``config`` is birder's json
-(path or dict; older files with ``alias`` instead of ``registered_name`` load too) or None, and ``weights`` is
-a birder ``.pt`` / ``.safetensors`` file, a vitreg-jax (Orbax) checkpoint directory, or a published weight name.
-Weights are mapped through the one table in ``vitreg_jax.convert.mapping``; no random init happens first.
+birder's json config (a dict) describes an architecture: :func:`read_birder_config` reads one (older files with
+``alias`` instead of ``registered_name`` too), :func:`vit_config_from_birder` turns it into a ``ViTConfig`` and
+:func:`birder_config` writes one back. :func:`model_from_checkpoint` loads a vitreg-jax (Orbax) checkpoint
+directory and :func:`save_model` writes one. Nothing here reads birder weight files: ``vitreg_jax.convert.load``
+does (``vitreg_jax.load_model_with_cfg`` loads any source: birder files, published names and checkpoints).
 """
 
 from __future__ import annotations
@@ -12,20 +13,41 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from vitreg_jax import __version__
+from vitreg_jax.checkpoint import load_checkpoint, save_checkpoint
 from vitreg_jax.config import ViTConfig, canonical_name, preset
-from vitreg_jax.convert import mapping
 from vitreg_jax.errors import UserError
+from vitreg_jax.tree import check_fit, flatten, int_keys, unflatten
 from vitreg_jax.vit import ViT
+
+if TYPE_CHECKING:
+    from jax.typing import DTypeLike
+
+    from vitreg_jax.tree import Path as ParamPath
 
 CLASSIFICATION_TASK = "image_classification"
 DEFAULT_BIRDER_VERSION = "v0.8.4"
+
+
+class WeightsSource(Protocol):
+    """What a checkpoint's provenance records of the file its weights came from (a birder file)."""
+
+    @property
+    def path(self) -> Path: ...
+    @property
+    def sha256(self) -> str: ...
+    @property
+    def format(self) -> str: ...
+    @property
+    def dtypes(self) -> list[str]: ...
+    @property
+    def meta(self) -> Mapping[str, Any]: ...
 
 
 # birder config dicts -----------------------------------------------------------------------------------
@@ -104,67 +126,33 @@ def abstract_model(vit_cfg: ViTConfig) -> ViT:
     return nnx.eval_shape(lambda: ViT(vit_cfg, rngs=nnx.Rngs(0)))
 
 
-def get_params(net: nnx.Module) -> dict[mapping.Path, np.ndarray]:
+def get_params(net: nnx.Module) -> dict[ParamPath, np.ndarray]:
     """{parameter path: numpy array} of a model (list indices as ints)."""
-    flat = mapping.flatten(nnx.to_pure_dict(nnx.state(net, nnx.Param)))
+    flat = flatten(nnx.to_pure_dict(nnx.state(net, nnx.Param)))
     return {k: np.asarray(v) for k, v in flat.items()}
 
 
-def set_params(net: nnx.Module, params: Mapping[mapping.Path, Any], dtype: Any = jnp.float32) -> nnx.Module:
+def set_params(net: nnx.Module, params: Mapping[ParamPath, np.ndarray | jnp.ndarray],
+               dtype: DTypeLike = jnp.float32) -> nnx.Module:
     """Put arrays into the model's parameters, checking that every path exists with the right shape."""
-    current = mapping.flatten(nnx.to_pure_dict(nnx.state(net, nnx.Param)))
-    mapping.check_fit(params, {k: v.shape for k, v in current.items()}, "parameters do not fit the model")
-    nnx.update(net, mapping.unflatten({k: jnp.asarray(np.asarray(v), dtype) for k, v in params.items()}))
+    current = flatten(nnx.to_pure_dict(nnx.state(net, nnx.Param)))
+    check_fit(params, {k: v.shape for k, v in current.items()}, "parameters do not fit the model")
+    nnx.update(net, unflatten({k: jnp.asarray(np.asarray(v), dtype) for k, v in params.items()}))
     return net
 
 
-def _int_keys(flat: Mapping[tuple[str, ...], Any]) -> dict[mapping.Path, Any]:
-    return {tuple(int(p) if p.isdigit() else p for p in k): v for k, v in flat.items()}
-
-
-# loading -----------------------------------------------------------------------------------------------
-def load_model_with_cfg(config: str | os.PathLike[str] | Mapping[str, Any] | None,
-                        weights: str | os.PathLike[str]) -> tuple[ViT, dict[str, Any]]:
-    """(model, birder config dict) from a config (or None) and weights; see the module docstring."""
-    from vitreg_jax.checkpoint import is_checkpoint, load_checkpoint
-
-    path = Path(weights)
-    if is_checkpoint(path):
-        params, meta = load_checkpoint(path)
-        cfg = read_birder_config(config) if config is not None else dict(meta["birder_config"])
-        vit_cfg = vit_config_from_birder(cfg)
-        net = set_params(abstract_model(vit_cfg), _int_keys(mapping.flatten(params)))
-        return net, cfg
-    net, cfg, _ = load_birder_weights(config, weights)
+# checkpoint directories --------------------------------------------------------------------------------
+def model_from_checkpoint(directory: str | os.PathLike[str],
+                          config: str | os.PathLike[str] | Mapping[str, Any] | None = None
+                          ) -> tuple[ViT, dict[str, Any]]:
+    """(model, birder config dict) of a vitreg-jax checkpoint; ``config`` replaces the one it carries."""
+    params, meta = load_checkpoint(directory)
+    cfg = read_birder_config(config) if config is not None else dict(meta["birder_config"])
+    net = set_params(abstract_model(vit_config_from_birder(cfg)), int_keys(flatten(params)))
     return net, cfg
 
 
-def load_birder_weights(config: str | os.PathLike[str] | Mapping[str, Any] | None,
-                        weights: str | os.PathLike[str]) -> tuple[ViT, dict[str, Any], Any]:
-    """(model, birder config, BirderFile) from a birder file or a published weight name."""
-    from vitreg_jax.convert import hub
-    from vitreg_jax.convert.readers import read_birder_file
-
-    resolved = hub.resolve(weights)
-    if config is None and resolved.config is not None:
-        config = resolved.config
-    bfile = read_birder_file(resolved.weights)
-    cfg = read_birder_config(config) if config is not None else config_from_file(bfile)
-    vit_cfg = vit_config_from_birder(cfg)
-    net = set_params(abstract_model(vit_cfg), mapping.to_nnx(bfile.state, vit_cfg))
-    return net, cfg, bfile
-
-
-def config_from_file(bfile: Any) -> dict[str, Any]:
-    """A birder config for a weights file given without its json: from the file's own metadata and shapes."""
-    try:
-        from vitreg_jax.convert.infer import infer_birder_config
-    except ImportError:
-        raise UserError(f"{bfile.path}: no config given; pass birder's json config for these weights") from None
-    return infer_birder_config(bfile)
-
-
-def checkpoint_metadata(vit_cfg: ViTConfig, cfg: Mapping[str, Any], *, source: Any = None,
+def checkpoint_metadata(vit_cfg: ViTConfig, cfg: Mapping[str, Any], *, source: WeightsSource | None = None,
                         dtype: str = "float32", extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """``metadata.json`` content: configs, signature, rgb_stats and where the weights came from."""
     provenance: dict[str, Any] = {"converter": "vitreg-jax", "converter_version": __version__}
@@ -176,12 +164,11 @@ def checkpoint_metadata(vit_cfg: ViTConfig, cfg: Mapping[str, Any], *, source: A
             "rgb_stats": cfg["rgb_stats"], "dtype": dtype, "provenance": provenance}
 
 
-def save_model(directory: str | os.PathLike[str], net: ViT, cfg: Mapping[str, Any], *, source: Any = None,
-               force: bool = False, extra: Mapping[str, Any] | None = None) -> Path:
+def save_model(directory: str | os.PathLike[str], net: ViT, cfg: Mapping[str, Any], *,
+               source: WeightsSource | None = None, force: bool = False,
+               extra: Mapping[str, Any] | None = None) -> Path:
     """Save a model as a vitreg-jax checkpoint directory (see ``vitreg_jax.checkpoint``)."""
-    from vitreg_jax.checkpoint import save_checkpoint
-
-    params = mapping.unflatten(get_params(net))
+    params = unflatten(get_params(net))
     # the signature follows the model (adjust_size may have changed its size since the config was read)
     cfg = {**cfg, "signature": birder_config(net.cfg, cfg["rgb_stats"])["signature"]}
     meta = checkpoint_metadata(net.cfg, cfg, source=source, extra=extra)

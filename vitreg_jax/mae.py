@@ -11,12 +11,13 @@ The pieces follow ``birder/net/mim/mae_vit.py`` and ``birder/common/masking.py``
   tokens, ``decoder`` = blocks + LayerNorm + prediction ``Linear``) and the loss on masked patches only.
 
 Parameter paths copy birder's MAE state_dict (``decoder.{i}`` is block ``i``, then the norm, then the
-prediction layer), so ``vitreg_jax.convert.mae_mapping`` is the encoder table plus a few rows.
+prediction layer), so birder's MAE keys map to ours by the encoder table plus a few rows.
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +27,11 @@ from flax import nnx
 from vitreg_jax.config import MAEConfig
 from vitreg_jax.errors import UserError
 from vitreg_jax.layers import EncoderBlock, LayerNorm, Linear, trunc_normal
+from vitreg_jax.tree import check_fit, flatten, unflatten
 from vitreg_jax.vit import ViT
+
+if TYPE_CHECKING:
+    from vitreg_jax.tree import Path
 
 # birder: nn.LayerNorm(decoder_embed_dim, eps=1e-6) after the decoder blocks (the blocks use the encoder's eps)
 DECODER_NORM_EPS = 1e-6
@@ -211,7 +216,7 @@ class MAE(nnx.Module):
         return jnp.sum(per_patch * mask) / jnp.sum(mask)
 
     def __call__(self, images: jax.Array, masks: Masks | None = None, *, key: jax.Array | None = None,
-                 dropout_key: jax.Array | None = None) -> dict[str, Any]:
+                 dropout_key: jax.Array | None = None) -> dict[str, jax.Array]:
         """birder's ``forward``: ``{"loss", "pred", "mask"}`` for NHWC images at the encoder's size.
 
         Pass ``masks`` (e.g. birder's, or from :func:`random_masking`) or a ``key`` to draw them from.
@@ -230,17 +235,13 @@ class MAE(nnx.Module):
 
 
 # weights in and out ------------------------------------------------------------------------------------------
-def flat_state(model: nnx.Module) -> dict[tuple[Any, ...], np.ndarray]:
-    """{path: numpy array} of every parameter and buffer (list indices as ints), e.g. for ``mae_mapping``."""
-    from vitreg_jax.convert.mapping import flatten
-
+def flat_state(model: nnx.Module) -> dict[Path, np.ndarray]:
+    """{path: numpy array} of every parameter and buffer (list indices as ints)."""
     return {k: np.asarray(v) for k, v in flatten(nnx.to_pure_dict(nnx.state(model, (nnx.Param, Buffer)))).items()}
 
 
-def load_flat_state(model: nnx.Module, flat: dict[tuple[Any, ...], Any]) -> nnx.Module:
+def load_flat_state(model: nnx.Module, flat: Mapping[Path, np.ndarray | jax.Array]) -> nnx.Module:
     """Put {path: array} into the model's parameters and buffers; refuses missing, extra or mis-shaped ones."""
-    from vitreg_jax.convert.mapping import check_fit, unflatten
-
     current = flat_state(model)
     check_fit(flat, {k: v.shape for k, v in current.items()}, "weights do not fit the MAE model")
     nnx.update(model, unflatten({k: jnp.asarray(np.asarray(v), jnp.float32) for k, v in flat.items()}))

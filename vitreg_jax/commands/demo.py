@@ -138,7 +138,8 @@ def _choose_weights(args: argparse.Namespace, out: Path, say: _Printer) -> Any:
 def _load(weights: Any, out: Path, config: str | None, say: _Printer) -> tuple[Any, dict[str, Any]]:
     """(model loaded from the Orbax checkpoint, birder config): converts a birder file first."""
     from vitreg_jax.checkpoint import is_checkpoint
-    from vitreg_jax.loading import load_birder_weights, load_model_with_cfg, save_model
+    from vitreg_jax.convert.load import load_birder_weights, load_model_with_cfg
+    from vitreg_jax.loading import save_model
     from vitreg_jax.vit import num_params
 
     ckpt = out / "checkpoint"

@@ -293,7 +293,7 @@ def run(args: argparse.Namespace) -> int:
 
     from vitreg_jax.data import iter_batches, list_inputs
     from vitreg_jax.embed import Embedder, default_mesh
-    from vitreg_jax.loading import load_model_with_cfg
+    from vitreg_jax.convert.load import load_model_with_cfg
     from vitreg_jax.preprocess import classification_transform, get_size_from_signature
 
     nproc, pid = jax.process_count(), jax.process_index()

@@ -317,7 +317,8 @@ def _train(args: argparse.Namespace, out: Path, saved: dict[str, Any] | None, op
 
     from vitreg_jax import __version__
     from vitreg_jax.augment import TrainTransform
-    from vitreg_jax.loading import birder_config, load_model_with_cfg, save_model
+    from vitreg_jax.convert.load import load_model_with_cfg
+    from vitreg_jax.loading import birder_config, save_model
     from vitreg_jax.mae import MAE
     from vitreg_jax.optim import lr_schedule, total_steps
     from vitreg_jax.train import MAETrainer
