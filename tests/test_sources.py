@@ -340,3 +340,34 @@ def test_bad_arguments(transform):
         iter_item_batches([], transform, 0)
     with pytest.raises(UserError, match="workers"):
         iter_item_batches([], transform, 1, -1)
+
+
+@pytest.mark.parametrize("workers,batch_size", [(1, 1), (2, 3)])
+def test_decoding_overlaps_the_consumer_within_its_window(monkeypatch, workers, batch_size):
+    encoded = png_bytes(0, (4, 4))
+    total = 6 * (2 * workers + batch_size)
+
+    def items(shard):
+        for i in range(total):
+            yield Item(shard.index, str(i), "gen", data=encoded)
+
+    monkeypatch.setattr(sources, "iter_items", items)
+    lock = threading.Lock()
+    started = 0
+
+    def counting_transform(img):
+        nonlocal started
+        with lock:
+            started += 1
+        return np.asarray(img, np.float32)
+
+    window = data.QUEUED_PER_WORKER * workers + 1
+    consumed, ahead = 0, []
+    for batch in iter_item_batches([Shard(0, "tar", url="gen")], counting_transform, batch_size, workers):
+        consumed += len(batch.keys)
+        threading.Event().wait(0.05)  # the consumer "computes"; the decoders should work meanwhile
+        with lock:
+            ahead.append(started - consumed)
+    assert consumed == total
+    assert max(ahead) <= window
+    assert ahead[0] == window - 1  # all but the slot being refilled were decoded while we held the batch
