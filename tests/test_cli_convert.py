@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from tests.hf_mirror import HfMirror
-from tests.tolerances import CONVERT_PARITY_ATOL
+from tests.tolerances import CONVERT_PARITY_ATOL, VERIFY_INJECTED_ERROR, VERIFY_LOOSE_TOLERANCE
 from vitreg_jax.cli import main
 from vitreg_jax.convert import hub
 from vitreg_jax.convert.readers import read_birder_file
@@ -298,15 +298,59 @@ def test_verify_failure_exits_1_and_writes_nothing(tiny: Tiny, converted: Path, 
     from vitreg_jax.convert import verify
 
     real = verify.our_embedding
-    monkeypatch.setattr(verify, "our_embedding", lambda net, x: real(net, x) + 1e-3)  # a subtly wrong port
+    monkeypatch.setattr(verify, "our_embedding", lambda net, x: real(net, x) + VERIFY_INJECTED_ERROR)  # wrong port
     rc, out, err = cli(capsys, "convert", tiny.pt, "--out", tmp_path / "c", "--verify")
     assert rc == 1 and "FAILED" in out and "nothing was written" in err
     assert not (tmp_path / "c").exists()
     rc, out, err = cli(capsys, "export", converted, "--out", tmp_path / "e.pt", "--verify")
     assert rc == 1 and "FAILED" in out
     assert sorted(p.name for p in tmp_path.iterdir()) == []
-    rc, out, err = cli(capsys, "convert", tiny.pt, "--out", tmp_path / "c", "--verify", "--tolerance", "1e-2")
+    rc, out, err = cli(capsys, "convert", tiny.pt, "--out", tmp_path / "c", "--verify", "--tolerance",
+                       str(VERIFY_LOOSE_TOLERANCE))
     assert rc == 0 and ": OK" in out
+
+
+
+@pytest.mark.parametrize("command", ["convert", "export"])
+def test_verify_defaults_to_the_fp32_parity_bar(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """The shipped --verify bar is the project's fp32 bar against birder, and --help says so."""
+    from vitreg_jax.convert.verify import VERIFY_ATOL
+
+    assert VERIFY_ATOL <= CONVERT_PARITY_ATOL
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    assert f"(default {VERIFY_ATOL:g})" in " ".join(capsys.readouterr().out.split())
+
+
+# permissions -----------------------------------------------------------------------------------------------
+@pytest.fixture
+def umask_027() -> Iterator[int]:
+    old = os.umask(0o027)
+    try:
+        yield 0o027
+    finally:
+        os.umask(old)
+
+
+def modes(root: Path) -> dict[str, int]:
+    """{relative path: permission bits} of ``root`` and everything under it."""
+    return {str(p.relative_to(root.parent)): p.stat().st_mode & 0o777 for p in [root, *sorted(root.rglob("*"))]}
+
+
+def test_everything_written_follows_the_umask(tiny: Tiny, tmp_path: Path, umask_027: int,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """Like any other tool: folders 0777 & ~umask, files 0666 & ~umask (not mkdtemp's / mkstemp's 0700 / 0600)."""
+    folder, file = 0o777 & ~umask_027, 0o666 & ~umask_027
+    assert cli(capsys, "convert", tiny.pt, "--out", tmp_path / "new" / "ckpt")[0] == 0
+    assert cli(capsys, "export", tmp_path / "new" / "ckpt", "--out", tmp_path / "out" / "e.pt")[0] == 0
+    assert cli(capsys, "export", tmp_path / "new" / "ckpt", "--out", tmp_path / "out" / "e.safetensors",
+               "--json", tmp_path / "out" / "s.json")[0] == 0
+    found = {**modes(tmp_path / "new"), **modes(tmp_path / "out")}
+    assert {"new/ckpt/metadata.json", "new/ckpt/params", "out/e.pt", "out/e.json", "out/s.json",
+            "out/e.safetensors"} <= set(found)
+    wrong = {name: oct(mode) for name, mode in found.items()
+             if mode != (folder if (tmp_path / name).is_dir() else file)}
+    assert not wrong, f"expected {oct(folder)} folders and {oct(file)} files: {wrong}"
 
 
 # info ------------------------------------------------------------------------------------------------------

@@ -43,6 +43,9 @@ EMBEDDER_BF16_MIN_COSINE = 0.999
 
 # Converted weights vs birder (tests/test_cli_convert.py)
 CONVERT_PARITY_ATOL = 2e-5  # our embedding vs birder's, fp32 CPU (birder's own fp32 floor is ~5e-6)
+# `--verify` is shown to catch a subtly wrong port: this much added to our embedding fails the default bar ...
+VERIFY_INJECTED_ERROR = 1e-3
+VERIFY_LOOSE_TOLERANCE = 1e-2  # ... and passes a --tolerance this loose
 
 # The pretrain command, two processes vs one (tests/test_train_loop.py): the same batches, gradients averaged
 # across processes in another order, so only rounding differs; AdamW normalises each step to about lr per

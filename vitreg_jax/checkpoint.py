@@ -9,6 +9,7 @@ Layout of a checkpoint directory::
 
 The weights restore as numpy arrays with no model code and on any device topology, CPU included.
 A directory is written under a temporary name and renamed when complete, so a failed save leaves nothing.
+Folders get ``0777 & ~umask`` and files ``0666 & ~umask``, like any other tool's output.
 """
 
 from __future__ import annotations
@@ -19,12 +20,17 @@ import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
 
+from vitreg_jax import partials
 from vitreg_jax.errors import UserError
+from vitreg_jax.fileio import atomic_write_json, first_line, umask
+
+if TYPE_CHECKING:
+    import orbax.checkpoint as ocp
 
 FORMAT = "vitreg-jax-checkpoint/1"
 METADATA_FILE = "metadata.json"
@@ -40,7 +46,7 @@ def _str_keys(tree: Mapping[Any, Any]) -> dict[str, Any]:
     return {str(k): _str_keys(v) if isinstance(v, Mapping) else np.asarray(v) for k, v in tree.items()}
 
 
-def _checkpointer() -> Any:
+def _checkpointer() -> ocp.Checkpointer:
     """A synchronous, process-local PyTree checkpointer whose numpy handler does not deep-copy every array.
 
     Orbax copies host arrays by default to guard asynchronous saves against later mutation; this save is
@@ -74,19 +80,23 @@ def save_checkpoint(directory: str | os.PathLike[str], params: Mapping[Any, Any]
         raise UserError(f"{out}: exists and is not a vitreg-jax checkpoint; refusing to replace it")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+        partials.remove_stale(out)  # left by runs that were killed before they could clean up
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=partials.SUFFIX, dir=out.parent))
+        held = partials.hold(tmp)  # while this process lives, no other run takes tmp for stale
     except OSError as e:
-        raise UserError(f"{out.parent}: cannot write there ({e.strerror or e})") from None
+        raise UserError(f"{out.parent}: cannot write there ({e.strerror or first_line(e)})") from None
     try:
+        tmp.chmod(0o777 & ~umask())  # mkdtemp's 0700 would make the checkpoint private to its writer
         _checkpointer().save(tmp / PARAMS_DIR, args=ocp.args.PyTreeSave(_str_keys(params)))
-        meta = {"format": FORMAT, **metadata}
-        (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
+        atomic_write_json(tmp / METADATA_FILE, {"format": FORMAT, **metadata})
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        partials.release(held)
     return out
 
 
@@ -119,8 +129,7 @@ def restore_params(directory: str | os.PathLike[str]) -> dict[str, Any]:
         args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item.tree)
         return ckptr.restore(d / PARAMS_DIR, restore_args=args)
     except (OSError, ValueError, RuntimeError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{d}: the weights could not be restored (damaged checkpoint?): {first}") from None
+        raise UserError(f"{d}: the weights could not be restored (damaged checkpoint?): {first_line(e)}") from None
 
 
 def load_checkpoint(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Any]]:
