@@ -371,3 +371,28 @@ def test_decoding_overlaps_the_consumer_within_its_window(monkeypatch, workers, 
     assert consumed == total
     assert max(ahead) <= window
     assert ahead[0] == window - 1  # all but the slot being refilled were decoded while we held the batch
+
+
+def test_an_existing_name_with_braces_or_brackets_is_taken_as_written(tmp_path):
+    odd = write_tar(tmp_path / "set{1,2}[a].tar", [("k.png", b"")])
+    assert [s.url for s in list_shards([str(odd)])] == [str(odd)]
+
+
+def test_a_remote_error_of_any_type_fails_that_shard_only(monkeypatch, tmp_path, transform):
+    class HttpError(Exception):  # what a remote filesystem might raise mid-stream
+        pass
+
+    class Flaky(io.RawIOBase):
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, buffer) -> int:
+            raise HttpError("503 Service Unavailable")
+
+    good = write_tar(tmp_path / "good.tar", [("a.png", png_bytes(1))])
+    real_open = sources._open_stream
+    monkeypatch.setattr(sources, "_open_stream", lambda url: Flaky() if "flaky" in url else real_open(url))
+    shards = [Shard(0, "tar", url="memory://b/flaky.tar"), Shard(1, "tar", url=str(good))]
+    ids, _, failed, done, _ = collect(iter_item_batches(shards, transform, 4, 1))
+    assert [(f.shard, f.key) for f in failed] == [(0, "")] and "HttpError: 503" in failed[0].reason
+    assert ids == [(1, "a", str(good))] and done == [0, 1]

@@ -71,7 +71,7 @@ def cosine_topk(
     qb = min(query_block, q.shape[0])
     padded = -(-q.shape[0] // qb) * qb
     q_pad = np.pad(q, ((0, padded - q.shape[0]), (0, 0)))  # (nb * qb, D), zero rows at the end
-    q_dev = jnp.asarray(q_pad).reshape(padded // qb, qb, -1)  # (nb, qb, D)
+    q_dev = _normalise_jit(jnp.asarray(q_pad).reshape(padded // qb, qb, -1))  # (nb, qb, D)
     top_scores = jnp.full((padded // qb, qb, k), -jnp.inf, jnp.float32)  # (nb, qb, k)
     top_rows = jnp.full((padded // qb, qb, k), -1, jnp.int32)
     total = 0
@@ -142,11 +142,14 @@ def _normalise(x: jax.Array) -> jax.Array:
     return x / jnp.where(norm > 0, norm, 1.0)
 
 
+_normalise_jit = jax.jit(_normalise)
+
+
 @functools.partial(jax.jit, static_argnames=("k",))
 def _step(
     top_scores: jax.Array,  # (nb, qb, k)
     top_rows: jax.Array,  # (nb, qb, k) int32
-    queries: jax.Array,  # (nb, qb, D)
+    queries: jax.Array,  # (nb, qb, D), unit rows
     block: jax.Array,  # (B, D)
     offset: jax.Array | int,
     valid: jax.Array | int,
@@ -160,7 +163,7 @@ def _step(
 
     def one(args: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
         scores_k, rows_k, q = args  # (qb, k), (qb, k), (qb, D)
-        scores = jnp.dot(_normalise(q), index.T, precision=jax.lax.Precision.HIGHEST)  # (qb, B)
+        scores = jnp.dot(q, index.T, precision=jax.lax.Precision.HIGHEST)  # (qb, B)
         scores = jnp.where(cols[None, :] < valid, scores, -jnp.inf)
         merged = jnp.concatenate([scores_k, scores], axis=1)  # (qb, k + B): older (lower) rows first
         merged_rows = jnp.concatenate([rows_k, jnp.broadcast_to(block_rows, scores.shape)], axis=1)

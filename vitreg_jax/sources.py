@@ -161,6 +161,8 @@ def expand_braces(pattern: str) -> list[str]:
 
 
 def _expand_input(name: str) -> list[tuple[str, str]]:
+    if not is_url(name) and os.path.exists(name):  # a local name holding braces or glob characters
+        return _expand_local_path(name)
     out: list[tuple[str, str]] = []
     for expanded in expand_braces(name):
         if is_url(expanded):
@@ -334,7 +336,8 @@ def _tar_items(shard: Shard) -> Iterator[Item]:
                     image = _read_member(archive, member)
                 elif last in META_EXTENSIONS and ext == last:
                     meta[last] = _read_member(archive, member)
-    except (OSError, EOFError, tarfile.TarError, UserError) as e:
+    # OSError / EOFError / TarError locally; remote filesystems raise their own types (HTTP, auth, timeouts)
+    except Exception as e:  # noqa: BLE001 - recorded with its type; the other shards go on
         yield Item(
             shard.index, key or "", shard.url, reason=f"unreadable shard {shard.url}: {_tar_reason(e)}"
         )
@@ -368,4 +371,6 @@ def _tar_reason(error: BaseException) -> str:
         return f"truncated ({first_line(error)})"
     if isinstance(error, tarfile.TarError):
         return f"not a valid tar archive ({first_line(error)})"
-    return first_line(error)
+    if isinstance(error, (OSError, UserError)):
+        return first_line(error)
+    return f"{type(error).__name__}: {first_line(error)}"
