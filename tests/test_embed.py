@@ -18,6 +18,7 @@ from tests.tolerances import EMBEDDER_BF16_MIN_COSINE, EMBEDDER_FP32_ATOL
 from vitreg_jax.config import preset
 from vitreg_jax.embed import CPU_XLA_FLAGS, Embedder, bucket_sizes, configure_xla_flags, make_embed_fn
 from vitreg_jax.errors import UserError
+from vitreg_jax.policy import ComputePolicy, resolve_dtype
 from vitreg_jax.vit import ViT
 
 # fp32 jitted vs eager: the same math in another fusion / micro-batch order
@@ -111,6 +112,18 @@ def test_bf16_close_to_fp32(net, images):
     assert cos.min() >= EMBEDDER_BF16_MIN_COSINE, f"bf16 cosine to fp32: min {cos.min():.6f}"
 
 
+def test_dtype_auto_and_policy(net):
+    """``dtype="auto"`` resolves for the mesh's platform (here the CPU); ``policy=`` is taken as given."""
+    auto = Embedder(net, dtype="auto", batch_size=2)
+    assert auto.dtype == auto.policy.dtype == resolve_dtype("auto", platform=jax.default_backend())
+    assert isinstance(auto.policy, ComputePolicy)
+    bf16 = Embedder(net, policy=ComputePolicy("bfloat16"), batch_size=2)
+    assert bf16.dtype == "bfloat16" and Embedder(net, batch_size=2).policy == ComputePolicy("float32")
+    assert {str(v.dtype) for v in jax.tree_util.tree_leaves(bf16.params)} == {"bfloat16", "float32"}
+    with pytest.raises(UserError, match="disagrees with the compute policy"):
+        Embedder(net, dtype="float32", policy=ComputePolicy("bfloat16"))
+
+
 def test_one_compilation_per_bucket(net, images):
     embedder = Embedder(net, batch_size=8)
     assert embedder.buckets == (1, 2, 4, 8)
@@ -138,7 +151,7 @@ def test_bad_inputs_are_user_errors(net):
         embedder(np.zeros((1, 30, 32, 3), np.float32))
     with pytest.raises(UserError, match=r"expected images as \(N, H, W, 3\)"):
         embedder(np.zeros((32, 32, 3), np.float32))
-    with pytest.raises(UserError, match="dtype must be one of"):
+    with pytest.raises(UserError, match="dtype must be one of auto, float32, bfloat16, got 'float16'"):
         Embedder(net, dtype="float16")
     with pytest.raises(UserError, match="features must be one of"):
         Embedder(net, features="mean")
@@ -182,12 +195,40 @@ def test_configure_xla_flags_before_jax_starts():
     ]
 
 
+AUTO_FLAGS_SCRIPT = textwrap.dedent("""
+    import json, os, platform, sys
+    import vitreg_jax.policy
+    from vitreg_jax.embed import _backends_started, configure_xla_flags
+    vitreg_jax.policy.CPUINFO_PATH = sys.argv[1]  # this CPU's flags, as the test wrote them
+    platform.machine = lambda: "x86_64"
+    flags = configure_xla_flags("auto")
+    print(json.dumps([flags, os.environ.get("XLA_FLAGS"), _backends_started()]))
+""")
+
+
+@pytest.mark.parametrize(
+    ("cpu_flags", "dtype"), [("avx avx2 fma", "float32"), ("avx2 avx512f avx512_bf16", "bfloat16")]
+)
+def test_configure_xla_flags_auto_resolves_without_starting_jax(tmp_path, cpu_flags, dtype):
+    """"auto" picks the flags of the dtype it means on this CPU (AVX2-only: float32; AVX512-BF16: bfloat16),
+    read from the CPU's flags, and JAX's backends are still not started afterwards."""
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: fpu sse2 {cpu_flags}\n")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run([sys.executable, "-c", AUTO_FLAGS_SCRIPT, str(cpuinfo)], env=env, capture_output=True,
+                         text=True, check=True)
+    flags, environ, started = json.loads(out.stdout.splitlines()[-1])
+    assert flags == CPU_XLA_FLAGS[dtype] and environ == (CPU_XLA_FLAGS[dtype] or None)
+    assert started is False
+
+
 SHARDED_SCRIPT = textwrap.dedent("""
     import json, jax, numpy as np
     jax.config.update("jax_default_matmul_precision", "highest")
     from flax import nnx
     from vitreg_jax.config import preset
-    from vitreg_jax.embed import Embedder, default_mesh
+    from vitreg_jax.embed import Embedder
+    from vitreg_jax.policy import default_mesh
     from vitreg_jax.vit import ViT
     SIZE = (32, 32)
     net = ViT(preset("vit_reg4_b16", model_config=TINY, image_size=SIZE), rngs=nnx.Rngs(0))

@@ -33,7 +33,9 @@ from tests.tolerances import (
     STEP_UPDATE_ATOL_OF_LR,
 )
 from vitreg_jax.config import MAEConfig, TrainConfig, preset
+from vitreg_jax.errors import UserError
 from vitreg_jax.mae import MAE, Masks, load_flat_state
+from vitreg_jax.policy import ComputePolicy, resolve_dtype
 from vitreg_jax.train import MAETrainer
 from vitreg_jax.vit import ViT
 
@@ -178,6 +180,21 @@ def test_bf16_step_is_close_to_fp32_and_keeps_fp32_weights(birder_and_ours):
     assert cosine >= STEP_BF16_GRAD_COSINE, f"bf16 gradient cosine to fp32 {cosine:.4f}"
 
 
+def test_compute_dtype_auto_and_policy():
+    """``compute_dtype="auto"`` resolves for the mesh's platform; ``policy=`` must agree with the config."""
+    model = tiny_model()
+    cfg = TrainConfig(batch_size=BATCH, steps=2, compute_dtype="auto")
+    auto = MAETrainer(model, cfg)
+    assert auto.policy == ComputePolicy(resolve_dtype("auto", platform=jax.default_backend()))
+    bf16 = ComputePolicy("bfloat16")
+    assert MAETrainer(model, cfg.replace(compute_dtype="bfloat16"), policy=bf16).policy is bf16
+    with pytest.raises(UserError, match="disagrees with the compute policy"):
+        MAETrainer(model, cfg.replace(compute_dtype="float32"), policy=bf16)
+    params = MAETrainer(model, cfg.replace(compute_dtype="bfloat16")).compute_params(auto.init_state()["params"])
+    dtypes = {str(v.dtype) for v in jax.tree_util.tree_leaves(params)}
+    assert dtypes == {"bfloat16", "float32"}  # kernels in bf16, the rest float32; the state stays float32
+
+
 def bf16_masks(trainer: MAETrainer, masks: Masks) -> Masks:
     return Masks(*(jax.device_put(jnp.asarray(v), trainer.batch_sharding) for v in masks))
 
@@ -188,7 +205,8 @@ DP_SCRIPT = textwrap.dedent("""
     from flax import nnx
     from vitreg_jax.config import MAEConfig, TrainConfig, preset
     from vitreg_jax.mae import MAE
-    from vitreg_jax.train import MAETrainer, local_mesh
+    from vitreg_jax.policy import default_mesh
+    from vitreg_jax.train import MAETrainer
     from vitreg_jax.vit import ViT
 
     vit_cfg = preset("vit_reg4_b16", model_config=json.loads(sys.argv[1]), image_size=(32, 32))
@@ -198,7 +216,7 @@ DP_SCRIPT = textwrap.dedent("""
     out = {"devices": jax.device_count()}
     grads = {}
     for name, devices in (("two", jax.devices()), ("one", jax.devices()[:1])):
-        tr = MAETrainer(model, cfg, mesh=local_mesh(devices))
+        tr = MAETrainer(model, cfg, mesh=default_mesh(devices))
         batch = tr.put_batch(x[0])
         state, m = tr.step(tr.init_state(), batch, 1e-3)
         out[name + "_batch_devices"] = len(batch.sharding.device_set)

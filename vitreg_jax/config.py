@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vitreg_jax.errors import UserError
+from vitreg_jax.policy import DTYPE_CHOICES
 from vitreg_jax.presets import LEGACY_NAMES, PRESETS
 
 # birder ViT options and the only values this port accepts for those it does not implement.
@@ -286,7 +287,7 @@ class TrainConfig:
     schedule_per_step: bool = False  # birder updates the LR once per epoch by default
     clip_grad_norm: float | None = None
     grad_accum_steps: int = 1
-    compute_dtype: str = "float32"  # or "bfloat16": bf16 matmul inputs, float32 accumulation and master weights
+    compute_dtype: str = "float32"  # "bfloat16": bf16 matmul inputs, fp32 accumulation/master weights; "auto"
     seed: int = 0
     checkpoint_every: int = 500  # optimizer steps
     keep_checkpoints: int = 3
@@ -310,8 +311,9 @@ class TrainConfig:
                 raise UserError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.weight_decay < 0:
             raise UserError("TrainConfig: lr must be positive and weight_decay >= 0")
-        if self.compute_dtype not in ("float32", "bfloat16"):
-            raise UserError(f"TrainConfig.compute_dtype must be float32 or bfloat16, got {self.compute_dtype!r}")
+        if self.compute_dtype not in DTYPE_CHOICES:
+            raise UserError(f"TrainConfig.compute_dtype must be one of {', '.join(DTYPE_CHOICES)}, "
+                            f"got {self.compute_dtype!r}")
         if self.clip_grad_norm is not None and self.clip_grad_norm <= 0:
             raise UserError("TrainConfig.clip_grad_norm must be positive")
 

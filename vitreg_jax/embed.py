@@ -9,10 +9,12 @@ Two entry points:
   ``jax.distributed``), each call's batch is padded up to one of a few bucket sizes and sharded along the
   mesh's ``data`` axis, and each (bucket, height, width) is compiled ahead of time exactly once.
 
-Compute dtypes: ``float32`` runs every matmul in float32 at ``"highest"`` precision (no TF32 or bf16 passes
-on GPU/TPU unless asked); ``bfloat16`` stores the matmul kernels in bfloat16 so that every matmul takes
-bfloat16 inputs and accumulates in float32 (``vitreg_jax.ops.dense``), while LayerNorm, softmax, GELU,
-biases and the residual stream stay float32. Outputs are always float32.
+Compute dtypes: a :class:`~vitreg_jax.policy.ComputePolicy`, the same one the trainer runs under
+(``dtype="float32"``, ``"bfloat16"`` or ``"auto"``, or ``policy=``): ``float32`` runs every matmul in
+float32 at ``"highest"`` precision (no TF32 or bf16 passes on GPU/TPU); ``bfloat16`` stores the matmul
+kernels in bfloat16 so that every matmul takes bfloat16 inputs and accumulates in float32
+(``vitreg_jax.ops.dense``), while LayerNorm, softmax, GELU, biases and the residual stream stay float32;
+``auto`` is bfloat16 on GPU/TPU and bf16-capable CPUs, float32 on other CPUs. Outputs are always float32.
 
 What to return (``features``): ``"cls"`` is birder's ``net.embedding`` (the CLS token after the final norm,
 or the patch mean for ``_avg`` variants), ``"tokens"`` every token of ``forward_features``
@@ -22,7 +24,9 @@ XLA:CPU flags: measured on a 2-core AVX-512 EPYC (BENCHMARKS.md, "Embedding"), t
 fusion off (``--xla_cpu_experimental_ynn_fusion_type=``) speeds the float32 path up and slows the bfloat16
 path down, and flags are read once per process, before the backend starts. :func:`configure_xla_flags`
 applies the better choice for a dtype when the user has not set ``XLA_FLAGS`` and JAX has not started yet;
-``vitreg-jax embed`` calls it first thing.
+``vitreg-jax embed`` calls it first thing. For ``"auto"`` it uses what ``"auto"`` means on this host's CPU
+(read from the CPU's flags, without starting JAX): the flags only change XLA:CPU, so on a GPU/TPU run, where
+``"auto"`` is bfloat16, they touch nothing that computes the embedding.
 """
 
 from __future__ import annotations
@@ -44,16 +48,20 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vitreg_jax.errors import UserError
+from vitreg_jax.policy import (
+    DATA_AXIS,
+    ComputePolicy,
+    choose_policy,
+    default_mesh,
+    mesh_platform,
+    resolve_dtype,
+)
 from vitreg_jax.vit import ViT
 
-DTYPES: dict[str, Any] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 FEATURES = ("cls", "tokens", "patches")
-DATA_AXIS = "data"
 # XLA:CPU runs large batches faster as micro-batches of this many images inside the jitted function
 # (jax.lax.map): each step's activations stay in cache instead of streaming ~2 GB per call.
 CPU_MICRO_BATCH = 4
-# The float32 matmul precision of the float32 path: fp32 means fp32 on every backend (no TF32 / bf16 passes).
-FLOAT32_PRECISION = "highest"
 # shard_weights leaves weights of fewer elements than this whole on every device (biases, norms, tokens)
 MIN_SHARDED_WEIGHT = 4096
 # XLA_FLAGS chosen per dtype on CPU (see the module docstring and BENCHMARKS.md).
@@ -64,12 +72,16 @@ CPU_XLA_FLAGS: dict[str, str] = {"float32": "--xla_cpu_experimental_ynn_fusion_t
 def configure_xla_flags(dtype: str) -> str | None:
     """Set ``XLA_FLAGS`` to the measured-best CPU flags for ``dtype``, if it is still possible and wanted.
 
+    ``"auto"`` is resolved as on this host's CPU (``resolve_dtype("auto", platform="cpu")``: the CPU's
+    flags, without starting JAX's backends, which would make setting the flags too late); the flags only
+    touch XLA:CPU, so a GPU/TPU run, where ``"auto"`` means bfloat16, is unaffected whatever they are.
+
     Does nothing (returns None) when the user has set ``XLA_FLAGS`` (their choice wins) or when JAX's backends
     have already started (flags are read once per process; a warning says so when the choice would have
     differed). Returns the flags it set otherwise. The flags only touch XLA:CPU (GPU/TPU runs are
     unaffected).
     """
-    _check_dtype(dtype)
+    dtype = resolve_dtype(dtype, platform="cpu")
     if "XLA_FLAGS" in os.environ:
         return None
     flags = CPU_XLA_FLAGS[dtype]
@@ -96,26 +108,9 @@ def _backends_started() -> bool:
 
 
 # pure functions -----------------------------------------------------------------------------------------
-def _check_dtype(dtype: str) -> None:
-    if dtype not in DTYPES:
-        raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-
-
 def _check_features(features: str) -> None:
     if features not in FEATURES:
         raise UserError(f"features must be one of {', '.join(FEATURES)}, got {features!r}")
-
-
-def cast_params(params: nnx.State, dtype: str) -> nnx.State:
-    """The parameters with every matmul ``kernel`` in ``dtype``; everything else stays float32."""
-    _check_dtype(dtype)
-    target = DTYPES[dtype]
-
-    def cast(path: tuple[Any, ...], leaf: jax.Array) -> jax.Array:
-        is_kernel = any(getattr(k, "key", None) == "kernel" for k in path)
-        return leaf.astype(target) if is_kernel else leaf.astype(jnp.float32)
-
-    return jax.tree_util.tree_map_with_path(cast, params)
 
 
 def _extract(net: ViT, x: jax.Array, features: str) -> jax.Array:
@@ -139,18 +134,18 @@ def _micro_size(batch: int, micro_batch: int | None) -> int:
 
 def _pure_fn(
     graphdef: nnx.GraphDef,
-    dtype: str,
+    policy: ComputePolicy,
     features: str,
     micro_batch: int | None,
     on_trace: Callable[[], None] | None = None,
 ) -> Callable[[nnx.State, jax.Array], jax.Array]:
-    """``fn(params, images (B, H, W, C)) -> float32 features`` on one device's rows, micro-batched."""
-    precision = FLOAT32_PRECISION if dtype == "float32" else None
+    """``fn(params, images (B, H, W, C)) -> float32 features`` on one device's rows, micro-batched, traced
+    under the policy's matmul precision."""
 
     def fn(params: nnx.State, x: jax.Array) -> jax.Array:
         if on_trace is not None:
             on_trace()
-        with jax.default_matmul_precision(precision):
+        with policy.precision_scope():
             net = nnx.merge(graphdef, params)
             b = x.shape[0]
             m = _micro_size(b, micro_batch)
@@ -172,21 +167,27 @@ def default_micro_batch() -> int | None:
 
 
 def make_embed_fn(
-    net: ViT, *, dtype: str = "float32", features: str = "cls", micro_batch: int | None = -1
+    net: ViT,
+    *,
+    dtype: str | None = None,
+    features: str = "cls",
+    micro_batch: int | None = -1,
+    policy: ComputePolicy | None = None,
 ) -> tuple[Callable[[nnx.State, Any], jax.Array], nnx.State]:
     """``(embed, params)``: a jitted pure ``embed(params, images)`` and the parameters it takes.
 
     ``images`` is (B, H, W, C) float32 (any B; any H, W divisible by the patch size); the result is float32
     (B, D) for ``"cls"``, (B, S + h*w, D) for ``"tokens"``, (B, h*w, D) for ``"patches"``. ``params`` holds
-    the matmul kernels in ``dtype``. Each new input shape compiles once; use :class:`Embedder` for bucketed
-    batches and several devices. ``micro_batch=-1`` picks :func:`default_micro_batch`.
+    the matmul kernels in the compute dtype (``dtype``, default float32, or ``policy``: see
+    :func:`~vitreg_jax.policy.choose_policy`). Each new input shape compiles once; use :class:`Embedder` for
+    bucketed batches and several devices. ``micro_batch=-1`` picks :func:`default_micro_batch`.
     """
-    _check_dtype(dtype)
+    policy = choose_policy(dtype, policy)
     _check_features(features)
     graphdef, params = nnx.split(net)
-    params = cast_params(params, dtype)
+    params = policy.cast_params(params)
     micro = default_micro_batch() if micro_batch == -1 else micro_batch
-    return jax.jit(_pure_fn(graphdef, dtype, features, micro)), params
+    return jax.jit(_pure_fn(graphdef, policy, features, micro)), params
 
 
 def _weight_spec(shape: tuple[int, ...], num_devices: int) -> P:
@@ -215,12 +216,6 @@ def _gathering(fn: Callable[[nnx.State, jax.Array], jax.Array],
 
 
 # the batch engine ---------------------------------------------------------------------------------------
-def default_mesh(devices: Iterable[jax.Device] | None = None) -> Mesh:
-    """A 1-D ``data`` mesh over ``devices`` (default: every device of every process, grouped by process)."""
-    devs = sorted(jax.devices() if devices is None else devices, key=lambda d: (d.process_index, d.id))
-    return Mesh(np.array(devs), (DATA_AXIS,))
-
-
 def bucket_sizes(batch_size: int, multiple: int = 1) -> tuple[int, ...]:
     """Global batch sizes to compile: ``multiple * 2**k`` below ``batch_size``, then ``batch_size`` itself.
 
@@ -260,8 +255,10 @@ class Embedder:
     >>> embedder = Embedder(net, dtype="bfloat16", batch_size=64)
     >>> out = embedder(images)   # (n, H, W, 3) float32 numpy -> (n, D) float32 numpy
 
-    - The model is split once; the weights (kernels cast to ``dtype``) are replicated on every device of
-      ``mesh`` (default: all devices of all processes) and each batch is sharded along its ``data`` axis.
+    - The model is split once; the weights (cast by the compute policy: ``policy``, or one made from
+      ``dtype``, default float32; ``"auto"`` resolves for the mesh's platform) are replicated on every
+      device of ``mesh`` (default: :func:`~vitreg_jax.policy.default_mesh`, all devices of all processes)
+      and each batch is sharded along its ``data`` axis. ``dtype`` is the resolved compute dtype.
       ``shard_weights=True`` (for variants too large to copy to every device) stores each large weight split
       along the same axis instead, 1/n per device, and all-gathers it inside each call (FSDP-style); the
       results are the same, the weights' resting memory per device is divided by the device count.
@@ -279,19 +276,20 @@ class Embedder:
         self,
         net: ViT,
         *,
-        dtype: str = "float32",
+        dtype: str | None = None,
         features: str = "cls",
         batch_size: int = 64,
         micro_batch: int | None = -1,
         mesh: Mesh | None = None,
         shard_weights: bool = False,
+        policy: ComputePolicy | None = None,
     ):
-        _check_dtype(dtype)
         _check_features(features)
-        self.dtype = dtype
         self.features = features
         self.cfg = net.cfg
         self.mesh = default_mesh() if mesh is None else mesh
+        self.policy = choose_policy(dtype, policy, platform=mesh_platform(self.mesh))
+        self.dtype = self.policy.dtype
         self.num_devices = int(self.mesh.devices.size)
         self.num_processes = len({d.process_index for d in self.mesh.devices.flat})
         self.buckets = bucket_sizes(batch_size, self.num_devices)
@@ -301,7 +299,7 @@ class Embedder:
         self.compile_seconds: dict[tuple[int, int, int], float] = {}
 
         graphdef, params = nnx.split(net)
-        params = cast_params(params, dtype)
+        params = self.policy.cast_params(params)
         self.batch_sharding = NamedSharding(self.mesh, P(DATA_AXIS))
         # each weight's partition spec: P() (a full copy per device), or with shard_weights split along
         # its largest dimension that the device count divides (FSDP-style: gathered inside each call)
@@ -309,7 +307,7 @@ class Embedder:
             lambda leaf: _weight_spec(leaf.shape, self.num_devices) if shard_weights else P(), params
         )
         self.params = jax.tree_util.tree_map(self._place, params, self.param_specs)
-        per_device = _pure_fn(graphdef, dtype, features, self.micro_batch, on_trace=self._count_trace)
+        per_device = _pure_fn(graphdef, self.policy, features, self.micro_batch, on_trace=self._count_trace)
         if shard_weights:
             per_device = _gathering(per_device, self.param_specs)
         sharded = jax.shard_map(

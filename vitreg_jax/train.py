@@ -10,6 +10,11 @@ birder's recipe (``scripts/train_mim.py`` + ``common/training_utils.py``, 0.8.4)
   finite leaves the parameters and optimizer state unchanged; the loop then stops
   (:class:`~vitreg_jax.train_loop.NonFiniteLoss`).
 
+Compute dtype and precision: a :class:`~vitreg_jax.policy.ComputePolicy` (from ``TrainConfig.compute_dtype``,
+``"auto"`` included, or ``policy=``), the same one the Embedder runs under: the matmul kernels cast to its
+dtype inside the step (the state keeps float32 master weights), and the step traced at ``"highest"`` matmul
+precision in float32.
+
 The optimizer, the schedule and clipping are in :mod:`vitreg_jax.optim`; checkpoints and the loop
 (:func:`~vitreg_jax.train_loop.fit`) in :mod:`vitreg_jax.train_loop`.
 """
@@ -29,26 +34,10 @@ from vitreg_jax.config import TrainConfig
 from vitreg_jax.errors import UserError
 from vitreg_jax.mae import MAE, Masks
 from vitreg_jax.optim import adamw_update, clip_grad_norm, make_optimizer
-
-DATA_AXIS = "data"
+from vitreg_jax.policy import DATA_AXIS, ComputePolicy, choose_policy, default_mesh, mesh_platform
 
 # {"params": the model's nested dict (float32), "opt_state": optax.adamw's, "step": int32, "rng": uint32[2]}
 TrainState = dict[str, Any]
-
-
-def cast_matmul_weights(params: Any, dtype: Any) -> Any:
-    """Matmul kernels to ``dtype`` (ops.dense then multiplies in it with float32 accumulation); the rest
-    (biases, norms, tokens, position embeddings) stays float32."""
-    def cast(path: tuple[Any, ...], leaf: jax.Array) -> jax.Array:
-        last = getattr(path[-1], "key", None)
-        return leaf.astype(dtype) if last == "kernel" else leaf
-
-    return jax.tree_util.tree_map_with_path(cast, params)
-
-
-def local_mesh(devices: list[Any] | None = None) -> Mesh:
-    """A 1-D ``data`` mesh over all devices (every process's, for multi-host runs)."""
-    return Mesh(np.asarray(devices if devices is not None else jax.devices()), (DATA_AXIS,))
 
 
 # the train step ----------------------------------------------------------------------------------------------
@@ -58,19 +47,23 @@ class MAETrainer:
     ``state = trainer.init_state()`` then ``state, metrics = trainer.step(state, batch, lr)`` with ``batch``
     a (grad_accum_steps, batch, H, W, C) array (numpy, this process's share of the batch, or a global
     ``jax.Array``). ``state`` is donated: use the returned one. ``trainer.model(state)`` is the MAE.
+
+    ``mesh`` defaults to :func:`~vitreg_jax.policy.default_mesh`; ``policy`` to the one made from
+    ``cfg.compute_dtype`` (``"auto"`` resolved for the mesh's platform); when both are given they must agree.
     """
 
-    def __init__(self, model: MAE, cfg: TrainConfig, *, mesh: Mesh | None = None):
+    def __init__(self, model: MAE, cfg: TrainConfig, *, mesh: Mesh | None = None,
+                 policy: ComputePolicy | None = None):
         self.cfg = cfg
         self.graphdef, params, self.buffers = nnx.split(model, nnx.Param, ...)
         self._init_params = jax.tree_util.tree_map(lambda a: np.array(a, np.float32), nnx.to_pure_dict(params))
-        self.mesh = mesh if mesh is not None else local_mesh()
+        self.mesh = mesh if mesh is not None else default_mesh()
+        self.policy = choose_policy(cfg.compute_dtype, policy, platform=mesh_platform(self.mesh))
         self.replicated = NamedSharding(self.mesh, P())
         self.batch_sharding = NamedSharding(self.mesh, P(None, DATA_AXIS))  # (A, B, ...) split over B
-        self.compute_dtype = jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else jnp.float32
         self.drop_path = model.encoder.cfg.drop_path_rate > 0.0
         self.num_devices = self.mesh.devices.size
-        self._step = jax.jit(self._step_impl, donate_argnums=0)
+        self._step = jax.jit(self.policy.under_precision(self._step_impl), donate_argnums=0)
 
     # state -------------------------------------------------------------------------------------------------
     def init_state(self, params: Any | None = None) -> TrainState:
@@ -119,8 +112,12 @@ class MAETrainer:
             masks = Masks(*(jax.device_put(jnp.asarray(m), self.batch_sharding) for m in masks))
         return self._step(state, self.put_batch(batch), jnp.asarray(lr, jnp.float32), masks)
 
+    def compute_params(self, params: Any) -> Any:
+        """The parameters as the step computes with them: the policy's cast of the float32 master weights."""
+        return self.policy.cast_params(params)
+
     def _loss(self, params: Any, images: jax.Array, key: jax.Array, masks: Masks | None) -> jax.Array:
-        model = nnx.merge(self.graphdef, cast_matmul_weights(params, self.compute_dtype), self.buffers)
+        model = nnx.merge(self.graphdef, self.compute_params(params), self.buffers)
         mask_key, drop_key = jax.random.split(key)
         if masks is None:
             masks = model.random_masks(mask_key, images.shape[0])
