@@ -3,7 +3,8 @@
 Every matmul goes through :func:`vitreg_jax.ops.dense` or :func:`vitreg_jax.ops.matmul`, whose input dtype
 follows the weight's dtype: store the kernels in bfloat16 and the matmuls take bfloat16 inputs with float32
 accumulation, while LayerNorm, softmax, GELU, biases and the residual stream stay float32 (the mixed path that
-is fast on CPU and GPU alike).
+is fast on CPU and GPU alike). :meth:`vitreg_jax.policy.ComputePolicy.cast_params` stores them so, the same
+way for the Embedder and the trainer.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ Each function's value is the plain JAX expression (what the parity tests hold ag
 gradients only change how the backward pass is computed, for speed (BENCHMARKS.md, "MAE train step"):
 
 - :func:`dense` and :func:`matmul`: the matmul dtype follows the weights (bf16 inputs with float32
-  accumulation, or float32); in bf16 the gradient matmuls are bf16 too, as under torch's autocast.
+  accumulation, or float32: :class:`vitreg_jax.policy.ComputePolicy` casts the kernels); in bf16 the gradient
+  matmuls are bf16 too, as under torch's autocast.
 - :func:`softmax`, :func:`gelu`: single-pass gradients from the saved output / input.
 - :func:`residual_grad_boundary`: one buffer per residual-stream gradient on CPU.
 """
