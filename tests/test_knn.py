@@ -136,3 +136,16 @@ def test_help(capsys):
     assert info.value.code == 0
     text = capsys.readouterr().out
     assert "--index DIR" in text and "--queries DIR" in text and "rank" in text
+
+
+def test_the_parser_does_not_import_jax_and_quotes_the_library_default():
+    import subprocess
+    import sys
+
+    code = "import sys; from vitreg_jax.cli import build_parser; build_parser('knn'); print('jax' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+    from vitreg_jax.commands import knn
+    from vitreg_jax.search import DEFAULT_INDEX_BLOCK
+
+    assert knn.DEFAULT_INDEX_BLOCK == DEFAULT_INDEX_BLOCK

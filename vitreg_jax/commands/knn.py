@@ -11,11 +11,11 @@ import time
 from typing import Any
 
 DEFAULT_K = 10
+# vitreg_jax.search.DEFAULT_INDEX_BLOCK, spelled out so that building the parser does not import jax
+DEFAULT_INDEX_BLOCK = 16384
 
 
 def register(subparsers: Any) -> None:
-    from vitreg_jax.search import DEFAULT_INDEX_BLOCK
-
     p = subparsers.add_parser(
         "knn",
         help="exact cosine nearest neighbours between two embed outputs, to a parquet table",
