@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import ModuleType
@@ -126,53 +125,3 @@ def compare(ours: np.ndarray, theirs: np.ndarray, x: np.ndarray, tolerance: floa
     diff = float(np.max(np.abs(ours.astype(np.float64) - theirs.astype(np.float64)))) if ours.size else 0.0
     return Verification(max_abs_diff=diff, tolerance=tolerance, input_shape=tuple(x.shape))
 
-
-# the demo's parity check: birder on the sample images with its own preprocessing ---------------------------------
-def birder_embeddings_of_images(weights: Any, cfg: dict[str, Any], params: Any, vit_cfg: Any,
-                                paths: list[str]) -> tuple[Any, int, float]:
-    """birder's embeddings of ``paths`` with its own preprocessing, how many inputs were bit-identical to
-    ours, and the seconds birder's ``net.embedding`` took on the batch.
-
-    A stand-in is loaded exactly as birder users load published files (``birder.load_model_with_cfg`` on the
-    ``.pt`` and ``.json`` birder wrote); other weights go to birder's network as the state dict exported back
-    from our checkpoint (so any key layout, and an Orbax input, work).
-    """
-    import birder
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    from vitreg_jax.convert import mapping
-    from vitreg_jax.preprocess import classification_transform, to_rgb
-
-    torch.backends.cuda.matmul.allow_tf32 = False
-    if weights.is_standin and weights.writer == "birder":
-        net, _ = birder.load_model_with_cfg(str(weights.config), str(weights.weights))  # what birder users run
-    else:
-        from birder.model_registry import registry
-
-        from vitreg_jax.config import canonical_name
-        from vitreg_jax.convert.infer import signature_info
-
-        size, num_classes, channels = signature_info(cfg["signature"])
-        network = canonical_name(str(cfg.get("registered_name") or "vit"))  # legacy vitreg4_b16 -> vit_reg4_b16
-        net = registry.net_factory(network, num_classes, channels,
-                                   config=dict(cfg["model_config"]), size=size)
-        state = mapping.to_birder(params, vit_cfg)
-        net.load_state_dict({k: torch.from_numpy(np.array(v, np.float32)) for k, v in state.items()}, strict=True)
-    net.eval()
-    size = birder.get_size_from_signature(cfg["signature"])
-    theirs = birder.classification_transform(size, cfg["rgb_stats"])
-    ours = classification_transform(size, cfg["rgb_stats"])
-    batch, same = [], 0
-    for p in paths:
-        with Image.open(p) as img:
-            rgb = to_rgb(img)  # birder's dataset loaders convert to RGB; its transform itself does not
-            t = theirs(rgb)  # (3, H, W) torch
-            same += int(np.array_equal(t.numpy().transpose(1, 2, 0), ours(rgb)))
-            batch.append(t)
-    x = torch.stack(batch)  # (N, 3, H, W)
-    with torch.no_grad():
-        start = time.perf_counter()
-        emb = net.embedding(x).numpy()
-        return emb, same, time.perf_counter() - start

@@ -25,7 +25,10 @@
 # `QUICK` (set by the test suite through `VITREG_JAX_NOTEBOOK_QUICK=1`) trains fewer steps.
 
 # %%
+import json
 import os
+import tempfile
+from pathlib import Path
 
 import jax
 import matplotlib.pyplot as plt
@@ -33,15 +36,15 @@ import numpy as np
 from flax import nnx
 
 from vitreg_jax import ViT
-from vitreg_jax.convert import standin
 from vitreg_jax.augment import TrainTransform
-from vitreg_jax.config import MAEConfig, TrainConfig, preset
+from vitreg_jax.config import TrainConfig, preset
+from vitreg_jax.convert import standin
 from vitreg_jax.data import list_inputs
-from vitreg_jax.mae import MAE, random_masking, unpatchify
-from vitreg_jax.optim import lr_schedule
+from vitreg_jax.mae import random_masking, unpatchify
 from vitreg_jax.preprocess import classification_transform, load_image
-from vitreg_jax.train import MAETrainer
-from vitreg_jax.train_data import TrainData
+from vitreg_jax.pretrain_run import PretrainSettings, open_run, train
+from vitreg_jax.rgb_stats import named_rgb_stats
+from vitreg_jax.vit import num_params
 
 QUICK = os.environ.get("VITREG_JAX_NOTEBOOK_QUICK") == "1"
 STEPS = 60 if QUICK else 300
@@ -53,15 +56,22 @@ print("JAX", jax.__version__, "on", jax.devices(), "| steps:", STEPS)
 #
 # The encoder is birder's `vit_reg4_b16` layout (4 registers + class token) shrunk: patch 8 at 64×64 px
 # (64 patches), 4 blocks of width 128. The decoder is birder's `mae_vit` decoder at width 128 and depth 2.
+#
+# `vitreg_jax.pretrain_run` (the library behind `vitreg-jax pretrain`) takes the run's `PretrainSettings`:
+# everything that shapes the run, saved with it and checked when it is resumed. The training hyper-parameters
+# are a `TrainConfig`, whose defaults are birder's recipe. The encoder is built here and handed over; the
+# settings `network="vit_reg4_b16", model_config={...}` would have the library build the same one.
 
 # %%
 encoder_cfg = preset("vit_reg4_b16", image_size=SIZE, model_config={
     "patch_size": 8, "num_layers": 4, "hidden_dim": 128, "num_heads": 4, "mlp_dim": 512, "drop_path_rate": 0.0})
-mae_cfg = MAEConfig(decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4)
-model = MAE(ViT(encoder_cfg, rngs=nnx.Rngs(0)), mae_cfg, rngs=nnx.Rngs(1))
-n_params = sum(int(np.prod(v.shape)) for v in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param)))
-print(f"encoder: {encoder_cfg.num_layers} blocks x {encoder_cfg.hidden_dim}, {encoder_cfg.grid_size} patch grid;"
-      f" MAE parameters: {n_params:,}")
+encoder = ViT(encoder_cfg, rngs=nnx.Rngs(0))
+settings = PretrainSettings(
+    data=(str(standin.sample_images_dir()),), size=SIZE, rgb_stats="vit_reg4_b16_mim", aug_level=0,
+    mae_config={"decoder_embed_dim": 128, "decoder_depth": 2, "decoder_num_heads": 4},
+    train=TrainConfig(steps=STEPS, batch_size=8, lr=1e-3, warmup_steps=STEPS // 10, seed=0, log_every=1))
+print(f"encoder: {encoder_cfg.num_layers} blocks x {encoder_cfg.hidden_dim}, {encoder_cfg.grid_size} patch grid, "
+      f"{num_params(encoder):,} parameters; decoder: {settings.mae_config_resolved()}")
 
 # %% [markdown]
 # ## Data: the sample photos, and birder's augmentation
@@ -70,13 +80,12 @@ print(f"encoder: {encoder_cfg.num_layers} blocks x {encoder_cfg.hidden_dim}, {en
 # (scale 0.3-1), two random ops from {identity, small affine, brightness, contrast} and a horizontal flip,
 # deterministic given (seed, epoch, position), so a resumed run reads exactly the same batches. Below: eight
 # draws of it on one photo. On only 13 photos and a few hundred steps it mostly slows the model down, so the
-# run itself uses level 0 (resize only): `TrainTransform(..., level=1)` is all it takes to switch.
+# run itself uses level 0 (resize only): `aug_level=1` in the settings is all it takes to switch.
 
 # %%
-rgb_stats = standin.MIM_RGB_STATS
-paths = list_inputs([standin.sample_images_dir()])
-train_cfg = TrainConfig(steps=STEPS, batch_size=8, lr=1e-3, warmup_steps=STEPS // 10, seed=0)
-data = TrainData(paths, TrainTransform(SIZE, rgb_stats, level=0), batch_size=train_cfg.batch_size, seed=0)
+rgb_stats = named_rgb_stats(settings.rgb_stats)  # those the published vit_reg4_b16_mim was trained with
+paths = list_inputs(list(settings.data))
+level0 = TrainTransform(SIZE, rgb_stats, level=0)
 mean, std = np.asarray(rgb_stats["mean"]), np.asarray(rgb_stats["std"])
 
 
@@ -89,7 +98,7 @@ level1 = TrainTransform(SIZE, rgb_stats, level=1)
 photo = load_image(paths[0])
 draws = [level1(photo, np.random.default_rng([0, 0, i])) for i in range(8)]  # (H, W, 3) each
 fig, axes = plt.subplots(1, len(draws) + 1, figsize=(1.6 * (len(draws) + 1), 1.9))
-axes[0].imshow(to_pixels(data.transform(photo, np.random.default_rng(0))))  # what the run trains on: level 0
+axes[0].imshow(to_pixels(level0(photo, np.random.default_rng(0))))  # what the run trains on: level 0
 axes[0].set_title("level 0", fontsize=8)
 for i, (ax, img) in enumerate(zip(axes[1:], draws)):
     ax.imshow(to_pixels(img))
@@ -103,20 +112,19 @@ plt.show()
 # %% [markdown]
 # ## Train
 #
-# `MAETrainer.step` is the jit boundary: one compiled function with the state donated, the masks drawn inside
-# from the step's key, the batch sharded over every device. `vitreg_jax.train_loop.fit` (behind `vitreg-jax
-# pretrain`) wraps the same step with checkpoints, resumption and logging; here a plain loop is enough.
+# `open_run` checks the run folder (new, empty, or a run to resume) and the settings; `train` runs
+# `MAETrainer.step`, one compiled function with the state donated, the masks drawn inside from the step's key
+# and the batch sharded over every device, with checkpoints, `metrics.jsonl` and, at the end, the encoder
+# exported to `RUN/encoder` (a checkpoint `vitreg-jax embed` reads). `open_run(run_dir, resume=True)` would
+# continue it after an interruption, with the saved settings.
 
 # %%
-trainer = MAETrainer(model, train_cfg)
-schedule = lr_schedule(train_cfg, data.steps_per_epoch)
-state = trainer.init_state()
-losses, lrs = [], []
-for step, batch in data.iterate(0, STEPS):
-    state, metrics = trainer.step(state, batch, schedule(step))
-    losses.append(metrics["loss"])  # device arrays: read back after the loop, without stalling each step
-    lrs.append(schedule(step))
-losses = np.asarray(jax.device_get(losses), np.float64)
+run_dir = Path(tempfile.mkdtemp(prefix="vitreg-jax-mae-")) / "run"
+result = train(open_run(run_dir, settings), encoder=encoder, progress=False)
+records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+losses = np.array([r["loss"] for r in records])
+lrs = [r["lr"] for r in records]
+print(f"run folder: {sorted(p.name for p in run_dir.iterdir())}")
 print(f"loss: first 10 steps {losses[:10].mean():.3f} -> last 10 steps {losses[-10:].mean():.3f}")
 
 fig, ax = plt.subplots(figsize=(7, 3.2))
@@ -141,12 +149,12 @@ plt.show()
 # over the prediction, as in the MAE paper.
 
 # %%
-trained = trainer.model(state)
+trained = result.model
 transform = classification_transform(SIZE, rgb_stats)
 show = [0, 3, 6, 12][: len(paths)]
 x = np.stack([transform(load_image(paths[i])) for i in show])  # (n, H, W, 3)
 p, grid = encoder_cfg.patch_size, encoder_cfg.grid_size
-masks = random_masking(jax.random.PRNGKey(42), len(x), grid[0] * grid[1], mae_cfg.mask_ratio)
+masks = random_masking(jax.random.PRNGKey(42), len(x), grid[0] * grid[1], trained.cfg.mask_ratio)
 out = trained(x, masks)
 pred = np.asarray(unpatchify(out["pred"], p, grid))  # (n, H, W, 3), normalised pixels
 mask = np.asarray(out["mask"]).reshape(len(x), grid[0], grid[1])  # 1 = hidden

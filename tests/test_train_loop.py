@@ -24,9 +24,10 @@ from vitreg_jax.data import list_inputs
 from vitreg_jax.mae import MAE
 from vitreg_jax.optim import lr_schedule
 from vitreg_jax.preprocess import load_image
+from vitreg_jax.rgb_stats import named_rgb_stats
 from vitreg_jax.train import MAETrainer
 from vitreg_jax.train_data import TrainData
-from vitreg_jax.train_loop import CHECKPOINT_DIR, Checkpoints, NonFiniteLoss, fit
+from vitreg_jax.train_loop import CHECKPOINT_DIR, Checkpoints, NonFiniteLoss, Periodic, fit
 from vitreg_jax.vit import ViT
 
 ROOT = Path(__file__).parents[1]
@@ -37,7 +38,7 @@ ENCODER_CONFIG = {"num_layers": 1, "hidden_dim": 64, "num_heads": 2, "mlp_dim": 
 DECODER = {"decoder_depth": 1, "decoder_embed_dim": 32}
 SIZE = (32, 32)
 BATCH = 8
-STATS = {"mean": [0.5191, 0.5306, 0.4877], "std": [0.2316, 0.2304, 0.2588]}
+STATS = named_rgb_stats("birder")
 LOSS_STEPS = 240
 LOSS_WINDOW = 30
 LOSS_DROP = 0.75  # the mean loss of the last LOSS_WINDOW steps must fall below this fraction of the first's
@@ -145,6 +146,65 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(traine
     assert all(np.isfinite(r["loss"]) for r in lines)
 
 
+class _CrashAt(_Batches):
+    """Fixed batches; the stream fails when step ``at``'s batch is asked for (a crash between checkpoints)."""
+
+    def __init__(self, steps: int, at: int):
+        super().__init__(steps)
+        self.at = at
+
+    def iterate(self, start: int, stop: int):
+        for step, batch in super().iterate(start, stop):
+            if step == self.at:
+                raise RuntimeError("crash")
+            yield step, batch
+
+
+def _param_sum(state, step: int) -> dict[str, float]:
+    """A measurement that depends on the whole state (any difference in a resumed run would show)."""
+    leaves = jax.tree_util.tree_leaves(state["params"])
+    return {"param_sum": float(sum(np.sum(np.asarray(x, np.float64)) for x in leaves)), "step_seen": step}
+
+
+def test_periodic_measurements_are_logged_beside_the_loss_and_survive_a_resume(trainer, tmp_path):
+    total, every = 7, 3
+    schedule = lr_schedule(trainer.cfg, total)
+    probe = [Periodic("probe", every, _param_sum)]
+    fit(trainer, _Batches(total), tmp_path / "whole", total=total, schedule=schedule, progress=False,
+        checkpoint_every=2, log_every=2, periodic=probe, asynchronous=False)
+    with pytest.raises(RuntimeError, match="crash"):  # dies at step 5, after the checkpoint of step 4
+        fit(trainer, _CrashAt(total, at=5), tmp_path / "resumed", total=total, schedule=schedule, progress=False,
+            checkpoint_every=2, log_every=2, periodic=probe, asynchronous=False)
+    again = fit(trainer, _Batches(total), tmp_path / "resumed", total=total, schedule=schedule, progress=False,
+                checkpoint_every=2, log_every=2, periodic=probe, asynchronous=False)
+    assert again.resumed_from == 4
+    runs = [[json.loads(ln) for ln in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+            for run in ("whole", "resumed")]
+    # lines every 2 steps (log_every), at every 3rd (the measurement) and at the end
+    assert [r["step"] for r in runs[0]] == [2, 3, 4, 6, 7]
+    measured = [[(r["step"], r["probe/param_sum"], r["probe/step_seen"]) for r in lines if "probe/param_sum" in r]
+                for lines in runs]
+    assert [m[0] for m in measured[0]] == [3, 6, 7] and [m[2] for m in measured[0]] == [3, 6, 7]
+    assert measured[0] == measured[1]  # the same values at the same steps after the resume
+    assert all("loss" in r for r in runs[0])
+    assert [r["loss"] for r in runs[0]] == [r["loss"] for r in runs[1]]
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    except ImportError:
+        return
+    events = EventAccumulator(str(tmp_path / "whole" / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("probe/param_sum")] == [3, 6, 7]
+
+
+def test_a_torn_metrics_line_is_dropped_on_resume(tmp_path):
+    from vitreg_jax.train_loop import MetricsLog
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    MetricsLog(tmp_path, resume_step=2, tensorboard=False).close()
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n'
+
+
 # the command ---------------------------------------------------------------------------------------------
 def pretrain_args(out: Path, steps: int = 8) -> list[str]:
     model_config = [f"{k}={v}" for k, v in ENCODER_CONFIG.items()]
@@ -194,8 +254,8 @@ def test_pretrain_killed_and_resumed_equals_uninterrupted(tmp_path):
     killed = run_cli(pretrain_args(tmp_path / "resumed"), cache, kill_at_step=7)
     assert killed.returncode == -9, killed.stderr[-3000:]
     assert not (tmp_path / "resumed" / "encoder").exists()
-    resumed = run_cli(["pretrain", "--out", str(tmp_path / "resumed"), "--resume", "--log-every", "1",
-                       "--no-progress"], cache)
+    # nothing but --resume: --log-every 1 and every other setting come from the saved run
+    resumed = run_cli(["pretrain", "--out", str(tmp_path / "resumed"), "--resume", "--no-progress"], cache)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from step 6" in resumed.stderr or "resumed from step 3" in resumed.stderr, resumed.stderr
     step_a, a = final_state(tmp_path / "whole")
@@ -207,7 +267,7 @@ def test_pretrain_killed_and_resumed_equals_uninterrupted(tmp_path):
     assert [r["step"] for r in lines[1]] == list(range(1, 9))
     assert [r["loss"] for r in lines[0]] == [r["loss"] for r in lines[1]]
     # the exported encoder is a vitreg-jax checkpoint that the loader (embed, export, info) accepts
-    from vitreg_jax.convert.load import load_model_with_cfg
+    from vitreg_jax import load_model_with_cfg
 
     net, cfg = load_model_with_cfg(None, tmp_path / "whole" / "encoder")
     assert cfg["model_config"]["num_layers"] == 1 and tuple(net.cfg.image_size) == SIZE
@@ -261,14 +321,53 @@ def test_pretrain_user_errors(tmp_path, capsys):
                                                         "--process-id", "2"], capsys)
     assert not (tmp_path / "run").exists(), "a failed start left files behind"
     # an existing run: continue only with --resume, and only with its own settings
-    (tmp_path / "run").mkdir()
-    from vitreg_jax.commands.pretrain import FORMAT, _resolve
-
-    options = _resolve({"steps": 5})
-    (tmp_path / "run" / "run.json").write_text(json.dumps({"format": FORMAT, "options": options}))
+    saved_run(tmp_path / "run", {"data": [str(IMAGES)], "train.steps": 5})
     assert "--resume" in cli_error(["pretrain", "--data", str(IMAGES), "--out", out, "--steps", "5"], capsys)
     assert "--steps 7 (run has 5)" in cli_error(["pretrain", "--out", out, "--resume", "--steps", "7"], capsys)
     cli_error(["pretrain", "--out", out, "--export-only"], capsys)  # no file list / checkpoint yet: one line
+
+
+def saved_run(out: Path, options: dict) -> None:
+    """A run folder as a run's start leaves it (run.json, files.txt), without training."""
+    from vitreg_jax.pretrain_run import FILES_FILE, FORMAT, RUN_FILE, PretrainSettings
+
+    out.mkdir(parents=True)
+    settings = PretrainSettings.from_options(options)
+    (out / RUN_FILE).write_text(json.dumps({"format": FORMAT, "settings": settings.to_dict()}))
+    (out / FILES_FILE).write_text("".join(f"{p}\n" for p in list_inputs(list(settings.data))))
+
+
+def test_pretrain_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
+    """A non-empty --out without run.json is the user's: nothing in it is overwritten or appended to."""
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "files.txt").write_text("my list\n")
+    (user / "metrics.jsonl").write_text('{"mine": 1}\n')
+    for extra in ([], ["--resume"]):
+        err = cli_error(["pretrain", "--data", str(IMAGES), "--out", str(user), "--steps", "2", *extra], capsys)
+        assert "not empty and holds no pretrain run" in err
+    assert sorted(p.name for p in user.iterdir()) == ["files.txt", "metrics.jsonl"]
+    assert (user / "files.txt").read_text() == "my list\n"
+    assert (user / "metrics.jsonl").read_text() == '{"mine": 1}\n'
+
+
+def test_pretrain_resume_names_every_setting_that_differs(tmp_path, capsys):
+    """--data is a setting like --lr: a different one is refused, and every difference is named at once."""
+    out = tmp_path / "run"
+    saved_run(out, {"data": [str(IMAGES)], "train.steps": 5, "train.lr": 1e-3, "train.log_every": 1})
+    other = tmp_path / "other"
+    other.mkdir()
+    err = cli_error(["pretrain", "--out", str(out), "--resume", "--data", str(other), "--lr", "0.01",
+                     "--wd", "0.1", "--log-every", "3", "--bf16"], capsys)
+    for shown in (f"--data {other} (run has {IMAGES})", "--lr 0.01 (run has 0.001)", "--wd 0.1 (run has 0.05)",
+                  "--log-every 3 (run has 1)", "--bf16 bfloat16 (run has float32)"):
+        assert shown in err, err
+    # the same values as saved (a relative --data naming the same folder included) are accepted
+    from vitreg_jax.pretrain_run import open_run
+
+    rel = os.path.relpath(IMAGES)
+    run = open_run(out, {"data": [rel], "train.lr": 1e-3, "train.steps": 5}, resume=True)
+    assert run.settings.train.log_every == 1 and not run.is_new and len(run.paths) == len(list_inputs([IMAGES]))
 
 
 def test_pretrain_two_processes_equal_one(tmp_path):

@@ -43,6 +43,8 @@ EMBEDDER_BF16_MIN_COSINE = 0.999
 
 # Converted weights vs birder (tests/test_cli_convert.py)
 CONVERT_PARITY_ATOL = 2e-5  # our embedding vs birder's, fp32 CPU (birder's own fp32 floor is ~5e-6)
+# The demo: the compiled Embedder vs birder on the sample photos, each side with its own preprocessing
+DEMO_PARITY_ATOL = 2e-5
 # `--verify` is shown to catch a subtly wrong port: this much added to our embedding fails the default bar ...
 VERIFY_INJECTED_ERROR = 1e-3
 VERIFY_LOOSE_TOLERANCE = 1e-2  # ... and passes a --tolerance this loose

@@ -261,11 +261,17 @@ def mae_preset(name: str, **overrides: Any) -> MAEConfig:
     return MAEConfig(**{**MAE_PRESETS[name], **overrides})
 
 
+# birder's mae_vit recipe warms up for 40 of its 800 epochs: a warm-up not given is this fraction of the length
+WARMUP_FRACTION = 0.05
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class TrainConfig:
     """birder's ``mae_vit`` recipe (``train_mim.py`` defaults and docs/training_mim.md) as the defaults.
 
-    Length: ``epochs`` (birder's unit) or ``steps`` (optimizer steps; setting it clears ``epochs``). The learning rate
+    Length: ``epochs`` (birder's unit) or ``steps`` (optimizer steps; setting it clears ``epochs``). Warm-up:
+    ``warmup_epochs`` / ``warmup_steps``, by default :data:`WARMUP_FRACTION` of the length (birder's 40 of 800
+    epochs), resolved when the config is made. The learning rate
     follows birder's ``SequentialLR(LinearLR(warmup_start_factor, warm-up), CosineAnnealingLR(eta_min=lr_min))``,
     updated once per epoch (birder's default) or, with ``schedule_per_step`` (always with ``steps``), once per
     optimizer step. ``batch_size`` is the global batch of one forward pass (birder's per-GPU batch times the
@@ -280,8 +286,8 @@ class TrainConfig:
     decay_bias_and_norm: bool = True  # birder decays every parameter; False excludes biases, norms and tokens
     epochs: int | None = 800
     steps: int | None = None
-    warmup_epochs: int = 40  # with ``epochs``
-    warmup_steps: int = 0  # with ``steps``
+    warmup_epochs: int | None = None  # with ``epochs``; None: WARMUP_FRACTION of them
+    warmup_steps: int | None = None  # with ``steps``; None: WARMUP_FRACTION of them
     warmup_start_factor: float = 0.01
     lr_min: float = 0.0
     schedule_per_step: bool = False  # birder updates the LR once per epoch by default
@@ -291,6 +297,7 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 500  # optimizer steps
     keep_checkpoints: int = 3
+    log_every: int = 10  # optimizer steps per metrics line
 
     def __post_init__(self) -> None:
         if self.steps is not None and self.epochs is not None:  # steps, when given, replaces the epoch count
@@ -300,13 +307,16 @@ class TrainConfig:
         length = self.epochs if self.epochs is not None else self.steps
         if length is None or length <= 0:
             raise UserError(f"TrainConfig: the run length must be positive, got {length}")
-        if self.warmup_epochs < 0 or self.warmup_steps < 0:
+        for name, length_of in (("warmup_epochs", self.epochs), ("warmup_steps", self.steps)):
+            if getattr(self, name) is None:  # the warm-up rule, in one place
+                object.__setattr__(self, name, round((length_of or 0) * WARMUP_FRACTION))
+        if self.warmup_epochs < 0 or self.warmup_steps < 0:  # type: ignore[operator]
             raise UserError("TrainConfig: warm-up must be >= 0")
         if self.epochs is not None and self.warmup_epochs >= self.epochs:
             raise UserError(f"TrainConfig: warmup_epochs {self.warmup_epochs} must be below epochs {self.epochs}")
         if self.steps is not None and self.warmup_steps >= self.steps:
             raise UserError(f"TrainConfig: warmup_steps {self.warmup_steps} must be below steps {self.steps}")
-        for name in ("batch_size", "grad_accum_steps", "checkpoint_every", "keep_checkpoints"):
+        for name in ("batch_size", "grad_accum_steps", "checkpoint_every", "keep_checkpoints", "log_every"):
             if getattr(self, name) < 1:
                 raise UserError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.weight_decay < 0:
@@ -318,6 +328,7 @@ class TrainConfig:
             raise UserError("TrainConfig.clip_grad_norm must be positive")
 
     def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with ``changes``; a new length keeps the resolved warm-up unless ``warmup_*=None`` is given."""
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:

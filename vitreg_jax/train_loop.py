@@ -4,6 +4,8 @@
   a JSON record of the data position; resuming continues the same run bit for bit.
 * a step whose loss or gradient is not finite stops the loop (:class:`NonFiniteLoss`); the step itself left
   the parameters and optimizer state unchanged.
+* :class:`Periodic` measurements (e.g. a k-NN evaluation of the encoder) run every N steps and after the last
+  one; their values are logged beside the loss, in the same ``metrics.jsonl`` line and in TensorBoard.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from typing import Any
 import jax
 
 from vitreg_jax.errors import UserError
+from vitreg_jax.fileio import atomic_write_text, first_line
 from vitreg_jax.optim import LRSchedule
 from vitreg_jax.train import MAETrainer, TrainState
 
@@ -61,9 +64,8 @@ class Checkpoints:
             out = self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
         except (ValueError, KeyError, FileNotFoundError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"{self.directory}/{step}: the checkpoint does not fit this run (different model or "
-                            f"optimizer settings?): {first}") from None
+                            f"optimizer settings?): {first_line(e)}") from None
         return out["state"], dict(out["meta"])
 
     def wait(self) -> None:
@@ -74,12 +76,38 @@ class Checkpoints:
 
 
 # the loop ----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Periodic:
+    """A measurement of the train state every ``every`` optimizer steps and after the last step.
+
+    ``fn(state, step)`` returns ``{key: number}``; the values join that step's ``metrics.jsonl`` line as
+    ``"<name>/<key>"`` (the TensorBoard tag is the same). ``fn`` runs on every process of a multi-process run
+    (the state spans them all), after the step's loss was found finite; only process 0 writes. A function of
+    (state, step) only, it gives a resumed run the values the uninterrupted one logs at the same steps.
+    """
+
+    name: str
+    every: int
+    fn: Callable[[TrainState, int], Mapping[str, float]]
+
+    def __post_init__(self) -> None:
+        if self.every < 1:
+            raise UserError(f"{self.name}: the period must be at least 1 step, got {self.every}")
+
+    def due(self, done: int, total: int) -> bool:
+        return done % self.every == 0 or done == total
+
+    def __call__(self, state: TrainState, step: int) -> dict[str, float]:
+        return {f"{self.name}/{key}": float(value) for key, value in self.fn(state, step).items()}
+
+
 @dataclass
 class RunResult:
     step: int  # optimizer steps done
     loss: float | None  # the last step's loss
     resumed_from: int | None
     losses: list[float]  # every step's loss in this process (for tests and notebooks)
+    state: TrainState | None = None  # the final train state (``trainer.model(state)`` is the trained MAE)
 
 
 class MetricsLog:
@@ -91,9 +119,8 @@ class MetricsLog:
             return
         self.path = run_dir / METRICS_FILE
         if self.path.exists():  # drop lines the interrupted run wrote after its last checkpoint
-            kept = [ln for ln in self.path.read_text().splitlines() if ln.strip()
-                    and json.loads(ln).get("step", 0) <= resume_step]
-            self.path.write_text("".join(ln + "\n" for ln in kept))
+            kept = [ln for ln in self.path.read_text().splitlines() if _step_of(ln) <= resume_step]
+            atomic_write_text(self.path, "".join(ln + "\n" for ln in kept))
         self.handle = self.path.open("a")
         self.tb = _TensorBoard(run_dir / "tensorboard") if tensorboard else None
 
@@ -113,6 +140,15 @@ class MetricsLog:
             self.tb.close()
 
 
+def _step_of(line: str) -> float:
+    """The step of a metrics line; infinity (dropped) for a blank or torn one (a kill mid-write)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return math.inf
+    return record.get("step", math.inf) if isinstance(record, dict) else math.inf
+
+
 class _TensorBoard:
     """Scalars through tensorboard's own event writer (no TensorFlow, no torch); inert if it is missing."""
 
@@ -129,7 +165,8 @@ class _TensorBoard:
     def write(self, record: Mapping[str, Any]) -> None:
         if self.writer is None:
             return
-        values = [self._summary.Summary.Value(tag=f"train/{k}", simple_value=float(v)) for k, v in record.items()
+        values = [self._summary.Summary.Value(tag=k if "/" in k else f"train/{k}", simple_value=float(v))
+                  for k, v in record.items()
                   if k not in ("step", "time") and isinstance(v, (int, float)) and math.isfinite(v)]
         self.writer.add_event(self._event.Event(wall_time=time.time(), step=int(record["step"]),
                                                 summary=self._summary.Summary(value=values)))
@@ -159,20 +196,23 @@ class _ExportRequest:
 
 
 def fit(trainer: MAETrainer, data: Any, run_dir: str | os.PathLike[str], *, total: int, schedule: LRSchedule,
-        resume: bool = True, log_every: int = 10, export: Callable[[TrainState, int], None] | None = None,
+        resume: bool = True, log_every: int | None = None, export: Callable[[TrainState, int], None] | None = None,
         export_every: int | None = None, progress: bool = True, asynchronous: bool = True,
         checkpoint_every: int | None = None, keep_checkpoints: int | None = None,
-        extra_meta: Mapping[str, Any] | None = None) -> RunResult:
+        extra_meta: Mapping[str, Any] | None = None, periodic: Sequence[Periodic] = ()) -> RunResult:
     """Train ``total`` optimizer steps, checkpointing every ``checkpoint_every`` steps (default: the config's).
 
     ``data`` gives ``iterate(start, stop)`` -> (step, batch) and ``steps_per_epoch`` (a :class:`TrainData`).
     With ``resume`` the run continues from the latest checkpoint under ``RUN/checkpoints`` (the data stream
-    included); without it that folder must not hold one. ``export(state, step)`` runs at the end, every
-    ``export_every`` steps and on SIGUSR1.
+    included); without it that folder must not hold one. A metrics line is written every ``log_every`` steps
+    (default: the config's), at the last step and at every step a ``periodic`` measurement runs.
+    ``export(state, step)`` runs at the end, every ``export_every`` steps and on SIGUSR1.
     """
     run_dir = Path(run_dir)
-    every = checkpoint_every or trainer.cfg.checkpoint_every
-    ckpt = Checkpoints(run_dir / CHECKPOINT_DIR, keep=keep_checkpoints or trainer.cfg.keep_checkpoints,
+    cfg = trainer.cfg
+    every = checkpoint_every or cfg.checkpoint_every
+    log_every = log_every or cfg.log_every
+    ckpt = Checkpoints(run_dir / CHECKPOINT_DIR, keep=keep_checkpoints or cfg.keep_checkpoints,
                        asynchronous=asynchronous)
     latest = ckpt.latest_step()
     if latest is not None and not resume:
@@ -185,7 +225,7 @@ def fit(trainer: MAETrainer, data: Any, run_dir: str | os.PathLike[str], *, tota
     else:
         state, start = trainer.init_state(), 0
     spe = data.steps_per_epoch
-    per_step = trainer.cfg.batch_size * trainer.cfg.grad_accum_steps
+    per_step = cfg.batch_size * cfg.grad_accum_steps
     log = MetricsLog(run_dir, resume_step=start, enabled=jax.process_index() == 0)
     bar = None
     if progress:
@@ -201,8 +241,9 @@ def fit(trainer: MAETrainer, data: Any, run_dir: str | os.PathLike[str], *, tota
     def position(step: int) -> dict[str, Any]:
         return {"step": step, "epoch": step // spe, "batch_in_epoch": step % spe, "images_seen": step * per_step}
 
-    def settle(pending: tuple[int, dict[str, jax.Array], float] | None) -> None:
-        """Read one step's metrics back; stop on a non-finite loss; log."""
+    def settle(pending: tuple[int, dict[str, jax.Array], float] | None, measure: bool = False) -> None:
+        """Read one step's metrics back; stop on a non-finite loss; run the periodic measurements (with
+        ``measure``) on the current state; log."""
         nonlocal last_loss, t_last, n_since, rate
         if pending is None:
             return
@@ -224,9 +265,16 @@ def fit(trainer: MAETrainer, data: Any, run_dir: str | os.PathLike[str], *, tota
         if now - t_last > 0 and (n_since >= log_every or done == total):
             rate = n_since * per_step / (now - t_last)
             t_last, n_since = now, 0
-        if done % log_every == 0 or done == total:
+        measured: dict[str, float] = {}
+        if measure:
+            t_measure = time.perf_counter()
+            for p in periodic:
+                if p.due(done, total):
+                    measured.update(p(state, done))
+            t_last += time.perf_counter() - t_measure  # the throughput counts training time only
+        if done % log_every == 0 or done == total or measured:
             log.write({**position(done), "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                       "images_per_s": rate, "time": time.time()})
+                       "images_per_s": rate, **measured, "time": time.time()})
         if bar is not None:
             bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.1f}", lr=f"{lr:.2e}", refresh=False)
             bar.update(1)
@@ -243,6 +291,9 @@ def fit(trainer: MAETrainer, data: Any, run_dir: str | os.PathLike[str], *, tota
                 settle(pending)  # the previous step's numbers, read while this one runs
                 pending = (step, metrics, lr)
                 done = step + 1
+                if any(p.due(done, total) for p in periodic):
+                    settle(pending, measure=True)
+                    pending = None
                 if done % every == 0 or done == total:
                     settle(pending)
                     pending = None
@@ -264,5 +315,4 @@ def fit(trainer: MAETrainer, data: Any, run_dir: str | os.PathLike[str], *, tota
         log.close()
         ckpt.wait()
         ckpt.close()
-    return RunResult(step=max(start, total), loss=last_loss, resumed_from=latest, losses=losses)
-
+    return RunResult(step=max(start, total), loss=last_loss, resumed_from=latest, losses=losses, state=state)
