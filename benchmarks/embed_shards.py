@@ -84,10 +84,10 @@ def rate(args: argparse.Namespace) -> None:
     configure_xla_flags(args.dtype)
     import jax
 
+    from vitreg_jax.config import preset
     from vitreg_jax.embed import Embedder
     from vitreg_jax.embed_dataset import embed_dataset
     from vitreg_jax.loading import birder_config, build_model
-    from vitreg_jax.config import preset
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -132,8 +132,8 @@ def peak_rss_mib(checkpoint: Path, shards: list[Path], out: Path) -> float:
 
 
 def memory(args: argparse.Namespace) -> None:
-    from vitreg_jax.loading import birder_config, build_model, save_model
     from vitreg_jax.config import preset
+    from vitreg_jax.loading import birder_config, build_model, save_model
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
