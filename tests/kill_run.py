@@ -31,21 +31,22 @@ def kill_pretrain_at_step(at: int) -> None:
 
 
 def kill_embed_after_parts(spec: str) -> None:
-    from vitreg_jax.commands import embed
+    from vitreg_jax import embed_dataset
 
     count, _, sig = spec.partition(":")
     signum = signal.SIGINT if sig.upper() == "INT" else signal.SIGKILL
-    write_part = embed._write_part
+    write_part = embed_dataset.write_part
     written = 0
 
-    def killing_write_part(*args: Any, **kwargs: Any) -> None:
+    def killing_write_part(*args: Any, **kwargs: Any) -> Any:
         nonlocal written
-        write_part(*args, **kwargs)
+        record = write_part(*args, **kwargs)
         written += 1
         if written >= int(count):
             os.kill(os.getpid(), signum)
+        return record
 
-    embed._write_part = killing_write_part
+    embed_dataset.write_part = killing_write_part
 
 
 HOOKS = {"pretrain-step": lambda v: kill_pretrain_at_step(int(v)), "embed-parts": kill_embed_after_parts}

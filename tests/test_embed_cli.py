@@ -6,8 +6,11 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -15,16 +18,18 @@ import pytest
 from flax import nnx
 from PIL import Image
 
+from tests.tolerances import EMBED_BF16_MIN_COSINE, EMBED_FP32_ATOL
 from vitreg_jax.cli import main
-from vitreg_jax.commands.embed import PARTS_DIR
 from vitreg_jax.config import preset
 from vitreg_jax.convert.load import load_model_with_cfg
+from vitreg_jax.embed_dataset import STATE_DIR
+from vitreg_jax.embed_outputs import decode_name
 from vitreg_jax.loading import birder_config, save_model
 from vitreg_jax.preprocess import classification_transform, load_image
 from vitreg_jax.vit import ViT
 
 # the command's embedding of a file vs net.embedding on the same preprocessed pixels
-FP32_ATOL = 1e-5
+
 TINY = {"num_layers": 2, "hidden_dim": 64, "mlp_dim": 128, "num_heads": 4, "patch_size": 8}
 SIZE = (32, 32)
 STATS = {"mean": [0.5, 0.45, 0.4], "std": [0.25, 0.24, 0.26]}
@@ -113,7 +118,8 @@ def reference(ckpt, inputs, tmp_path_factory) -> tuple[Path, np.ndarray, list[st
     out = tmp_path_factory.mktemp("ref") / "out"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
-        assert run_cli("--checkpoint", ckpt, inputs, "--out", out, "--batch-size", 4, "--workers", 2) == 0
+        assert run_cli("--checkpoint", ckpt, inputs, "--out", out, "--batch-size", 4, "--workers", 2,
+                       "--files-per-part", 4, "--dtype", "float32") == 0
     return (out, *read_out(out))
 
 
@@ -129,7 +135,7 @@ def test_outputs_match_net_embedding(ckpt, reference):
     transform = classification_transform(SIZE, cfg["rgb_stats"])
     x = np.stack([transform(load_image(p)) for p in paths])
     diff = np.abs(emb - np.asarray(net.embedding(x))).max()
-    assert diff <= FP32_ATOL, f"embed command vs net.embedding: max |diff| {diff:.2e}"
+    assert diff <= EMBED_FP32_ATOL, f"embed command vs net.embedding: max |diff| {diff:.2e}"
     assert meta["status"] == "complete" and meta["dtype"] == "float32" and meta["size"] == list(SIZE)
     assert (
         meta["counts"]["inputs"] == 13 and meta["counts"]["embedded"] == 11 and meta["counts"]["failed"] == 2
@@ -140,9 +146,10 @@ def test_outputs_match_net_embedding(ckpt, reference):
 def test_rerun_same_args_is_a_no_op_and_other_args_are_refused(ckpt, inputs, reference, capsys):
     out = reference[0]
     before = {f: (out / f).stat().st_mtime_ns for f in OUTPUTS}
-    assert run_cli("--checkpoint", ckpt, inputs, "--out", out, "--batch-size", 4) == 0
+    assert run_cli("--checkpoint", ckpt, inputs, "--out", out, "--batch-size", 2, "--files-per-part", 4,
+                   "--dtype", "float32") == 0
     assert "already complete" in capsys.readouterr().out
-    assert run_cli("--checkpoint", ckpt, inputs, "--out", out, "--batch-size", 4, "--dtype", "bfloat16") == 2
+    assert run_cli("--checkpoint", ckpt, inputs, "--out", out, "--files-per-part", 4, "--dtype", "bfloat16") == 2
     err = capsys.readouterr().err.strip()
     assert "differs in dtype" in err and len(err.splitlines()) == 1
     assert {f: (out / f).stat().st_mtime_ns for f in OUTPUTS} == before
@@ -174,7 +181,7 @@ def test_features_size_dtype_and_list_file(ckpt, inputs, tmp_path):
     x = np.stack([classification_transform((48, 40), cfg["rgb_stats"])(load_image(p)) for p in paths])
     ref = np.asarray(net.forward_features(x))[:, net.cfg.num_special_tokens :]
     cos = (emb * ref).sum(-1) / (np.linalg.norm(emb, axis=-1) * np.linalg.norm(ref, axis=-1))
-    assert cos.min() >= 0.999 and meta["embedding_shape"] == [30, 64]
+    assert cos.min() >= EMBED_BF16_MIN_COSINE and meta["embedding_shape"] == [30, 64]
 
 
 @pytest.mark.parametrize(
@@ -202,7 +209,7 @@ def test_zero_inputs(ckpt, tmp_path, capsys):
     empty.mkdir()
     out = tmp_path / "out"
     for args, message in (
-        ([empty], "no images found"),
+        ([empty], "no images or .tar shards found"),
         ([], "no inputs given"),
         ([tmp_path / "nope"], "input not found"),
     ):
@@ -221,21 +228,22 @@ def test_missing_checkpoint(inputs, tmp_path, capsys):
 
 def test_resume_after_ctrl_c_and_kill_recomputes_nothing(ckpt, inputs, reference, tmp_path):
     out = tmp_path / "out"
-    args = ["--checkpoint", ckpt, inputs, "--out", out, "--batch-size", 4, "--workers", 2]
+    args = ["--checkpoint", ckpt, inputs, "--out", out, "--batch-size", 4, "--workers", 2, "--files-per-part", 4,
+            "--dtype", "float32"]
     # 13 inputs in parts of 4: parts 0..3. Ctrl-C after the first part.
     r = run_sub(*args, kill_after_parts="1:INT")
     assert r.returncode == 130 and "run the same command again to resume" in r.stderr, r.stderr[-2000:]
-    parts = sorted(p.name for p in (out / PARTS_DIR).glob("p*.npz"))
-    assert parts == ["p00000-0000000.npz"]
+    parts = sorted(p.name for p in (out / STATE_DIR).glob("part-*"))
+    assert parts == ["part-00000.parquet"]
     assert not OUTPUTS & set(os.listdir(out))  # no final file, not even half of one
-    first = (out / PARTS_DIR / parts[0]).stat()
+    first = (out / STATE_DIR / parts[0]).stat()
     # a hard kill after one more part
     r = run_sub(*args, kill_after_parts="1")
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
-    parts = sorted(p.name for p in (out / PARTS_DIR).glob("p*.npz"))
-    assert parts == ["p00000-0000000.npz", "p00000-0000001.npz"]
+    parts = sorted(p.name for p in (out / STATE_DIR).glob("part-*"))
+    assert parts == ["part-00000.parquet", "part-00001.parquet"]
     assert not OUTPUTS & set(os.listdir(out))
-    assert (out / PARTS_DIR / parts[0]).stat().st_mtime_ns == first.st_mtime_ns  # not rewritten
+    assert (out / STATE_DIR / parts[0]).stat().st_mtime_ns == first.st_mtime_ns  # not rewritten
     # the rerun computes only the two missing parts (5 of 13 inputs) and equals the uninterrupted run
     r = run_sub(*args)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -244,7 +252,7 @@ def test_resume_after_ctrl_c_and_kill_recomputes_nothing(ckpt, inputs, reference
     assert meta["xla_flags"] == "--xla_cpu_experimental_ynn_fusion_type="  # chosen for float32 on CPU
     _, ref_emb, ref_paths, ref_failed, _ = reference
     assert paths == ref_paths and failed == ref_failed
-    np.testing.assert_allclose(emb, ref_emb, atol=FP32_ATOL, rtol=0)
+    np.testing.assert_allclose(emb, ref_emb, atol=EMBED_FP32_ATOL, rtol=0)
     assert set(os.listdir(out)) == OUTPUTS
 
 
@@ -254,48 +262,153 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_processes(*args: str, n: int = 2, kill_first_after_parts: str | None = None) -> list[subprocess.Popen]:
+    """``n`` processes of one ``vitreg-jax embed`` run on 127.0.0.1; process 0 may kill itself (kill_run.py)."""
+    port = free_port()
+    procs = []
+    for i in range(n):
+        hook = i == 0 and kill_first_after_parts is not None
+        runner = ["tests.kill_run", "embed-parts", kill_first_after_parts, "--"] if hook else ["vitreg_jax"]
+        command = [sys.executable, "-m", *runner, "embed", *map(str, args), "--coordinator", f"127.0.0.1:{port}",
+                   "--num-processes", str(n), "--process-id", str(i)]
+        procs.append(subprocess.Popen(command, env=cli_env(), cwd=ROOT, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    return procs
+
+
 @pytest.mark.parametrize("weights", ["replicated", "sharded"])
 def test_two_processes_equal_one(ckpt, inputs, reference, tmp_path, weights):
     out = tmp_path / "out"
-    port = free_port()
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "vitreg_jax",
-                "embed",
-                "--checkpoint",
-                str(ckpt),
-                str(inputs),
-                "--out",
-                str(out),
-                "--batch-size",
-                "4",
-                "--coordinator",
-                f"127.0.0.1:{port}",
-                "--num-processes",
-                "2",
-                "--process-id",
-                str(i),
-                *(["--shard-weights"] if weights == "sharded" else []),
-            ],
-            env=cli_env(),
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
+    procs = start_processes("--checkpoint", ckpt, inputs, "--out", out, "--batch-size", 4, "--files-per-part", 4,
+                            "--dtype", "float32", *(["--shard-weights"] if weights == "sharded" else []))
     results = [p.communicate(timeout=300) for p in procs]
     for p, (_, err) in zip(procs, results):
         assert p.returncode == 0, err[-3000:]
     emb, paths, failed, meta = read_out(out)
     _, ref_emb, ref_paths, ref_failed, _ = reference
     assert paths == ref_paths and failed == ref_failed
-    np.testing.assert_allclose(emb, ref_emb, atol=FP32_ATOL, rtol=0)
+    np.testing.assert_allclose(emb, ref_emb, atol=EMBED_FP32_ATOL, rtol=0)
     assert meta["devices"]["processes"] == 2 and meta["devices"]["count"] == 2
     assert meta["devices"]["weights"] == weights
     assert meta["counts"]["computed_this_run"] == 13  # both shares, summed over the processes
     assert set(os.listdir(out)) == OUTPUTS
+
+
+def read_parquet_rows(out: Path) -> dict[str, np.ndarray]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(sorted(out.glob("part-*.parquet")))
+    keys = table.column("key").to_pylist()
+    assert len(set(keys)) == len(keys), "a row was written twice"
+    return dict(zip(keys, np.stack(table.column("embedding").to_numpy(zero_copy_only=False))))
+
+
+def assert_rows_equal_reference(rows: dict[str, np.ndarray], reference) -> None:
+    _, ref_emb, ref_paths, _, _ = reference
+    assert sorted(rows) == sorted(ref_paths)  # every image exactly once
+    np.testing.assert_allclose(np.stack([rows[p] for p in ref_paths]), ref_emb, atol=EMBED_FP32_ATOL, rtol=0)
+
+
+def test_resume_with_other_process_counts(ckpt, inputs, reference, tmp_path):
+    """13 inputs in 5 parts of 3: one process on 4 host devices is killed after 2 parts, two processes
+    finish the run; then two processes are killed after process 0's first part and one process finishes."""
+    out = tmp_path / "out"
+    args = ["--checkpoint", ckpt, inputs, "--out", out, "--format", "parquet", "--files-per-part", 3,
+            "--batch-size", 4, "--dtype", "float32"]
+    r = run_sub(*args, kill_after_parts="2", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    assert sorted(p.name for p in out.glob("part-*")) == ["part-00000.parquet", "part-00001.parquet"]
+    procs = start_processes(*args)
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["computed_this_run"] == 7  # parts 2, 3, 4: 3 + 3 + 1 inputs
+    assert manifest["devices"]["processes"] == 2 and manifest["counts"]["failed"] == 2
+    assert_rows_equal_reference(read_parquet_rows(out), reference)
+
+    out2 = tmp_path / "out2"
+    args[4] = out2
+    procs = start_processes(*args, kill_first_after_parts="1")
+    assert procs[0].wait(timeout=300) == -signal.SIGKILL, procs[0].communicate()[1][-3000:]
+    procs[1].kill()  # it would wait for process 0 at the next step
+    procs[1].wait(timeout=60)
+    for p in procs:
+        p.communicate()
+    assert (out2 / "part-00000.parquet").exists() and not (out2 / "manifest.json").exists()
+    r = run_sub(*args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert_rows_equal_reference(read_parquet_rows(out2), reference)
+
+
+def test_names_with_newlines_and_tabs_keep_rows_aligned(ckpt, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    names = ["a\nb.png", "c\td.png", "e.png"]
+    for name in names:
+        Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(folder / name, format="PNG")
+    (folder / "f\tg\nh.png").write_bytes(b"broken")
+    out = tmp_path / "out"
+    assert run_cli("--checkpoint", ckpt, folder, "--out", out, "--dtype", "float32") == 0
+    emb = np.load(out / "embeddings.npy")
+    lines = (out / "paths.txt").read_text("utf-8").split("\n")[:-1]
+    assert len(lines) == len(emb) == 3  # one line per row
+    net, cfg = load_model_with_cfg(None, ckpt)
+    transform = classification_transform(SIZE, cfg["rgb_stats"])
+    for line, row in zip(lines, emb):
+        path = decode_name(line)
+        assert Path(path).name in names
+        np.testing.assert_allclose(row, np.asarray(net.embedding(transform(load_image(path))[None]))[0],
+                                   atol=EMBED_FP32_ATOL, rtol=0)
+    failed = (out / "failed.txt").read_text("utf-8").split("\n")[:-1]
+    assert len(failed) == 1 and failed[0].count("\t") == 1
+    assert Path(decode_name(failed[0].split("\t")[0])).name == "f\tg\nh.png"
+
+
+@pytest.mark.parametrize("name", ["meta.json", "paths.txt", "failed.txt"])
+def test_users_files_in_out_are_never_overwritten(ckpt, inputs, tmp_path, capsys, name):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / name).write_text("mine\n")
+    assert run_cli("--checkpoint", ckpt, inputs, "--out", out) == 2
+    err = capsys.readouterr().err.strip()
+    assert "did not write" in err and len(err.splitlines()) == 1, err
+    assert (out / name).read_text() == "mine\n" and os.listdir(out) == [name]
+
+
+def test_a_second_run_into_a_folder_in_use_exits_2(ckpt, inputs, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    code = ("import sys, time; from vitreg_jax.folder_lock import FolderLock; "
+            "FolderLock(sys.argv[1], 'embed').acquire(); print('locked', flush=True); time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(out)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert run_cli("--checkpoint", ckpt, inputs, "--out", out, "--batch-size", 4) == 2
+        err = capsys.readouterr().err.strip()
+        assert "in use by another embed run" in err and len(err.splitlines()) == 1, err
+    finally:
+        holder.kill()  # a killed run: its lock file stays, and must not block the next run
+        holder.wait()
+    assert run_cli("--checkpoint", ckpt, inputs, "--out", out, "--batch-size", 4) == 0
+
+
+def test_huge_images_fail_quietly(ckpt, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.new("RGB", (24, 24), "red").save(folder / "small.png")
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0))  # 400 megapixels
+    (folder / "huge.png").write_bytes(b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(b"\0" * 8))
+                                     + chunk(b"IEND", b""))
+    out = tmp_path / "out"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert run_cli("--checkpoint", ckpt, folder, "--out", out, "--workers", 2) == 0
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+    failed = (out / "failed.txt").read_text().splitlines()
+    assert len(failed) == 1 and "huge.png\timage too large" in failed[0]

@@ -65,3 +65,8 @@ SEARCH_SCORE_ATOL = 2e-6
 KNN_SCORE_RTOL = 1e-4
 # our linear probe's top-1 accuracy vs scikit-learn's LogisticRegression at the same L2 strength (1 point)
 LINEAR_PROBE_ACCURACY_ATOL = 0.01
+
+# The dataset embedder (tests/test_embed_cli.py, tests/test_embed_dataset.py)
+EMBED_FP32_ATOL = 1e-5  # rows written by embed vs net.embedding on the same pixels, and between runs
+EMBED_FOLDER_VS_TAR_ATOL = 1e-6  # the same images read from a folder and from tar shards (fp32 rounding)
+EMBED_BF16_MIN_COSINE = 0.999  # bfloat16 rows vs the float32 model

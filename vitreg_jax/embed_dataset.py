@@ -57,6 +57,7 @@ from vitreg_jax.embed_outputs import (
     PARQUET_FORMAT,
     PART_GLOB,
     PartData,
+    encode_name,
     is_utf8,
     part_name,
     read_part_record,
@@ -340,9 +341,9 @@ class _Parts:
     """This process's unfinished parts: rows arrive in order, a part is written once its shard is done."""
 
     def __init__(self, parts_dir: Path, shape: tuple[int, ...], run_id: str, names: dict[int, str],
-                 utf8_only: bool) -> None:
+                 escape: bool) -> None:
         self.parts_dir, self.shape, self.run_id, self.names = parts_dir, shape, run_id, names
-        self.utf8_only = utf8_only
+        self.escape = escape
         self.open: dict[int, PartData] = {}
         self.written = 0
 
@@ -357,7 +358,9 @@ class _Parts:
                 {"source": failure.source, "key": failure.key, "reason": failure.reason})
         for i, (shard, key, src) in enumerate(zip(chunk.shards.tolist(), chunk.keys, chunk.sources)):
             part = self._part(shard)
-            if self.utf8_only and not (is_utf8(key) and is_utf8(src)):
+            if self.escape:  # npy: its parts hold the names as paths.txt will
+                key, src = encode_name(key), encode_name(src)
+            elif not (is_utf8(key) and is_utf8(src)):
                 part.failures.append({"source": src, "key": key, "reason": NOT_UTF8})
                 continue
             part.keys.append(key)
@@ -377,7 +380,7 @@ def _compute(embedder: Embedder, todo: list[Shard], transform: Any, size: tuple[
     nproc = jax.process_count()
     rows_per_step = max(1, embedder.batch_size // nproc)
     parts = _Parts(parts_dir, embedder.output_shape(*size), run_id, {s.index: _shard_source(s) for s in todo},
-                   utf8_only=fmt == "parquet")
+                   escape=fmt == "npy")
     stream = iter_item_batches(todo, transform, rows_per_step, workers)
     total = sum(len(s.files) for s in todo) if all(s.kind == "files" for s in todo) else None
     bar = tqdm(total=total, unit="img", desc="embed", disable=not progress, dynamic_ncols=True, smoothing=0.1)

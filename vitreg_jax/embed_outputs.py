@@ -35,8 +35,10 @@ character is itself, so ordinary names read back unchanged; :func:`decode_name` 
 NNNNN is the shard's index in the run's ordered list of shards (zero-padded to at least five digits), so
 parts sort in input order and every shard maps to one part whichever process wrote it. Names are carried as
 data (newlines included); a name that is not valid UTF-8 cannot be a parquet string and is listed as a
-failure instead. Parts are readable without our code, e.g. ``pyarrow.parquet.read_table(DIR)``,
-``polars.read_parquet(f"{DIR}/*.parquet")``, DuckDB's ``read_parquet('DIR/*.parquet')``. Each part also
+failure instead. Parts are readable without our code: ``pyarrow.parquet.read_table(sorted(glob))`` or
+``pyarrow.dataset.dataset(DIR, format="parquet", exclude_invalid_files=True)`` (which skips manifest.json),
+``polars.read_parquet("DIR/*.parquet")``, DuckDB's ``read_parquet('DIR/*.parquet')``, HF datasets'
+``load_dataset("parquet", data_files="DIR/*.parquet")``. Each part also
 carries its own record (shard, source, rows, failures, run id) as JSON under the schema metadata key
 ``vitreg_jax.part``, which is how a resumed run rebuilds the manifest.
 
@@ -216,6 +218,9 @@ def write_npy(out: Path, part_files: Sequence[Path], records: Sequence[Mapping[s
               shape: Sequence[int], meta: Mapping[str, Any]) -> dict[str, int]:
     """Merge parts (in shard order) into embeddings.npy, paths.txt, failed.txt (+ sources.txt), meta.json.
 
+    The parts of an npy run hold their keys and sources already escaped (:func:`encode_name`), so that names
+    that are not valid UTF-8 survive the parquet strings; the records' failures hold the names as they are.
+
     Each file is written under a temporary name and renamed; meta.json comes last and marks completion.
     """
     total = sum(int(r["rows"]) for r in records)
@@ -234,10 +239,10 @@ def write_npy(out: Path, part_files: Sequence[Path], records: Sequence[Mapping[s
     atomic_write(out / "embeddings.npy", write_embeddings)
     if len(keys) != total:
         raise UserError(f"{out}: the parts hold {len(keys)} rows, their records say {total}")
-    atomic_write(out / "paths.txt", lambda f: _write_lines(f, keys))
+    atomic_write(out / "paths.txt", lambda f: _write_lines(f, keys, escaped=True))
     separate_sources = keys != sources
     if separate_sources:
-        atomic_write(out / "sources.txt", lambda f: _write_lines(f, sources))
+        atomic_write(out / "sources.txt", lambda f: _write_lines(f, sources, escaped=True))
     else:
         (out / "sources.txt").unlink(missing_ok=True)
     failures = [x for r in records for x in r["failures"]]

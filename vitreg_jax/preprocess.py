@@ -12,6 +12,7 @@ import io
 import math
 import os
 import threading
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -151,12 +152,14 @@ def _open_with_pixel_limit(handle: Any, max_pixels: int | None) -> Image.Image:
     """Image.open with PIL's global bomb limit replaced by ours for the duration of the (header) read."""
     with _PIXEL_LIMIT_LOCK:
         saved = Image.MAX_IMAGE_PIXELS
-        # PIL now warns above max_pixels and raises above twice it; load_image raises above it, so images
-        # between the two see a DecompressionBombWarning just before their ImageReadError. (None instead
-        # would silence that, but would also switch PIL's check off for other threads meanwhile.)
+        # PIL now raises above twice max_pixels and warns above it; the caller refuses anything above it
+        # with an ImageReadError, so PIL's DecompressionBombWarning would only repeat that on stderr: it is
+        # ignored for this header read. (None instead would also switch PIL's check off for other threads.)
         Image.MAX_IMAGE_PIXELS = max_pixels
         try:
-            return Image.open(handle)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                return Image.open(handle)
         finally:
             Image.MAX_IMAGE_PIXELS = saved
 
