@@ -275,6 +275,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     from vitreg_jax.checkpoint import save_checkpoint
     from vitreg_jax.convert import mapping
+    from vitreg_jax.convert.json_meta import json_safe
     from vitreg_jax.loading import checkpoint_metadata
     from vitreg_jax.tree import unflatten
 
@@ -285,7 +286,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
         extra["published_name"] = resolved.name
     meta = checkpoint_metadata(arch.vit_cfg, arch.cfg, source=bfile,
                                dtype=dtypes[0] if len(dtypes) == 1 else "mixed", extra=extra)
-    meta["birder_meta"] = {k: v for k, v in bfile.meta.items() if k not in ("signature", "rgb_stats")}
+    birder_meta = {k: v for k, v in bfile.meta.items() if k not in ("signature", "rgb_stats")}
+    meta["birder_meta"], changed = json_safe(birder_meta)
+    for note in changed:  # extra entries of the file that JSON cannot hold as they are
+        print(f"metadata     {note}")
 
     state, _ = mapping.normalize_keys(bfile.state, arch.vit_cfg.num_layers)
     bfile.state = {}  # hand the arrays over: to_nnx drops each source array once converted

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 
+from vitreg_jax import preprocess
 from vitreg_jax.config import ViTConfig, canonical_name, preset
 from vitreg_jax.convert import mapping
 from vitreg_jax.errors import UserError
@@ -157,14 +158,8 @@ def signature_info(signature: Any, where: str = "") -> SignatureInfo:
 
 
 def check_rgb_stats(rgb_stats: Any, where: str = "") -> dict[str, list[float]]:
-    try:
-        out = {k: [float(v) for v in rgb_stats[k]] for k in ("mean", "std")}
-    except (KeyError, TypeError, ValueError):
-        raise UserError(f"{where}rgb_stats {rgb_stats!r:.120} is not {{'mean': [r, g, b], 'std': [r, g, b]}}"
-                        ) from None
-    if any(len(v) not in (1, 3) for v in out.values()):
-        raise UserError(f"{where}rgb_stats {rgb_stats!r:.120} does not have 3 channels")
-    return out
+    """``vitreg_jax.preprocess.check_rgb_stats``: what ``embed`` would refuse later is refused at conversion."""
+    return preprocess.check_rgb_stats(rgb_stats, where)
 
 
 # inference -----------------------------------------------------------------------------------------------

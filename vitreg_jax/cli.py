@@ -25,6 +25,14 @@ COMMANDS: dict[str, str] = {
     "demo": "vitreg_jax.commands.demo",
 }
 
+# what Ctrl-C leaves, said in the one line it prints; other commands just say "interrupted"
+ON_INTERRUPT: dict[str, str] = {
+    "convert": "nothing was written",  # the checkpoint is built in a hidden folder, renamed when whole
+    "export": "nothing was written",
+    "embed": "run the same command again to resume",
+    "pretrain": "run it again with --resume to continue from its last checkpoint",
+}
+
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse's errors as one line (its default prints the whole usage block first), exit status 2."""
@@ -72,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vitreg-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"vitreg-jax {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
+        hint = ON_INTERRUPT.get(args.command)
+        print(f"vitreg-jax {args.command}: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
         return 130
 
 

@@ -8,6 +8,7 @@ else.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +66,11 @@ class ViTConfig:
     image_size: tuple[int, int] = (224, 224)  # (H, W) the position embedding is stored for
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # a wrong type is a user error, named, before any arithmetic
+            value = getattr(self, f.name)
+            if not _has_type(value, str(f.type)):
+                raise UserError(f"ViTConfig.{f.name} must be of type {f.type}, got {value!r:.60} "
+                                f"({type(value).__name__})")
         for name in ("patch_size", "num_layers", "num_heads", "hidden_dim", "mlp_dim", "in_channels"):
             if getattr(self, name) <= 0:
                 raise UserError(f"ViTConfig.{name} must be positive, got {getattr(self, name)}")
@@ -114,10 +120,9 @@ class ViTConfig:
         if unknown:
             raise UserError(f"unknown ViTConfig field(s): {', '.join(unknown)}")
         d = dict(d)
-        if "image_size" in d:
-            d["image_size"] = tuple(d["image_size"])
-        if d.get("out_indices") is not None:
-            d["out_indices"] = tuple(d["out_indices"])
+        for key in ("image_size", "out_indices"):  # JSON lists; anything else is refused by the type check
+            if isinstance(d.get(key), list):
+                d[key] = tuple(d[key])
         return cls(**d)
 
     # birder ----------------------------------------------------------------------------------------------
@@ -132,8 +137,11 @@ class ViTConfig:
                                 f"{key} in {list(allowed)}")
         for key in (*UNSUPPORTED_UNLESS, *INERT_OPTIONS):
             mc.pop(key, None)
-        if mc.get("out_indices") is not None:
-            mc["out_indices"] = tuple(int(i) % int(mc["num_layers"]) for i in mc["out_indices"])
+        out_indices, depth = mc.get("out_indices"), mc.get("num_layers")
+        if isinstance(out_indices, (list, tuple)):  # negative indices count from the end, as in birder
+            mc["out_indices"] = tuple(out_indices)
+            if _has_type(mc["out_indices"], "tuple[int, ...]") and _has_type(depth, "int") and depth > 0:
+                mc["out_indices"] = tuple(int(i) % int(depth) for i in out_indices)
         names = {f.name for f in dataclasses.fields(cls)} - {"num_classes", "in_channels", "image_size"}
         unknown = sorted(set(mc) - names)
         if unknown:
@@ -151,6 +159,26 @@ class ViTConfig:
         if d["out_indices"] is None:
             d.pop("out_indices")
         return d
+
+
+def _has_type(value: Any, annotation: str) -> bool:
+    """Whether ``value`` has the type a ``ViTConfig`` field annotation names (a bool is not an int here)."""
+    if annotation.endswith(" | None"):
+        if value is None:
+            return True
+        annotation = annotation.removesuffix(" | None")
+    if annotation == "bool":
+        return isinstance(value, bool)
+    if annotation == "int":
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if annotation == "float":
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if annotation.startswith("tuple[") and annotation.endswith("]"):
+        items = annotation.removeprefix("tuple[").removesuffix("]").split(", ")
+        if not isinstance(value, tuple) or not all(_has_type(v, items[0]) for v in value):
+            return False
+        return items[-1] == "..." or len(value) == len(items)
+    return True
 
 
 def canonical_name(name: str) -> str:

@@ -23,6 +23,7 @@ from vitreg_jax import __version__
 from vitreg_jax.checkpoint import load_checkpoint, save_checkpoint
 from vitreg_jax.config import ViTConfig, canonical_name, preset
 from vitreg_jax.errors import UserError
+from vitreg_jax.preprocess import check_rgb_stats
 from vitreg_jax.tree import check_fit, flatten, int_keys, unflatten
 from vitreg_jax.vit import ViT
 
@@ -70,6 +71,7 @@ def read_birder_config(config: str | os.PathLike[str] | Mapping[str, Any]) -> di
     missing = [k for k in ("signature", "rgb_stats") if k not in cfg]
     if missing:
         raise UserError(f"birder config lacks {', '.join(missing)}")
+    cfg["rgb_stats"] = check_rgb_stats(cfg["rgb_stats"], "" if isinstance(config, Mapping) else f"{config}: ")
     return cfg
 
 

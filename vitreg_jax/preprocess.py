@@ -332,3 +332,14 @@ def _checked_rgb_stats(rgb_stats: Any) -> tuple[np.ndarray, np.ndarray]:
     if np.any(std <= 0):
         raise UserError(f"rgb_stats['std'] must be > 0, got {rgb_stats['std']!r}")
     return mean, std
+
+
+def check_rgb_stats(rgb_stats: Any, where: str = "") -> dict[str, list[float]]:
+    """birder's ``rgb_stats`` checked as preprocessing needs them (keys ``mean`` and ``std``, 3 finite numbers
+    each, std > 0), as a JSON-shaped ``{"mean": [r, g, b], "std": [r, g, b]}``: the one check that converting,
+    loading and preprocessing apply. ``where`` starts the error message (e.g. ``"FILE: "``)."""
+    try:
+        _checked_rgb_stats(rgb_stats)
+    except UserError as e:
+        raise UserError(f"{where}{e}") from None
+    return {key: [float(v) for v in np.asarray(rgb_stats[key], dtype=np.float64)] for key in ("mean", "std")}
