@@ -23,7 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from vitreg_jax.errors import UserError
 from vitreg_jax.fileio import atomic_write_json, first_line
+from vitreg_jax.rgb_stats import named_rgb_stats
 
 if TYPE_CHECKING:
     import torch
@@ -34,7 +36,7 @@ STANDIN_NAME = "vit_reg4_b16_standin"  # files: <name>_<epoch>.pt and <name>.jso
 STANDIN_EPOCH = 0
 # The rgb_stats vit_reg4_b16_mim was trained with (birder's "birder" statistics of that time): the stand-in
 # carries them so that preprocessing is the published model's.
-MIM_RGB_STATS: dict[str, list[float]] = {"mean": [0.5248, 0.5372, 0.5086], "std": [0.2135, 0.2103, 0.2622]}
+MIM_RGB_STATS: dict[str, list[float]] = named_rgb_stats("vit_reg4_b16_mim")
 # A tiny vit_reg4_b16 (same patch size and registers) for fast tests and the --quick demo.
 TINY_MODEL_CONFIG: dict[str, int] = {"num_layers": 2, "hidden_dim": 64, "num_heads": 2, "mlp_dim": 128}
 # Published names, most trained first; the first one found in the cache is used.
@@ -180,7 +182,7 @@ def _signature(size: tuple[int, int], num_classes: int = 0) -> dict[str, Any]:
 def _standin_by_birder(directory: Path, network: str, seed: int, model_config: Mapping[str, Any] | None,
                        size: tuple[int, int], rgb_stats: Mapping[str, Any]) -> Weights:
     if birder_missing() is not None:
-        raise RuntimeError(f"cannot write the stand-in with birder: {birder_missing()}")
+        raise UserError(f"cannot write the stand-in with birder: {birder_missing()}")
     from birder.common import fs_ops
 
     net = birder_standin_net(network, seed, model_config, size)

@@ -14,10 +14,11 @@ from tests.tolerances import AFFINE_EQUAL_FRACTION, CROP_STAT_ATOL
 from vitreg_jax import augment as A
 from vitreg_jax.augment import TrainTransform
 from vitreg_jax.errors import UserError
+from vitreg_jax.rgb_stats import named_rgb_stats
 from vitreg_jax.train_data import TrainData
 
 IMAGES = Path(__file__).parents[1] / "examples" / "images"
-STATS = {"mean": [0.5191, 0.5306, 0.4877], "std": [0.2316, 0.2304, 0.2588]}
+STATS = named_rgb_stats("birder")
 # torchvision resizes uint8 tensors with its own antialiased kernels, PIL with its fixed-point ones: a few levels
 RESIZE_MAX_LEVELS = {"bilinear": 1, "bicubic": 6}
 CROP_DRAWS = 4000
