@@ -333,7 +333,10 @@ def saved_run(out: Path, options: dict) -> None:
 
     out.mkdir(parents=True)
     settings = PretrainSettings.from_options(options)
-    (out / RUN_FILE).write_text(json.dumps({"format": FORMAT, "settings": settings.to_dict()}))
+    record = {"format": FORMAT, "settings": settings.to_dict(), "rgb_stats": STATS}
+    if settings.init is None:
+        record["vit_config"] = settings.preset_config().to_dict()
+    (out / RUN_FILE).write_text(json.dumps(record))
     (out / FILES_FILE).write_text("".join(f"{p}\n" for p in list_inputs(list(settings.data))))
 
 
@@ -403,3 +406,20 @@ def test_pretrain_two_processes_equal_one(tmp_path):
                                 strict=True))
     record("pretrain, 2 processes vs 1", "encoder |diff| / lr", worst / lr)
     assert worst <= DP_RUN_PARAM_ATOL_OF_LR * lr
+
+
+def test_pretrain_run_checks_a_given_encoder_against_the_run(tmp_path):
+    """Python callers hand over encoders: one that is not the saved run's is refused by name, and a run that
+    starts from weights (settings.init) asks for them until it has a checkpoint."""
+    from vitreg_jax.errors import UserError
+    from vitreg_jax.pretrain_run import open_run, train
+
+    saved_run(tmp_path / "run", {"data": [str(IMAGES)], "train.steps": 5})
+    other = ViT(preset("vit_reg4_b16", model_config=ENCODER_CONFIG, image_size=SIZE), rngs=nnx.Rngs(0))
+    with pytest.raises(UserError, match=r"the given encoder is not the run's \(.*hidden_dim.*num_layers"):
+        train(open_run(tmp_path / "run", resume=True), encoder=other)
+    saved_run(tmp_path / "ft", {"data": [str(IMAGES)], "train.steps": 5, "init": "vit_reg4_b16_mim_200"})
+    run = open_run(tmp_path / "ft", resume=True)
+    assert run.needs_init_weights
+    with pytest.raises(UserError, match="starts from the weights of vit_reg4_b16_mim_200"):
+        train(run)

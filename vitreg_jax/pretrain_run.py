@@ -20,8 +20,9 @@ The run folder::
 
 A run is only ever written into a new or empty folder, or into a folder holding a run of this module (its
 ``run.json``); resuming compares the settings asked for with the saved ones and names every one that
-differs. Every field of :class:`PretrainSettings` is saved, compared and (as ``--field-name``) a ``pretrain``
-option, so a new setting is one new field.
+differs. Every field of :class:`PretrainSettings` is saved and compared (its ``metadata["normalise"]``, when
+present, puts a value in the form it is compared in), and ``vitreg-jax pretrain`` maps the options whose
+``dest`` is a field's name onto it, so a new setting is a new field (plus its option).
 
 The encoder is a preset built here (``settings.network`` with ``model_config`` and ``size``) or an already
 built :class:`~vitreg_jax.vit.ViT` given to :func:`train`, e.g. weights read by
@@ -77,9 +78,21 @@ def _size(size: Any) -> tuple[int, int] | None:
     return (int(h), int(w))
 
 
-# how each field is normalised (on construction, and for comparing a requested value with a saved one)
-_NORMALISE: dict[str, Callable[[Any], Any]] = {"data": _locations, "model_config": dict, "mae_config": dict,
-                                               "size": _size}
+def _normalised(normalise: Callable[[Any], Any]) -> dict[str, Any]:
+    """Field metadata: how a setting is normalised (on construction, and to compare a requested value)."""
+    return {"normalise": normalise}
+
+
+def _weights_location(init: Any) -> str | None:
+    """An existing local file or folder as an absolute path (a resumed run may start elsewhere), else as given
+    (a published name)."""
+    if init is None:
+        return None
+    return os.path.abspath(os.fspath(init)) if os.path.exists(init) else str(init)
+
+
+def _same(value: Any) -> Any:
+    return value
 
 
 def _json(value: Any) -> Any:
@@ -93,13 +106,16 @@ class PretrainSettings:
     Training hyper-parameters and their defaults (birder's ``mae_vit`` recipe) are :class:`TrainConfig`'s.
     """
 
-    data: tuple[str, ...] = ()  # image folders (recursive), image files, .txt lists of paths
+    data: tuple[str, ...] = field(default=(), metadata=_normalised(_locations))  # folders, images, .txt lists
     network: str = "vit_reg4_b16"  # birder ViT preset, when no encoder is given to train()
-    model_config: Mapping[str, Any] = field(default_factory=dict)  # overrides of the preset's birder config
-    size: tuple[int, int] | None = None  # training resolution (None: the preset's 224, or the given encoder's)
-    init: str | None = None  # where a given encoder's weights came from (a file, checkpoint or published name)
+    # overrides of the preset's birder config
+    model_config: Mapping[str, Any] = field(default_factory=dict, metadata=_normalised(dict))
+    # training resolution (None: the preset's 224, or the given encoder's)
+    size: tuple[int, int] | None = field(default=None, metadata=_normalised(_size))
+    # where a given encoder's weights came from (a file, checkpoint or published name)
+    init: str | None = field(default=None, metadata=_normalised(_weights_location))
     mae: str = "mae_vit"  # birder MAE head preset
-    mae_config: Mapping[str, Any] = field(default_factory=dict)  # overrides of the MAE head
+    mae_config: Mapping[str, Any] = field(default_factory=dict, metadata=_normalised(dict))  # MAE head overrides
     mask_ratio: float | None = None  # None: MAEConfig's
     norm_pix_loss: bool = False
     frequency_endpoint: bool = False  # the decoder sin-cos frequencies of birder <= 0.6.2
@@ -109,8 +125,9 @@ class PretrainSettings:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
-        for name, normalise in _NORMALISE.items():
-            object.__setattr__(self, name, normalise(getattr(self, name)))
+        for f in dataclasses.fields(self):
+            if "normalise" in f.metadata:
+                object.__setattr__(self, f.name, f.metadata["normalise"](getattr(self, f.name)))
         if self.aug_level not in (0, 1):
             raise UserError(f"aug_level must be 0 or 1, got {self.aug_level}")
         if self.rgb_stats is not None and self.rgb_stats not in RGB_STATS:
@@ -169,11 +186,12 @@ class PretrainSettings:
     def differences(self, options: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
         """(path, requested, these settings') for every requested option that differs from these settings."""
         mine = self.flat()
+        normalise = {f.name: f.metadata.get("normalise", _same) for f in dataclasses.fields(self)}
         out = []
         for path, value in options.items():
             if path not in mine:
                 raise UserError(f"unknown pretrain setting {path!r}")
-            requested = _json(_NORMALISE.get(path, lambda v: v)(value))
+            requested = _json(normalise.get(path, _same)(value))
             if requested != mine[path]:
                 out.append((path, requested, mine[path]))
         return out
@@ -365,7 +383,9 @@ def _rgb_stats(run: PretrainRun, encoder_rgb_stats: Mapping[str, Any] | None) ->
 
 
 def _periodic(run: PretrainRun, trainer: MAETrainer) -> list[Periodic]:
-    """The measurements the settings ask for, run during training (none yet; k-NN evaluation goes here)."""
+    """The measurements the settings ask for, every N steps and after the last (logged as ``"<name>/<key>"``
+    beside the loss). None yet: an evaluation of ``trainer.model(state).encoder`` on ``trainer.mesh``, set
+    by settings fields of its own, joins the list here."""
     return []
 
 
