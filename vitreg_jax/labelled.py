@@ -115,13 +115,24 @@ def embed_labelled(
     for batch in batches:
         failures.extend((f.path, f.reason) for f in batch.failed)
         if len(batch.indices):
-            rows.append(embedder(batch.images))  # (b, D)
+            rows.append(embed_full_batches(embedder, batch.images))  # (b, D)
             kept.extend(int(i) for i in batch.indices)
         if progress is not None:
             progress(batch.end)
     dim = embedder.cfg.hidden_dim
     emb = np.concatenate(rows) if rows else np.zeros((0, dim), np.float32)
     return LabelledEmbeddings(emb, [folder.names[i] for i in kept], [folder.paths[i] for i in kept], failures)
+
+
+def embed_full_batches(embedder: Embedder, images: np.ndarray) -> np.ndarray:
+    """``embedder(images)``, the last chunk zero-padded to a full batch so that a short last batch does not
+    compile another bucket (each image is embedded on its own: padding changes no real row)."""
+    n, batch = len(images), embedder.batch_size
+    short = -n % batch
+    if short == 0:
+        return embedder(images)
+    padded = np.concatenate([images, np.zeros((short, *images.shape[1:]), images.dtype)])  # (n + short, H, W, C)
+    return embedder(padded)[:n]
 
 
 def class_of_key(key: str) -> str:
