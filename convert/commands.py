@@ -7,8 +7,8 @@
 - ``info CKPT``: architecture, parameter count, dtypes, input size, rgb_stats and provenance.
 
 Nothing here imports jax, orbax or torch at import time (``vitreg-jax --help`` stays fast). ``.pt`` files are
-read with ``torch.load(weights_only=True)`` only (``convert/readers.py``), imported when a ``.pt`` is touched;
-``.safetensors`` need no torch. birder is needed only for ``--verify``.
+read and written without torch (``convert/pt_reader.py``, ``convert/pt_writer.py``), as are ``.safetensors``.
+birder is needed only for ``--verify``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vitreg_jax.errors import UserError
-from vitreg_jax.fileio import first_line, umask
+from vitreg_jax.fileio import atomic_write_json, first_line
 
 if TYPE_CHECKING:
     import numpy as np
@@ -204,7 +204,7 @@ def _read_birder(src: str) -> tuple[Resolved, BirderFile]:
     if is_checkpoint(src):
         raise UserError(f"{src}: is a vitreg-jax checkpoint already (use `vitreg-jax export` to go back to birder)")
     resolved = hub.resolve(src)
-    return resolved, read_birder_file(resolved.weights, isolate=None)  # big .pt: torch stays out of this process
+    return resolved, read_birder_file(resolved.weights)
 
 
 def _architecture(resolved: Resolved, bfile: BirderFile, config: str | None, network: str | None) -> Architecture:
@@ -404,21 +404,14 @@ def cmd_export(args: argparse.Namespace) -> int:
         tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
         tmp_weights = tmp_dir / out.name
         write_birder_file(tmp_weights, state, file_meta)
-        fd, tmp_json_name = tempfile.mkstemp(prefix=f".{json_out.name}.", suffix=".partial", dir=json_out.parent)
-        tmp_json = Path(tmp_json_name)
-        try:
-            os.fchmod(fd, 0o666 & ~umask())  # mkstemp's 0600 would make the json private to its writer
-            with os.fdopen(fd, "w") as f:
-                json.dump(json_cfg, f, indent=2)
-                f.write("\n")
-            if args.verify and not _verify_export(ours, x, tmp_json, tmp_weights, args.tolerance):
+        if args.verify:  # birder loads the pair from the temporary folder, before anything is in place
+            atomic_write_json(tmp_weights.with_suffix(".json"), json_cfg)
+            if not _verify_export(ours, x, tmp_weights.with_suffix(".json"), tmp_weights, args.tolerance):
                 print("vitreg-jax export: verification failed; nothing was written", file=sys.stderr)
                 _remove_empty(made)
                 return EXIT_VERIFY_FAILED
-            os.replace(tmp_weights, out)
-            os.replace(tmp_json, json_out)
-        finally:
-            tmp_json.unlink(missing_ok=True)
+        atomic_write_json(json_out, json_cfg)
+        os.replace(tmp_weights, out)
     except OSError as e:
         _remove_empty(made)
         raise _os_error(e, out) from None
