@@ -46,20 +46,11 @@ def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]
             data_start = 8 + n
             data_len = os.fstat(f.fileno()).st_size - data_start
             meta_raw = header.pop("__metadata__", None) or {}
+            entries = {name: _entry(bad, name, info) for name, info in header.items()}
+            _check_ranges(path, entries, data_len)
             state: dict[str, np.ndarray] = {}
-            for name, info in header.items():
-                try:
-                    dtype = _ST_DTYPES[info["dtype"]]
-                    start, end = (int(v) for v in info["data_offsets"])
-                    shape = tuple(int(v) for v in info["shape"])
-                except (KeyError, TypeError, ValueError):
-                    raise UserError(f"{bad}: bad entry for {name!r}") from None
-                nbytes = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
-                if min(shape, default=0) < 0 or start < 0 or end - start != nbytes:
-                    raise UserError(f"{bad}: bad entry for {name!r}")
-                if end > data_len:
-                    raise UserError(f"{path}: truncated or corrupted .safetensors file "
-                                    f"(tensor {name!r} out of range)")
+            for name, (dtype, shape, start, end) in entries.items():
+                nbytes = end - start
                 buf = np.empty(nbytes, np.uint8)
                 f.seek(data_start + start)
                 if f.readinto(memoryview(buf)) != nbytes:
@@ -71,6 +62,40 @@ def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]
     except (ValueError, TypeError, UnicodeDecodeError) as e:  # json errors are ValueErrors
         raise UserError(f"{bad}: {first_line(e)}") from None
     return state, meta
+
+
+def _entry(bad: str, name: str, info: Any) -> tuple[np.dtype, tuple[int, ...], int, int]:
+    """(dtype, shape, start, end) of one header entry, its byte count matching its dtype and shape."""
+    try:
+        dtype = _ST_DTYPES[info["dtype"]]
+        start, end = (_int(v) for v in info["data_offsets"])
+        shape = tuple(_int(v) for v in info["shape"])
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"{bad}: bad entry for {name!r}") from None
+    nbytes = dtype.itemsize * int(np.prod(shape, dtype=object)) if shape else dtype.itemsize
+    if min(shape, default=0) < 0 or start < 0 or end - start != nbytes:
+        raise UserError(f"{bad}: bad entry for {name!r}")
+    return dtype, shape, start, end
+
+
+def _int(v: Any) -> int:
+    if type(v) is not int:
+        raise TypeError("not an integer")
+    return v
+
+
+def _check_ranges(path: Path, entries: dict[str, tuple[Any, Any, int, int]], data_len: int) -> None:
+    """Tensors' byte ranges in range, non-overlapping and covering the data exactly (as ``safetensors`` does)."""
+    where = 0
+    for name, (_, _, start, end) in sorted(entries.items(), key=lambda e: (e[1][2], e[1][3])):
+        if end > data_len:
+            raise UserError(f"{path}: truncated or corrupted .safetensors file (tensor {name!r} out of range)")
+        if start != where:
+            what = "overlaps another tensor's bytes" if start < where else "leaves a gap before it"
+            raise UserError(f"{path}: not a valid .safetensors file (tensor {name!r} {what})")
+        where = end
+    if where != data_len:
+        raise UserError(f"{path}: not a valid .safetensors file ({data_len - where} bytes after the last tensor)")
 
 
 def write_safetensors(path: Path, state: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
