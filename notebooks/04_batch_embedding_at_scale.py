@@ -14,7 +14,7 @@
 # %% [markdown]
 # # 04 · Batch embedding at scale: one engine from a laptop to a TPU slice
 #
-# `vitreg_jax.Embedder` (and `vitreg-jax embed`, built on it) splits the model once, replicates the weights over a
+# `vitreg_jax.Embedder` (and `embed_dataset` / `vitreg-jax embed`, built on it) splits the model once, replicates the weights over a
 # `jax.sharding.Mesh` of every device, pads each batch up to one of a few bucket sizes and shards it along the
 # mesh's `data` axis, so a stream of ragged batches compiles once per bucket. The same code runs on one CPU,
 # eight GPUs or a multi-host TPU slice.
@@ -40,13 +40,13 @@ from pathlib import Path
 import jax
 import matplotlib.pyplot as plt
 import numpy as np
+import pyarrow.parquet as pq
 
 import vitreg_jax
 from vitreg_jax.convert import standin
-from vitreg_jax.cli import main as vitreg_jax_cli
 from vitreg_jax.data import iter_batches, list_inputs
-from vitreg_jax.embed import default_mesh
-from vitreg_jax.loading import save_model
+from vitreg_jax.embed_dataset import embed_dataset
+from vitreg_jax.policy import default_mesh
 
 QUICK = os.environ.get("VITREG_JAX_NOTEBOOK_QUICK") == "1"
 WORK = Path(tempfile.mkdtemp(prefix="vitreg-jax-04-"))
@@ -62,9 +62,7 @@ assert jax.device_count() == 4, "XLA_FLAGS was read before this cell ran: restar
 # %%
 weights = standin.demo_weights(WORK, quick=QUICK)
 print(weights.describe())
-ckpt = WORK / "checkpoint"
 net, cfg = vitreg_jax.load_model_with_cfg(weights.config, weights.weights)
-save_model(ckpt, net, cfg)  # a vitreg-jax checkpoint, for the command line below
 size = vitreg_jax.get_size_from_signature(cfg["signature"])
 transform = vitreg_jax.classification_transform(size, cfg["rgb_stats"])
 paths = list_inputs([standin.sample_images_dir()]) * (2 if QUICK else 3)
@@ -130,21 +128,33 @@ fig.tight_layout()
 plt.show()
 
 # %% [markdown]
-# ## The command line on the same 4 devices
+# ## A whole dataset into a folder: `embed_dataset`
 #
-# `vitreg-jax embed` shards over every visible device by default, writes `embeddings.npy` (row *i* = line *i*
-# of `paths.txt`), `failed.txt` and `meta.json`, and resumes an interrupted run when run again with the same
-# arguments.
+# `embed_dataset` (what `vitreg-jax embed` calls) streams inputs of any size through the same engine: files,
+# folders, path lists, webdataset `.tar` shards, brace patterns and bucket URLs are cut into shards, each shard
+# becomes one part file written atomically, and a rerun of the same call resumes after the last finished part
+# (also with another number of processes). `format="npy"` merges the parts into `embeddings.npy` + `paths.txt`
+# at the end; `format="parquet"` keeps them as `part-NNNNN.parquet` files with a `manifest.json`, readable by
+# pyarrow, polars or DuckDB without vitreg-jax.
 
 # %%
 listing = WORK / "inputs.txt"
 listing.write_text("\n".join(paths) + "\n")
-out_dir = WORK / "embeddings"
-assert vitreg_jax_cli(["embed", "--checkpoint", str(ckpt), str(listing), "--out", str(out_dir),
-                       "--batch-size", "16"]) == 0
-cli_emb = np.load(out_dir / "embeddings.npy")
-print(sorted(p.name for p in out_dir.iterdir()), cli_emb.shape,
-      "| max |diff| to the Embedder above:", float(np.abs(cli_emb - results[1]).max()))
+npy = embed_dataset(net, [listing], WORK / "emb-npy", cfg=cfg, batch_size=16)
+npy_emb = np.load(WORK / "emb-npy" / "embeddings.npy")
+print(sorted(p.name for p in (WORK / "emb-npy").iterdir()), npy_emb.shape,
+      "| max |diff| to the Embedder above:", float(np.abs(npy_emb - results[1]).max()))
+
+pq_run = embed_dataset(net, [listing], WORK / "emb-parquet", cfg=cfg, batch_size=16, format="parquet",
+                       files_per_part=8)
+print(sorted(p.name for p in (WORK / "emb-parquet").iterdir()))
+table = pq.read_table(sorted((WORK / "emb-parquet").glob("part-*.parquet")))
+print(table.schema)
+parquet_emb = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
+print("max |diff| parquet vs npy:", float(np.abs(parquet_emb - npy_emb).max()))
+again = embed_dataset(net, [listing], WORK / "emb-parquet", cfg=cfg, batch_size=16, format="parquet",
+                      files_per_part=8)
+print("second call: already complete =", again.already_complete, "| images read:", again.computed)
 
 # %% [markdown]
 # ## On real hardware
@@ -157,9 +167,16 @@ print(sorted(p.name for p in out_dir.iterdir()), cli_emb.shape,
 # ```
 #
 # **Several hosts** (a multi-host TPU slice, or GPU nodes): run the *same* command in one process per host.
-# Process *p* reads the *p*-th share of the inputs, every step is one computation over all devices of all
-# hosts, each process writes its own parts and process 0 merges them in input order. `--out` must be on a file
-# system every host sees (or a bucket mounted on every host).
+# Process *p* of *n* takes the shards whose index is *p* mod *n* (no process needs the list of images inside the
+# tar shards of the others), every step is one computation over all devices of all hosts, each process writes
+# the parts of its own shards, and process 0 writes the manifest (or merges the npy files) at the end. `--out`
+# must be on a file system every host sees (or a bucket mounted on every host). With tar shards in a bucket
+# and `--format parquet`, nothing is ever gathered in one place:
+#
+# ```bash
+# vitreg-jax embed --distributed --checkpoint ckpt "gs://bucket/shards/part-{00000..09999}.tar" \
+#   --format parquet --out /shared/emb --dtype auto
+# ```
 #
 # ```bash
 # # TPU pod slice: jax.distributed finds the other hosts by itself
@@ -173,9 +190,10 @@ print(sorted(p.name for p in out_dir.iterdir()), cli_emb.shape,
 # vitreg-jax embed --coordinator host0:1234 --num-processes 4 --process-id $RANK --checkpoint ckpt ... --out /shared/emb
 # ```
 #
-# From Python, the same engine: call `jax.distributed.initialize()` first, build `Embedder(net)` (its default
-# mesh spans every process's devices), and give every process the same number of images per call (pad the last
-# call: `vitreg-jax embed` does).
+# From Python, the same engine: call `jax.distributed.initialize()` first, then `embed_dataset(net, inputs, out,
+# cfg=cfg, ...)` in every process, as above; or build `Embedder(net)` (its default mesh spans every process's
+# devices) and give every process the same number of images per call (pad the last call: `embed_dataset`
+# does).
 #
 # ## How throughput scales
 #
