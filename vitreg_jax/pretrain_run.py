@@ -83,6 +83,11 @@ def _normalised(normalise: Callable[[Any], Any]) -> dict[str, Any]:
     return {"normalise": normalise}
 
 
+def _folder(path: Any) -> str | None:
+    """A local folder as an absolute path (a resumed run may start elsewhere)."""
+    return None if path is None else os.path.abspath(os.fspath(path))
+
+
 def _weights_location(init: Any) -> str | None:
     """An existing local file or folder as an absolute path (a resumed run may start elsewhere), else as given
     (a published name)."""
@@ -122,6 +127,11 @@ class PretrainSettings:
     rgb_stats: str | None = None  # a name of vitreg_jax.rgb_stats (None: a given encoder's own, else "birder")
     aug_level: int = 1  # birder's training augmentation level (0: resize only)
     export_every: int | None = None  # also export RUN/encoder every N steps (always at the end)
+    # k-NN accuracy of the encoder during training, on labelled folders (one sub-folder per class):
+    eval_train: str | None = field(default=None, metadata=_normalised(_folder))  # the neighbours
+    eval_val: str | None = field(default=None, metadata=_normalised(_folder))  # the images classified
+    eval_every: int | None = None  # steps between evaluations (None: only after the last step)
+    eval_k: int = 20  # neighbours of the weighted k-NN (DINO's, T = 0.07)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
@@ -134,6 +144,13 @@ class PretrainSettings:
             named_rgb_stats(self.rgb_stats)  # the UserError naming the known ones
         if self.export_every is not None and self.export_every < 1:
             raise UserError(f"export_every must be at least 1, got {self.export_every}")
+        if (self.eval_train is None) != (self.eval_val is None):
+            raise UserError("eval_train and eval_val go together (labelled folders: one sub-folder per class)")
+        if self.eval_train is None and self.eval_every is not None:
+            raise UserError("eval_every needs eval_train and eval_val")
+        for name in ("eval_every", "eval_k"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
 
     # the encoder and MAE head these settings describe -------------------------------------------------------
     def mae_config_resolved(self) -> MAEConfig:
@@ -382,11 +399,24 @@ def _rgb_stats(run: PretrainRun, encoder_rgb_stats: Mapping[str, Any] | None) ->
     return named_rgb_stats(run.settings.rgb_stats or TRAIN_DEFAULT)
 
 
-def _periodic(run: PretrainRun, trainer: MAETrainer) -> list[Periodic]:
+def _periodic(run: PretrainRun, trainer: MAETrainer, vit_cfg: ViTConfig, rgb_stats: Mapping[str, Any],
+              total: int, echo: Callable[[str], None]) -> list[Periodic]:
     """The measurements the settings ask for, every N steps and after the last (logged as ``"<name>/<key>"``
-    beside the loss). None yet: an evaluation of ``trainer.model(state).encoder`` on ``trainer.mesh``, set
-    by settings fields of its own, joins the list here."""
-    return []
+    beside the loss): with ``eval_train``/``eval_val``, ``knn/top1`` and ``knn/top5``, the weighted k-NN
+    accuracy of ``trainer.model(state).encoder`` (:class:`~vitreg_jax.knn_monitor.KNNMonitor`, its Embedder
+    on ``trainer.mesh`` under ``trainer.policy``). The folders are read and decoded here, before training."""
+    s = run.settings
+    if s.eval_train is None:
+        return []
+    from vitreg_jax.knn_monitor import KNNMonitor
+    from vitreg_jax.train_loop import Periodic
+
+    monitor = KNNMonitor(s.eval_train, s.eval_val, size=vit_cfg.image_size, rgb_stats=rgb_stats, k=s.eval_k,
+                         mesh=trainer.mesh, policy=trainer.policy)
+    echo(f"k-NN evaluation (k={s.eval_k}) every {s.eval_every or total} steps: {len(monitor.train.keys)} train / "
+         f"{len(monitor.val.keys)} val images, {len(monitor.classes)} classes"
+         + (f", {len(monitor.failures)} unreadable images skipped" if monitor.failures else ""))
+    return [Periodic("knn", s.eval_every or total, lambda state, step: monitor(trainer.model(state).encoder))]
 
 
 def _exporter(run: PretrainRun, trainer: MAETrainer, birder_cfg: Mapping[str, Any],
@@ -464,6 +494,8 @@ def train(run: PretrainRun, *, encoder: ViT | None = None, encoder_rgb_stats: Ma
         raise UserError(f"{run.name(TRAIN_PREFIX + 'batch_size')} {cfg.batch_size} is not divisible by the "
                         f"{jax.device_count()} devices")
     spe, total = data.steps_per_epoch, total_steps(cfg, data.steps_per_epoch)
+    # evaluation folders are checked (and decoded) before anything is written
+    measurements = [*_periodic(run, trainer, vit_cfg, record["rgb_stats"], total, say), *periodic]
     if jax.process_index() == 0:
         make_dir(run.out)
         if run.record is None:  # run.json first: it marks the folder as ours
@@ -479,7 +511,7 @@ def train(run: PretrainRun, *, encoder: ViT | None = None, encoder_rgb_stats: Ma
         trainer, data, run.out, total=total, schedule=lr_schedule(cfg, spe), resume=True,
         export=_exporter(run, trainer, record["birder_config"], say), export_every=s.export_every,
         progress=progress and jax.process_index() == 0, asynchronous=asynchronous,
-        periodic=[*_periodic(run, trainer), *periodic])
+        periodic=measurements)
     return PretrainResult(step=result.step, loss=result.loss, resumed_from=result.resumed_from,
                           losses=result.losses, model=trainer.model(result.state), total_steps=total)
 

@@ -37,6 +37,10 @@ examples:
 
   # export the encoder of the latest checkpoint now (also: `kill -USR1 <pid>` of a running pretrain)
   vitreg-jax pretrain --out runs/b16 --export-only
+
+  # log the k-NN accuracy on a labelled set (one sub-folder per class) every 500 steps
+  vitreg-jax pretrain --data photos/ --out runs/tiny --network vit_t16 --size 64 --steps 2000 \\
+      --eval-train labelled/train --eval-val labelled/val --eval-every 500
 """
 DESCRIPTION = """\
 Masked-autoencoder (MAE) pre-training of a ViT encoder on folders of images, reproducing birder's
@@ -142,6 +146,14 @@ def register(subparsers: Any) -> None:
     g.add_argument("--export-only", action="store_true",
                    help="export RUN/encoder from the latest checkpoint and exit (no training)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("k-NN evaluation during training (logged as knn/top1, knn/top5 beside the loss)")
+    g.add_argument("--eval-train", default=None, metavar="DIR",
+                   help="labelled images whose embeddings vote (one sub-folder per class, as for `eval`)")
+    g.add_argument("--eval-val", default=None, metavar="DIR", help="labelled images to classify (same classes)")
+    g.add_argument("--eval-every", type=_positive_int, default=None, metavar="N",
+                   help="evaluate every N steps (default: only after the last step)")
+    g.add_argument("--eval-k", type=_positive_int, default=None, metavar="K",
+                   help=f"neighbours of the weighted k-NN (default {S.eval_k})")
     distributed.add_arguments(p)
     names = {a.dest: a.option_strings[0] for a in p._actions if a.option_strings}
     p.set_defaults(func=run, option_names=names)  # cli.OneLineParser keeps argparse's errors to one line
