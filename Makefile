@@ -13,7 +13,7 @@ install: $(STAMP)
 # torch 2.14.1 + torchvision 0.29.1 is the pair birder 0.8.4 imports with on this machine (see pyproject.toml).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e ".[torch,test,notebooks]"
+	$(PY) -m pip install --quiet -e ".[test,notebooks]"
 	$(PY) -m pip install --quiet --no-deps --upgrade --target $(VENV)/birder-$(LEGACY_BIRDER) birder==$(LEGACY_BIRDER)
 	touch $(STAMP)
 
