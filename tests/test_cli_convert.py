@@ -26,6 +26,7 @@ from tests.tolerances import CONVERT_PARITY_ATOL, VERIFY_INJECTED_ERROR, VERIFY_
 from vitreg_jax.cli import main
 from vitreg_jax.convert import hub
 from vitreg_jax.convert.readers import read_birder_file
+from vitreg_jax.fileio import umask
 from vitreg_jax.tree import flatten
 
 try:
@@ -254,13 +255,7 @@ def test_export_loads_strictly_in_birder_with_the_same_outputs(tiny: Tiny, conve
     assert cfg["registered_name"].startswith("vit_reg4_") and cfg["rgb_stats"] == json.loads(json.dumps(RGB))
     x = nhwc_input()
     assert np.array_equal(birder_embedding(net.eval(), x), birder_embedding(tiny.net, x))  # the same weights
-    assert oct(out.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+    assert oct(out.stat().st_mode & 0o777) == oct(0o666 & ~umask())
 
 
 def test_pt_to_orbax_to_pt_is_bit_for_bit(tiny: Tiny, converted: Path, tmp_path: Path,

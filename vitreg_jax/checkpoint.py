@@ -125,7 +125,8 @@ def restore_params(directory: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         item = ckptr.metadata(d / PARAMS_DIR).item_metadata
         if item is None:  # Orbax found no readable tree metadata (it only logs a warning)
-            raise ValueError(f"no readable {PARAMS_DIR}/_METADATA")
+            raise UserError(f"{d}: the weights could not be restored (damaged checkpoint?): no readable "
+                            f"{PARAMS_DIR}/_METADATA")
         args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item.tree)
         return ckptr.restore(d / PARAMS_DIR, restore_args=args)
     except (OSError, ValueError, RuntimeError, KeyError) as e:
