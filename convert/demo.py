@@ -71,15 +71,15 @@ class Printer:
         return time.perf_counter() - self.t0
 
 
-def best_time(call: Callable[[], Any], timed: int = TIMED_CALLS) -> float:
-    """Seconds of the fastest of ``timed`` calls, after one untimed warm-up call."""
-    call()
+def best_time(call: Callable[[], Any], timed: int = TIMED_CALLS) -> tuple[Any, float]:
+    """(the result of one untimed warm-up call, the seconds of the fastest of ``timed`` calls after it)."""
+    result = call()
     times = []
     for _ in range(timed):
         start = time.perf_counter()
         call()
         times.append(time.perf_counter() - start)
-    return min(times)
+    return result, min(times)
 
 
 # the steps ----------------------------------------------------------------------------------------------------
@@ -187,8 +187,7 @@ def embed(net: ViT, images: np.ndarray, size: tuple[int, int], say: Printer) -> 
     embedder = Embedder(net, batch_size=min(n, MAX_BATCH))
     tail = n % embedder.batch_size
     compile_s = embedder.warmup(*size, buckets={embedder.batch_size, *([embedder.bucket_for(tail)] if tail else [])})
-    emb = embedder(images)
-    embed_s = best_time(lambda: embedder(images))
+    emb, embed_s = best_time(lambda: embedder(images))
     devices = jax.devices()
     device = f"{len(devices)} {devices[0].platform} device{'s' if len(devices) > 1 else ''}"
     how = "in one compiled batch" if n <= embedder.batch_size else f"in compiled batches of {embedder.batch_size}"
@@ -254,8 +253,7 @@ def parity(weights: Weights, cfg: dict[str, Any], net: ViT, paths: list[str], em
 
     theirs_net, x, same = birder_net_and_batch(weights, cfg, net, paths)
     with torch.no_grad():
-        theirs = theirs_net.embedding(x).numpy()
-        birder_s = best_time(lambda: theirs_net.embedding(x))
+        theirs, birder_s = best_time(lambda: theirs_net.embedding(x).numpy())
     n = len(paths)
     diff = float(np.max(np.abs(emb.astype(np.float64) - theirs.astype(np.float64))))
     verdict = "OK" if diff <= PARITY_TOLERANCE else "FAILED"
