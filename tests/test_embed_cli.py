@@ -22,7 +22,7 @@ from tests.tolerances import EMBED_BF16_MIN_COSINE, EMBED_FP32_ATOL
 from vitreg_jax.cli import main
 from vitreg_jax.config import preset
 from vitreg_jax.convert.load import load_model_with_cfg
-from vitreg_jax.embed_dataset import STATE_DIR
+from vitreg_jax.embed_folder import STATE_DIR
 from vitreg_jax.embed_outputs import decode_name
 from vitreg_jax.loading import birder_config, save_model
 from vitreg_jax.preprocess import classification_transform, load_image

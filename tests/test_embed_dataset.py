@@ -21,7 +21,8 @@ from PIL import Image
 from tests.tolerances import EMBED_FOLDER_VS_TAR_ATOL, EMBED_FP32_ATOL
 from vitreg_jax.config import preset
 from vitreg_jax.embed import Embedder
-from vitreg_jax.embed_dataset import STATE_DIR, embed_dataset
+from vitreg_jax.embed_dataset import embed_dataset
+from vitreg_jax.embed_folder import STATE_DIR
 from vitreg_jax.embed_outputs import MANIFEST_FILE, NOT_UTF8, decode_name, encode_name, read_npy_names
 from vitreg_jax.errors import UserError
 from vitreg_jax.folder_lock import FolderLock

@@ -17,9 +17,9 @@ that file, written last, marks the run complete, and the state folder is removed
 
 Safety. ``DIR`` is locked for the run (:class:`vitreg_jax.folder_lock.FolderLock`): a second run into it
 stops with a ``UserError`` saying it is in use; a lock left by a killed run does not block. A run never
-overwrites a file it did not write: a fresh run into a folder that already holds ``meta.json``,
-``paths.txt``, ``failed.txt``, ``sources.txt``, ``embeddings.npy``, ``manifest.json`` or ``part-*.parquet``
-not written by a run with the same settings is refused.
+overwrites a file it did not write (:mod:`vitreg_jax.embed_folder`): a fresh run into a folder that already
+holds ``meta.json``, ``paths.txt``, ``failed.txt``, ``sources.txt``, ``embeddings.npy``, ``manifest.json`` or
+``part-*.parquet`` is refused, and so is a rerun with other settings.
 
 Several processes (``jax.distributed`` initialised before the call): process p takes the shards whose index
 is p modulo the process count, decodes only those, and writes their parts. Every step is one computation
@@ -34,7 +34,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -47,15 +46,14 @@ from jax.experimental import multihost_utils
 
 from vitreg_jax.data import ItemBatch, iter_item_batches
 from vitreg_jax.embed import Embedder, PendingEmbedding
+from vitreg_jax.embed_folder import STATE_DIR, end_run, read_json, start_run
 from vitreg_jax.embed_outputs import (
     FORMATS,
     MANIFEST_FILE,
     META_FILE,
     NOT_UTF8,
-    NPY_FILES,
     NPY_FORMAT,
     PARQUET_FORMAT,
-    PART_GLOB,
     PartData,
     encode_name,
     is_utf8,
@@ -66,7 +64,7 @@ from vitreg_jax.embed_outputs import (
     write_part,
 )
 from vitreg_jax.errors import UserError
-from vitreg_jax.fileio import atomic_write_json, make_dir
+from vitreg_jax.fileio import make_dir
 from vitreg_jax.folder_lock import FolderLock
 from vitreg_jax.preprocess import classification_transform, get_size_from_signature
 from vitreg_jax.sources import FILES_PER_SHARD, Shard, list_shards, shards_for_process
@@ -74,8 +72,6 @@ from vitreg_jax.sources import FILES_PER_SHARD, Shard, list_shards, shards_for_p
 if TYPE_CHECKING:
     from vitreg_jax.vit import ViT
 
-STATE_DIR = ".vitreg-jax-embed"
-RUN_FILE = "run.json"
 # Default global batch per device: XLA:CPU peaks at small batches (micro-batched inside the jit);
 # accelerators want large ones.
 DEFAULT_BATCH_PER_DEVICE = {"cpu": 32, "gpu": 256, "tpu": 256}
@@ -131,18 +127,6 @@ def _inputs_digest(shards: Sequence[Shard]) -> str:
     return digest.hexdigest()
 
 
-def _differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> str:
-    return ", ".join(sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))) or "nothing"
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
-
-
 # collectives -------------------------------------------------------------------------------------------
 def _gather(values: Sequence[int]) -> np.ndarray:
     """(processes, len(values)) int64: every process's values (a no-op reshape for one process)."""
@@ -157,64 +141,14 @@ def _sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-# the output folder -------------------------------------------------------------------------------------
-def _check_folder(out: Path, fmt: str, ident: dict[str, Any]) -> str:
-    """Process 0's verdict on ``out`` (locked): "complete", "resume" or "fresh"; UserError when refused."""
-    for marker in (META_FILE, MANIFEST_FILE):
-        if not (out / marker).exists():
-            continue
-        done = _read_json(out / marker)
-        if done is None or done.get("format") not in (NPY_FORMAT, PARQUET_FORMAT):
-            raise UserError(f"{out} holds a {marker} that vitreg-jax embed did not write; choose another --out")
-        if done.get("status") == "complete" and done.get("run") == ident:
-            return "complete"
-        if done.get("status") == "complete":
-            raise UserError(
-                f"{out} already holds embeddings of another run (differs in "
-                f"{_differences(done.get('run') or {}, ident)}); choose another --out or remove it"
-            )
-    previous = _read_json(out / STATE_DIR / RUN_FILE)
-    if previous is not None:
-        if previous != ident:
-            raise UserError(
-                f"{out} holds an unfinished run with other settings (differs in "
-                f"{_differences(previous, ident)}); rerun that command to finish it, or choose another --out"
-            )
-        return "resume"
-    foreign = [name for name in NPY_FILES if (out / name).exists()] if fmt == "npy" else []
-    if fmt == "parquet":
-        foreign = [MANIFEST_FILE] if (out / MANIFEST_FILE).exists() else []
-        foreign += sorted(p.name for p in out.glob(PART_GLOB))[:3]
-    if foreign:
-        raise UserError(
-            f"{out} holds {', '.join(foreign)} that this run did not write; choose another --out "
-            "(embed never overwrites files it did not write)"
-        )
-    return "fresh"
-
-
-def _remove_stale_temporaries(out: Path, parts: Path) -> None:
-    """Files of an interrupted write (``vitreg_jax.fileio`` names them ``.NAME.XXXX.tmp``)."""
-    names = [*NPY_FILES, MANIFEST_FILE, "part-"]
-    for folder in {out, parts}:
-        for stale in folder.glob(".*.tmp"):
-            if any(stale.name.startswith(f".{n}") for n in names):
-                stale.unlink(missing_ok=True)
-
-
 def _prepare(out: Path, fmt: str, ident: dict[str, Any], lock: FolderLock | None) -> str:
-    """Check (process 0 locks and decides, the others follow) and create the state folder."""
+    """Process 0 locks and checks the folder (:func:`start_run`), the others follow its verdict."""
     verdict = 2
     error: UserError | None = None
     if lock is not None:
         try:
             lock.acquire()
-            status = _check_folder(out, fmt, ident)
-            verdict = {"fresh": 0, "resume": 0, "complete": 1}[status]
-            if status != "complete":
-                make_dir(out / STATE_DIR)
-                atomic_write_json(out / STATE_DIR / RUN_FILE, ident, sort_keys=True)
-                _remove_stale_temporaries(out, out / STATE_DIR)
+            verdict = 1 if start_run(out, fmt, ident) == "complete" else 0
         except UserError as e:
             error = e
     verdict = int(_gather([verdict])[0, 0])
@@ -263,12 +197,7 @@ def embed_dataset(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")
-    if isinstance(inputs, (str, os.PathLike)):
-        inputs = [inputs]
-    if inputs and all(isinstance(i, Shard) for i in inputs):
-        shards = list(inputs)  # type: ignore[arg-type]
-    else:
-        shards = list_shards([os.fspath(i) for i in inputs], files_per_part)  # type: ignore[arg-type]
+    shards = _shards(inputs, files_per_part)
     embedder = model if isinstance(model, Embedder) else _make_embedder(
         model, dtype, features, batch_size, shard_weights)
     size = size or get_size_from_signature(cfg["signature"])
@@ -276,17 +205,7 @@ def embed_dataset(
     if size[0] % p or size[1] % p:
         raise UserError(f"size {size[0]}x{size[1]} is not a multiple of the model's patch size {p}")
     transform = classification_transform(size, cfg["rgb_stats"])
-    ident = {
-        "format": NPY_FORMAT if format == "npy" else PARQUET_FORMAT,
-        "checkpoint": checkpoint_identity(checkpoint) if checkpoint is not None else None,
-        "model": cfg.get("name"),
-        "size": list(size),
-        "dtype": embedder.dtype,
-        "features": embedder.features,
-        "files_per_part": files_per_part,
-        "num_shards": len(shards),
-        "inputs_sha256": _inputs_digest(shards),
-    }
+    ident = _run_identity(format, checkpoint, cfg, size, embedder, shards, files_per_part)
     run_id = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
     every = _gather(np.frombuffer(bytes.fromhex(run_id)[:8], np.int32).tolist())
     if not (every == every[0]).all():
@@ -307,10 +226,7 @@ def embed_dataset(
         totals = _gather([counters["computed"], counters["parts"]]).sum(axis=0)
         _sync("vitreg-jax embed: parts written")
         meta = _finish_meta(ident, cfg, embedder, size, checkpoint, counters, totals, start_time)
-        result_meta: dict[str, Any] = {}
-        if pid == 0:
-            result_meta = _merge(out, parts_dir, format, shards, embedder, size, meta)
-            shutil.rmtree(out / STATE_DIR, ignore_errors=True)
+        result_meta = _merge(out, parts_dir, format, shards, embedder, size, meta) if pid == 0 else {}
         _sync("vitreg-jax embed: merged")
     finally:
         if lock is not None:
@@ -318,6 +234,31 @@ def embed_dataset(
     counts = result_meta.get("counts", {})
     return EmbedResult(out, format, counts.get("embedded", 0), counts.get("failed", 0), int(totals[0]),
                        int(totals[1]), False, meta["timing"]["images_per_second_this_run"], result_meta)
+
+
+def _shards(inputs: Any, files_per_part: int) -> list[Shard]:
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    if inputs and all(isinstance(i, Shard) for i in inputs):
+        return list(inputs)
+    return list_shards([os.fspath(i) for i in inputs], files_per_part)
+
+
+def _run_identity(fmt: str, checkpoint: str | os.PathLike[str] | None, cfg: Mapping[str, Any],
+                  size: tuple[int, int], embedder: Embedder, shards: list[Shard], files_per_part: int
+                  ) -> dict[str, Any]:
+    """What a resumed run must compute the same way (not the batch size, devices or processes)."""
+    return {
+        "format": NPY_FORMAT if fmt == "npy" else PARQUET_FORMAT,
+        "checkpoint": checkpoint_identity(checkpoint) if checkpoint is not None else None,
+        "model": cfg.get("name"),
+        "size": list(size),
+        "dtype": embedder.dtype,
+        "features": embedder.features,
+        "files_per_part": files_per_part if any(s.kind == "files" for s in shards) else None,
+        "num_shards": len(shards),
+        "inputs_sha256": _inputs_digest(shards),
+    }
 
 
 def _make_embedder(net: ViT, dtype: str, features: str, batch_size: int | None, shard_weights: bool) -> Embedder:
@@ -330,9 +271,9 @@ def _make_embedder(net: ViT, dtype: str, features: str, batch_size: int | None, 
 
 
 def _already_complete(out: Path, fmt: str) -> EmbedResult:
-    meta = _read_json(out / (META_FILE if fmt == "npy" else MANIFEST_FILE)) or {}
+    meta = read_json(out / (META_FILE if fmt == "npy" else MANIFEST_FILE)) or {}
     if jax.process_index() == 0:
-        shutil.rmtree(out / STATE_DIR, ignore_errors=True)
+        end_run(out)
     counts = meta.get("counts", {})
     return EmbedResult(out, fmt, counts.get("embedded", 0), counts.get("failed", 0), 0, 0, True, None, meta)
 
@@ -491,6 +432,7 @@ def _merge(out: Path, parts_dir: Path, fmt: str, shards: list[Shard], embedder: 
     meta["counts"]["inputs"] = embedded + failed
     if fmt == "npy":
         write_npy(out, files, records, shape, meta)
-        return _read_json(out / META_FILE) or {}
-    write_manifest(out, records, meta)
-    return _read_json(out / MANIFEST_FILE) or {}
+    else:
+        write_manifest(out, records, meta)
+    end_run(out)
+    return read_json(out / (META_FILE if fmt == "npy" else MANIFEST_FILE)) or {}
