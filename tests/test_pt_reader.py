@@ -359,3 +359,13 @@ def _flip(data: bytes, at: int) -> bytes:
     out = bytearray(data)
     out[at] ^= 0xFF
     return bytes(out)
+
+
+def test_the_old_torch_path_kept_for_benchmarks_reads_the_same(tmp_path: Path) -> None:
+    from tests.torch_pt_reader import read_pt_with_torch
+
+    state = {"a": torch.randn(3, 4), "b": torch.randn(5).to(torch.bfloat16), "c": torch.arange(3)}
+    path = save_pt(tmp_path / "w.pt", state, config=TINY)
+    (ours, ours_meta), (old, old_meta) = read_pt(path), read_pt_with_torch(path)
+    assert ours_meta == old_meta and list(ours) == list(old)
+    assert all(ours[k].dtype == old[k].dtype and ours[k].tobytes() == old[k].tobytes() for k in ours)
