@@ -14,7 +14,6 @@ birder is needed only for ``--verify``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import os
@@ -22,13 +21,15 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vitreg_jax.convert.architecture import Architecture, load_source
+from vitreg_jax.convert.info import birder_file_info, checkpoint_info, info_text
+from vitreg_jax.convert.output_paths import check_new_path, make_parents, os_error, remove_empty
 from vitreg_jax.errors import UserError
-from vitreg_jax.fileio import atomic_write_json, first_line
+from vitreg_jax.fileio import atomic_write_json
 
 if TYPE_CHECKING:
     import numpy as np
@@ -144,132 +145,12 @@ def _verify_args(p: argparse.ArgumentParser, default: float, when: str) -> None:
                    help=f"largest accepted max |difference| for --verify (default {default:g})")
 
 
-# architecture ----------------------------------------------------------------------------------------------
-@dataclass
-class Architecture:
-    cfg: dict[str, Any]  # birder's json config dict (registered_name is a name birder 0.8.4 knows)
-    vit_cfg: ViTConfig
-    source: str  # where the architecture came from, for people
-    layout: str  # the file's state_dict key layout
-    notes: tuple[str, ...] = field(default_factory=tuple)
-
-
-def resolve_architecture(bfile: BirderFile, config: str | os.PathLike[str] | None, network: str | None,
-                         config_origin: str = "--config") -> Architecture:
-    """The architecture of a birder file: its json (``config``), else its metadata and tensor shapes;
-    ``network`` overrides either."""
-    from vitreg_jax.config import canonical_name, preset
-    from vitreg_jax.convert import infer, mapping
-    from vitreg_jax.loading import read_birder_config, vit_config_from_birder
-
-    if config is None:
-        inf = infer.infer(bfile.state, bfile.meta, network=network, path=bfile.path)
-        return Architecture(inf.birder_config, inf.vit_config, inf.source, inf.layout, inf.notes)
-    cfg = read_birder_config(config)
-    notes: list[str] = []
-    if network is not None:
-        size, classes, channels = infer.signature_info(cfg["signature"], f"{config}: ")
-        vit_cfg = preset(network, image_size=size, num_classes=classes, in_channels=channels)
-        cfg.update(name="vit", registered_name=canonical_name(network), model_config=vit_cfg.to_birder())
-        source = f"--network {network} (size, classes and rgb_stats from {config_origin} {config})"
-    else:
-        vit_cfg = vit_config_from_birder(cfg)
-        source = f"{config_origin} {config}"
-    name = infer.birder_network_name(cfg.get("registered_name"), vit_cfg)
-    if name != cfg.get("registered_name"):
-        notes.append(f"registered_name {cfg.get('registered_name')!r} is not a name birder 0.8.4 knows; "
-                     f"using {name!r}")
-    cfg.update(name="vit", registered_name=name, model_config=vit_cfg.to_birder())
-    cfg.pop("alias", None)
-    cfg.pop("net_param", None)
-    cfg["rgb_stats"] = infer.check_rgb_stats(cfg["rgb_stats"], f"{config}: ")
-    own = bfile.meta.get("rgb_stats")
-    if own is not None and own != cfg["rgb_stats"]:
-        notes.append(f"rgb_stats from the json {cfg['rgb_stats']}; the weights file records {own}")
-    _, layout = mapping.normalize_keys(bfile.state, vit_cfg.num_layers)
-    return Architecture(cfg, vit_cfg, source, layout, tuple(notes))
-
-
-def _load_birder(src: str, config: str | None, network: str | None) -> tuple[Resolved, BirderFile, Architecture]:
-    """(hub.Resolved, BirderFile, Architecture) for a file path or a published name."""
-    resolved, bfile = _read_birder(src)
-    return resolved, bfile, _architecture(resolved, bfile, config, network)
-
-
-def _read_birder(src: str) -> tuple[Resolved, BirderFile]:
-    from vitreg_jax.checkpoint import is_checkpoint
-    from vitreg_jax.convert import hub
-    from vitreg_jax.convert.readers import read_birder_file
-
-    if is_checkpoint(src):
-        raise UserError(f"{src}: is a vitreg-jax checkpoint already (use `vitreg-jax export` to go back to birder)")
-    resolved = hub.resolve(src)
-    return resolved, read_birder_file(resolved.weights)
-
-
-def _architecture(resolved: Resolved, bfile: BirderFile, config: str | None, network: str | None) -> Architecture:
-    """--config, else the json published beside a published name, else the file itself."""
-    if config is None and resolved.config is not None:
-        try:
-            return resolve_architecture(bfile, str(resolved.config), network, "the published json")
-        except UserError as e:  # the hub's json is optional and unchecked: the file itself still decides
-            arch = resolve_architecture(bfile, None, network)
-            arch.notes = (f"the published json was not used ({e})", *arch.notes)
-            return arch
-    return resolve_architecture(bfile, config, network)
-
-
-# output paths ----------------------------------------------------------------------------------------------
-def _check_new_path(path: Path, force: bool, what: str) -> None:
-    if path.exists() or path.is_symlink():
-        if not force:
-            raise UserError(f"{path}: already exists (pass --force to replace it)")
-        if what == "directory" and not path.is_dir():
-            raise UserError(f"{path}: exists and is not a directory; refusing to replace it")
-        if what == "file" and path.is_dir():
-            raise UserError(f"{path}: is a directory, expected a file name")
-    ancestor = path.parent
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise UserError(f"{path}: cannot be created: {ancestor} is not a directory")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise UserError(f"{path}: cannot be created: {ancestor} is not writable")
-
-
-def _make_parents(path: Path) -> list[Path]:
-    """Create the missing parents of ``path``; return them (deepest last) so a failure can remove them."""
-    missing = []
-    p = path.parent
-    while not p.exists():
-        missing.append(p)
-        p = p.parent
-    missing.reverse()
-    for d in missing:
-        try:
-            d.mkdir()
-        except OSError as e:
-            _remove_empty(missing)
-            raise UserError(f"{d}: cannot create it ({e.strerror or e})") from None
-    return missing
-
-
-def _remove_empty(dirs: list[Path]) -> None:
-    for d in reversed(dirs):
-        with contextlib.suppress(OSError):
-            d.rmdir()
-
-
-def _os_error(e: OSError, where: Path) -> UserError:
-    return UserError(f"{getattr(e, 'filename', None) or where}: {e.strerror or e}")
-
-
 # convert ---------------------------------------------------------------------------------------------------
 def cmd_convert(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     out = Path(args.out)
-    _check_new_path(out, args.force, "directory")
-    resolved, bfile, arch = _load_birder(args.src, args.config, args.network)
+    check_new_path(out, args.force, "directory")
+    resolved, bfile, arch = load_source(args.src, args.config, args.network)
     _print_source(bfile, resolved, arch)
     _print_architecture(arch)
 
@@ -306,14 +187,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
         print("vitreg-jax convert: verification failed; nothing was written", file=sys.stderr)
         return EXIT_VERIFY_FAILED
 
-    created = _make_parents(out)
+    created = make_parents(out)
     try:
         save_checkpoint(out, unflatten(params), meta, force=args.force)
     except OSError as e:
-        _remove_empty(created)
-        raise _os_error(e, out) from None
+        remove_empty(created)
+        raise os_error(e, out) from None
     except BaseException:
-        _remove_empty(created)
+        remove_empty(created)
         raise
     n, nbytes = sum(a.size for a in params.values()), sum(a.nbytes for a in params.values())
     print(f"wrote        {out}/ ({n:,} parameters in {len(params)} tensors, {meta['dtype']}, "
@@ -361,8 +242,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     json_out = Path(args.json) if args.json else out.with_suffix(".json")
     if json_out.resolve() == out.resolve():
         raise UserError(f"{json_out}: the json config cannot overwrite the weights file")
-    _check_new_path(out, args.force, "file")
-    _check_new_path(json_out, args.force, "file")
+    check_new_path(out, args.force, "file")
+    check_new_path(json_out, args.force, "file")
 
     if is_checkpoint(args.ckpt):
         if args.config or args.network:
@@ -370,7 +251,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         params, vit_cfg, cfg, birder_meta = _read_checkpoint(Path(args.ckpt))
         print(f"source       {args.ckpt} (vitreg-jax checkpoint)")
     else:
-        _, bfile, arch = _load_birder(args.ckpt, args.config, args.network)
+        _, bfile, arch = load_source(args.ckpt, args.config, args.network)
         params = mapping.to_nnx(bfile.state, arch.vit_cfg, consume=True)
         vit_cfg, cfg = arch.vit_cfg, arch.cfg
         birder_meta = {k: v for k, v in bfile.meta.items() if k not in ("signature", "rgb_stats")}
@@ -398,7 +279,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     }
     print(f"architecture {network}: {infer.describe(vit_cfg)}")
 
-    made = _make_parents(out) + _make_parents(json_out)
+    made = make_parents(out) + make_parents(json_out)
     tmp_dir: Path | None = None
     try:
         tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
@@ -408,15 +289,15 @@ def cmd_export(args: argparse.Namespace) -> int:
             atomic_write_json(tmp_weights.with_suffix(".json"), json_cfg)
             if not _verify_export(ours, x, tmp_weights.with_suffix(".json"), tmp_weights, args.tolerance):
                 print("vitreg-jax export: verification failed; nothing was written", file=sys.stderr)
-                _remove_empty(made)
+                remove_empty(made)
                 return EXIT_VERIFY_FAILED
         atomic_write_json(json_out, json_cfg)
         os.replace(tmp_weights, out)
     except OSError as e:
-        _remove_empty(made)
-        raise _os_error(e, out) from None
+        remove_empty(made)
+        raise os_error(e, out) from None
     except BaseException:
-        _remove_empty(made)
+        remove_empty(made)
         raise
     finally:
         if tmp_dir is not None:
@@ -475,119 +356,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
     else:
-        print(_info_text(info))
+        print(info_text(info))
     return 0
 
 
-def checkpoint_info(path: Path) -> dict[str, Any]:
-    """What ``info`` reports for a checkpoint directory; the weights themselves are not read."""
-    import jax
-    import numpy as np
-    import orbax.checkpoint as ocp
-
-    from vitreg_jax.checkpoint import PARAMS_DIR, read_metadata
-    from vitreg_jax.config import ViTConfig
-    from vitreg_jax.convert.infer import birder_network_name, describe
-
-    meta = read_metadata(path)
-    try:
-        tree = ocp.PyTreeCheckpointer().metadata((path / PARAMS_DIR).absolute()).item_metadata.tree
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
-        raise UserError(f"{path}: the weights' metadata could not be read (damaged checkpoint?): "
-                        f"{first_line(e)}") from None
-    leaves = jax.tree_util.tree_leaves(tree)
-    try:
-        vit_cfg = ViTConfig.from_dict(meta["vit_config"])
-    except (KeyError, TypeError) as e:
-        raise UserError(f"{path}: metadata.json lacks {e}") from None
-    cfg = meta.get("birder_config", {})
-    return _info_dict(
-        path=str(path), kind="vitreg-jax checkpoint", vit_cfg=vit_cfg, describe=describe,
-        network=birder_network_name(cfg.get("registered_name"), vit_cfg), source="metadata.json", notes=(),
-        counts=[int(np.prod(leaf.shape, dtype=np.int64)) for leaf in leaves],
-        nbytes=sum(int(np.prod(leaf.shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize for leaf in leaves),
-        dtypes=sorted({str(np.dtype(leaf.dtype)) for leaf in leaves}),
-        signature=meta.get("signature"), rgb_stats=meta.get("rgb_stats"),
-        provenance=meta.get("provenance", {}), error=None)
-
-
-def birder_file_info(src: str, config: str | None, network: str | None) -> dict[str, Any]:
-    """What ``info`` reports for a birder file or published name (the architecture may stay unknown)."""
-    from vitreg_jax.convert.infer import describe
-    from vitreg_jax.convert.mapping import normalize_keys
-
-    resolved, bfile = _read_birder(src)
-    arch: Architecture | None = None
-    error = None
-    try:
-        arch = _architecture(resolved, bfile, config, network)
-    except UserError as e:
-        error = str(e)
-    provenance = {"file": bfile.path.name, "format": bfile.format, "sha256": bfile.sha256,
-                  "birder_version": bfile.meta.get("birder_version"),
-                  "key_layout": arch.layout if arch else normalize_keys(bfile.state)[1]}
-    if resolved.name:
-        provenance["published_name"] = resolved.name
-    return _info_dict(
-        path=str(bfile.path), kind=f"birder .{bfile.format}", vit_cfg=arch.vit_cfg if arch else None,
-        describe=describe, network=arch.cfg["registered_name"] if arch else None,
-        source=arch.source if arch else None, notes=arch.notes if arch else (),
-        counts=[int(a.size) for a in bfile.state.values()], nbytes=sum(int(a.nbytes) for a in bfile.state.values()),
-        dtypes=bfile.dtypes, signature=arch.cfg["signature"] if arch else bfile.meta.get("signature"),
-        rgb_stats=arch.cfg["rgb_stats"] if arch else bfile.meta.get("rgb_stats"), provenance=provenance,
-        error=error)
-
-
-def _info_dict(*, path: str, kind: str, vit_cfg: ViTConfig | None, describe: Callable[[ViTConfig], str],
-               network: str | None, source: str | None, notes: Sequence[str], counts: list[int], nbytes: int,
-               dtypes: list[str], signature: Any, rgb_stats: Any,
-               provenance: Mapping[str, Any], error: str | None) -> dict[str, Any]:
-    info: dict[str, Any] = {"path": path, "kind": kind, "network": network, "architecture_source": source}
-    if vit_cfg is not None:
-        info.update(summary=describe(vit_cfg), architecture=vit_cfg.to_dict(),
-                    input_size=list(vit_cfg.image_size), in_channels=vit_cfg.in_channels,
-                    num_classes=vit_cfg.num_classes, embedding_dim=vit_cfg.hidden_dim)
-    else:
-        info.update(summary=None, architecture=None, architecture_error=error)
-        if signature is not None:
-            with contextlib.suppress(UserError):
-                from vitreg_jax.convert.infer import signature_info
-
-                size, classes, channels = signature_info(signature)
-                info.update(input_size=list(size), in_channels=channels, num_classes=classes)
-    info.update(notes=list(notes), parameters=sum(counts), tensors=len(counts), bytes=nbytes, dtypes=dtypes,
-                signature=signature, rgb_stats=rgb_stats, provenance=dict(provenance))
-    return info
-
-
-def _info_text(info: Mapping[str, Any]) -> str:
-    lines = [f"{info['path']} ({info['kind']})"]
-    if info.get("architecture") is not None:
-        lines.append(f"network       {info['network']} (from {info['architecture_source']})")
-        lines.append(f"architecture  {info['summary']}")
-        lines += [f"              {n}" for n in info["notes"]]
-    else:
-        lines.append(f"architecture  unknown: {info.get('architecture_error')}")
-    lines.append(f"parameters    {info['parameters']:,} in {info['tensors']} tensors "
-                 f"({info['bytes'] / 2**20:.1f} MiB)")
-    lines.append(f"dtypes        {', '.join(info['dtypes'])}")
-    if "input_size" in info:
-        h, w = info["input_size"]
-        lines.append(f"input size    {h}x{w}, {info['in_channels']} channels"
-                     + (f"; {info['num_classes']} classes" if info.get("num_classes") else ""))
-    rgb = info.get("rgb_stats")
-    if rgb:
-        lines.append(f"rgb_stats     mean {_floats(rgb.get('mean'))}, std {_floats(rgb.get('std'))}")
-    else:
-        lines.append("rgb_stats     not recorded")
-    prov = info.get("provenance") or {}
-    lines.append("provenance    " + (", ".join(f"{k} {v}" for k, v in prov.items() if v not in (None, "", []))
-                                    or "not recorded"))
-    return "\n".join(lines)
-
-
-def _floats(values: Any) -> str:
-    try:
-        return "(" + ", ".join(f"{float(v):.4g}" for v in values) + ")"
-    except (TypeError, ValueError):
-        return repr(values)
