@@ -317,6 +317,13 @@ def _images_dir(options: DemoOptions) -> Path:
     return images_dir
 
 
+def _shown(path: Path) -> str:
+    """A path as the user would type it: relative to the current folder when inside it."""
+    here = Path.cwd()
+    resolved = path.resolve()
+    return str(resolved.relative_to(here)) if resolved.is_relative_to(here) else str(path)
+
+
 def _announce_weights(weights: Weights, say: Printer) -> None:
     say.step("weights", weights.describe())
     if weights.is_standin:
@@ -340,7 +347,7 @@ def run_demo(options: DemoOptions, say: Printer | None = None) -> dict[str, Any]
     from vitreg_jax.vit import num_params
 
     birder_why = "--no-parity was given" if not options.parity else standin.birder_missing()
-    say.write(f"vitreg-jax demo: birder's ViTReg encoder in JAX, on the images in {images_dir}")
+    say.write(f"vitreg-jax demo: birder's ViTReg encoder in JAX, on the images in {_shown(images_dir)}")
     weights = choose_weights(options, say)
     _announce_weights(weights, say)
     net, cfg = load(weights, out, options.config, say)
