@@ -325,6 +325,8 @@ def test_resume_with_other_process_counts(ckpt, inputs, reference, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"]["computed_this_run"] == 7  # parts 2, 3, 4: 3 + 3 + 1 inputs
     assert manifest["devices"]["processes"] == 2 and manifest["counts"]["failed"] == 2
+    assert manifest["checkpoint"]["argument"] == str(ckpt)
+    assert manifest["checkpoint"]["provenance"]["converter"] == "vitreg-jax"  # the checkpoint's own record
     assert_rows_equal_reference(read_parquet_rows(out), reference)
 
     out2 = tmp_path / "out2"

@@ -225,7 +225,7 @@ def embed_dataset(
                             progress and pid == 0)
         totals = _gather([counters["computed"], counters["parts"]]).sum(axis=0)
         _sync("vitreg-jax embed: parts written")
-        meta = _finish_meta(ident, cfg, embedder, size, checkpoint, counters, totals, start_time)
+        meta = _finish_meta(ident, cfg, embedder, size, counters, totals, start_time)
         result_meta = _merge(out, parts_dir, format, shards, embedder, size, meta) if pid == 0 else {}
         _sync("vitreg-jax embed: merged")
     finally:
@@ -374,7 +374,7 @@ def _result(chunk: ItemBatch, pending: PendingEmbedding | None) -> tuple[ItemBat
 
 
 def _finish_meta(ident: dict[str, Any], cfg: Mapping[str, Any], embedder: Embedder, size: tuple[int, int],
-                 checkpoint: Any, counters: dict[str, Any], totals: np.ndarray, start: float) -> dict[str, Any]:
+                 counters: dict[str, Any], totals: np.ndarray, start: float) -> dict[str, Any]:
     from vitreg_jax import __version__
 
     seconds = counters["seconds"]
@@ -383,7 +383,7 @@ def _finish_meta(ident: dict[str, Any], cfg: Mapping[str, Any], embedder: Embedd
         "status": "complete",
         "format": ident["format"],
         "run": ident,
-        "checkpoint": os.fspath(checkpoint) if checkpoint is not None else None,
+        "checkpoint": ident["checkpoint"],  # the argument, its path, size, mtime and provenance
         "model": cfg.get("registered_name") or cfg.get("name"),
         "size": list(size),
         "dtype": embedder.dtype,
