@@ -6,38 +6,23 @@
   ``birder.load_model_with_cfg`` loads strictly; weights round-trip bit for bit.
 - ``info CKPT``: architecture, parameter count, dtypes, input size, rgb_stats and provenance.
 
-Nothing here imports jax, orbax or torch at import time (``vitreg-jax --help`` stays fast). ``.pt`` files are
-read and written without torch (``convert/pt_reader.py``, ``convert/pt_writer.py``), as are ``.safetensors``.
-birder is needed only for ``--verify``.
+Each command parses its arguments, calls one library function (``convert.to_checkpoint.convert_to_checkpoint``,
+``convert.to_birder.export_to_birder``, ``convert.info``) and prints. Nothing here imports jax, orbax or torch
+at import time (``vitreg-jax --help`` stays fast). ``.pt`` files are read and written without torch
+(``convert/pt_reader.py``, ``convert/pt_writer.py``), as are ``.safetensors``. birder is needed only for
+``--verify``.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import shutil
 import sys
-import tempfile
 import time
-from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
-from vitreg_jax.convert.architecture import Architecture, load_source
 from vitreg_jax.convert.info import birder_file_info, checkpoint_info, info_text
-from vitreg_jax.convert.output_paths import check_new_path, make_parents, os_error, remove_empty
 from vitreg_jax.errors import UserError
-from vitreg_jax.fileio import atomic_write_json
-
-if TYPE_CHECKING:
-    import numpy as np
-
-    from vitreg_jax.config import ViTConfig
-    from vitreg_jax.convert.hub import Resolved
-    from vitreg_jax.convert.readers import BirderFile
-    from vitreg_jax.tree import Path as ParamPath
 
 KNOWN_NAMES = "vit_reg4_b16_mim_200, vit_reg4_b16_mim_300, vitreg4_b16_mim_200 (legacy)"
 CACHE_HELP = ("Published names are downloaded once (with progress) through huggingface_hub, checked against "
@@ -147,197 +132,32 @@ def _verify_args(p: argparse.ArgumentParser, default: float, when: str) -> None:
 
 # convert ---------------------------------------------------------------------------------------------------
 def cmd_convert(args: argparse.Namespace) -> int:
+    from vitreg_jax.convert.to_checkpoint import convert_to_checkpoint
+
     t0 = time.perf_counter()
-    out = Path(args.out)
-    check_new_path(out, args.force, "directory")
-    resolved, bfile, arch = load_source(args.src, args.config, args.network)
-    _print_source(bfile, resolved, arch)
-    _print_architecture(arch)
-
-    from vitreg_jax.checkpoint import save_checkpoint
-    from vitreg_jax.convert import mapping
-    from vitreg_jax.convert.json_meta import json_safe
-    from vitreg_jax.loading import checkpoint_metadata
-    from vitreg_jax.tree import unflatten
-
-    dtypes = bfile.dtypes
-    extra = {"source_layout": arch.layout, "architecture_source": arch.source,
-             "converted_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
-    if resolved.name is not None:
-        extra["published_name"] = resolved.name
-    meta = checkpoint_metadata(arch.vit_cfg, arch.cfg, source=bfile,
-                               dtype=dtypes[0] if len(dtypes) == 1 else "mixed", extra=extra)
-    birder_meta = {k: v for k, v in bfile.meta.items() if k not in ("signature", "rgb_stats")}
-    meta["birder_meta"], changed = json_safe(birder_meta)
-    for note in changed:  # extra entries of the file that JSON cannot hold as they are
-        print(f"metadata     {note}")
-
-    state, _ = mapping.normalize_keys(bfile.state, arch.vit_cfg.num_layers)
-    bfile.state = {}  # hand the arrays over: to_nnx drops each source array once converted
-    x = theirs = None
-    if args.verify:
-        from vitreg_jax.convert import verify
-
-        mapping.to_nnx(state, arch.vit_cfg)  # a mismatch is a user error before birder gets to see it
-        x = verify.fixed_input(arch.vit_cfg.image_size, arch.vit_cfg.in_channels)
-        theirs = verify.birder_embedding_from_state(arch.cfg, arch.cfg["registered_name"], state, x)
-    params = mapping.to_nnx(state, arch.vit_cfg, consume=True)
-    del state
-    if args.verify and not _verified(params, arch.vit_cfg, x, theirs, args.tolerance):
+    done = convert_to_checkpoint(args.src, args.out, config=args.config, network=args.network, force=args.force,
+                                 verify_with_birder=args.verify, tolerance=args.tolerance)
+    if done.out is None:
         print("vitreg-jax convert: verification failed; nothing was written", file=sys.stderr)
         return EXIT_VERIFY_FAILED
-
-    created = make_parents(out)
-    try:
-        save_checkpoint(out, unflatten(params), meta, force=args.force)
-    except OSError as e:
-        remove_empty(created)
-        raise os_error(e, out) from None
-    except BaseException:
-        remove_empty(created)
-        raise
-    n, nbytes = sum(a.size for a in params.values()), sum(a.nbytes for a in params.values())
-    print(f"wrote        {out}/ ({n:,} parameters in {len(params)} tensors, {meta['dtype']}, "
-          f"{nbytes / 2**20:.1f} MiB) in {time.perf_counter() - t0:.1f} s")
+    print(f"wrote        {done.out}/ ({done.parameters:,} parameters in {done.tensors} tensors, {done.dtype}, "
+          f"{done.nbytes / 2**20:.1f} MiB) in {time.perf_counter() - t0:.1f} s")
     return 0
-
-
-def _verified(params: Mapping[ParamPath, np.ndarray], vit_cfg: ViTConfig, x: np.ndarray, theirs: np.ndarray,
-              tolerance: float) -> bool:
-    from vitreg_jax.convert import verify
-    from vitreg_jax.loading import abstract_model, set_params
-
-    net = set_params(abstract_model(vit_cfg), params)
-    result = verify.compare(verify.our_embedding(net, x), theirs, x, tolerance)
-    print(result.line())
-    return result.ok
-
-
-def _print_source(bfile: BirderFile, resolved: Resolved, arch: Architecture) -> None:
-    what = f"published {resolved.name}, " if resolved.name else ""
-    version = bfile.meta.get("birder_version")
-    print(f"source       {bfile.path} ({what}birder .{bfile.format}{f' {version}' if version else ''}, "
-          f"key layout {arch.layout}, {'/'.join(bfile.dtypes)}, sha256 {bfile.sha256[:12]}...)")
-
-
-def _print_architecture(arch: Architecture) -> None:
-    from vitreg_jax.convert.infer import describe
-
-    print(f"architecture {arch.cfg['registered_name']} (from {arch.source}): {describe(arch.vit_cfg)}")
-    for note in arch.notes:
-        print(f"             {note}")
 
 
 # export ----------------------------------------------------------------------------------------------------
 def cmd_export(args: argparse.Namespace) -> int:
-    from vitreg_jax.checkpoint import is_checkpoint
-    from vitreg_jax.convert import infer, mapping
-    from vitreg_jax.convert.readers import write_birder_file
-    from vitreg_jax.loading import DEFAULT_BIRDER_VERSION, birder_config
+    from vitreg_jax.convert.to_birder import export_to_birder
 
     t0 = time.perf_counter()
-    out = Path(args.out)
-    if out.suffix not in (".pt", ".safetensors"):
-        raise UserError(f"{out}: expected a .pt or .safetensors file name")
-    json_out = Path(args.json) if args.json else out.with_suffix(".json")
-    if json_out.resolve() == out.resolve():
-        raise UserError(f"{json_out}: the json config cannot overwrite the weights file")
-    check_new_path(out, args.force, "file")
-    check_new_path(json_out, args.force, "file")
-
-    if is_checkpoint(args.ckpt):
-        if args.config or args.network:
-            raise UserError("--config and --network describe birder files; a checkpoint carries its own config")
-        params, vit_cfg, cfg, birder_meta = _read_checkpoint(Path(args.ckpt))
-        print(f"source       {args.ckpt} (vitreg-jax checkpoint)")
-    else:
-        _, bfile, arch = load_source(args.ckpt, args.config, args.network)
-        params = mapping.to_nnx(bfile.state, arch.vit_cfg, consume=True)
-        vit_cfg, cfg = arch.vit_cfg, arch.cfg
-        birder_meta = {k: v for k, v in bfile.meta.items() if k not in ("signature", "rgb_stats")}
-        print(f"source       {bfile.path} (birder .{bfile.format}, key layout {arch.layout})")
-    network = infer.birder_network_name(cfg.get("registered_name"), vit_cfg)
-    json_cfg = birder_config(vit_cfg, cfg["rgb_stats"], network)
-    x = ours = None
-    if args.verify:  # our side first, so that the parameters can be handed over to the birder layout
-        from vitreg_jax.convert import verify
-        from vitreg_jax.loading import abstract_model, set_params
-
-        x = verify.fixed_input(vit_cfg.image_size, vit_cfg.in_channels)
-        ours = verify.our_embedding(set_params(abstract_model(vit_cfg), params), x)
-    state = mapping.to_birder(params, vit_cfg, consume=True)
-    del params
-    file_meta = {
-        "birder_version": DEFAULT_BIRDER_VERSION,  # the key layout written is 0.8.4's
-        "task": birder_meta.get("task", json_cfg["task"]),
-        "signature": json_cfg["signature"],
-        "class_to_idx": birder_meta.get("class_to_idx") or {},
-        "rgb_stats": json_cfg["rgb_stats"],
-        # birder's own `config` entry (merged into the net's config by birder.load_model); a full model_config
-        # here makes the file self-describing for `vitreg-jax convert` without its json
-        "config": birder_meta.get("config") or vit_cfg.to_birder(),
-    }
-    print(f"architecture {network}: {infer.describe(vit_cfg)}")
-
-    made = make_parents(out) + make_parents(json_out)
-    tmp_dir: Path | None = None
-    try:
-        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-        tmp_weights = tmp_dir / out.name
-        write_birder_file(tmp_weights, state, file_meta)
-        if args.verify:  # birder loads the pair from the temporary folder, before anything is in place
-            atomic_write_json(tmp_weights.with_suffix(".json"), json_cfg)
-            if not _verify_export(ours, x, tmp_weights.with_suffix(".json"), tmp_weights, args.tolerance):
-                print("vitreg-jax export: verification failed; nothing was written", file=sys.stderr)
-                remove_empty(made)
-                return EXIT_VERIFY_FAILED
-        atomic_write_json(json_out, json_cfg)
-        os.replace(tmp_weights, out)
-    except OSError as e:
-        remove_empty(made)
-        raise os_error(e, out) from None
-    except BaseException:
-        remove_empty(made)
-        raise
-    finally:
-        if tmp_dir is not None:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-    n = sum(a.size for a in state.values())
-    dtypes = "/".join(sorted({str(a.dtype) for a in state.values()}))
-    print(f"wrote        {out} ({n:,} parameters in {len(state)} tensors, {dtypes}) and {json_out} "
-          f"in {time.perf_counter() - t0:.1f} s")
+    done = export_to_birder(args.ckpt, args.out, json_out=args.json, config=args.config, network=args.network,
+                            force=args.force, verify_with_birder=args.verify, tolerance=args.tolerance)
+    if done.out is None:
+        print("vitreg-jax export: verification failed; nothing was written", file=sys.stderr)
+        return EXIT_VERIFY_FAILED
+    print(f"wrote        {done.out} ({done.parameters:,} parameters in {done.tensors} tensors, "
+          f"{'/'.join(done.dtypes)}) and {done.json} in {time.perf_counter() - t0:.1f} s")
     return 0
-
-
-def _read_checkpoint(path: Path) -> tuple[dict[ParamPath, np.ndarray], ViTConfig, dict[str, Any], dict[str, Any]]:
-    """(flat params with int list indices, ViTConfig, birder config, birder file metadata) of a checkpoint."""
-    from vitreg_jax.checkpoint import load_checkpoint
-    from vitreg_jax.config import ViTConfig
-    from vitreg_jax.convert import mapping
-    from vitreg_jax.tree import flatten, int_keys
-
-    params, meta = load_checkpoint(path)
-    try:
-        vit_cfg = ViTConfig.from_dict(meta["vit_config"])
-        cfg = dict(meta["birder_config"])
-        cfg["rgb_stats"] = meta.get("rgb_stats", cfg.get("rgb_stats"))
-    except (KeyError, TypeError) as e:
-        raise UserError(f"{path}: metadata.json lacks {e} (not written by vitreg-jax?)") from None
-    flat = int_keys(flatten(params))
-    extra = sorted(".".join(map(str, k)) for k in set(flat) - {r.path for r in mapping.table(vit_cfg)})
-    if extra:  # never drop weights silently
-        raise UserError(f"{path}: holds {len(extra)} parameter(s) a birder ViT does not have: "
-                        f"{', '.join(extra[:6])}{', ...' if len(extra) > 6 else ''}")
-    return flat, vit_cfg, cfg, dict(meta.get("birder_meta") or {})
-
-
-def _verify_export(ours: np.ndarray, x: np.ndarray, json_path: Path, weights: Path, tolerance: float) -> bool:
-    """birder.load_model_with_cfg(json, weights) (strict) on ``x`` against our embedding ``ours``."""
-    from vitreg_jax.convert import verify
-
-    result = verify.compare(ours, verify.birder_embedding_from_files(json_path, weights, x), x, tolerance)
-    print(result.line())
-    return result.ok
 
 
 # info ------------------------------------------------------------------------------------------------------

@@ -274,6 +274,25 @@ def test_pt_to_orbax_to_pt_is_bit_for_bit(tiny: Tiny, converted: Path, tmp_path:
     assert back["config"] == src["config"] == TINY  # the file's own config travels through metadata.json
 
 
+def test_the_python_api_behind_convert_and_export(tiny: Tiny, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """convert_to_checkpoint / export_to_birder do the commands' work; progress goes to ``report`` only."""
+    from vitreg_jax.convert.to_birder import export_to_birder
+    from vitreg_jax.convert.to_checkpoint import convert_to_checkpoint
+
+    lines: list[str] = []
+    done = convert_to_checkpoint(tiny.pt, tmp_path / "ckpt", report=lines.append)
+    assert done.out == tmp_path / "ckpt" and done.verification is None and done.dtype == "float32"
+    assert done.tensors == len(tiny.net.state_dict()) and lines[0].startswith("source")
+    back = export_to_birder(done.out, tmp_path / "back.safetensors", report=lines.append)
+    assert back.out == tmp_path / "back.safetensors" and back.json == tmp_path / "back.json"
+    assert back.parameters == done.parameters and back.dtypes == ("float32",)
+    assert capsys.readouterr().out == ""
+    src, out = read_birder_file(tiny.pt), read_birder_file(back.out)
+    assert list(out.state) == list(src.state)
+    assert all(np.array_equal(out.state[k], v) for k, v in src.state.items())
+
+
 def test_export_a_legacy_file_with_todays_keys(tiny: Tiny, tmp_path: Path,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     path = save_pt(tmp_path / "old.pt", legacy_state(state_tensors(tiny.net), oldest=True), config=TINY)
