@@ -91,7 +91,11 @@ def cli_env(**extra: str) -> dict[str, str]:
 def run_sub(*args: str, kill_after_parts: str | None = None, **env: str) -> subprocess.CompletedProcess:
     """``vitreg-jax embed`` in a fresh process; ``kill_after_parts="N"`` SIGKILLs it once N parts are written
     ("N:INT" sends SIGINT, as Ctrl-C does; ``tests/kill_run.py``)."""
-    runner = ["vitreg_jax"] if kill_after_parts is None else ["tests.kill_run", "embed-parts", kill_after_parts, "--"]
+    runner = (
+        ["vitreg_jax"]
+        if kill_after_parts is None
+        else ["tests.kill_run", "embed-parts", kill_after_parts, "--"]
+    )
     return subprocess.run(
         [sys.executable, "-m", *runner, "embed", *map(str, args)],
         check=False,
@@ -118,8 +122,24 @@ def reference(ckpt, inputs, tmp_path_factory) -> tuple[Path, np.ndarray, list[st
     out = tmp_path_factory.mktemp("ref") / "out"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
-        assert run_cli("--checkpoint", ckpt, inputs, "--out", out, "--batch-size", 4, "--workers", 2,
-                       "--files-per-part", 4, "--dtype", "float32") == 0
+        assert (
+            run_cli(
+                "--checkpoint",
+                ckpt,
+                inputs,
+                "--out",
+                out,
+                "--batch-size",
+                4,
+                "--workers",
+                2,
+                "--files-per-part",
+                4,
+                "--dtype",
+                "float32",
+            )
+            == 0
+        )
     return (out, *read_out(out))
 
 
@@ -146,10 +166,26 @@ def test_outputs_match_net_embedding(ckpt, reference):
 def test_rerun_same_args_is_a_no_op_and_other_args_are_refused(ckpt, inputs, reference, capsys):
     out = reference[0]
     before = {f: (out / f).stat().st_mtime_ns for f in OUTPUTS}
-    assert run_cli("--checkpoint", ckpt, inputs, "--out", out, "--batch-size", 2, "--files-per-part", 4,
-                   "--dtype", "float32") == 0
+    assert (
+        run_cli(
+            "--checkpoint",
+            ckpt,
+            inputs,
+            "--out",
+            out,
+            "--batch-size",
+            2,
+            "--files-per-part",
+            4,
+            "--dtype",
+            "float32",
+        )
+        == 0
+    )
     assert "already complete" in capsys.readouterr().out
-    assert run_cli("--checkpoint", ckpt, inputs, "--out", out, "--files-per-part", 4, "--dtype", "bfloat16") == 2
+    assert (
+        run_cli("--checkpoint", ckpt, inputs, "--out", out, "--files-per-part", 4, "--dtype", "bfloat16") == 2
+    )
     err = capsys.readouterr().err.strip()
     assert "differs in dtype" in err and len(err.splitlines()) == 1
     assert {f: (out / f).stat().st_mtime_ns for f in OUTPUTS} == before
@@ -228,8 +264,21 @@ def test_missing_checkpoint(inputs, tmp_path, capsys):
 
 def test_resume_after_ctrl_c_and_kill_recomputes_nothing(ckpt, inputs, reference, tmp_path):
     out = tmp_path / "out"
-    args = ["--checkpoint", ckpt, inputs, "--out", out, "--batch-size", 4, "--workers", 2, "--files-per-part", 4,
-            "--dtype", "float32"]
+    args = [
+        "--checkpoint",
+        ckpt,
+        inputs,
+        "--out",
+        out,
+        "--batch-size",
+        4,
+        "--workers",
+        2,
+        "--files-per-part",
+        4,
+        "--dtype",
+        "float32",
+    ]
     # 13 inputs in parts of 4: parts 0..3. Ctrl-C after the first part.
     r = run_sub(*args, kill_after_parts="1:INT")
     assert r.returncode == 130 and "run the same command again to resume" in r.stderr, r.stderr[-2000:]
@@ -262,25 +311,54 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_processes(*args: str, n: int = 2, kill_first_after_parts: str | None = None) -> list[subprocess.Popen]:
-    """``n`` processes of one ``vitreg-jax embed`` run on 127.0.0.1; process 0 may kill itself (kill_run.py)."""
+def start_processes(
+    *args: str, n: int = 2, kill_first_after_parts: str | None = None
+) -> list[subprocess.Popen]:
+    """``n`` processes of one ``vitreg-jax embed`` run on 127.0.0.1; process 0 may kill itself
+    (``tests/kill_run.py``)."""
     port = free_port()
     procs = []
     for i in range(n):
         hook = i == 0 and kill_first_after_parts is not None
         runner = ["tests.kill_run", "embed-parts", kill_first_after_parts, "--"] if hook else ["vitreg_jax"]
-        command = [sys.executable, "-m", *runner, "embed", *map(str, args), "--coordinator", f"127.0.0.1:{port}",
-                   "--num-processes", str(n), "--process-id", str(i)]
-        procs.append(subprocess.Popen(command, env=cli_env(), cwd=ROOT, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
+        command = [
+            sys.executable,
+            "-m",
+            *runner,
+            "embed",
+            *map(str, args),
+            "--coordinator",
+            f"127.0.0.1:{port}",
+            "--num-processes",
+            str(n),
+            "--process-id",
+            str(i),
+        ]
+        procs.append(
+            subprocess.Popen(
+                command, env=cli_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
     return procs
 
 
 @pytest.mark.parametrize("weights", ["replicated", "sharded"])
 def test_two_processes_equal_one(ckpt, inputs, reference, tmp_path, weights):
     out = tmp_path / "out"
-    procs = start_processes("--checkpoint", ckpt, inputs, "--out", out, "--batch-size", 4, "--files-per-part", 4,
-                            "--dtype", "float32", *(["--shard-weights"] if weights == "sharded" else []))
+    procs = start_processes(
+        "--checkpoint",
+        ckpt,
+        inputs,
+        "--out",
+        out,
+        "--batch-size",
+        4,
+        "--files-per-part",
+        4,
+        "--dtype",
+        "float32",
+        *(["--shard-weights"] if weights == "sharded" else []),
+    )
     results = [p.communicate(timeout=300) for p in procs]
     for p, (_, err) in zip(procs, results):
         assert p.returncode == 0, err[-3000:]
@@ -313,8 +391,21 @@ def test_resume_with_other_process_counts(ckpt, inputs, reference, tmp_path):
     """13 inputs in 5 parts of 3: one process on 4 host devices is killed after 2 parts, two processes
     finish the run; then two processes are killed after process 0's first part and one process finishes."""
     out = tmp_path / "out"
-    args = ["--checkpoint", ckpt, inputs, "--out", out, "--format", "parquet", "--files-per-part", 3,
-            "--batch-size", 4, "--dtype", "float32"]
+    args = [
+        "--checkpoint",
+        ckpt,
+        inputs,
+        "--out",
+        out,
+        "--format",
+        "parquet",
+        "--files-per-part",
+        3,
+        "--batch-size",
+        4,
+        "--dtype",
+        "float32",
+    ]
     r = run_sub(*args, kill_after_parts="2", XLA_FLAGS="--xla_force_host_platform_device_count=4")
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
     assert sorted(p.name for p in out.glob("part-*")) == ["part-00000.parquet", "part-00001.parquet"]
@@ -361,8 +452,9 @@ def test_names_with_newlines_and_tabs_keep_rows_aligned(ckpt, tmp_path):
     for line, row in zip(lines, emb):
         path = decode_name(line)
         assert Path(path).name in names
-        np.testing.assert_allclose(row, np.asarray(net.embedding(transform(load_image(path))[None]))[0],
-                                   atol=EMBED_FP32_ATOL, rtol=0)
+        np.testing.assert_allclose(
+            row, np.asarray(net.embedding(transform(load_image(path))[None]))[0], atol=EMBED_FP32_ATOL, rtol=0
+        )
     failed = (out / "failed.txt").read_text("utf-8").split("\n")[:-1]
     assert len(failed) == 1 and failed[0].count("\t") == 1
     assert Path(decode_name(failed[0].split("\t")[0])).name == "f\tg\nh.png"
@@ -382,9 +474,13 @@ def test_users_files_in_out_are_never_overwritten(ckpt, inputs, tmp_path, capsys
 def test_a_second_run_into_a_folder_in_use_exits_2(ckpt, inputs, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
-    code = ("import sys, time; from vitreg_jax.folder_lock import FolderLock; "
-            "FolderLock(sys.argv[1], 'embed').acquire(); print('locked', flush=True); time.sleep(600)")
-    holder = subprocess.Popen([sys.executable, "-c", code, str(out)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    code = (
+        "import sys, time; from vitreg_jax.folder_lock import FolderLock; "
+        "FolderLock(sys.argv[1], 'embed').acquire(); print('locked', flush=True); time.sleep(600)"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(out)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         assert run_cli("--checkpoint", ckpt, inputs, "--out", out, "--batch-size", 4) == 2
@@ -405,8 +501,9 @@ def test_huge_images_fail_quietly(ckpt, tmp_path):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0))  # 400 megapixels
-    (folder / "huge.png").write_bytes(b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(b"\0" * 8))
-                                     + chunk(b"IEND", b""))
+    (folder / "huge.png").write_bytes(
+        b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(b"\0" * 8)) + chunk(b"IEND", b"")
+    )
     out = tmp_path / "out"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -414,3 +511,10 @@ def test_huge_images_fail_quietly(ckpt, tmp_path):
     assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
     failed = (out / "failed.txt").read_text().splitlines()
     assert len(failed) == 1 and "huge.png\timage too large" in failed[0]
+
+
+def test_help_default_is_the_librarys():
+    from vitreg_jax.commands import embed as embed_command
+    from vitreg_jax.sources import FILES_PER_SHARD
+
+    assert embed_command.FILES_PER_PART == FILES_PER_SHARD

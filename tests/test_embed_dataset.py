@@ -87,9 +87,13 @@ def test_npy_and_parquet_rows_equal_the_embedder(model, tmp_path):
     manifest = json.loads((tmp_path / "pq" / MANIFEST_FILE).read_text())
     assert [p["file"] for p in manifest["parts"]] == [f"part-{i:05d}.parquet" for i in range(4)]
     assert [p["rows"] for p in manifest["parts"]] == [2, 3, 3, 2]  # 11 files in 3s; broken.png sorts first
-    assert manifest["failures"] == [{"source": str(tmp_path / "images" / "broken.png"),
-                                     "key": str(tmp_path / "images" / "broken.png"),
-                                     "reason": manifest["failures"][0]["reason"]}]
+    assert manifest["failures"] == [
+        {
+            "source": str(tmp_path / "images" / "broken.png"),
+            "key": str(tmp_path / "images" / "broken.png"),
+            "reason": manifest["failures"][0]["reason"],
+        }
+    ]
     assert "not an image" in manifest["failures"][0]["reason"]
     for field in ("model", "checkpoint", "size", "dtype", "features", "embedding_shape", "status"):
         assert field in manifest
@@ -97,8 +101,9 @@ def test_npy_and_parquet_rows_equal_the_embedder(model, tmp_path):
 
     table = pq.read_table(sorted((tmp_path / "pq").glob("*.parquet")))
     assert table.column("key").to_pylist() == paths
-    np.testing.assert_allclose(np.stack(table.column("embedding").to_numpy(zero_copy_only=False)), ref,
-                               atol=EMBED_FP32_ATOL, rtol=0)
+    np.testing.assert_allclose(
+        np.stack(table.column("embedding").to_numpy(zero_copy_only=False)), ref, atol=EMBED_FP32_ATOL, rtol=0
+    )
     # a rerun is a no-op
     again = run(model, [tmp_path / "images"], tmp_path / "pq", format="parquet", files_per_part=3)
     assert again.already_complete and again.embedded == 10 and again.computed == 0
@@ -112,15 +117,24 @@ def test_parquet_read_by_pyarrow_polars_duckdb(model, tmp_path, features):
     net, cfg, _ = model
     embedder = Embedder(net, dtype="float32", features=features, batch_size=4)
     paths = [str(p) for p in write_images(tmp_path / "images", 5)]
-    embed_dataset(embedder, [tmp_path / "images"], tmp_path / "out", cfg=cfg, format="parquet",
-                  files_per_part=2, progress=False)
+    embed_dataset(
+        embedder,
+        [tmp_path / "images"],
+        tmp_path / "out",
+        cfg=cfg,
+        format="parquet",
+        files_per_part=2,
+        progress=False,
+    )
     transform = classification_transform(SIZE, cfg["rgb_stats"])
     ref = embedder(np.stack([transform(load_image(p)) for p in paths]))  # (5, D) or (5, T, D)
     shape = ref.shape[1:]
 
     import pyarrow.dataset as ds
 
-    table = ds.dataset(tmp_path / "out", format="parquet", exclude_invalid_files=True).to_table()  # every part
+    table = ds.dataset(
+        tmp_path / "out", format="parquet", exclude_invalid_files=True
+    ).to_table()  # every part
     assert table.schema.names == ["key", "source", "embedding"]
     values = table.column("embedding").combine_chunks()
     for n in shape:
@@ -135,7 +149,9 @@ def test_parquet_read_by_pyarrow_polars_duckdb(model, tmp_path, features):
     glob = str(tmp_path / "out" / "*.parquet")
     rows = duckdb.sql(f"select key, embedding from read_parquet('{glob}') order by key").fetchall()
     assert [r[0] for r in rows] == paths
-    np.testing.assert_allclose(np.asarray([r[1] for r in rows], np.float32), ref, atol=EMBED_FP32_ATOL, rtol=0)
+    np.testing.assert_allclose(
+        np.asarray([r[1] for r in rows], np.float32), ref, atol=EMBED_FP32_ATOL, rtol=0
+    )
     kind = duckdb.sql(f"select typeof(embedding) from read_parquet('{glob}') limit 1").fetchall()[0][0]
     assert kind == "FLOAT" + "[]" * len(shape)  # parquet stores lists; the fixed sizes are arrow's metadata
 
@@ -174,7 +190,8 @@ def test_names_with_newlines_tabs_and_odd_bytes(model, tmp_path):
 
 
 def test_name_encoding_round_trips():
-    for name in ["plain", "a\nb", "a\\nb", "\\", "t\tr\r", "\x00\x1f\x7f\x85\u2028\u2029", "\udce9x", "é中"]:
+    odd = ["a\nb", "a\\nb", "\\", "t\tr\r", "\x00\x1f\x7f\x85\u2028\u2029", "\udce9x", "é中"]
+    for name in ["plain", *odd]:
         line = encode_name(name)
         assert decode_name(line) == name
         assert len(line.splitlines()) <= 1 and "\t" not in line
@@ -188,7 +205,9 @@ def test_never_overwrites_the_users_files(model, tmp_path, foreign):
     out = tmp_path / "out"
     out.mkdir()
     (out / foreign).write_text("the user's own file\n")
-    with pytest.raises(UserError, match=f"holds {foreign}.* did not write|{foreign} that vitreg-jax embed did not"):
+    with pytest.raises(
+        UserError, match=f"holds {foreign}.* did not write|{foreign} that vitreg-jax embed did not"
+    ):
         run(model, [tmp_path / "images"], out)
     assert (out / foreign).read_text() == "the user's own file\n"
     assert sorted(os.listdir(out)) == [foreign]  # nothing written, the lock file removed
@@ -205,9 +224,13 @@ def test_parquet_refuses_foreign_parts(model, tmp_path):
 
 
 def _hold_lock(folder: Path) -> subprocess.Popen:
-    code = ("import sys, time; from vitreg_jax.folder_lock import FolderLock; "
-            "FolderLock(sys.argv[1], 'embed').acquire(); print('locked', flush=True); time.sleep(600)")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    code = (
+        "import sys, time; from vitreg_jax.folder_lock import FolderLock; "
+        "FolderLock(sys.argv[1], 'embed').acquire(); print('locked', flush=True); time.sleep(600)"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(folder)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout.readline().strip() == "locked"
     return proc
 
@@ -237,8 +260,9 @@ def test_lock_without_flock_trusts_a_live_pid_only(tmp_path, monkeypatch):
 
     monkeypatch.setattr(fcntl, "flock", no_flock)
     lock = FolderLock(tmp_path, "embed")
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True, check=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
     import socket
 
     lock.path.write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout)}))
@@ -256,8 +280,12 @@ def _bomb_png(path: Path, width: int, height: int) -> None:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 8))
-                     + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 8))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_huge_images_are_quiet_failures(model, tmp_path):
@@ -289,14 +317,21 @@ def test_folder_and_tar_shards_give_the_same_rows(model, tmp_path):
     shards = tmp_path / "shards"
     shards.mkdir()
     for s, lo in enumerate(range(0, NUM_IMAGES, 4)):
-        members = [(f"{p.stem}.{ext}", p.read_bytes() if ext == "png" else b'{"label": 1}')
-                   for p in paths[lo : lo + 4] for ext in ("png", "json")]  # webdataset: a key's members together
+        members = [
+            (f"{p.stem}.{ext}", p.read_bytes() if ext == "png" else b'{"label": 1}')
+            for p in paths[lo : lo + 4]
+            for ext in ("png", "json")
+        ]  # webdataset: a key's members together
         if s == 1:
             members.append(("corrupt.png", b"\x89PNG broken"))
         _tar(shards / f"shard-{s:04d}.tar", members)
     run(model, [tmp_path / "images"], tmp_path / "folder", files_per_part=4)
-    folder_rows = dict(zip((Path(k).stem for k in read_npy_names(tmp_path / "folder")),
-                           np.load(tmp_path / "folder" / "embeddings.npy")))
+    folder_rows = dict(
+        zip(
+            (Path(k).stem for k in read_npy_names(tmp_path / "folder")),
+            np.load(tmp_path / "folder" / "embeddings.npy"),
+        )
+    )
     for fmt in ("parquet", "npy"):
         out = tmp_path / f"tar-{fmt}"
         result = run(model, [str(shards / "shard-{0000..0002}.tar")], out, format=fmt)

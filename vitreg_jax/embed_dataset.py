@@ -115,7 +115,11 @@ def checkpoint_identity(checkpoint: str | os.PathLike[str]) -> dict[str, Any]:
 
 def _shard_source(shard: Shard) -> str:
     """What a part's record calls its shard: the tar's path or URL, or the range of files."""
-    return shard.url if shard.kind == "tar" else f"{shard.files[0]} .. {shard.files[-1]} ({len(shard.files)} files)"
+    return (
+        shard.url
+        if shard.kind == "tar"
+        else f"{shard.files[0]} .. {shard.files[-1]} ({len(shard.files)} files)"
+    )
 
 
 def _inputs_digest(shards: Sequence[Shard]) -> str:
@@ -123,7 +127,9 @@ def _inputs_digest(shards: Sequence[Shard]) -> str:
     digest = hashlib.sha256()
     for shard in shards:
         for name in (shard.url,) if shard.kind == "tar" else shard.files:
-            digest.update(f"{shard.index}\0{shard.kind}\0".encode() + name.encode("utf-8", "surrogatepass") + b"\0")
+            digest.update(
+                f"{shard.index}\0{shard.kind}\0".encode() + name.encode("utf-8", "surrogatepass") + b"\0"
+            )
     return digest.hexdigest()
 
 
@@ -169,7 +175,7 @@ def embed_dataset(
     format: str = "npy",
     checkpoint: str | os.PathLike[str] | None = None,
     size: tuple[int, int] | None = None,
-    dtype: str = "float32",
+    dtype: str | None = None,
     features: str = "cls",
     batch_size: int | None = None,
     shard_weights: bool = False,
@@ -182,13 +188,14 @@ def embed_dataset(
     ``inputs``: what :func:`vitreg_jax.sources.list_shards` expands (image files, folders, path lists, .tar
     shards, brace patterns, globs, fsspec URLs), or the shards it returned.
 
-    ``model`` is a built ``ViT`` (an :class:`~vitreg_jax.embed.Embedder` is made from it with ``dtype``,
-    ``features``, ``batch_size`` (global; default 32 per CPU device, 256 per GPU/TPU device) and
-    ``shard_weights``) or an ``Embedder`` (those four are then its own). ``cfg`` is the birder config that
-    came with the weights: its ``rgb_stats`` preprocess the images and its ``signature`` gives the default
-    ``size`` (H, W). ``checkpoint`` names the weights in the outputs and in the run's identity (resuming with
-    other weights is refused when it is given). ``files_per_part``: image files per part (a tar shard is one part). See the module
-    docstring for resuming, locking and several processes. ``UserError`` for anything the user can fix;
+    ``model`` is a built ``ViT`` (an :class:`~vitreg_jax.embed.Embedder` is made from it with ``dtype``
+    (``"float32"``, ``"bfloat16"`` or ``"auto"``; None: the Embedder's default, float32), ``features``,
+    ``batch_size`` (global; default 32 per CPU device, 256 per GPU/TPU device) and ``shard_weights``) or an
+    ``Embedder`` (those four are then its own). ``cfg`` is the birder config that came with the weights: its
+    ``rgb_stats`` preprocess the images and its ``signature`` gives the default ``size`` (H, W).
+    ``checkpoint`` names the weights in the outputs and in the run's identity (resuming with other weights is
+    refused when it is given). ``files_per_part``: image files per part (a tar shard is one part). See the
+    module docstring for resuming, locking and several processes. ``UserError`` for anything the user can fix;
     nothing is written before every check has passed.
     """
     start_time = time.perf_counter()
@@ -198,8 +205,11 @@ def embed_dataset(
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")
     shards = _shards(inputs, files_per_part)
-    embedder = model if isinstance(model, Embedder) else _make_embedder(
-        model, dtype, features, batch_size, shard_weights)
+    embedder = (
+        model
+        if isinstance(model, Embedder)
+        else _make_embedder(model, dtype, features, batch_size, shard_weights)
+    )
     size = size or get_size_from_signature(cfg["signature"])
     p = embedder.cfg.patch_size
     if size[0] % p or size[1] % p:
@@ -209,8 +219,10 @@ def embed_dataset(
     run_id = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
     every = _gather(np.frombuffer(bytes.fromhex(run_id)[:8], np.int32).tolist())
     if not (every == every[0]).all():
-        raise UserError("the processes disagree on the inputs or settings: give every process the same "
-                        "arguments and the same file system view")
+        raise UserError(
+            "the processes disagree on the inputs or settings: give every process the same "
+            "arguments and the same file system view"
+        )
 
     pid, nproc = jax.process_index(), jax.process_count()
     if pid == 0:
@@ -220,9 +232,12 @@ def embed_dataset(
         if _prepare(out, format, ident, lock) == "complete":
             return _already_complete(out, format)
         parts_dir = out if format == "parquet" else out / STATE_DIR
-        todo = [s for s in shards_for_process(shards, pid, nproc) if not (parts_dir / part_name(s.index)).exists()]
-        counters = _compute(embedder, todo, transform, size, parts_dir, run_id, format, workers,
-                            progress and pid == 0)
+        todo = [
+            s for s in shards_for_process(shards, pid, nproc) if not (parts_dir / part_name(s.index)).exists()
+        ]
+        counters = _compute(
+            embedder, todo, transform, size, parts_dir, run_id, format, workers, progress and pid == 0
+        )
         totals = _gather([counters["computed"], counters["parts"]]).sum(axis=0)
         _sync("vitreg-jax embed: parts written")
         meta = _finish_meta(ident, cfg, embedder, size, counters, totals, start_time)
@@ -232,8 +247,17 @@ def embed_dataset(
         if lock is not None:
             lock.release()
     counts = result_meta.get("counts", {})
-    return EmbedResult(out, format, counts.get("embedded", 0), counts.get("failed", 0), int(totals[0]),
-                       int(totals[1]), False, meta["timing"]["images_per_second_this_run"], result_meta)
+    return EmbedResult(
+        out,
+        format,
+        counts.get("embedded", 0),
+        counts.get("failed", 0),
+        int(totals[0]),
+        int(totals[1]),
+        False,
+        meta["timing"]["images_per_second_this_run"],
+        result_meta,
+    )
 
 
 def _shards(inputs: Any, files_per_part: int) -> list[Shard]:
@@ -244,9 +268,15 @@ def _shards(inputs: Any, files_per_part: int) -> list[Shard]:
     return list_shards([os.fspath(i) for i in inputs], files_per_part)
 
 
-def _run_identity(fmt: str, checkpoint: str | os.PathLike[str] | None, cfg: Mapping[str, Any],
-                  size: tuple[int, int], embedder: Embedder, shards: list[Shard], files_per_part: int
-                  ) -> dict[str, Any]:
+def _run_identity(
+    fmt: str,
+    checkpoint: str | os.PathLike[str] | None,
+    cfg: Mapping[str, Any],
+    size: tuple[int, int],
+    embedder: Embedder,
+    shards: list[Shard],
+    files_per_part: int,
+) -> dict[str, Any]:
     """What a resumed run must compute the same way (not the batch size, devices or processes)."""
     return {
         "format": NPY_FORMAT if fmt == "npy" else PARQUET_FORMAT,
@@ -261,7 +291,9 @@ def _run_identity(fmt: str, checkpoint: str | os.PathLike[str] | None, cfg: Mapp
     }
 
 
-def _make_embedder(net: ViT, dtype: str, features: str, batch_size: int | None, shard_weights: bool) -> Embedder:
+def _make_embedder(
+    net: ViT, dtype: str | None, features: str, batch_size: int | None, shard_weights: bool
+) -> Embedder:
     ndev = jax.device_count()
     if batch_size is None:
         batch_size = DEFAULT_BATCH_PER_DEVICE.get(jax.default_backend(), 32) * ndev
@@ -281,8 +313,9 @@ def _already_complete(out: Path, fmt: str) -> EmbedResult:
 class _Parts:
     """This process's unfinished parts: rows arrive in order, a part is written once its shard is done."""
 
-    def __init__(self, parts_dir: Path, shape: tuple[int, ...], run_id: str, names: dict[int, str],
-                 escape: bool) -> None:
+    def __init__(
+        self, parts_dir: Path, shape: tuple[int, ...], run_id: str, names: dict[int, str], escape: bool
+    ) -> None:
         self.parts_dir, self.shape, self.run_id, self.names = parts_dir, shape, run_id, names
         self.escape = escape
         self.open: dict[int, PartData] = {}
@@ -296,7 +329,8 @@ class _Parts:
     def add(self, chunk: ItemBatch, rows: np.ndarray) -> None:
         for failure in chunk.failed:
             self._part(failure.shard).failures.append(
-                {"source": failure.source, "key": failure.key, "reason": failure.reason})
+                {"source": failure.source, "key": failure.key, "reason": failure.reason}
+            )
         for i, (shard, key, src) in enumerate(zip(chunk.shards.tolist(), chunk.keys, chunk.sources)):
             part = self._part(shard)
             if self.escape:  # npy: its parts hold the names as paths.txt will
@@ -313,15 +347,29 @@ class _Parts:
             self.written += 1
 
 
-def _compute(embedder: Embedder, todo: list[Shard], transform: Any, size: tuple[int, int],
-             parts_dir: Path, run_id: str, fmt: str, workers: int | None, progress: bool) -> dict[str, Any]:
+def _compute(
+    embedder: Embedder,
+    todo: list[Shard],
+    transform: Any,
+    size: tuple[int, int],
+    parts_dir: Path,
+    run_id: str,
+    fmt: str,
+    workers: int | None,
+    progress: bool,
+) -> dict[str, Any]:
     """Embed this process's unfinished shards, in lockstep with the other processes."""
     from tqdm import tqdm
 
     nproc = jax.process_count()
     rows_per_step = max(1, embedder.batch_size // nproc)
-    parts = _Parts(parts_dir, embedder.output_shape(*size), run_id, {s.index: _shard_source(s) for s in todo},
-                   escape=fmt == "npy")
+    parts = _Parts(
+        parts_dir,
+        embedder.output_shape(*size),
+        run_id,
+        {s.index: _shard_source(s) for s in todo},
+        escape=fmt == "npy",
+    )
     stream = iter_item_batches(todo, transform, rows_per_step, workers)
     total = sum(len(s.files) for s in todo) if all(s.kind == "files" for s in todo) else None
     bar = tqdm(total=total, unit="img", desc="embed", disable=not progress, dynamic_ncols=True, smoothing=0.1)
@@ -342,8 +390,9 @@ def _compute(embedder: Embedder, todo: list[Shard], transform: Any, size: tuple[
     return {"computed": computed, "parts": parts.written, "seconds": time.perf_counter() - compute_start}
 
 
-def _lockstep(embedder: Embedder, stream: Iterator[ItemBatch], size: tuple[int, int]
-              ) -> Iterator[tuple[ItemBatch, np.ndarray]]:
+def _lockstep(
+    embedder: Embedder, stream: Iterator[ItemBatch], size: tuple[int, int]
+) -> Iterator[tuple[ItemBatch, np.ndarray]]:
     """(chunk, its embeddings) for every chunk of ``stream``, one embedding in flight while the next decodes;
     with several processes, every step feeds the same number of rows on every process (zero-padded)."""
     channels = embedder.cfg.in_channels
@@ -373,8 +422,15 @@ def _result(chunk: ItemBatch, pending: PendingEmbedding | None) -> tuple[ItemBat
     return chunk, rows[: len(chunk.keys)]
 
 
-def _finish_meta(ident: dict[str, Any], cfg: Mapping[str, Any], embedder: Embedder, size: tuple[int, int],
-                 counters: dict[str, Any], totals: np.ndarray, start: float) -> dict[str, Any]:
+def _finish_meta(
+    ident: dict[str, Any],
+    cfg: Mapping[str, Any],
+    embedder: Embedder,
+    size: tuple[int, int],
+    counters: dict[str, Any],
+    totals: np.ndarray,
+    start: float,
+) -> dict[str, Any]:
     from vitreg_jax import __version__
 
     seconds = counters["seconds"]
@@ -411,12 +467,23 @@ def _finish_meta(ident: dict[str, Any], cfg: Mapping[str, Any], embedder: Embedd
 
 
 def _sharded(embedder: Embedder) -> bool:
-    return any(len(spec) for spec in jax.tree_util.tree_leaves(
-        embedder.param_specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)))
+    return any(
+        len(spec)
+        for spec in jax.tree_util.tree_leaves(
+            embedder.param_specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)
+        )
+    )
 
 
-def _merge(out: Path, parts_dir: Path, fmt: str, shards: list[Shard], embedder: Embedder, size: tuple[int, int],
-           meta: dict[str, Any]) -> dict[str, Any]:
+def _merge(
+    out: Path,
+    parts_dir: Path,
+    fmt: str,
+    shards: list[Shard],
+    embedder: Embedder,
+    size: tuple[int, int],
+    meta: dict[str, Any],
+) -> dict[str, Any]:
     """Process 0: every part's record, then the npy files or the manifest (the completion marker last)."""
     files = [parts_dir / part_name(s.index) for s in shards]
     missing = [f.name for f in files if not f.exists()]

@@ -51,13 +51,15 @@ def differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> str:
 
 
 def check_folder(out: Path, fmt: str, ident: Mapping[str, Any]) -> str:
-    """"complete", "resume" or "fresh" (see the module docstring); ``UserError`` when refused."""
+    """ "complete", "resume" or "fresh" (see the module docstring); ``UserError`` when refused."""
     for marker in (META_FILE, MANIFEST_FILE):
         if not (out / marker).exists():
             continue
         done = read_json(out / marker)
         if done is None or done.get("format") not in (NPY_FORMAT, PARQUET_FORMAT):
-            raise UserError(f"{out} holds a {marker} that vitreg-jax embed did not write; choose another --out")
+            raise UserError(
+                f"{out} holds a {marker} that vitreg-jax embed did not write; choose another --out"
+            )
         if done.get("status") == "complete" and done.get("run") == ident:
             return "complete"
         if done.get("status") == "complete":

@@ -175,7 +175,11 @@ def write_part(path: Path, part: PartData, shape: Sequence[int], run_id: str) ->
         metadata={PART_METADATA_KEY: json.dumps(record).encode()},
     )
     table = pa.Table.from_arrays(
-        [pa.array(part.keys, pa.string()), pa.array(part.sources, pa.string()), _embedding_array(values, shape)],
+        [
+            pa.array(part.keys, pa.string()),
+            pa.array(part.sources, pa.string()),
+            _embedding_array(values, shape),
+        ],
         schema=schema,
     )
     atomic_write(path, lambda f: pq.write_table(table, f))
@@ -214,8 +218,13 @@ def _flat_values(column: pa.Array) -> np.ndarray:
 
 
 # the npy layout ------------------------------------------------------------------------------------------
-def write_npy(out: Path, part_files: Sequence[Path], records: Sequence[Mapping[str, Any]],
-              shape: Sequence[int], meta: Mapping[str, Any]) -> dict[str, int]:
+def write_npy(
+    out: Path,
+    part_files: Sequence[Path],
+    records: Sequence[Mapping[str, Any]],
+    shape: Sequence[int],
+    meta: Mapping[str, Any],
+) -> dict[str, int]:
     """Merge parts (in shard order) into embeddings.npy, paths.txt, failed.txt (+ sources.txt), meta.json.
 
     The parts of an npy run hold their keys and sources already escaped (:func:`encode_name`), so that names
@@ -246,12 +255,23 @@ def write_npy(out: Path, part_files: Sequence[Path], records: Sequence[Mapping[s
     else:
         (out / "sources.txt").unlink(missing_ok=True)
     failures = [x for r in records for x in r["failures"]]
-    atomic_write(out / "failed.txt", lambda f: _write_lines(
-        f, (f"{encode_name(x['key'])}\t{encode_name(x['reason'])}" for x in failures), escaped=True))
+    atomic_write(
+        out / "failed.txt",
+        lambda f: _write_lines(
+            f, (f"{encode_name(x['key'])}\t{encode_name(x['reason'])}" for x in failures), escaped=True
+        ),
+    )
     counts = {"embedded": total, "failed": len(failures)}
-    atomic_write_json(out / META_FILE, {**meta, "counts": {**meta.get("counts", {}), **counts},
-                                        "names": NAMES_ENCODING, "sources_file": separate_sources,
-                                        "failures": failures})
+    atomic_write_json(
+        out / META_FILE,
+        {
+            **meta,
+            "counts": {**meta.get("counts", {}), **counts},
+            "names": NAMES_ENCODING,
+            "sources_file": separate_sources,
+            "failures": failures,
+        },
+    )
     return counts
 
 
@@ -267,11 +287,15 @@ def read_npy_names(out: Path, name: str = "paths.txt") -> list[str]:
 
 
 # the parquet layout ----------------------------------------------------------------------------------------
-def write_manifest(out: Path, records: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]) -> dict[str, int]:
+def write_manifest(
+    out: Path, records: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]
+) -> dict[str, int]:
     """manifest.json for the parts of a finished parquet run (written last: it marks completion)."""
     parts = [{k: r[k] for k in ("file", "index", "source", "rows", "failed")} for r in records]
     failures = [x for r in records for x in r["failures"]]
     counts = {"embedded": sum(p["rows"] for p in parts), "failed": len(failures), "parts": len(parts)}
-    atomic_write_json(out / MANIFEST_FILE, {**meta, "counts": {**meta.get("counts", {}), **counts},
-                                           "parts": parts, "failures": failures})
+    atomic_write_json(
+        out / MANIFEST_FILE,
+        {**meta, "counts": {**meta.get("counts", {}), **counts}, "parts": parts, "failures": failures},
+    )
     return counts

@@ -37,34 +37,71 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "embed",
         help="images (files, folders, lists, .tar shards, URLs) to embeddings, resumable",
-        description="Embed images with a vitreg-jax checkpoint, a birder .pt/.safetensors file or a published "
+        description="Embed images with a vitreg-jax checkpoint, a birder .pt/.safetensors file or a "
+        "published "
         "weight name. --format npy writes DIR/embeddings.npy, paths.txt, failed.txt and meta.json; --format "
         "parquet writes DIR/part-NNNNN.parquet (one per input shard) and DIR/manifest.json. Rerun the same "
         "command to resume an interrupted run (also with another number of processes).",
     )
-    p.add_argument("inputs", nargs="*", metavar="INPUT",
-                   help="image files, folders (recursive), .txt lists, webdataset .tar shards, brace patterns "
-                   "(part-{0000..0099}.tar), globs, fsspec URLs (file://, gs://, s3://, https://)")
-    p.add_argument("--checkpoint", required=True, metavar="CKPT",
-                   help="Orbax checkpoint dir, birder .pt/.safetensors, or a published weight name")
-    p.add_argument("--config", default=None, metavar="JSON", help="birder json config for a birder weights file")
+    p.add_argument(
+        "inputs",
+        nargs="*",
+        metavar="INPUT",
+        help="image files, folders (recursive), .txt lists, webdataset .tar shards, brace patterns "
+        "(part-{0000..0099}.tar), globs, fsspec URLs (file://, gs://, s3://, https://)",
+    )
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="CKPT",
+        help="Orbax checkpoint dir, birder .pt/.safetensors, or a published weight name",
+    )
+    p.add_argument(
+        "--config", default=None, metavar="JSON", help="birder json config for a birder weights file"
+    )
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (locked while the run lasts)")
-    p.add_argument("--format", choices=FORMATS, default="npy",
-                   help="npy: one embeddings.npy (small runs); parquet: one part per shard plus manifest.json")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="global batch (all devices); default 32 per CPU device, 256 per GPU/TPU device")
-    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=DTYPE_HELP)
-    p.add_argument("--size", type=_size, default=None, metavar="H[xW]",
-                   help="input size (default: the checkpoint's signature); a multiple of the patch size")
-    p.add_argument("--features", choices=FEATURES, default="cls",
-                   help="cls: net.embedding (N x D); tokens: all tokens (N x T x D); patches: patch tokens only")
-    p.add_argument("--files-per-part", type=int, default=FILES_PER_PART, metavar="N",
-                   help=f"image files per output part and unit of resuming (default {FILES_PER_PART}); "
-                   "each .tar shard is one part")
+    p.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="npy",
+        help="npy: one embeddings.npy (small runs); parquet: one part per shard plus manifest.json",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="global batch (all devices); default 32 per CPU device, 256 per GPU/TPU device",
+    )
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=f"{DTYPE_HELP} (default: auto)")
+    p.add_argument(
+        "--size",
+        type=_size,
+        default=None,
+        metavar="H[xW]",
+        help="input size (default: the checkpoint's signature); a multiple of the patch size",
+    )
+    p.add_argument(
+        "--features",
+        choices=FEATURES,
+        default="cls",
+        help="cls: net.embedding (N x D); tokens: all tokens (N x T x D); patches: patch tokens only",
+    )
+    p.add_argument(
+        "--files-per-part",
+        type=int,
+        default=FILES_PER_PART,
+        metavar="N",
+        help=f"image files per output part and unit of resuming (default {FILES_PER_PART}); each "
+        ".tar shard is one part. A part is held in memory until written: lower it for --features "
+        "tokens|patches (1000 x 201 x 768 float32 is 600 MB)",
+    )
     p.add_argument("--workers", type=int, default=None, help="decode threads (default: CPU count, at most 8)")
-    p.add_argument("--shard-weights", action="store_true",
-                   help="split the large weights over the devices instead of copying them to each (for models "
-                   "too large for one device; same results)")
+    p.add_argument(
+        "--shard-weights",
+        action="store_true",
+        help="split the large weights over the devices instead of copying them to each (for models "
+        "too large for one device; same results)",
+    )
     distributed.add_arguments(p)
     p.set_defaults(func=run)
 
@@ -98,19 +135,33 @@ def run(args: argparse.Namespace) -> int:
     shards = list_shards(args.inputs, args.files_per_part)  # a missing input fails before the model loads
     net, cfg = load_model_with_cfg(args.config, args.checkpoint)
     result = embed_dataset(
-        net, shards, args.out, cfg=cfg, format=args.format, checkpoint=args.checkpoint, size=args.size,
-        dtype=args.dtype, features=args.features, batch_size=args.batch_size, shard_weights=args.shard_weights,
-        files_per_part=args.files_per_part, workers=args.workers,
+        net,
+        shards,
+        args.out,
+        cfg=cfg,
+        format=args.format,
+        checkpoint=args.checkpoint,
+        size=args.size,
+        dtype=args.dtype,
+        features=args.features,
+        batch_size=args.batch_size,
+        shard_weights=args.shard_weights,
+        files_per_part=args.files_per_part,
+        workers=args.workers,
     )
     import jax
 
     if jax.process_index() != 0:
         return 0
     if result.already_complete:
-        print(f"{result.out}: already complete ({result.embedded} embeddings, {result.failed} failed); "
-              "nothing to do")
+        print(
+            f"{result.out}: already complete ({result.embedded} embeddings, {result.failed} failed); "
+            "nothing to do"
+        )
     else:
         rate = f" at {result.images_per_second:.2f} img/s" if result.images_per_second else ""
-        print(f"embedded {result.embedded} images ({result.failed} failed) into {result.out}; "
-              f"{result.computed} read this run{rate}")
+        print(
+            f"embedded {result.embedded} images ({result.failed} failed) into {result.out}; "
+            f"{result.computed} read this run{rate}"
+        )
     return 0
