@@ -90,3 +90,23 @@ def test_convert_export_info_embed_without_torch(tmp_path: Path, blocked_env: tu
     st = load_file(tmp_path / "st" / "out.safetensors")
     assert {k: to_numpy(v).tobytes() for k, v in st.items()} == {k: v.tobytes() for k, v in want.items()}
     assert sorted(p.name for p in (tmp_path / "emb").iterdir()) == sorted(p.name for p in (tmp_path / "emb_pt").iterdir())
+
+
+def test_a_pickle_that_would_run_code_is_refused_without_torch(tmp_path: Path,
+                                                               blocked_env: tuple[dict[str, str], Path]) -> None:
+    env, log = blocked_env
+    marker = tmp_path / "marker"
+    path = tmp_path / "evil.pt"
+    torch.save({"state": {"a": torch.ones(2)}, "rgb_stats": _Evil(marker)}, path)
+    done = subprocess.run([sys.executable, "-m", "vitreg_jax.cli", "info", str(path)], env=env, capture_output=True,
+                          text=True, check=False, timeout=600)
+    assert done.returncode == 2 and "refused" in done.stderr and done.stderr.count("\n") == 1, done.stderr
+    assert not marker.exists() and not log.exists()
+
+
+class _Evil:
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (open, (self.marker, "w"))
