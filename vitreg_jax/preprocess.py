@@ -14,7 +14,7 @@ import os
 import threading
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -134,7 +134,7 @@ def decode_image(data: bytes, name: str, *, max_pixels: int | None = MAX_IMAGE_P
         raise ImageReadError(name, _reason(e)) from None
 
 
-def _decode(handle: Any, name: str, max_pixels: int | None) -> Image.Image:
+def _decode(handle: IO[bytes], name: str, max_pixels: int | None) -> Image.Image:
     """Open and fully decode the image in a binary file object, refusing more than `max_pixels` pixels."""
     img = _open_with_pixel_limit(handle, max_pixels)
     pixels = img.width * img.height
@@ -148,7 +148,7 @@ def _decode(handle: Any, name: str, max_pixels: int | None) -> Image.Image:
     return img
 
 
-def _open_with_pixel_limit(handle: Any, max_pixels: int | None) -> Image.Image:
+def _open_with_pixel_limit(handle: IO[bytes], max_pixels: int | None) -> Image.Image:
     """Image.open with PIL's global bomb limit replaced by ours for the duration of the (header) read."""
     with _PIXEL_LIMIT_LOCK:
         saved = Image.MAX_IMAGE_PIXELS
