@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import numbers
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from vitreg_jax.errors import UserError
 from vitreg_jax.policy import DTYPE_CHOICES
@@ -214,7 +214,10 @@ MAE_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _from_dict(cls: Any, d: dict[str, Any], what: str) -> Any:
+_Config = TypeVar("_Config")
+
+
+def _from_dict(cls: type[_Config], d: dict[str, Any], what: str) -> _Config:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - names)
     if unknown:
