@@ -31,11 +31,11 @@ def kill_pretrain_at_step(at: int) -> None:
 
 
 def kill_embed_after_parts(spec: str) -> None:
-    from vitreg_jax import embed_dataset
+    from vitreg_jax import embed_steps
 
     count, _, sig = spec.partition(":")
     signum = signal.SIGINT if sig.upper() == "INT" else signal.SIGKILL
-    write_part = embed_dataset.write_part
+    write_part = embed_steps.write_part
     written = 0
 
     def killing_write_part(*args: Any, **kwargs: Any) -> Any:
@@ -46,7 +46,7 @@ def kill_embed_after_parts(spec: str) -> None:
             os.kill(os.getpid(), signum)
         return record
 
-    embed_dataset.write_part = killing_write_part
+    embed_steps.write_part = killing_write_part
 
 
 HOOKS = {"pretrain-step": lambda v: kill_pretrain_at_step(int(v)), "embed-parts": kill_embed_after_parts}

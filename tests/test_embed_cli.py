@@ -489,6 +489,7 @@ def test_a_second_run_into_a_folder_in_use_exits_2(ckpt, inputs, tmp_path, capsy
     finally:
         holder.kill()  # a killed run: its lock file stays, and must not block the next run
         holder.wait()
+        holder.stdout.close()
     assert run_cli("--checkpoint", ckpt, inputs, "--out", out, "--batch-size", 4) == 0
 
 

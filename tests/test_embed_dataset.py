@@ -247,6 +247,7 @@ def test_lock_refuses_a_second_run_and_a_killed_ones_lock_does_not_block(model, 
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
+        holder.stdout.close()
     assert (out / ".vitreg-jax-embed.lock").exists()  # left behind by the killed run ...
     result = run(model, [tmp_path / "images"], out)  # ... and no obstacle
     assert result.embedded == 2 and not (out / ".vitreg-jax-embed.lock").exists()

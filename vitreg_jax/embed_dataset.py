@@ -23,10 +23,11 @@ holds ``meta.json``, ``paths.txt``, ``failed.txt``, ``sources.txt``, ``embedding
 
 Several processes (``jax.distributed`` initialised before the call): process p takes the shards whose index
 is p modulo the process count, decodes only those, and writes their parts. Every step is one computation
-over every device of every process (the Embedder's mesh), so the processes step in lockstep: before each step
-they exchange how many images each has (one small all-gather), every process feeds the largest count
-(zero-padded), and the loop ends when all are out of images. Process 0 checks and locks the folder first and
-writes the final files at the end; ``DIR`` must be on a file system every process sees.
+over every device of every process (the Embedder's mesh), so the processes step in lockstep
+(:mod:`vitreg_jax.embed_steps`): before each step they exchange how many images each has (one small
+all-gather), every process feeds the largest count (zero-padded), and the loop ends when all are out of
+images. Process 0 checks and locks the folder first and writes the final files at the end; ``DIR`` must be
+on a file system every process sees.
 """
 
 from __future__ import annotations
@@ -35,34 +36,28 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 
-from vitreg_jax.data import ItemBatch, iter_item_batches
-from vitreg_jax.embed import Embedder, PendingEmbedding
+from vitreg_jax.embed import Embedder
 from vitreg_jax.embed_folder import STATE_DIR, end_run, read_json, start_run
 from vitreg_jax.embed_outputs import (
     FORMATS,
     MANIFEST_FILE,
     META_FILE,
-    NOT_UTF8,
     NPY_FORMAT,
     PARQUET_FORMAT,
-    PartData,
-    encode_name,
-    is_utf8,
     part_name,
     read_part_record,
     write_manifest,
     write_npy,
-    write_part,
 )
+from vitreg_jax.embed_steps import embed_shards, gather, sync
 from vitreg_jax.errors import UserError
 from vitreg_jax.fileio import make_dir
 from vitreg_jax.folder_lock import FolderLock
@@ -113,15 +108,6 @@ def checkpoint_identity(checkpoint: str | os.PathLike[str]) -> dict[str, Any]:
     return ident
 
 
-def _shard_source(shard: Shard) -> str:
-    """What a part's record calls its shard: the tar's path or URL, or the range of files."""
-    return (
-        shard.url
-        if shard.kind == "tar"
-        else f"{shard.files[0]} .. {shard.files[-1]} ({len(shard.files)} files)"
-    )
-
-
 def _inputs_digest(shards: Sequence[Shard]) -> str:
     """sha256 of the ordered shards (tar URLs, file paths): what a resumed run must see again."""
     digest = hashlib.sha256()
@@ -131,20 +117,6 @@ def _inputs_digest(shards: Sequence[Shard]) -> str:
                 f"{shard.index}\0{shard.kind}\0".encode() + name.encode("utf-8", "surrogatepass") + b"\0"
             )
     return digest.hexdigest()
-
-
-# collectives -------------------------------------------------------------------------------------------
-def _gather(values: Sequence[int]) -> np.ndarray:
-    """(processes, len(values)) int64: every process's values (a no-op reshape for one process)."""
-    mine = np.asarray(values, np.int64)
-    if jax.process_count() == 1:
-        return mine[None]
-    return np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), -1)
-
-
-def _sync(name: str) -> None:
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(name)
 
 
 def _prepare(out: Path, fmt: str, ident: dict[str, Any], lock: FolderLock | None) -> str:
@@ -157,7 +129,7 @@ def _prepare(out: Path, fmt: str, ident: dict[str, Any], lock: FolderLock | None
             verdict = 1 if start_run(out, fmt, ident) == "complete" else 0
         except UserError as e:
             error = e
-    verdict = int(_gather([verdict])[0, 0])
+    verdict = int(gather([verdict])[0, 0])
     if error is not None:
         raise error
     if verdict == 2:
@@ -217,7 +189,7 @@ def embed_dataset(
     transform = classification_transform(size, cfg["rgb_stats"])
     ident = _run_identity(format, checkpoint, cfg, size, embedder, shards, files_per_part)
     run_id = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
-    every = _gather(np.frombuffer(bytes.fromhex(run_id)[:8], np.int32).tolist())
+    every = gather(np.frombuffer(bytes.fromhex(run_id)[:8], np.int32).tolist())
     if not (every == every[0]).all():
         raise UserError(
             "the processes disagree on the inputs or settings: give every process the same "
@@ -235,14 +207,14 @@ def embed_dataset(
         todo = [
             s for s in shards_for_process(shards, pid, nproc) if not (parts_dir / part_name(s.index)).exists()
         ]
-        counters = _compute(
+        counters = embed_shards(
             embedder, todo, transform, size, parts_dir, run_id, format, workers, progress and pid == 0
         )
-        totals = _gather([counters["computed"], counters["parts"]]).sum(axis=0)
-        _sync("vitreg-jax embed: parts written")
+        totals = gather([counters["computed"], counters["parts"]]).sum(axis=0)
+        sync("vitreg-jax embed: parts written")
         meta = _finish_meta(ident, cfg, embedder, size, counters, totals, start_time)
         result_meta = _merge(out, parts_dir, format, shards, embedder, size, meta) if pid == 0 else {}
-        _sync("vitreg-jax embed: merged")
+        sync("vitreg-jax embed: merged")
     finally:
         if lock is not None:
             lock.release()
@@ -308,118 +280,6 @@ def _already_complete(out: Path, fmt: str) -> EmbedResult:
         end_run(out)
     counts = meta.get("counts", {})
     return EmbedResult(out, fmt, counts.get("embedded", 0), counts.get("failed", 0), 0, 0, True, None, meta)
-
-
-class _Parts:
-    """This process's unfinished parts: rows arrive in order, a part is written once its shard is done."""
-
-    def __init__(
-        self, parts_dir: Path, shape: tuple[int, ...], run_id: str, names: dict[int, str], escape: bool
-    ) -> None:
-        self.parts_dir, self.shape, self.run_id, self.names = parts_dir, shape, run_id, names
-        self.escape = escape
-        self.open: dict[int, PartData] = {}
-        self.written = 0
-
-    def _part(self, index: int) -> PartData:
-        if index not in self.open:
-            self.open[index] = PartData(index, self.names[index])
-        return self.open[index]
-
-    def add(self, chunk: ItemBatch, rows: np.ndarray) -> None:
-        for failure in chunk.failed:
-            self._part(failure.shard).failures.append(
-                {"source": failure.source, "key": failure.key, "reason": failure.reason}
-            )
-        for i, (shard, key, src) in enumerate(zip(chunk.shards.tolist(), chunk.keys, chunk.sources)):
-            part = self._part(shard)
-            if self.escape:  # npy: its parts hold the names as paths.txt will
-                key, src = encode_name(key), encode_name(src)
-            elif not (is_utf8(key) and is_utf8(src)):
-                part.failures.append({"source": src, "key": key, "reason": NOT_UTF8})
-                continue
-            part.keys.append(key)
-            part.sources.append(src)
-            part.rows.append(rows[i : i + 1])
-        for index in chunk.done:
-            write_part(self.parts_dir / part_name(index), self._part(index), self.shape, self.run_id)
-            del self.open[index]
-            self.written += 1
-
-
-def _compute(
-    embedder: Embedder,
-    todo: list[Shard],
-    transform: Any,
-    size: tuple[int, int],
-    parts_dir: Path,
-    run_id: str,
-    fmt: str,
-    workers: int | None,
-    progress: bool,
-) -> dict[str, Any]:
-    """Embed this process's unfinished shards, in lockstep with the other processes."""
-    from tqdm import tqdm
-
-    nproc = jax.process_count()
-    rows_per_step = max(1, embedder.batch_size // nproc)
-    parts = _Parts(
-        parts_dir,
-        embedder.output_shape(*size),
-        run_id,
-        {s.index: _shard_source(s) for s in todo},
-        escape=fmt == "npy",
-    )
-    stream = iter_item_batches(todo, transform, rows_per_step, workers)
-    total = sum(len(s.files) for s in todo) if all(s.kind == "files" for s in todo) else None
-    bar = tqdm(total=total, unit="img", desc="embed", disable=not progress, dynamic_ncols=True, smoothing=0.1)
-    # compile the full-batch bucket before the clock starts (smaller ones compile on first use)
-    if todo or nproc > 1:
-        embedder.warmup(*size, buckets=[embedder.batch_size])
-    computed = 0
-    compute_start = time.perf_counter()
-    try:
-        for chunk, rows in _lockstep(embedder, stream, size):
-            parts.add(chunk, rows)
-            n = len(chunk.keys) + len(chunk.failed)
-            computed += n
-            bar.update(n)
-    finally:
-        bar.close()
-        stream.close()
-    return {"computed": computed, "parts": parts.written, "seconds": time.perf_counter() - compute_start}
-
-
-def _lockstep(
-    embedder: Embedder, stream: Iterator[ItemBatch], size: tuple[int, int]
-) -> Iterator[tuple[ItemBatch, np.ndarray]]:
-    """(chunk, its embeddings) for every chunk of ``stream``, one embedding in flight while the next decodes;
-    with several processes, every step feeds the same number of rows on every process (zero-padded)."""
-    channels = embedder.cfg.in_channels
-    in_flight: tuple[ItemBatch, PendingEmbedding | None] | None = None
-    while True:
-        chunk = next(stream, None)
-        n = 0 if chunk is None else len(chunk.keys)
-        counts = _gather([n, chunk is None])  # (processes, 2)
-        if counts[:, 1].all():
-            break
-        n_call = int(counts[:, 0].max())
-        pending = None
-        if n_call:
-            x = np.zeros((n_call, *size, channels), np.float32)  # (n_call, H, W, C)
-            if n:
-                x[:n] = chunk.images  # type: ignore[union-attr]
-            pending = embedder.embed_async(x)
-        if in_flight is not None:
-            yield _result(*in_flight)
-        in_flight = (chunk, pending) if chunk is not None else None
-    if in_flight is not None:
-        yield _result(*in_flight)
-
-
-def _result(chunk: ItemBatch, pending: PendingEmbedding | None) -> tuple[ItemBatch, np.ndarray]:
-    rows = pending.result() if pending is not None else np.zeros((0,), np.float32)
-    return chunk, rows[: len(chunk.keys)]
 
 
 def _finish_meta(
