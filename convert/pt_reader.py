@@ -28,15 +28,8 @@ from typing import Any
 import numpy as np
 
 from vitreg_jax.convert.pt_format import TORCH_DTYPES, contiguous_strides
-from vitreg_jax.convert.pt_pickle import (
-    MAX_DIMS,
-    Corrupt,
-    Refused,
-    StorageType,
-    TensorRef,
-    Unsupported,
-    unpickle,
-)
+from vitreg_jax.convert.pt_globals import MAX_DIMS, Corrupt, Refused, StorageType, TensorRef, Unsupported
+from vitreg_jax.convert.pt_pickle import unpickle
 from vitreg_jax.errors import UserError
 from vitreg_jax.fileio import first_line
 
@@ -101,25 +94,49 @@ def read_pt(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         with open(path, "rb") as f:
             head = f.read(len(_LEGACY_MAGIC))
             if head == _LEGACY_MAGIC:
-                raise UserError(f"{path}: a torch file in the pre-1.6 (non-zip) format, which birder never wrote; "
-                                "re-save it with torch.save")
+                raise UserError(
+                    f"{path}: a torch file in the pre-1.6 (non-zip) format, which birder never wrote; "
+                    "re-save it with torch.save"
+                )
             try:
                 zf = zipfile.ZipFile(f)
-            except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError, struct.error, OverflowError,
-                    UnicodeDecodeError, NotImplementedError, IndexError, KeyError) as e:
+            except (
+                zipfile.BadZipFile,
+                zipfile.LargeZipFile,
+                ValueError,
+                EOFError,
+                struct.error,
+                OverflowError,
+                UnicodeDecodeError,
+                NotImplementedError,
+                IndexError,
+                KeyError,
+            ) as e:
                 if head.startswith(b"PK\x03\x04"):  # a zip archive's start, without a readable directory
                     raise UserError(f"{path}: {DAMAGED}: {first_line(e)}") from None
                 raise UserError(f"{path}: {NOT_WEIGHTS}") from None
             with zf:
                 return _read(_open_archive(path, size, zf))
-    except (Corrupt, OSError, zipfile.BadZipFile, EOFError, ValueError, struct.error, OverflowError,
-            UnicodeDecodeError, NotImplementedError, zlib.error, IndexError, KeyError) as e:
+    except (
+        Corrupt,
+        OSError,
+        zipfile.BadZipFile,
+        EOFError,
+        ValueError,
+        struct.error,
+        OverflowError,
+        UnicodeDecodeError,
+        NotImplementedError,
+        zlib.error,
+        IndexError,
+        KeyError,
+    ) as e:
         raise UserError(f"{path}: {DAMAGED}: {first_line(e)}") from None
     except Refused as e:
         raise UserError(f"{path}: refused: {first_line(e)} (nothing was run)") from None
 
 
-# the zip container -------------------------------------------------------------------------------------------
+# the zip container ------------------------------------------------------------------------------------------
 def _open_archive(path: Path, size: int, zf: zipfile.ZipFile) -> _Archive:
     infos = zf.infolist()
     names = [i.filename for i in infos]
@@ -170,7 +187,7 @@ def _locate(zf: zipfile.ZipFile, info: zipfile.ZipInfo, size: int) -> _Entry:
 
 
 def _entry_bytes(arc: _Archive, entry: _Entry, limit: int | None = None) -> np.ndarray:
-    """The record's bytes (uint8): a copy-on-write map of the file when stored, else decompressed; CRC-checked."""
+    """The record's bytes (uint8), CRC-checked: a copy-on-write map of the file when stored, else inflated."""
     if limit is not None and entry.size > limit:
         raise Corrupt(f"{entry.name} is implausibly large")
     if entry.stored:
@@ -191,7 +208,7 @@ def _entry_bytes(arc: _Archive, entry: _Entry, limit: int | None = None) -> np.n
     return np.frombuffer(bytearray(b"".join(chunks)), np.uint8)
 
 
-# the pickle --------------------------------------------------------------------------------------------------
+# the pickle -------------------------------------------------------------------------------------------------
 def _persistent_load(arc: _Archive, pid: Any) -> _Storage:
     if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
         raise Refused(f"its pickle names a persistent object {_short(pid)} that is not a storage")
@@ -227,11 +244,15 @@ def _read(arc: _Archive) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     state = {}
     for key, value in raw_state.items():
         if isinstance(value, Unsupported):
-            raise UserError(f"{arc.path}: tensor {key!r} has {value.what} ({value.dtype_name or 'unknown dtype'}), "
-                            "which vitreg-jax does not carry")
+            raise UserError(
+                f"{arc.path}: tensor {key!r} has {value.what} ({value.dtype_name or 'unknown dtype'}), "
+                "which vitreg-jax does not carry"
+            )
         if value.dtype is None:
-            raise UserError(f"{arc.path}: tensor {key!r} is {value.dtype_name}, which vitreg-jax does not carry "
-                            f"(it reads {SUPPORTED_DTYPES})")
+            raise UserError(
+                f"{arc.path}: tensor {key!r} is {value.dtype_name}, which vitreg-jax does not carry "
+                f"(it reads {SUPPORTED_DTYPES})"
+            )
         state[str(key)] = _array(arc, str(key), value, budget)
     nodes = [_MAX_META_NODES_PER_BYTE * len(data) + 1000]
     return state, {str(k): _plain(v, nodes, str(k), arc.path) for k, v in meta.items()}
@@ -273,7 +294,7 @@ def _scalar(obj: Any) -> bool:
     return obj is None or isinstance(obj, bool | int | float | str | bytes | bytearray)
 
 
-# tensors -----------------------------------------------------------------------------------------------------
+# tensors ----------------------------------------------------------------------------------------------------
 def _ints(value: Any, what: str) -> tuple[int, ...]:
     if not isinstance(value, tuple | list) or len(value) > MAX_DIMS:
         raise Corrupt(f"{what} is not a tuple of at most {MAX_DIMS} integers")
@@ -321,6 +342,7 @@ def _array(arc: _Archive, name: str, t: TensorRef, budget: _Budget) -> np.ndarra
     if all(s == c for n, s, c in zip(shape, stride, contiguous_strides(shape), strict=True) if n > 1):
         return elems[t.offset : t.offset + numel].reshape(shape)
     budget.take(numel * dtype.itemsize, f"tensor {name!r}")
-    view = np.lib.stride_tricks.as_strided(elems[t.offset :], shape, [s * dtype.itemsize for s in stride],
-                                           writeable=False)
+    view = np.lib.stride_tricks.as_strided(
+        elems[t.offset :], shape, [s * dtype.itemsize for s in stride], writeable=False
+    )
     return np.ascontiguousarray(view)

@@ -1,7 +1,7 @@
 """Write a birder ``.pt`` without torch: the zip archive ``torch.save`` writes, record for record.
 
-``write_pt(f, archive, state, meta)`` writes ``{"state": OrderedDict(state), **meta}`` (the top-level record of
-birder's ``fs_ops.checkpoint_model``) as ``<archive>/data.pkl`` (a protocol-2 pickle naming each tensor by
+``write_pt(f, archive, state, meta)`` writes ``{"state": OrderedDict(state), **meta}`` (the top-level record
+of birder's ``fs_ops.checkpoint_model``) as ``<archive>/data.pkl`` (a protocol-2 pickle naming each tensor by
 ``torch._utils._rebuild_tensor_v2`` over a ``torch.<T>Storage`` persistent id, as torch does), then
 ``.format_version``, ``.storage_alignment``, ``byteorder``, one ``data/<i>`` record per tensor, ``version``.
 Records are stored uncompressed with their data aligned to 64 bytes (a padding extra field, like torch's),
@@ -112,7 +112,8 @@ class _Pickle:
 
 
 def pickle_record(state: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> bytes:
-    """``data.pkl`` for ``{"state": OrderedDict(state), **meta}``; tensor i's storage is record ``data/<i>``."""
+    """``data.pkl`` for ``{"state": OrderedDict(state), **meta}``; tensor i's storage is record ``data/<i>``.
+    """
     p = _Pickle()
     p.op(b"\x80\x02}(")
     p.text("state")
@@ -154,14 +155,50 @@ class _ZipWriter:
         pad = b"Z" * (-base % STORAGE_ALIGNMENT)
         extra = zip64 + struct.pack("<HH", _PAD_ID, len(pad)) + pad
         small = _U32 if big else size
-        self.write(struct.pack("<4sHHHHHIIIHH", b"PK\x03\x04", 45 if big else 20, 0x800, 0, 0, 0, crc, small,
-                               small, len(name_raw), len(extra)) + name_raw + extra)
+        self.write(
+            struct.pack(
+                "<4sHHHHHIIIHH",
+                b"PK\x03\x04",
+                45 if big else 20,
+                0x800,
+                0,
+                0,
+                0,
+                crc,
+                small,
+                small,
+                len(name_raw),
+                len(extra),
+            )
+            + name_raw
+            + extra
+        )
         self.write(data)
         c_extra = struct.pack("<HHQQQ", 0x0001, 24, size, size, offset) if big or offset >= _U32 else b""
-        self.central.append(struct.pack("<4sHHHHHHIIIHHHHHII", b"PK\x01\x02", 45, 45 if c_extra else 20, 0x800, 0,
-                                        0, 0, crc, _U32 if c_extra else size, _U32 if c_extra else size,
-                                        len(name_raw), len(c_extra), 0, 0, 0, 0,
-                                        _U32 if c_extra else offset) + name_raw + c_extra)
+        self.central.append(
+            struct.pack(
+                "<4sHHHHHHIIIHHHHHII",
+                b"PK\x01\x02",
+                45,
+                45 if c_extra else 20,
+                0x800,
+                0,
+                0,
+                0,
+                crc,
+                _U32 if c_extra else size,
+                _U32 if c_extra else size,
+                len(name_raw),
+                len(c_extra),
+                0,
+                0,
+                0,
+                0,
+                _U32 if c_extra else offset,
+            )
+            + name_raw
+            + c_extra
+        )
 
     def close(self) -> None:
         start = self.pos
@@ -170,8 +207,19 @@ class _ZipWriter:
         n, cd_size, eocd64 = len(self.central), self.pos - start, self.pos
         self.write(struct.pack("<4sQHHIIQQQQ", b"PK\x06\x06", 44, 45, 45, 0, 0, n, n, cd_size, start))
         self.write(struct.pack("<4sIQI", b"PK\x06\x07", 0, eocd64, 1))
-        self.write(struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, min(n, 0xFFFF), min(n, 0xFFFF),
-                               min(cd_size, _U32), min(start, _U32), 0))
+        self.write(
+            struct.pack(
+                "<4sHHHHIIH",
+                b"PK\x05\x06",
+                0,
+                0,
+                min(n, 0xFFFF),
+                min(n, 0xFFFF),
+                min(cd_size, _U32),
+                min(start, _U32),
+                0,
+            )
+        )
 
 
 def write_pt(f: BinaryIO, archive: str, state: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:

@@ -72,7 +72,8 @@ def write_pt(path: Path, state: dict[str, np.ndarray], meta: dict[str, Any]) -> 
     atomic_write(path, lambda f: _write_pt_to(f, path.stem or "archive", state, meta))
 
 
-def write_birder_file(path: str | os.PathLike[str], state: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+def write_birder_file(path: str | os.PathLike[str], state: dict[str, np.ndarray],
+                      meta: dict[str, Any]) -> None:
     path = Path(path)
     if path.suffix == ".safetensors":
         write_safetensors(path, state, meta)

@@ -85,17 +85,20 @@ def _int(v: Any) -> int:
 
 
 def _check_ranges(path: Path, entries: dict[str, tuple[Any, Any, int, int]], data_len: int) -> None:
-    """Tensors' byte ranges in range, non-overlapping and covering the data exactly (as ``safetensors`` does)."""
+    """Tensors' byte ranges in range, non-overlapping and covering the data exactly (as ``safetensors`` does).
+    """
     where = 0
     for name, (_, _, start, end) in sorted(entries.items(), key=lambda e: (e[1][2], e[1][3])):
         if end > data_len:
-            raise UserError(f"{path}: truncated or corrupted .safetensors file (tensor {name!r} out of range)")
+            raise UserError(f"{path}: truncated or corrupted .safetensors file "
+                            f"(tensor {name!r} out of range)")
         if start != where:
             what = "overlaps another tensor's bytes" if start < where else "leaves a gap before it"
             raise UserError(f"{path}: not a valid .safetensors file (tensor {name!r} {what})")
         where = end
     if where != data_len:
-        raise UserError(f"{path}: not a valid .safetensors file ({data_len - where} bytes after the last tensor)")
+        raise UserError(f"{path}: not a valid .safetensors file "
+                        f"({data_len - where} bytes after the last tensor)")
 
 
 def write_safetensors(path: Path, state: dict[str, np.ndarray], meta: dict[str, Any]) -> None:

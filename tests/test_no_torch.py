@@ -1,7 +1,7 @@
-"""The shipped commands never import torch: ``convert`` of a ``.pt``, ``export`` to ``.pt`` and ``.safetensors``,
-``info`` and ``embed`` run in a subprocess where ``torch`` (and torchvision, birder, safetensors) are stubs that
-log the attempt and raise ``ImportError``. The files it wrote are then checked with torch and birder here: the
-exported ``.pt`` loads strictly in birder, bit for bit.
+"""The shipped commands never import torch: ``convert`` of a ``.pt``, ``export`` to ``.pt`` and
+``.safetensors``, ``info`` and ``embed`` run in a subprocess where ``torch`` (and torchvision, birder,
+safetensors) are stubs that log the attempt and raise ``ImportError``. The files it wrote are then checked
+with torch and birder here: the exported ``.pt`` loads strictly in birder, bit for bit.
 """
 
 from __future__ import annotations
@@ -35,28 +35,46 @@ def blocked_env(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, str
         (stubs / name).mkdir()
         (stubs / name / "__init__.py").write_text(STUB.replace("{name}", name))
     log = stubs / "imports.log"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(stubs), os.environ.get("PYTHONPATH", "")]),
-           "VITREG_TEST_IMPORT_LOG": str(log), "JAX_PLATFORMS": "cpu"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(stubs), os.environ.get("PYTHONPATH", "")]),
+        "VITREG_TEST_IMPORT_LOG": str(log),
+        "JAX_PLATFORMS": "cpu",
+    }
     return env, log
 
 
 def run_blocked(env: dict[str, str], *args: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "vitreg_jax.cli", *args], env=env, capture_output=True,
-                          text=True, check=False, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "vitreg_jax.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
     assert done.returncode == 0, f"{args}: {done.stderr[-2000:]}"
     return done.stdout
 
 
 def test_the_stub_really_blocks_torch(blocked_env: tuple[dict[str, str], Path]) -> None:
     env, log = blocked_env
-    done = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True, text=True,
-                          check=False, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-c", "import torch"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
     assert done.returncode != 0 and "blocked" in done.stderr
     assert log.read_text() == "torch\n"
     log.unlink()
 
 
-def test_convert_export_info_embed_without_torch(tmp_path: Path, blocked_env: tuple[dict[str, str], Path]) -> None:
+def test_convert_export_info_embed_without_torch(
+    tmp_path: Path, blocked_env: tuple[dict[str, str], Path]
+) -> None:
     env, log = blocked_env
     net = birder_net()
     pt, js = birder_save(net, tmp_path / "birder", "vit_reg4_b16_tiny", external_config=TINY)
@@ -72,7 +90,9 @@ def test_convert_export_info_embed_without_torch(tmp_path: Path, blocked_env: tu
     run_blocked(env, "export", str(tmp_path / "ckpt"), "--out", str(tmp_path / "st" / "out.safetensors"))
     assert "vit_reg4_b16" in run_blocked(env, "info", str(tmp_path / "ckpt"))
     run_blocked(env, "info", str(pt))
-    run_blocked(env, "embed", "--checkpoint", str(tmp_path / "ckpt"), str(images), "--out", str(tmp_path / "emb"))
+    run_blocked(
+        env, "embed", "--checkpoint", str(tmp_path / "ckpt"), str(images), "--out", str(tmp_path / "emb")
+    )
     run_blocked(env, "embed", "--checkpoint", str(pt), str(images), "--out", str(tmp_path / "emb_pt"))
     assert not log.exists(), f"imports attempted: {log.read_text()}"
 
@@ -83,23 +103,33 @@ def test_convert_export_info_embed_without_torch(tmp_path: Path, blocked_env: tu
     want = {k: to_numpy(v) for k, v in net.state_dict().items()}
     loaded, _ = fs_ops.load_model_with_cfg(str(js), tmp_path / "out.pt")  # load_state_dict(strict=True)
     assert {k: to_numpy(v).tobytes() for k, v in loaded.state_dict().items()} == {
-        k: v.tobytes() for k, v in want.items()}
+        k: v.tobytes() for k, v in want.items()
+    }
     record = torch.load(tmp_path / "out.pt", weights_only=True)
     birders = torch.load(pt, weights_only=True)
     assert list(record) == list(birders)  # the same top-level record as fs_ops.checkpoint_model
     st = load_file(tmp_path / "st" / "out.safetensors")
     assert {k: to_numpy(v).tobytes() for k, v in st.items()} == {k: v.tobytes() for k, v in want.items()}
-    assert sorted(p.name for p in (tmp_path / "emb").iterdir()) == sorted(p.name for p in (tmp_path / "emb_pt").iterdir())
+    assert sorted(p.name for p in (tmp_path / "emb").iterdir()) == sorted(
+        p.name for p in (tmp_path / "emb_pt").iterdir()
+    )
 
 
-def test_a_pickle_that_would_run_code_is_refused_without_torch(tmp_path: Path,
-                                                               blocked_env: tuple[dict[str, str], Path]) -> None:
+def test_a_pickle_that_would_run_code_is_refused_without_torch(
+    tmp_path: Path, blocked_env: tuple[dict[str, str], Path]
+) -> None:
     env, log = blocked_env
     marker = tmp_path / "marker"
     path = tmp_path / "evil.pt"
     torch.save({"state": {"a": torch.ones(2)}, "rgb_stats": _Evil(marker)}, path)
-    done = subprocess.run([sys.executable, "-m", "vitreg_jax.cli", "info", str(path)], env=env, capture_output=True,
-                          text=True, check=False, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "vitreg_jax.cli", "info", str(path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
     assert done.returncode == 2 and "refused" in done.stderr and done.stderr.count("\n") == 1, done.stderr
     assert not marker.exists() and not log.exists()
 

@@ -56,13 +56,18 @@ def _holds(pid: int, path: Path) -> bool:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
-def test_a_kill_while_reading_a_large_pt_leaves_no_child_and_no_temp_folder(big_pt: Path, tmp_path: Path,
-                                                                             sig: signal.Signals) -> None:
+def test_a_kill_while_reading_a_large_pt_leaves_no_child_and_no_temp_folder(
+    big_pt: Path, tmp_path: Path, sig: signal.Signals
+) -> None:
     tmpdir = tmp_path / "tmpdir"
     tmpdir.mkdir()
     env = {**os.environ, "TMPDIR": str(tmpdir), "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.Popen([sys.executable, "-m", "vitreg_jax.cli", "convert", str(big_pt), "--out",
-                             str(tmp_path / "ckpt")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vitreg_jax.cli", "convert", str(big_pt), "--out", str(tmp_path / "ckpt")],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     children: set[int] = set()
     deadline = time.monotonic() + 300
     try:

@@ -39,8 +39,13 @@ def _structural_variants() -> list[str]:
     """One preset per distinct set of structural options (class token, layer scale, norms, registers ...)."""
     seen: dict[tuple[Any, ...], str] = {}
     for name, cfg in PRESETS.items():
-        shape = tuple(sorted((k, v > 0 if k == "num_reg_tokens" else v) for k, v in cfg.items()
-                             if k not in _SIZE_KEYS and k != "layer_scale_init_value"))
+        shape = tuple(
+            sorted(
+                (k, v > 0 if k == "num_reg_tokens" else v)
+                for k, v in cfg.items()
+                if k not in _SIZE_KEYS and k != "layer_scale_init_value"
+            )
+        )
         shape += ("ls" in name or "layer_scale_init_value" in cfg,)
         seen.setdefault(shape, name)
     return sorted(seen.values())
@@ -69,7 +74,7 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-# birder's own files ------------------------------------------------------------------------------------------
+# birder's own files -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", _structural_variants())
 def test_every_birder_variant_reads_as_torch_does(tmp_path: Path, name: str) -> None:
     from birder.model_registry import registry
@@ -98,13 +103,27 @@ def test_fp32_fp16_bf16_in_every_key_layout(tmp_path: Path, dtype: str, layout: 
 def test_strides_offsets_shared_storages_and_every_dtype(tmp_path: Path) -> None:
     base = torch.arange(24.0).reshape(4, 6)
     state = {
-        "base": base, "transposed": base.t(), "row": base[2], "block": base[1:3, 2:5], "every_other": base[:, ::2],
-        "also_base": base, "bf16": torch.randn(3, 5).to(torch.bfloat16), "fp16": torch.randn(7).half(),
-        "fp64": torch.randn(2, dtype=torch.float64), "int64": torch.arange(5), "int32": torch.arange(3).int(),
-        "int16": torch.arange(3).short(), "int8": torch.arange(-2, 2).char(), "uint8": torch.arange(4).byte(),
-        "bool": torch.tensor([True, False, True]), "uint16": torch.tensor([1, 60000]).to(torch.uint16),
-        "scalar": torch.tensor(-0.0), "empty": torch.zeros(0, 3), "nan": torch.tensor([float("nan"), -float("inf")]),
-        "param": torch.nn.Parameter(torch.ones(2)), "permuted": torch.randn(2, 3, 4).permute(2, 0, 1),
+        "base": base,
+        "transposed": base.t(),
+        "row": base[2],
+        "block": base[1:3, 2:5],
+        "every_other": base[:, ::2],
+        "also_base": base,
+        "bf16": torch.randn(3, 5).to(torch.bfloat16),
+        "fp16": torch.randn(7).half(),
+        "fp64": torch.randn(2, dtype=torch.float64),
+        "int64": torch.arange(5),
+        "int32": torch.arange(3).int(),
+        "int16": torch.arange(3).short(),
+        "int8": torch.arange(-2, 2).char(),
+        "uint8": torch.arange(4).byte(),
+        "bool": torch.tensor([True, False, True]),
+        "uint16": torch.tensor([1, 60000]).to(torch.uint16),
+        "scalar": torch.tensor(-0.0),
+        "empty": torch.zeros(0, 3),
+        "nan": torch.tensor([float("nan"), -float("inf")]),
+        "param": torch.nn.Parameter(torch.ones(2)),
+        "permuted": torch.randn(2, 3, 4).permute(2, 0, 1),
     }
     assert_same_as_torch(save_pt(tmp_path / "w.pt", state))
     ours, _ = read_pt(tmp_path / "w.pt")
@@ -149,15 +168,20 @@ def test_big_endian_files_are_swapped(tmp_path: Path) -> None:
         assert ours[key].tobytes() == to_numpy(theirs[key]).tobytes(), key
 
 
-# dtypes and layouts we do not carry (each used to be a traceback or a silent truncation) ---------------------
-@pytest.mark.parametrize(("tensor", "words"), [
-    (lambda: torch.zeros(3, dtype=torch.float8_e4m3fn), "float8_e4m3fn"),
-    (lambda: torch.zeros(3, dtype=torch.float8_e5m2), "float8_e5m2"),
-    (lambda: torch.zeros(2, dtype=torch.complex64), "complex64"),
-    (lambda: torch.eye(3).to_sparse(), "sparse layout (float32)"),
-    (lambda: torch.quantize_per_tensor(torch.ones(2), 0.1, 0, torch.quint8), "quantized layout (quint8)"),
-])
-def test_dtypes_and_layouts_we_do_not_carry_are_refused_by_name(tmp_path: Path, tensor: Any, words: str) -> None:
+# dtypes and layouts we do not carry (each used to be a traceback or a silent truncation) --------------------
+@pytest.mark.parametrize(
+    ("tensor", "words"),
+    [
+        (lambda: torch.zeros(3, dtype=torch.float8_e4m3fn), "float8_e4m3fn"),
+        (lambda: torch.zeros(3, dtype=torch.float8_e5m2), "float8_e5m2"),
+        (lambda: torch.zeros(2, dtype=torch.complex64), "complex64"),
+        (lambda: torch.eye(3).to_sparse(), "sparse layout (float32)"),
+        (lambda: torch.quantize_per_tensor(torch.ones(2), 0.1, 0, torch.quint8), "quantized layout (quint8)"),
+    ],
+)
+def test_dtypes_and_layouts_we_do_not_carry_are_refused_by_name(
+    tmp_path: Path, tensor: Any, words: str
+) -> None:
     with pytest.warns() if "quantized" in words else contextlib.nullcontext():
         path = save_pt(tmp_path / "w.pt", {"ok": torch.ones(2), "odd.weight": tensor()})
     with pytest.raises(UserError) as err:
@@ -179,8 +203,13 @@ def test_random_bytes_starting_with_a_pickle_opcode(tmp_path: Path, opcode: byte
 def test_random_bytes_on_the_command_line_are_one_line_without_torchs_advice(tmp_path: Path) -> None:
     path = tmp_path / "noise.pt"
     path.write_bytes(b"\x80\x02" + np.random.default_rng(1).bytes(4094))
-    done = subprocess.run([sys.executable, "-m", "vitreg_jax.cli", "info", str(path)], capture_output=True,
-                          text=True, check=False, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "vitreg_jax.cli", "info", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
     assert done.returncode == 2
     assert done.stderr.splitlines() == [f"vitreg-jax info: error: {path}: {NOT_WEIGHTS}"]
 
@@ -193,7 +222,7 @@ def test_the_pre_zip_torch_format_is_refused_in_one_line(tmp_path: Path) -> None
     assert "\n" not in str(err.value)
 
 
-# crafted archives: pickles that would run code, and claims past the data --------------------------------------
+# crafted archives: pickles that would run code, and claims past the data ------------------------------------
 def craft(path: Path, pickled: bytes, records: dict[str, bytes] | None = None) -> Path:
     """A torch-style zip: ``archive/data.pkl`` plus ``archive/data/<key>`` records."""
     with zipfile.ZipFile(path, "w") as zf:
@@ -210,17 +239,39 @@ def _s(text: str) -> bytes:
     return b"X" + struct.pack("<I", len(raw)) + raw
 
 
-def tensor_pickle(*, storage: str = "FloatStorage", key: str = "0", numel: int = 4, offset: int = 0,
-                  shape: tuple[int, ...] = (4,), stride: tuple[int, ...] = (1,)) -> bytes:
+def tensor_pickle(
+    *,
+    storage: str = "FloatStorage",
+    key: str = "0",
+    numel: int = 4,
+    offset: int = 0,
+    shape: tuple[int, ...] = (4,),
+    stride: tuple[int, ...] = (1,),
+) -> bytes:
     """``{"state": {"a": <tensor>}}`` exactly as torch pickles it, with every claim chosen by the test."""
+
     def ints(values: tuple[int, ...]) -> bytes:
         return b"(" + b"".join(b"\x8a\x08" + struct.pack("<q", v) for v in values) + b"t"
 
-    return (b"\x80\x02}(" + _s("state") + b"}(" + _s("a")
-            + b"ctorch._utils\n_rebuild_tensor_v2\n((" + _s("storage") + f"ctorch\n{storage}\n".encode()
-            + _s(key) + _s("cpu") + b"\x8a\x08" + struct.pack("<q", numel) + b"tQ"
-            + b"\x8a\x08" + struct.pack("<q", offset) + ints(shape) + ints(stride)
-            + b"\x89ccollections\nOrderedDict\n)RtRuu.")
+    return (
+        b"\x80\x02}("
+        + _s("state")
+        + b"}("
+        + _s("a")
+        + b"ctorch._utils\n_rebuild_tensor_v2\n(("
+        + _s("storage")
+        + f"ctorch\n{storage}\n".encode()
+        + _s(key)
+        + _s("cpu")
+        + b"\x8a\x08"
+        + struct.pack("<q", numel)
+        + b"tQ"
+        + b"\x8a\x08"
+        + struct.pack("<q", offset)
+        + ints(shape)
+        + ints(stride)
+        + b"\x89ccollections\nOrderedDict\n)RtRuu."
+    )
 
 
 def test_the_crafted_tensor_pickle_is_what_torch_reads(tmp_path: Path) -> None:
@@ -228,21 +279,25 @@ def test_the_crafted_tensor_pickle_is_what_torch_reads(tmp_path: Path) -> None:
     assert_same_as_torch(path)
 
 
-@pytest.mark.parametrize(("claim", "words"), [
-    ({"numel": 5}, "claims 20 bytes"),
-    ({"numel": 1 << 60, "shape": (1 << 60,)}, "claims"),
-    ({"shape": (5,)}, "past its storage"),
-    ({"offset": 1}, "past its storage"),
-    ({"shape": (2, 3), "stride": (3, 1)}, "past its storage"),
-    ({"shape": (1 << 40,), "stride": (0,)}, "past its storage"),  # an expanded view would allocate 4 TiB
-    ({"shape": (1 << 62, 0), "stride": (1, 1)}, "implausibly large"),
-    ({"shape": (0, 3), "stride": (3, 1)}, None),
-    ({"key": "../data.pkl"}, "outside the archive"),
-    ({"key": "7"}, "outside the archive"),
-    ({"storage": "ComplexFloatStorage"}, "complex64"),
-])
-def test_claims_past_the_data_are_refused_before_allocating(tmp_path: Path, claim: dict[str, Any],
-                                                            words: str | None) -> None:
+@pytest.mark.parametrize(
+    ("claim", "words"),
+    [
+        ({"numel": 5}, "claims 20 bytes"),
+        ({"numel": 1 << 60, "shape": (1 << 60,)}, "claims"),
+        ({"shape": (5,)}, "past its storage"),
+        ({"offset": 1}, "past its storage"),
+        ({"shape": (2, 3), "stride": (3, 1)}, "past its storage"),
+        ({"shape": (1 << 40,), "stride": (0,)}, "past its storage"),  # an expanded view would allocate 4 TiB
+        ({"shape": (1 << 62, 0), "stride": (1, 1)}, "implausibly large"),
+        ({"shape": (0, 3), "stride": (3, 1)}, None),
+        ({"key": "../data.pkl"}, "outside the archive"),
+        ({"key": "7"}, "outside the archive"),
+        ({"storage": "ComplexFloatStorage"}, "complex64"),
+    ],
+)
+def test_claims_past_the_data_are_refused_before_allocating(
+    tmp_path: Path, claim: dict[str, Any], words: str | None
+) -> None:
     path = craft(tmp_path / "w.pt", tensor_pickle(**claim), {"0": b"\0" * 16})
     tracemalloc.start()
     try:
@@ -260,11 +315,24 @@ def test_claims_past_the_data_are_refused_before_allocating(tmp_path: Path, clai
 
 def test_a_small_file_cannot_claim_more_copies_than_it_holds(tmp_path: Path) -> None:
     """Many strided views of one storage: each copy is small, their sum is bounded by the file's size."""
-    views = b"".join(_s(f"v{i}") + b"h\x01(h\x02K\x00(K\x40K\x40t(K\x01K\x40t\x89h\x03)RtR" for i in range(400))
-    pickled = (b"\x80\x02}(" + _s("state") + b"}(" + _s("first")
-               + b"ctorch._utils\n_rebuild_tensor_v2\nq\x01((" + _s("storage") + b"ctorch\nFloatStorage\n"
-               + _s("0") + _s("cpu") + b"M\x00\x10tQq\x02K\x00(M\x00\x10t(K\x01t\x89ccollections\nOrderedDict\nq"
-               + b"\x03)RtR" + views + b"uu.")
+    views = b"".join(
+        _s(f"v{i}") + b"h\x01(h\x02K\x00(K\x40K\x40t(K\x01K\x40t\x89h\x03)RtR" for i in range(400)
+    )
+    pickled = (
+        b"\x80\x02}("
+        + _s("state")
+        + b"}("
+        + _s("first")
+        + b"ctorch._utils\n_rebuild_tensor_v2\nq\x01(("
+        + _s("storage")
+        + b"ctorch\nFloatStorage\n"
+        + _s("0")
+        + _s("cpu")
+        + b"M\x00\x10tQq\x02K\x00(M\x00\x10t(K\x01t\x89ccollections\nOrderedDict\nq"
+        + b"\x03)RtR"
+        + views
+        + b"uu."
+    )
     path = craft(tmp_path / "w.pt", pickled, {"0": b"\0" * 16384})
     with pytest.raises(UserError, match="claims more data than the file holds"):
         read_pt(path)
@@ -278,21 +346,33 @@ class Evil:
         return (open, (self.marker, "w"))
 
 
-@pytest.mark.parametrize(("what", "pickled", "words"), [
-    ("REDUCE of os.system", b"\x80\x02cos\nsystem\n" + _s("touch MARK") + b"\x85R.", "os.system"),
-    ("a global behind torch", b"\x80\x02ctorch\nload\n" + _s("MARK") + b"\x85R.", "torch.load"),
-    ("STACK_GLOBAL", b"\x80\x04" + _s("builtins") + _s("eval") + b"\x93" + _s("1") + b"\x85R.", "builtins.eval"),
-    ("a nested pickle", b"\x80\x02c_pickle\nloads\nC\x02N.\x85R.", "_pickle.loads"),
-    ("INST", b"(S'MARK'\nios\nsystem\n.", "INST"),
-    ("OBJ", b"\x80\x02(cos\nsystem\n" + _s("MARK") + b"o.", "os.system"),
-    ("NEWOBJ", b"\x80\x02}(" + _s("state") + b"ccollections\nOrderedDict\n)\x81u.", "NEWOBJ"),
-    ("BUILD on a storage class", b"\x80\x02ctorch\nFloatStorage\n}(" + _s("x") + b"K\x01ub.", "FloatStorage"),
-    ("BUILD on a list", b"\x80\x02](K\x01e}b.", "list"),
-    ("a persistent id that is not a storage", b"\x80\x02" + _s("/etc/passwd") + b"Q.", "not a storage"),
-    ("EXT1", b"\x80\x02\x82\x01.", "EXT1"),
-])
-def test_a_pickle_that_would_run_code_is_refused_before_anything_runs(tmp_path: Path, what: str, pickled: bytes,
-                                                                      words: str) -> None:
+@pytest.mark.parametrize(
+    ("what", "pickled", "words"),
+    [
+        ("REDUCE of os.system", b"\x80\x02cos\nsystem\n" + _s("touch MARK") + b"\x85R.", "os.system"),
+        ("a global behind torch", b"\x80\x02ctorch\nload\n" + _s("MARK") + b"\x85R.", "torch.load"),
+        (
+            "STACK_GLOBAL",
+            b"\x80\x04" + _s("builtins") + _s("eval") + b"\x93" + _s("1") + b"\x85R.",
+            "builtins.eval",
+        ),
+        ("a nested pickle", b"\x80\x02c_pickle\nloads\nC\x02N.\x85R.", "_pickle.loads"),
+        ("INST", b"(S'MARK'\nios\nsystem\n.", "INST"),
+        ("OBJ", b"\x80\x02(cos\nsystem\n" + _s("MARK") + b"o.", "os.system"),
+        ("NEWOBJ", b"\x80\x02}(" + _s("state") + b"ccollections\nOrderedDict\n)\x81u.", "NEWOBJ"),
+        (
+            "BUILD on a storage class",
+            b"\x80\x02ctorch\nFloatStorage\n}(" + _s("x") + b"K\x01ub.",
+            "FloatStorage",
+        ),
+        ("BUILD on a list", b"\x80\x02](K\x01e}b.", "list"),
+        ("a persistent id that is not a storage", b"\x80\x02" + _s("/etc/passwd") + b"Q.", "not a storage"),
+        ("EXT1", b"\x80\x02\x82\x01.", "EXT1"),
+    ],
+)
+def test_a_pickle_that_would_run_code_is_refused_before_anything_runs(
+    tmp_path: Path, what: str, pickled: bytes, words: str
+) -> None:
     path = craft(tmp_path / "evil.pt", pickled.replace(b"MARK", str(tmp_path / "marker").encode()))
     with pytest.raises(UserError, match="refused") as err:
         read_birder_file(path)
@@ -321,8 +401,13 @@ def test_build_on_a_state_dict_is_harmless_and_dropped(tmp_path: Path) -> None:
 
 
 def test_pickled_python_metadata_reads_as_torch_reads_it(tmp_path: Path) -> None:
-    meta = {"config": {"a": None, "b": True, "c": -3, "d": 1e-6, "e": 2**70, "f": "é", "g": [1, (2, 3)]},
-            "class_to_idx": {"x": 0}, "tags": {1, 2}, "blob": b"\x00\xff", "rgb_stats": RGB}
+    meta = {
+        "config": {"a": None, "b": True, "c": -3, "d": 1e-6, "e": 2**70, "f": "é", "g": [1, (2, 3)]},
+        "class_to_idx": {"x": 0},
+        "tags": {1, 2},
+        "blob": b"\x00\xff",
+        "rgb_stats": RGB,
+    }
     for protocol in (2, 4, 5):
         path = tmp_path / f"p{protocol}.pt"
         torch.save({"state": {"a": torch.ones(2)}, **meta}, path, pickle_protocol=protocol)

@@ -42,8 +42,9 @@ def read_pt_with_torch(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any
     from vitreg_jax.convert.safetensors_io import read_safetensors
 
     with tempfile.TemporaryDirectory(prefix="vitreg-pt-") as tmp:
-        done = subprocess.run([sys.executable, "-c", CHILD, str(path), tmp], capture_output=True, text=True,
-                              check=False)
+        done = subprocess.run(
+            [sys.executable, "-c", CHILD, str(path), tmp], capture_output=True, text=True, check=False
+        )
         if done.returncode != 0:
             raise UserError(f"{path}: torch.load failed: {done.stderr.strip().splitlines()[-1]}")
         state, _ = read_safetensors(Path(tmp) / "state.safetensors")
