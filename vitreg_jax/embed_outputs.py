@@ -22,7 +22,7 @@ character is itself, so ordinary names read back unchanged; :func:`decode_name` 
 
 ``format="parquet"`` (sharded; any size, any number of processes)::
 
-    DIR/part-NNNNN.parquet  one per input shard (a .tar file, or a run of ``part_size`` files): columns
+    DIR/part-NNNNN.parquet  one per input shard (a .tar file, or a run of ``files_per_part`` files): columns
                             key (string: the file path, or the member's key in its tar shard),
                             source (string: the file, or the shard, it came from),
                             embedding (fixed-size list of float32: D values for "cls"; for "tokens" /
@@ -37,10 +37,11 @@ parts sort in input order and every shard maps to one part whichever process wro
 data (newlines included); a name that is not valid UTF-8 cannot be a parquet string and is listed as a
 failure instead. Parts are readable without our code: ``pyarrow.parquet.read_table(sorted(glob))`` or
 ``pyarrow.dataset.dataset(DIR, format="parquet", exclude_invalid_files=True)`` (which skips manifest.json),
-``polars.read_parquet("DIR/*.parquet")``, DuckDB's ``read_parquet('DIR/*.parquet')``, HF datasets'
-``load_dataset("parquet", data_files="DIR/*.parquet")``. Each part also
-carries its own record (shard, source, rows, failures, run id) as JSON under the schema metadata key
-``vitreg_jax.part``, which is how a resumed run rebuilds the manifest.
+``polars.read_parquet("DIR/*.parquet")`` (an Array column), DuckDB's ``read_parquet('DIR/*.parquet')``
+(parquet itself has no fixed-size list: DuckDB sees ``FLOAT[]``, or ``FLOAT[][]`` for tokens; the fixed
+sizes travel in the arrow schema that pyarrow and polars read back). Each part also carries its own record
+(shard, source, rows, failures, run id) as JSON under the schema metadata key ``vitreg_jax.part``, from which
+the run's last step builds the manifest.
 
 Both formats are written from the same parts: every finished shard becomes one part file, written under a
 temporary name and renamed (``vitreg_jax.fileio``), so a part is complete or absent. For ``npy`` the parts
