@@ -6,6 +6,7 @@ with torch and birder here: the exported ``.pt`` loads strictly in birder, bit f
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -44,17 +45,34 @@ def blocked_env(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, str
     return env, log
 
 
-def run_blocked(env: dict[str, str], *args: str) -> str:
+# runs each command in one interpreter (as the CLI would, one after another) and reports their stdout
+DRIVER = """import contextlib, io, json, sys
+from vitreg_jax.cli import main
+outs = []
+for args in json.loads(sys.argv[1]):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = main(args)
+    if rc != 0:
+        sys.exit(f"{args}: exit status {rc}")
+    outs.append(out.getvalue())
+print(json.dumps({"outputs": outs, "torch_imported": "torch" in sys.modules}))
+"""
+
+
+def run_blocked(env: dict[str, str], *commands: list[str]) -> list[str]:
     done = subprocess.run(
-        [sys.executable, "-m", "vitreg_jax.cli", *args],
+        [sys.executable, "-c", DRIVER, json.dumps(commands)],
         env=env,
         capture_output=True,
         text=True,
         check=False,
-        timeout=600,
+        timeout=900,
     )
-    assert done.returncode == 0, f"{args}: {done.stderr[-2000:]}"
-    return done.stdout
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert not result["torch_imported"]
+    return result["outputs"]
 
 
 def test_the_stub_really_blocks_torch(blocked_env: tuple[dict[str, str], Path]) -> None:
@@ -84,16 +102,19 @@ def test_convert_export_info_embed_without_torch(
     for i in range(3):
         Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(images / f"{i}.png")
 
-    run_blocked(env, "convert", str(pt), "--out", str(tmp_path / "ckpt"))
-    run_blocked(env, "export", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out.pt"))
+    ckpt, st = str(tmp_path / "ckpt"), str(tmp_path / "st" / "out.safetensors")
     (tmp_path / "st").mkdir()
-    run_blocked(env, "export", str(tmp_path / "ckpt"), "--out", str(tmp_path / "st" / "out.safetensors"))
-    assert "vit_reg4_b16" in run_blocked(env, "info", str(tmp_path / "ckpt"))
-    run_blocked(env, "info", str(pt))
-    run_blocked(
-        env, "embed", "--checkpoint", str(tmp_path / "ckpt"), str(images), "--out", str(tmp_path / "emb")
+    outputs = run_blocked(
+        env,
+        ["convert", str(pt), "--out", ckpt],
+        ["export", ckpt, "--out", str(tmp_path / "out.pt")],
+        ["export", ckpt, "--out", st],
+        ["info", ckpt],
+        ["info", str(pt)],
+        ["embed", "--checkpoint", ckpt, str(images), "--out", str(tmp_path / "emb")],
+        ["embed", "--checkpoint", str(pt), str(images), "--out", str(tmp_path / "emb_pt")],
     )
-    run_blocked(env, "embed", "--checkpoint", str(pt), str(images), "--out", str(tmp_path / "emb_pt"))
+    assert "vit_reg4_" in outputs[3] and "birder .pt" in outputs[4]
     assert not log.exists(), f"imports attempted: {log.read_text()}"
 
     # what was written without torch, checked with torch and birder
