@@ -182,7 +182,10 @@ def _locate(zf: zipfile.ZipFile, info: zipfile.ZipInfo, size: int) -> _Entry:
     if offset + info.compress_size > size:
         raise Corrupt(f"{info.filename} reaches past the end of the file (truncated?)")
     if not stored and info.file_size > size:
-        raise Corrupt(f"{info.filename}: compressed record larger than the file")
+        raise Corrupt(
+            f"{info.filename}: a compressed record larger than the whole file (torch.save never "
+            "compresses; re-save the file with torch.save)"
+        )
     return _Entry(info.filename, offset, info.file_size, stored, info.CRC, info)
 
 

@@ -454,3 +454,24 @@ def test_the_old_torch_path_kept_for_benchmarks_reads_the_same(tmp_path: Path) -
     (ours, ours_meta), (old, old_meta) = read_pt(path), read_pt_with_torch(path)
     assert ours_meta == old_meta and list(ours) == list(old)
     assert all(ours[k].dtype == old[k].dtype and ours[k].tobytes() == old[k].tobytes() for k in ours)
+
+
+def test_deflated_records_are_read_and_bounded(tmp_path: Path) -> None:
+    """torch.save never compresses, but a re-zipped file reads the same; a record claiming to inflate past the
+    file's own size is refused before it is inflated (so nothing allocated is larger than the file)."""
+    stored = save_pt(tmp_path / "w.pt", {"a": torch.randn(64), "b": torch.randn(4096)})
+    deflated = tmp_path / "deflated.pt"
+    with zipfile.ZipFile(stored) as src, zipfile.ZipFile(deflated, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info))
+    assert zipfile.ZipFile(deflated).getinfo("w/data/1").compress_type == zipfile.ZIP_DEFLATED
+    ours, _ = read_pt(deflated)
+    want, _ = read_pt(stored)
+    assert all(ours[k].tobytes() == want[k].tobytes() for k in want)
+    bomb = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as dst:
+        dst.writestr("bomb/data.pkl", tensor_pickle(numel=1 << 22, shape=(1 << 22,)))
+        dst.writestr("bomb/data/0", bytes(16 << 20))  # 16 MiB of zeros in a few KiB
+    assert bomb.stat().st_size < 1 << 20
+    with pytest.raises(UserError, match="larger than the whole file"):
+        read_pt(bomb)
