@@ -24,7 +24,8 @@ import numpy as np
 from vitreg_jax.convert.pt_format import STORAGE_ALIGNMENT, STORAGE_OF_DTYPE, contiguous_strides
 from vitreg_jax.errors import UserError
 
-_U32 = 0xFFFFFFFF
+_U32 = 0xFFFFFFFF  # a 32-bit field saying "see the zip64 extra field"
+ZIP64_FROM = 0xFFFFFFFF  # sizes and offsets from this value on go into zip64 extra fields
 _PAD_ID = 0x4246  # "FB": the extra-field id torch uses for its alignment padding
 
 
@@ -112,8 +113,7 @@ class _Pickle:
 
 
 def pickle_record(state: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> bytes:
-    """``data.pkl`` for ``{"state": OrderedDict(state), **meta}``; tensor i's storage is record ``data/<i>``.
-    """
+    """``data.pkl`` for ``{"state": OrderedDict(state), **meta}``; tensor i's storage is record ``data/<i>``."""
     p = _Pickle()
     p.op(b"\x80\x02}(")
     p.text("state")
@@ -149,7 +149,7 @@ class _ZipWriter:
     def record(self, name: str, data: bytes | memoryview) -> None:
         name_raw = name.encode("utf-8")
         size, crc, offset = len(data), zlib.crc32(data), self.pos
-        big = size >= _U32
+        big = size >= ZIP64_FROM
         zip64 = struct.pack("<HHQQ", 0x0001, 16, size, size) if big else b""
         base = offset + 30 + len(name_raw) + len(zip64) + 4  # data offset with an empty padding field
         pad = b"Z" * (-base % STORAGE_ALIGNMENT)
@@ -174,7 +174,9 @@ class _ZipWriter:
             + extra
         )
         self.write(data)
-        c_extra = struct.pack("<HHQQQ", 0x0001, 24, size, size, offset) if big or offset >= _U32 else b""
+        c_extra = (
+            struct.pack("<HHQQQ", 0x0001, 24, size, size, offset) if big or offset >= ZIP64_FROM else b""
+        )
         self.central.append(
             struct.pack(
                 "<4sHHHHHHIIIHHHHHII",
@@ -215,8 +217,8 @@ class _ZipWriter:
                 0,
                 min(n, 0xFFFF),
                 min(n, 0xFFFF),
-                min(cd_size, _U32),
-                min(start, _U32),
+                cd_size if cd_size < ZIP64_FROM else _U32,
+                start if start < ZIP64_FROM else _U32,
                 0,
             )
         )

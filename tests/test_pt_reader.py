@@ -475,3 +475,50 @@ def test_deflated_records_are_read_and_bounded(tmp_path: Path) -> None:
     assert bomb.stat().st_size < 1 << 20
     with pytest.raises(UserError, match="larger than the whole file"):
         read_pt(bomb)
+
+
+def test_zip64_records_as_files_over_4_gib_write_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every size and offset in zip64 fields (as in a file over 4 GiB): torch, zipfile and our reader agree."""
+    from vitreg_jax.convert import pt_writer
+    from vitreg_jax.convert.readers import write_pt
+
+    monkeypatch.setattr(pt_writer, "ZIP64_FROM", 0)
+    state = {"a": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.ones(5, np.float16)}
+    path = tmp_path / "w.pt"
+    write_pt(path, state, {"birder_version": "v0.8.4"})
+    with zipfile.ZipFile(path) as zf:
+        assert zf.testzip() is None and all(i.extra[:2] == b"\x01\x00" for i in zf.infolist())
+    assert_same_as_torch(path)
+    ours, _ = read_pt(path)
+    assert all(ours[k].tobytes() == v.tobytes() for k, v in state.items())
+
+
+@pytest.mark.parametrize("zip64", [False, True])
+def test_written_records_are_stored_and_64_byte_aligned(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, zip64: bool
+) -> None:
+    from vitreg_jax.convert import pt_writer
+    from vitreg_jax.convert.readers import write_pt
+
+    if zip64:
+        monkeypatch.setattr(pt_writer, "ZIP64_FROM", 0)
+    path = tmp_path / "w.pt"
+    write_pt(path, {f"t{i}": np.ones(i, np.float32) for i in range(1, 9)}, {})
+    data = path.read_bytes()
+    with zipfile.ZipFile(path) as zf:
+        for info in zf.infolist():
+            name_len, extra_len = struct.unpack(
+                "<HH", data[info.header_offset + 26 : info.header_offset + 30]
+            )
+            assert info.compress_type == zipfile.ZIP_STORED, info.filename
+            assert (info.header_offset + 30 + name_len + extra_len) % 64 == 0, info.filename
+    state, _ = read_pt(path)
+    assert all(isinstance(_root(a), np.memmap) for a in state.values())
+
+
+def _root(a: np.ndarray) -> object:
+    while a.base is not None and not isinstance(a, np.memmap):
+        a = a.base
+    return a
