@@ -372,6 +372,42 @@ def test_two_processes_equal_one(ckpt, inputs, reference, tmp_path, weights):
     assert set(os.listdir(out)) == OUTPUTS
 
 
+def test_a_process_that_cannot_read_its_inputs_stops_every_process(ckpt, inputs, tmp_path):
+    out = tmp_path / "out"
+    port = free_port()
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "vitreg_jax",
+                "embed",
+                "--checkpoint",
+                str(ckpt),
+                str(given),
+                "--out",
+                str(out),
+                "--coordinator",
+                f"127.0.0.1:{port}",
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+            ],
+            env=cli_env(),
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i, given in enumerate([inputs, tmp_path / "missing"])
+    ]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [2, 2], errors
+    assert "process 1 could not read its inputs" in errors[0] and "input not found" in errors[1], errors
+    assert not out.exists()
+
+
 def read_parquet_rows(out: Path) -> dict[str, np.ndarray]:
     import pyarrow.parquet as pq
 

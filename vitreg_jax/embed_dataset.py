@@ -57,7 +57,7 @@ from vitreg_jax.embed_outputs import (
     write_manifest,
     write_npy,
 )
-from vitreg_jax.embed_steps import embed_shards, gather, sync
+from vitreg_jax.embed_steps import embed_shards, gather, on_every_process, sync
 from vitreg_jax.errors import UserError
 from vitreg_jax.fileio import make_dir
 from vitreg_jax.folder_lock import FolderLock
@@ -176,18 +176,23 @@ def embed_dataset(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")
-    shards = _shards(inputs, files_per_part)
-    embedder = (
-        model
-        if isinstance(model, Embedder)
-        else _make_embedder(model, dtype, features, batch_size, shard_weights)
+    shards, embedder, size, ident = on_every_process(
+        lambda: _settings(
+            model,
+            inputs,
+            cfg,
+            format,
+            checkpoint,
+            size,
+            dtype,
+            features,
+            batch_size,
+            shard_weights,
+            files_per_part,
+        ),
+        "read its inputs or settings",
     )
-    size = size or get_size_from_signature(cfg["signature"])
-    p = embedder.cfg.patch_size
-    if size[0] % p or size[1] % p:
-        raise UserError(f"size {size[0]}x{size[1]} is not a multiple of the model's patch size {p}")
     transform = classification_transform(size, cfg["rgb_stats"])
-    ident = _run_identity(format, checkpoint, cfg, size, embedder, shards, files_per_part)
     run_id = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
     every = gather(np.frombuffer(bytes.fromhex(run_id)[:8], np.int32).tolist())
     if not (every == every[0]).all():
@@ -213,8 +218,10 @@ def embed_dataset(
         totals = gather([counters["computed"], counters["parts"]]).sum(axis=0)
         sync("vitreg-jax embed: parts written")
         meta = _finish_meta(ident, cfg, embedder, size, counters, totals, start_time)
-        result_meta = _merge(out, parts_dir, format, shards, embedder, size, meta) if pid == 0 else {}
-        sync("vitreg-jax embed: merged")
+        result_meta = on_every_process(
+            lambda: _merge(out, parts_dir, format, shards, embedder, size, meta) if pid == 0 else {},
+            "write the final files",
+        )
     finally:
         if lock is not None:
             lock.release()
@@ -230,6 +237,33 @@ def embed_dataset(
         meta["timing"]["images_per_second_this_run"],
         result_meta,
     )
+
+
+def _settings(
+    model: Embedder | ViT,
+    inputs: Any,
+    cfg: Mapping[str, Any],
+    fmt: str,
+    checkpoint: str | os.PathLike[str] | None,
+    size: tuple[int, int] | None,
+    dtype: str | None,
+    features: str,
+    batch_size: int | None,
+    shard_weights: bool,
+    files_per_part: int,
+) -> tuple[list[Shard], Embedder, tuple[int, int], dict[str, Any]]:
+    """The shards, the Embedder, the input size and the run's identity; UserError for a mistake."""
+    shards = _shards(inputs, files_per_part)
+    embedder = (
+        model
+        if isinstance(model, Embedder)
+        else _make_embedder(model, dtype, features, batch_size, shard_weights)
+    )
+    size = size or get_size_from_signature(cfg["signature"])
+    p = embedder.cfg.patch_size
+    if size[0] % p or size[1] % p:
+        raise UserError(f"size {size[0]}x{size[1]} is not a multiple of the model's patch size {p}")
+    return shards, embedder, size, _run_identity(fmt, checkpoint, cfg, size, embedder, shards, files_per_part)
 
 
 def _shards(inputs: Any, files_per_part: int) -> list[Shard]:

@@ -12,9 +12,9 @@ out of images (:func:`lockstep`).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import numpy as np
@@ -23,7 +23,10 @@ from jax.experimental import multihost_utils
 from vitreg_jax.data import ItemBatch, Transform, iter_item_batches
 from vitreg_jax.embed import Embedder, PendingEmbedding
 from vitreg_jax.embed_outputs import NOT_UTF8, PartData, encode_name, is_utf8, part_name, write_part
+from vitreg_jax.errors import UserError
 from vitreg_jax.sources import Shard
+
+T = TypeVar("T")
 
 
 # collectives -------------------------------------------------------------------------------------------
@@ -39,6 +42,23 @@ def sync(name: str) -> None:
     """A barrier across the processes (nothing for one process)."""
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)
+
+
+def on_every_process(step: Callable[[], T], what: str) -> T:
+    """``step()`` on every process; a ``UserError`` on any of them is raised on all (its own message where it
+    happened), rather than leaving the others waiting at the next collective."""
+    error: UserError | None = None
+    result: Any = None
+    try:
+        result = step()
+    except UserError as e:
+        error = e
+    failed = gather([error is not None])[:, 0]  # (processes,)
+    if error is not None:
+        raise error
+    if failed.any():
+        raise UserError(f"process {int(np.flatnonzero(failed)[0])} could not {what}; see its message")
+    return result
 
 
 def shard_source(shard: Shard) -> str:

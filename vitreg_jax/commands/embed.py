@@ -130,9 +130,11 @@ def run(args: argparse.Namespace) -> int:
 
     from vitreg_jax.convert.load import load_model_with_cfg
     from vitreg_jax.embed_dataset import embed_dataset
+    from vitreg_jax.embed_steps import on_every_process
     from vitreg_jax.sources import list_shards
 
-    shards = list_shards(args.inputs, args.files_per_part)  # a missing input fails before the model loads
+    # a missing input fails before the model loads, on every process at once
+    shards = on_every_process(lambda: list_shards(args.inputs, args.files_per_part), "read its inputs")
     net, cfg = load_model_with_cfg(args.config, args.checkpoint)
     result = embed_dataset(
         net,
