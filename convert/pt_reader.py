@@ -7,8 +7,8 @@ execute. Every number the pickle claims (a storage's element count, a tensor's o
 checked against the record's real size before any array exists, and no tensor may claim more elements than its
 storage holds, so nothing allocated here is larger than the file.
 
-Records stored uncompressed (``torch.save`` never compresses) become copy-on-write memory maps of the file:
-contiguous tensors are views of it (nothing is read until used; each record's CRC is checked once, which reads
+Records stored uncompressed (``torch.save`` never compresses) become copy-on-write memory maps of the file,
+one per record: contiguous tensors are views of it (nothing is read until used; each record's CRC is checked once, which reads
 it through the page cache); strided tensors are copied out contiguously. Arrays keep their stored dtype (bf16
 as ``ml_dtypes.bfloat16``), in native byte order, C-contiguous and writeable.
 
@@ -84,7 +84,6 @@ class _Archive:
     big_endian: bool = False
     storages: dict[str, _Storage] = field(default_factory=dict)
     arrays: dict[str, np.ndarray] = field(default_factory=dict)  # per storage key: its elements
-    mm: np.memmap | None = None
 
 
 def read_pt(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -194,10 +193,12 @@ def _entry_bytes(arc: _Archive, entry: _Entry, limit: int | None = None) -> np.n
     if limit is not None and entry.size > limit:
         raise Corrupt(f"{entry.name} is implausibly large")
     if entry.stored:
-        if arc.mm is None:
-            arc.mm = np.memmap(arc.path, dtype=np.uint8, mode="c", shape=(arc.size,))
-        data = arc.mm[entry.offset : entry.offset + entry.size].view(np.ndarray)
-        crc = zlib.crc32(data) if entry.size else 0
+        if not entry.size:
+            data = np.zeros(0, np.uint8)
+        else:  # one map per record: it is unmapped once its last tensor is dropped (convert drops as it goes)
+            mm = np.memmap(arc.path, dtype=np.uint8, mode="c", offset=entry.offset, shape=(entry.size,))
+            data = mm.view(np.ndarray)
+        crc = zlib.crc32(data)
         if crc != entry.crc:
             raise Corrupt(f"CRC mismatch in record {entry.name}")
         return data
