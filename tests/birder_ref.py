@@ -6,6 +6,8 @@ from typing import Any
 
 import numpy as np
 
+from vitreg_jax.rgb_stats import named_rgb_stats
+
 TINY_MODEL_CONFIG = {"num_layers": 2, "hidden_dim": 64, "num_heads": 2, "mlp_dim": 128}
 
 
@@ -77,7 +79,7 @@ def first_divergence(tnet, net, x: np.ndarray, atol_rel: float = 1e-5) -> str:
     return "no block output diverges beyond the relative tolerance; look at the final norm / pooling"
 
 
-OLD_BIRDER_RGB = {"mean": [0.5248, 0.5372, 0.5086], "std": [0.2135, 0.2103, 0.2622]}  # vit_reg4_b16_mim's era
+OLD_BIRDER_RGB = named_rgb_stats("vit_reg4_b16_mim")  # vit_reg4_b16_mim's era
 
 
 def save_birder_files(tnet, directory, name: str = "vit_reg4_b16_mim", epoch: int = 200,

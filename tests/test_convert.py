@@ -25,6 +25,7 @@ from vitreg_jax.convert import infer, mapping
 from vitreg_jax.convert.readers import read_birder_file
 from vitreg_jax.convert.standin import birder_models_dir
 from vitreg_jax.errors import UserError
+from vitreg_jax.rgb_stats import RGB_STATS
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("birder")
@@ -32,7 +33,7 @@ logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 TINY = {"num_layers": 2, "hidden_dim": 64, "num_heads": 2, "mlp_dim": 128}
 SIZE = (32, 32)
-RGB = {"mean": (0.5191, 0.5306, 0.4877), "std": (0.2316, 0.2304, 0.2588)}
+RGB = RGB_STATS["birder"]
 DEPTH = TINY["num_layers"]
 
 

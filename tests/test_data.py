@@ -14,10 +14,11 @@ import pytest
 from vitreg_jax.data import Batch, Failure, iter_batches, list_inputs
 from vitreg_jax.errors import UserError
 from vitreg_jax.preprocess import classification_transform, load_image
+from vitreg_jax.rgb_stats import named_rgb_stats
 
 IMAGES_DIR = Path(__file__).resolve().parent.parent / "examples" / "images"
 SAMPLES = sorted(p for p in IMAGES_DIR.iterdir() if p.suffix.lower() in {".jpg", ".png"})
-STATS = {"mean": [0.5248, 0.5372, 0.5086], "std": [0.2135, 0.2103, 0.2622]}
+STATS = named_rgb_stats("vit_reg4_b16_mim")
 SIZE = (32, 48)  # small, non-square: fast, and catches H/W mix-ups
 THREAD_PREFIX = "vitreg-data"
 

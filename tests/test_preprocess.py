@@ -20,12 +20,13 @@ from vitreg_jax.preprocess import (
     load_image,
     to_rgb,
 )
+from vitreg_jax.rgb_stats import RGB_STATS, named_rgb_stats
 
 IMAGES_DIR = Path(__file__).resolve().parent.parent / "examples" / "images"
 SAMPLES = sorted(p for p in IMAGES_DIR.iterdir() if p.suffix.lower() in {".jpg", ".png"})
 # The stats vit_reg4_b16_mim was trained with (birder's "birder" mode before 2025-05-24), and imagenet's.
-OLD_BIRDER_STATS = {"mean": [0.5248, 0.5372, 0.5086], "std": [0.2135, 0.2103, 0.2622]}
-IMAGENET_STATS = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+OLD_BIRDER_STATS = named_rgb_stats("vit_reg4_b16_mim")
+IMAGENET_STATS = RGB_STATS["imagenet"]
 # (size (H, W), center_crop, simple_crop): squash, non-square, crop < 1, ResizeToCover, crop > 1 (pads)
 CONFIGS = [
     ((224, 224), 1.0, False),
