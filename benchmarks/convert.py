@@ -9,9 +9,12 @@ command runs as a fresh process, exactly as a user runs it (``python -m vitreg_j
 memory is the kernel's ``ru_maxrss`` for that child (``os.wait4``): imports, libraries and all. Wall time is the
 median of the runs; peak RSS the largest.
 
-For scale, the same run measures (a) birder loading the same file (``birder.load_model_with_cfg``), and (b) the
-straightforward conversion this project started from: ``torch.load(weights_only=True)`` -> numpy -> the
-mapping table -> ``orbax PyTreeCheckpointer().save`` with Orbax's defaults.
+For scale, the same run measures (a) birder loading the same file (``birder.load_model_with_cfg``), (b) the
+``.pt`` path vitreg-jax had before its own torch-free reader (``torch.load(weights_only=True)`` in a child process,
+kept in ``tests/torch_pt_reader.py`` for this comparison), and (c) the straightforward conversion this project
+started from: ``torch.load(weights_only=True)`` -> numpy -> the mapping table -> ``orbax
+PyTreeCheckpointer().save`` with Orbax's defaults. The cases run in turn within each round, so a neighbour's
+load on a shared machine hits them alike.
 """
 
 from __future__ import annotations
@@ -79,6 +82,18 @@ ocp.PyTreeCheckpointer().save(Path(sys.argv[2]).absolute(), tree)
 """
 
 
+def cpu_flags() -> str:
+    """The CPU model, core count and the vector flags that decide XLA:CPU's speed."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return f"{os.cpu_count()} CPUs"
+    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
+    model = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "?")
+    vector = sorted(f for f in flags if f.startswith(("avx512", "amx")) or f == "avx2")
+    return f"{model}, {os.cpu_count()} CPUs ({' '.join(vector) or 'no avx2/avx512/amx'})"
+
+
 def measure(argv: list[str], *, cwd: Path = ROOT) -> tuple[float, float]:
     """(wall seconds, peak RSS MiB) of one child process."""
     t0 = time.perf_counter()
@@ -109,6 +124,8 @@ def main() -> None:
         cases: list[tuple[str, Path, Any]] = [
             ("vitreg-jax convert .pt", pt,
              lambda o: [py, "-m", "vitreg_jax", "convert", str(pt), "--out", str(o), "--force"]),
+            ("(before) convert .pt via torch.load in a child", pt,
+             lambda o: [py, "-m", "tests.torch_pt_reader", "convert", str(pt), "--out", str(o), "--force"]),
             ("vitreg-jax convert .safetensors", st,
              lambda o: [py, "-m", "vitreg_jax", "convert", str(st), "--out", str(o), "--force"]),
             ("vitreg-jax export Orbax -> .pt", pt,
@@ -120,25 +137,29 @@ def main() -> None:
         ]
         subprocess.run([py, "-m", "vitreg_jax", "convert", str(pt), "--out", str(work / "ckpt_pt"), "--force"],
                        check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-        results = []
-        for name, src, command in cases:
-            walls, peaks = [], []
-            for i in range(args.runs):
-                out = work / f"out_{len(results)}_{i}"
+        walls: dict[str, list[float]] = {name: [] for name, _, _ in cases}
+        peaks: dict[str, list[float]] = {name: [] for name, _, _ in cases}
+        for i in range(args.runs):
+            for k, (name, _, command) in enumerate(cases):
+                out = work / f"out_{k}_{i}"
                 wall, peak = measure(command(out))
-                walls.append(wall)
-                peaks.append(peak)
+                walls[name].append(wall)
+                peaks[name].append(peak)
                 if out.is_dir():
                     shutil.rmtree(out)
                 for extra in (out.with_name(out.name + ".pt"), out.with_name(out.name + ".json")):
                     extra.unlink(missing_ok=True)
+        results = []
+        for name, src, _ in cases:
             size = src.stat().st_size / 2**20
-            results.append({"case": name, "file_mib": round(size, 1), "wall_s": round(statistics.median(walls), 2),
-                            "peak_rss_mib": round(max(peaks)), "peak_over_file": round(max(peaks) / size, 2)})
+            results.append({"case": name, "file_mib": round(size, 1), "wall_s": round(statistics.median(walls[name]), 2),
+                            "wall_min_max_s": [round(min(walls[name]), 2), round(max(walls[name]), 2)],
+                            "peak_rss_mib": round(max(peaks[name])), "peak_over_file": round(max(peaks[name]) / size, 2)})
             r = results[-1]
-            print(f"{name:<48} file {r['file_mib']:6.1f} MiB  wall {r['wall_s']:5.2f} s  peak RSS "
+            print(f"{name:<48} file {r['file_mib']:6.1f} MiB  wall median {r['wall_s']:5.2f} s "
+                  f"({r['wall_min_max_s'][0]:.2f}-{r['wall_min_max_s'][1]:.2f})  peak RSS "
                   f"{r['peak_rss_mib']:5d} MiB = {r['peak_over_file']:.2f} x file", flush=True)
-        machine = f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
+        machine = f"{platform.machine()}, {cpu_flags()}, Python {platform.python_version()}"
         print(f"machine: {machine}; runs per case: {args.runs}")
         if args.json:
             print(json.dumps({"machine": machine, "runs": args.runs, "results": results}))
