@@ -16,6 +16,7 @@ from typing import Any
 from vitreg_jax.commands import distributed
 from vitreg_jax.config import WARMUP_FRACTION, MAEConfig, TrainConfig
 from vitreg_jax.errors import UserError
+from vitreg_jax.policy import DTYPE_CHOICES, DTYPE_HELP
 from vitreg_jax.pretrain_run import TRAIN_PREFIX, PretrainSettings
 from vitreg_jax.rgb_stats import RGB_STATS, TRAIN_DEFAULT
 
@@ -188,9 +189,12 @@ def _training_arguments(p: argparse.ArgumentParser, T: TrainConfig) -> None:
                    help=f"warm-up with --steps (default {_percent(WARMUP_FRACTION)} of them, rounded)")
     g.add_argument("--lr-per-step", dest="schedule_per_step", action="store_const", const=True, default=None,
                    help="with --epochs, change the learning rate every step instead of every epoch")
-    g.add_argument("--bf16", "--amp", dest="compute_dtype", action="store_const", const="bfloat16", default=None,
-                   help="bfloat16 matmuls with float32 accumulation and float32 master weights "
-                   f"(default {T.compute_dtype})")
+    dtypes = g.add_mutually_exclusive_group()
+    dtypes.add_argument("--dtype", dest="compute_dtype", choices=DTYPE_CHOICES, default=None,
+                        help=f"{DTYPE_HELP}; bfloat16 keeps float32 accumulation and float32 master weights "
+                        f"(default {T.compute_dtype}: birder's fp32 recipe)")
+    dtypes.add_argument("--bf16", "--amp", dest="compute_dtype", action="store_const", const="bfloat16",
+                        default=None, help="the same as --dtype bfloat16")
     g.add_argument("--seed", type=int, default=None,
                    help=f"data order, augmentation, masks and init (default {T.seed})")
 
