@@ -31,6 +31,7 @@ EXPECTED: dict[str, tuple[int, int, bool]] = {
     "02_port_weights": (300, 2, True),
     "03_mae_pretraining": (300, 2, False),
     "04_batch_embedding_at_scale": (240, 1, False),
+    "05_evaluating_an_encoder": (240, 2, False),
 }
 
 
