@@ -228,7 +228,7 @@ def _persistent_load(arc: _Archive, pid: Any) -> _Storage:
         return seen
     entry = arc.entries[arc.prefix + "data/" + key]
     itemsize = kind.dtype.itemsize if kind.dtype is not None and kind.refused is None else 1
-    if kind.refused is None and numel * itemsize > entry.size:
+    if kind.refused is None and numel * itemsize != entry.size:  # torch.load requires them equal too
         raise Corrupt(f"storage {key} claims {numel * itemsize} bytes; its record holds {entry.size}")
     arc.storages[key] = _Storage(key, kind, numel, entry)
     return arc.storages[key]
