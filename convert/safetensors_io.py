@@ -59,7 +59,7 @@ def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]
             if not isinstance(meta_raw, dict):
                 raise TypeError("__metadata__ is not a JSON object")
             meta = {k: json.loads(v) if k in _JSON_META else v for k, v in meta_raw.items()}
-    except (ValueError, TypeError, UnicodeDecodeError) as e:  # json errors are ValueErrors
+    except (ValueError, TypeError, UnicodeDecodeError, RecursionError) as e:  # json: ValueError, or too deep
         raise UserError(f"{bad}: {first_line(e)}") from None
     return state, meta
 
