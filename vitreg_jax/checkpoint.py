@@ -108,8 +108,10 @@ def read_metadata(directory: str | os.PathLike[str]) -> dict[str, Any]:
         raise UserError(f"{d}: not a vitreg-jax checkpoint (expected {METADATA_FILE} and {PARAMS_DIR}/ inside)")
     try:
         meta = json.loads((d / METADATA_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{d / METADATA_FILE}: unreadable ({e})") from None
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: not JSON, not UTF-8; RecursionError: too deep
+        raise UserError(f"{d / METADATA_FILE}: unreadable ({first_line(e)})") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{d / METADATA_FILE}: not a vitreg-jax checkpoint's metadata (expected a JSON object)")
     if meta.get("format") != FORMAT:
         raise UserError(f"{d}: unknown checkpoint format {meta.get('format')!r} (expected {FORMAT!r})")
     return meta

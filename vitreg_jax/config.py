@@ -36,6 +36,8 @@ UNSUPPORTED_UNLESS: dict[str, tuple[Any, ...]] = {
 INERT_OPTIONS = {"attn_pool_type", "attn_pool_num_heads", "attn_pool_special_tokens", "attn_pool_norm_eps",
                  "attn_pool_act_layer_type", "soft_moe_num_slots"}
 BIRDER_VIT_NAMES = ("vit", "deit3")
+MAX_LAYERS = 1024  # far above any ViT's depth
+MAX_SIZE = 2**31 - 1  # any other size (a width, a token or class count, an image side) fits int32
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -74,6 +76,12 @@ class ViTConfig:
         for name in ("patch_size", "num_layers", "num_heads", "hidden_dim", "mlp_dim", "in_channels"):
             if getattr(self, name) <= 0:
                 raise UserError(f"ViTConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.num_layers > MAX_LAYERS:  # each block is built in Python: a damaged config must not hang
+            raise UserError(f"ViTConfig.num_layers {self.num_layers} is implausible (at most {MAX_LAYERS})")
+        sizes = ("patch_size", "num_heads", "hidden_dim", "mlp_dim", "num_reg_tokens", "num_classes", "in_channels")
+        for name, value in [*((n, getattr(self, n)) for n in sizes), ("image_size", max(self.image_size))]:
+            if value > MAX_SIZE:
+                raise UserError(f"ViTConfig.{name} {value} is implausible (at most {MAX_SIZE})")
         if self.hidden_dim % self.num_heads:
             raise UserError(f"hidden_dim {self.hidden_dim} is not divisible by num_heads {self.num_heads}")
         h, w = self.image_size

@@ -23,6 +23,7 @@ from vitreg_jax import __version__
 from vitreg_jax.checkpoint import load_checkpoint, save_checkpoint
 from vitreg_jax.config import ViTConfig, canonical_name, preset
 from vitreg_jax.errors import UserError
+from vitreg_jax.fileio import first_line
 from vitreg_jax.preprocess import check_rgb_stats
 from vitreg_jax.tree import check_fit, flatten, int_keys, unflatten
 from vitreg_jax.vit import ViT
@@ -77,6 +78,14 @@ def read_birder_config(config: str | os.PathLike[str] | Mapping[str, Any]) -> di
 
 def vit_config_from_birder(cfg: Mapping[str, Any]) -> ViTConfig:
     """The architecture a birder config describes; refuses non-ViT networks and unsupported options."""
+    try:
+        return _vit_config_from_birder(cfg)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, OverflowError) as e:
+        # a config value of the wrong type or shape (a damaged or hand-edited file) is the user's to fix
+        raise UserError(f"birder config is malformed ({type(e).__name__}: {first_line(e)})") from None
+
+
+def _vit_config_from_birder(cfg: Mapping[str, Any]) -> ViTConfig:
     task = cfg.get("task", CLASSIFICATION_TASK)
     if task != CLASSIFICATION_TASK:
         raise UserError(f"birder config is for task {task!r}; vitreg-jax loads {CLASSIFICATION_TASK!r} "
@@ -149,6 +158,8 @@ def model_from_checkpoint(directory: str | os.PathLike[str],
                           ) -> tuple[ViT, dict[str, Any]]:
     """(model, birder config dict) of a vitreg-jax checkpoint; ``config`` replaces the one it carries."""
     params, meta = load_checkpoint(directory)
+    if config is None and not isinstance(meta.get("birder_config"), Mapping):
+        raise UserError(f"{directory}: damaged checkpoint (its metadata has no birder_config object)")
     cfg = read_birder_config(config) if config is not None else dict(meta["birder_config"])
     net = set_params(abstract_model(vit_config_from_birder(cfg)), int_keys(flatten(params)))
     return net, cfg
