@@ -40,12 +40,15 @@ def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]
             (n,) = struct.unpack("<Q", raw)
             if n > _MAX_HEADER:
                 raise ValueError(f"header length {n} is implausible")
+            if 8 + n > os.fstat(f.fileno()).st_size:  # checked before reading: read(n) would allocate n bytes
+                raise ValueError(f"header length {n} reaches past the end of the file")
             header = json.loads(f.read(n))
             if not isinstance(header, dict):
                 raise TypeError("header is not a JSON object")
             data_start = 8 + n
             data_len = os.fstat(f.fileno()).st_size - data_start
-            meta_raw = header.pop("__metadata__", None) or {}
+            meta_raw = header.pop("__metadata__", None)
+            meta_raw = {} if meta_raw is None else meta_raw
             entries = {name: _entry(bad, name, info) for name, info in header.items()}
             _check_ranges(path, entries, data_len)
             state: dict[str, np.ndarray] = {}
@@ -56,8 +59,8 @@ def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]
                 if f.readinto(memoryview(buf)) != nbytes:
                     raise UserError(f"{path}: truncated .safetensors file (tensor {name!r} cut short)")
                 state[name] = buf.view(dtype).reshape(shape)
-            if not isinstance(meta_raw, dict):
-                raise TypeError("__metadata__ is not a JSON object")
+            if not isinstance(meta_raw, dict) or not all(isinstance(v, str) for v in meta_raw.values()):
+                raise TypeError("__metadata__ is not a JSON object of strings")
             meta = {k: json.loads(v) if k in _JSON_META else v for k, v in meta_raw.items()}
     except (ValueError, TypeError, UnicodeDecodeError, RecursionError) as e:  # json: ValueError, or too deep
         raise UserError(f"{bad}: {first_line(e)}") from None

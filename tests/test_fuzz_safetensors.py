@@ -110,6 +110,7 @@ def apply_raw(orig: Original, recipe: tuple[str, int, int, int, bytes]) -> tuple
 
 @fuzz_settings()
 @given(recipe=raw_recipes)
+@example(recipe=("length", 0, 0, 1 << 26, b"\x00"))  # a 64 MiB header claimed: read(n) allocated 64 MiB
 def test_raw_mutations_are_refused_or_read_as_safetensors_reads_them(
     original: Original, tmp_path_factory: pytest.TempPathFactory, recipe: tuple[str, int, int, int, bytes]
 ) -> None:
@@ -182,6 +183,8 @@ def apply_json_edit(orig: Original, recipe: tuple[str, int, int]) -> tuple[str, 
 @example(recipe=("shape", 0, 12))
 @example(recipe=("metadata", 0, 8))  # the same inside a metadata value that birder stores as JSON text
 @example(recipe=("shape", 0, 13))  # a dimension of 5000 digits: int() refuses it (ValueError)
+@example(recipe=("metadata", 0, 1))  # __metadata__ [] was read as {} (the library refuses it)
+@example(recipe=("metadata", 0, 4))  # __metadata__ {"a": 1}: values must be strings (the library refuses it)
 def test_header_edits_are_refused_or_read_as_safetensors_reads_them(
     original: Original, tmp_path_factory: pytest.TempPathFactory, recipe: tuple[str, int, int]
 ) -> None:
