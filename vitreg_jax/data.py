@@ -3,14 +3,15 @@
 Two entry points: `list_inputs` + `iter_batches` (a flat list of local paths, positions as indices) and
 `iter_item_batches` (shards from `vitreg_jax.sources`: files, folders, lists, webdataset tars, brace
 patterns, globs and fsspec URLs), whose batches carry each image's shard, key and source, failures with
-shard, key and reason, and which shards are complete. Both decode in threads, in order, memory-bounded.
+shard, key and reason, and which shards are complete. Both run one loop (`_ordered_map`): decoded in
+threads, in order, memory-bounded.
 
 `list_inputs` turns command-line inputs (image files, folders, text files listing paths) into one ordered
 list of paths. `iter_batches` streams that list as `Batch`es of preprocessed float32 NHWC arrays: worker
 threads decode and transform the next images while the consumer (the jitted model) works on the current
 batch; files that cannot be read become `Failure` records and the stream goes on. Memory is bounded:
-at most `2 * workers + batch_size` images are being decoded or wait to be handed out, besides the batch the
-consumer holds. Huge images are decoded in full (birder parity forbids JPEG draft decoding), so a stream
+besides the batch the consumer holds and the one being filled, at most `2 * workers + batch_size` images
+are being decoded or wait to be taken. Huge images are decoded in full (birder parity forbids JPEG draft decoding), so a stream
 of 300-megapixel files needs about 1 GB per worker.
 
 Why not grain: grain 0.2.x's `MapDataset.source(paths).map(f).to_iter_dataset(ReadOptions(num_threads,
@@ -203,64 +204,38 @@ def _batches(
     start: int,
     loader: Callable[[str], Image.Image],
 ) -> Iterator[Batch]:
-    # In flight = submitted but not yet handed out = queued futures + images of the batch being built.
-    budget = QUEUED_PER_WORKER * workers + batch_size
-    executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vitreg-data") if workers else None
-    pending: collections.deque[tuple[int, Future[np.ndarray | str]]] = collections.deque()
-    next_index = start
+    # Kept started ahead of the images handed out: the queued futures plus one batch, so a whole next batch
+    # is being decoded while the consumer works on the current one.
+    window = QUEUED_PER_WORKER * workers + batch_size + 1
+    decoded = _ordered_map(
+        iter(range(start, len(paths))), lambda i: _read_one(paths[i], transform, loader), workers, window
+    )
+    item_shape = getattr(transform, "output_shape", None)
     indices: list[int] = []
     images: list[np.ndarray] = []
     failed: list[Failure] = []
-    item_shape = getattr(transform, "output_shape", None)
-
-    def top_up() -> None:
-        nonlocal next_index
-        while executor is not None and next_index < len(paths) and len(pending) + len(images) < budget:
-            pending.append((next_index, executor.submit(_read_one, paths[next_index], transform, loader)))
-            next_index += 1
-
-    def make_batch(end: int) -> Batch:
-        nonlocal indices, images, failed
-        shape = (0, *item_shape) if item_shape is not None else (0, 0, 0, NUM_CHANNELS)
-        batch = Batch(
-            indices=np.asarray(indices, dtype=np.int64),
-            images=np.stack(images) if images else np.empty(shape, np.float32),
-            failed=failed,
-            end=end,
-        )
-        indices, images, failed = [], [], []
-        return batch
-
     try:
-        position = start
-        top_up()
-        while position < len(paths):
-            if executor is None:
-                result = _read_one(paths[position], transform, loader)
-            else:
-                index, future = pending.popleft()
-                assert index == position
-                result = future.result()
+        for index, result in decoded:
             if isinstance(result, str):
-                failed.append(Failure(position, paths[position], result))
+                failed.append(Failure(index, paths[index], result))
             else:
-                indices.append(position)
+                indices.append(index)
                 images.append(result)
                 item_shape = result.shape
-            position += 1
             if len(images) == batch_size:
-                batch = make_batch(position)
-                top_up()  # refill before handing out, so the threads work while the consumer does
-                yield batch
-            else:
-                top_up()
+                yield Batch(np.asarray(indices, np.int64), _stack(images, item_shape), failed, index + 1)
+                indices, images, failed = [], [], []
         if images or failed:
-            yield make_batch(position)
+            yield Batch(np.asarray(indices, np.int64), _stack(images, item_shape), failed, len(paths))
     finally:
-        if executor is not None:
-            for _, future in pending:
-                future.cancel()
-            executor.shutdown(wait=True, cancel_futures=True)
+        decoded.close()
+
+
+def _stack(images: list[np.ndarray], item_shape: tuple[int, ...] | None) -> np.ndarray:
+    """`images` as one (b, H, W, 3) array; an empty one shaped like the items when there are none."""
+    if images:
+        return np.stack(images)
+    return np.empty((0, *item_shape) if item_shape is not None else (0, 0, 0, NUM_CHANNELS), np.float32)
 
 
 # ------------------------------------------------------------------------------ items from shards
@@ -421,12 +396,11 @@ class _ItemBatchBuilder:
             self.item_shape = result.shape
 
     def take(self) -> ItemBatch:
-        shape = (0, *self.item_shape) if self.item_shape is not None else (0, 0, 0, NUM_CHANNELS)
         batch = ItemBatch(
             shards=np.asarray(self.shards, dtype=np.int64),
             keys=self.keys,
             sources=self.sources,
-            images=np.stack(self.images) if self.images else np.empty(shape, np.float32),
+            images=_stack(self.images, self.item_shape),
             failed=self.failed,
             done=self.done,
             meta=self.meta,
