@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from vitreg_jax.errors import UserError
@@ -56,3 +57,18 @@ def remove_empty(dirs: list[Path]) -> None:
 def os_error(e: OSError, where: Path) -> UserError:
     """An OS failure while writing ``where`` as one line."""
     return UserError(f"{getattr(e, 'filename', None) or where}: {e.strerror or first_line(e)}")
+
+
+@contextlib.contextmanager
+def parents_made_for(*paths: Path) -> Iterator[list[Path]]:
+    """Create the missing parents of ``paths`` for the body that writes them, yielding the folders made; if
+    the body raises, remove those folders again (where still empty), an OSError becoming one line."""
+    made = [d for path in paths for d in make_parents(path)]
+    try:
+        yield made
+    except OSError as e:
+        remove_empty(made)
+        raise os_error(e, paths[0]) from None
+    except BaseException:
+        remove_empty(made)
+        raise

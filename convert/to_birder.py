@@ -23,7 +23,7 @@ from vitreg_jax.checkpoint import is_checkpoint, load_checkpoint
 from vitreg_jax.config import ViTConfig
 from vitreg_jax.convert import infer, mapping, verify
 from vitreg_jax.convert.architecture import load_source
-from vitreg_jax.convert.output_paths import check_new_path, make_parents, os_error, remove_empty
+from vitreg_jax.convert.output_paths import check_new_path, parents_made_for, remove_empty
 from vitreg_jax.convert.readers import write_birder_file
 from vitreg_jax.errors import UserError
 from vitreg_jax.fileio import atomic_write_json
@@ -90,31 +90,24 @@ def export_to_birder(src: str | os.PathLike[str], out: str | os.PathLike[str], *
                     parameters=sum(int(a.size) for a in state.values()), tensors=len(state),
                     dtypes=tuple(sorted({str(a.dtype) for a in state.values()})))
 
-    made = make_parents(out) + make_parents(json_path)
-    tmp_dir: Path | None = None
-    try:
+    with parents_made_for(out, json_path) as made:
         tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-        tmp_weights = tmp_dir / out.name
-        write_birder_file(tmp_weights, state, _file_meta(json_cfg, birder_meta, vit_cfg))
-        if verify_with_birder:  # birder loads the pair from the temporary folder, before anything is in place
-            atomic_write_json(tmp_weights.with_suffix(".json"), json_cfg)
-            theirs = verify.birder_embedding_from_files(tmp_weights.with_suffix(".json"), tmp_weights, x)
-            result = verify.compare(ours, theirs, x, tolerance)
-            report(result.line())
-            done = dataclasses.replace(done, verification=result)
-            if not result.ok:
-                remove_empty(made)
-                return dataclasses.replace(done, out=None, json=None)
-        atomic_write_json(json_path, json_cfg)
-        os.replace(tmp_weights, out)
-    except OSError as e:
-        remove_empty(made)
-        raise os_error(e, out) from None
-    except BaseException:
-        remove_empty(made)
-        raise
-    finally:
-        if tmp_dir is not None:
+        try:
+            tmp_weights = tmp_dir / out.name
+            write_birder_file(tmp_weights, state, _file_meta(json_cfg, birder_meta, vit_cfg))
+            if verify_with_birder:  # birder loads the pair from the temporary folder, before anything is placed
+                atomic_write_json(tmp_weights.with_suffix(".json"), json_cfg)
+                theirs = verify.birder_embedding_from_files(tmp_weights.with_suffix(".json"), tmp_weights, x)
+                result = verify.compare(ours, theirs, x, tolerance)
+                report(result.line())
+                done = dataclasses.replace(done, verification=result)
+                if not result.ok:
+                    shutil.rmtree(tmp_dir, ignore_errors=True)
+                    remove_empty(made)
+                    return dataclasses.replace(done, out=None, json=None)
+            atomic_write_json(json_path, json_cfg)
+            os.replace(tmp_weights, out)
+        finally:
             shutil.rmtree(tmp_dir, ignore_errors=True)
     return done
 

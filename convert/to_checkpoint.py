@@ -19,7 +19,7 @@ from vitreg_jax.convert import mapping, verify
 from vitreg_jax.convert.architecture import Architecture, load_source
 from vitreg_jax.convert.infer import describe
 from vitreg_jax.convert.json_meta import json_safe
-from vitreg_jax.convert.output_paths import check_new_path, make_parents, os_error, remove_empty
+from vitreg_jax.convert.output_paths import check_new_path, parents_made_for
 
 if TYPE_CHECKING:
     import numpy as np
@@ -89,15 +89,8 @@ def convert_to_checkpoint(src: str | os.PathLike[str], out: str | os.PathLike[st
         if not result.ok:
             return Converted(out=None, architecture=arch, verification=result, **counts)
 
-    created = make_parents(out)
-    try:
+    with parents_made_for(out):
         save_checkpoint(out, unflatten(params), meta, force=force)
-    except OSError as e:
-        remove_empty(created)
-        raise os_error(e, out) from None
-    except BaseException:
-        remove_empty(created)
-        raise
     return Converted(out=out, architecture=arch, verification=result, **counts)
 
 
