@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vitreg_jax.config import MAEConfig, TrainConfig, ViTConfig, mae_preset, preset
+from vitreg_jax.config import MAEConfig, TrainConfig, ViTConfig, _from_dict, mae_preset, preset
 from vitreg_jax.errors import UserError
 from vitreg_jax.fileio import atomic_write_json, atomic_write_text, first_line, make_dir
 from vitreg_jax.rgb_stats import RGB_STATS, TRAIN_DEFAULT, named_rgb_stats
@@ -175,14 +175,10 @@ class PretrainSettings:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> PretrainSettings:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise UserError(f"unknown pretrain setting(s): {', '.join(unknown)}")
         d = dict(d)
         if "train" in d:
             d["train"] = TrainConfig.from_dict(d["train"])
-        return cls(**d)
+        return _from_dict(cls, d, "PretrainSettings")
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> PretrainSettings:
