@@ -7,11 +7,10 @@ import os
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 from flax import nnx
-from PIL import Image
 
+from tests.labelled_images import write_split
 from vitreg_jax.cli import main
 from vitreg_jax.config import preset
 from vitreg_jax.loading import birder_config, save_model
@@ -39,21 +38,11 @@ def ckpt(tmp_path_factory) -> Path:
     return save_model(tmp_path_factory.mktemp("ckpt") / "tiny", net, birder_config(cfg, STATS, "vit_reg4_b16"))
 
 
-def write_split(root: Path, per_class: int, seed: int) -> Path:
-    """``root/CLASS/NN.png``: noisy images tinted by class, so the classes are learnable but not trivially."""
-    rng = np.random.default_rng(seed)
-    for name, tint in CLASSES.items():
-        (root / name).mkdir(parents=True)
-        for i in range(per_class):
-            pixels = np.clip(rng.normal(tint, 70, (40, 40, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(root / name / f"{i:02d}.png")
-    return root
-
-
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> tuple[Path, Path]:
     base = tmp_path_factory.mktemp("data")
-    return write_split(base / "train", 8, 0), write_split(base / "val", 4, 1)
+    return (write_split(base / "train", CLASSES, 8, 0, noise=70, side=40),
+            write_split(base / "val", CLASSES, 4, 1, noise=70, side=40))
 
 
 def run_cli(*args) -> int:

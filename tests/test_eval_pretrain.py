@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
+from tests.labelled_images import write_split
 from tests.test_train_loop import SIZE, cli_error, pretrain_args, run_cli
 from vitreg_jax import load_model_with_cfg
 from vitreg_jax.knn_monitor import KNNMonitor
@@ -20,20 +20,11 @@ EVAL_EVERY = 2
 STEPS = 8
 
 
-def write_split(root: Path, per_class: int, seed: int) -> Path:
-    rng = np.random.default_rng(seed)
-    for name, tint in CLASSES.items():
-        (root / name).mkdir(parents=True)
-        for i in range(per_class):
-            pixels = np.clip(rng.normal(tint, 90, (36, 36, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(root / name / f"{i:02d}.png")
-    return root
-
-
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory) -> tuple[Path, Path]:
     base = tmp_path_factory.mktemp("labelled")
-    return write_split(base / "train", 5, 0), write_split(base / "val", 3, 1)
+    return (write_split(base / "train", CLASSES, 5, 0, noise=90, side=36),
+            write_split(base / "val", CLASSES, 3, 1, noise=90, side=36))
 
 
 def eval_args(labelled: tuple[Path, Path]) -> list[str]:
