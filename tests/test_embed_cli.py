@@ -116,30 +116,26 @@ def read_out(out: Path) -> tuple[np.ndarray, list[str], list[str], dict]:
     )
 
 
+# the options of the uninterrupted reference run, which a resumed run must repeat to continue it
+REFERENCE_OPTIONS = ("--batch-size", 4, "--workers", 2, "--files-per-part", 4, "--dtype", "float32")
+
+
+def assert_output_equals_reference(out: Path, reference) -> dict:
+    """The paths, failures and embeddings written to ``out`` are the reference run's; returns its meta."""
+    emb, paths, failed, meta = read_out(out)
+    _, ref_emb, ref_paths, ref_failed, _ = reference
+    assert paths == ref_paths and failed == ref_failed
+    np.testing.assert_allclose(emb, ref_emb, atol=EMBED_FP32_ATOL, rtol=0)
+    return meta
+
+
 @pytest.fixture(scope="module")
 def reference(ckpt, inputs, tmp_path_factory) -> tuple[Path, np.ndarray, list[str], list[str], dict]:
     """One uninterrupted in-process run (batch 4) that the other tests compare against."""
     out = tmp_path_factory.mktemp("ref") / "out"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
-        assert (
-            run_cli(
-                "--checkpoint",
-                ckpt,
-                inputs,
-                "--out",
-                out,
-                "--batch-size",
-                4,
-                "--workers",
-                2,
-                "--files-per-part",
-                4,
-                "--dtype",
-                "float32",
-            )
-            == 0
-        )
+        assert run_cli("--checkpoint", ckpt, inputs, "--out", out, *REFERENCE_OPTIONS) == 0
     return (out, *read_out(out))
 
 
@@ -264,21 +260,7 @@ def test_missing_checkpoint(inputs, tmp_path, capsys):
 
 def test_resume_after_ctrl_c_and_kill_recomputes_nothing(ckpt, inputs, reference, tmp_path):
     out = tmp_path / "out"
-    args = [
-        "--checkpoint",
-        ckpt,
-        inputs,
-        "--out",
-        out,
-        "--batch-size",
-        4,
-        "--workers",
-        2,
-        "--files-per-part",
-        4,
-        "--dtype",
-        "float32",
-    ]
+    args = ["--checkpoint", ckpt, inputs, "--out", out, *REFERENCE_OPTIONS]
     # 13 inputs in parts of 4: parts 0..3. Ctrl-C after the first part.
     r = run_sub(*args, kill_after_parts="1:INT")
     assert r.returncode == 130 and "run the same command again to resume" in r.stderr, r.stderr[-2000:]
@@ -296,12 +278,9 @@ def test_resume_after_ctrl_c_and_kill_recomputes_nothing(ckpt, inputs, reference
     # the rerun computes only the two missing parts (5 of 13 inputs) and equals the uninterrupted run
     r = run_sub(*args)
     assert r.returncode == 0, r.stderr[-2000:]
-    emb, paths, failed, meta = read_out(out)
+    meta = assert_output_equals_reference(out, reference)
     assert meta["counts"]["parts_written_this_run"] == 2 and meta["counts"]["computed_this_run"] == 5
     assert meta["xla_flags"] == "--xla_cpu_experimental_ynn_fusion_type="  # chosen for float32 on CPU
-    _, ref_emb, ref_paths, ref_failed, _ = reference
-    assert paths == ref_paths and failed == ref_failed
-    np.testing.assert_allclose(emb, ref_emb, atol=EMBED_FP32_ATOL, rtol=0)
     assert set(os.listdir(out)) == OUTPUTS
 
 
@@ -362,10 +341,7 @@ def test_two_processes_equal_one(ckpt, inputs, reference, tmp_path, weights):
     results = [p.communicate(timeout=300) for p in procs]
     for p, (_, err) in zip(procs, results):
         assert p.returncode == 0, err[-3000:]
-    emb, paths, failed, meta = read_out(out)
-    _, ref_emb, ref_paths, ref_failed, _ = reference
-    assert paths == ref_paths and failed == ref_failed
-    np.testing.assert_allclose(emb, ref_emb, atol=EMBED_FP32_ATOL, rtol=0)
+    meta = assert_output_equals_reference(out, reference)
     assert meta["devices"]["processes"] == 2 and meta["devices"]["count"] == 2
     assert meta["devices"]["weights"] == weights
     assert meta["counts"]["computed_this_run"] == 13  # both shares, summed over the processes
