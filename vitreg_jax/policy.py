@@ -16,9 +16,9 @@ A :class:`ComputePolicy` says three things, the same way for embedding and train
 
 ``"auto"`` (:func:`resolve_dtype`) is bfloat16 on GPU and TPU and on CPUs with native bf16 instructions
 (x86 ``avx512_bf16`` or ``amx_bf16``), float32 on every other CPU: without them XLA:CPU emulates bf16 matmuls
-and they run slower than float32 (measured on an AVX2-only EPYC: our bf16 embedding 1.96 img/s against our
-float32 2.88). On non-x86 CPUs, or where the flags cannot be read, ``"auto"`` is float32 (never measured
-faster there; float32 is the exact choice). :data:`DTYPE_HELP` is the ``--dtype`` help text of the commands.
+and they run slower than float32 (measured on an AVX2-only EPYC, BENCHMARKS.md: our bf16 embedding
+2.74 img/s against our float32 4.11-4.49 at batch 8). On non-x86 CPUs, or where the flags cannot be read,
+``"auto"`` is float32 (never measured faster there; float32 is the exact choice). :data:`DTYPE_HELP` is the ``--dtype`` help text of the commands.
 
 :func:`default_mesh` is the 1-D ``data`` mesh (:data:`DATA_AXIS`) over every device of every process.
 
@@ -62,7 +62,7 @@ DTYPE_HELP = (
     "with float32 accumulation, norms, softmax and master weights (faster where bf16 is native). auto: "
     "bfloat16 on GPU/TPU and on CPUs with native bf16 (AVX512-BF16 or AMX), float32 on other CPUs such as "
     "AVX2-only ones, which emulate bf16 matmuls and run them slower than float32 (an AVX2-only EPYC "
-    "embeds 1.96 img/s in bf16 against 2.88 in fp32)"
+    "embeds 2.74 img/s in bf16 against 4.1-4.5 in fp32 at batch 8)"
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
