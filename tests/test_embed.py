@@ -22,7 +22,7 @@ from vitreg_jax.policy import ComputePolicy, resolve_dtype
 from vitreg_jax.vit import ViT
 
 # fp32 jitted vs eager: the same math in another fusion / micro-batch order
-# bf16 matmul inputs with fp32 accumulation vs the fp32 embedding (the bar)
+# bf16 matmul inputs with fp32 accumulation vs the fp32 embedding
 TINY = {"num_layers": 2, "hidden_dim": 64, "mlp_dim": 128, "num_heads": 4, "patch_size": 8}
 SIZE = (32, 32)
 

@@ -3,8 +3,9 @@
 birder's json config (a dict) describes an architecture: :func:`read_birder_config` reads one (older files with
 ``alias`` instead of ``registered_name`` too), :func:`vit_config_from_birder` turns it into a ``ViTConfig`` and
 :func:`birder_config` writes one back. :func:`model_from_checkpoint` loads a vitreg-jax (Orbax) checkpoint
-directory and :func:`save_model` writes one. Nothing here reads birder weight files: ``vitreg_jax.convert.load``
-does (``vitreg_jax.load_model_with_cfg`` loads any source: birder files, published names and checkpoints).
+directory and :func:`save_model` writes one. Nothing here reads birder weight files: the converter package does
+(``convert/load.py``; ``vitreg_jax.load_model_with_cfg`` loads any source: birder files, published names
+and checkpoints).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Parameter paths copy birder's state_dict names (``conv_proj``, ``class_token``, ``reg_tokens``,
 ``pos_embedding``, ``encoder.block[i].{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}``, ``norm``), so
-the conversion table in ``vitreg_jax.convert.mapping`` is the identity plus a few transposes.
+the converter's table (``convert/mapping.py``) is the identity plus a few transposes.
 
 Token order is birder's: ``[REG_0 .. REG_{r-1}, CLS, PATCH_0 ..]`` with patches in row-major order. Any input
 size divisible by the patch size works (birder's ``set_dynamic_size(True)``): the patch rows of the position
