@@ -114,7 +114,7 @@ def test_errors(tmp_path):
         open_embeddings(folder)
     bad = write_npy_folder(tmp_path / "badjson", keys, values)
     (bad / "meta.json").write_text("{not json")
-    with pytest.raises(UserError, match="cannot read it"):
+    with pytest.raises(UserError, match="cannot read it as an embed record"):
         open_embeddings(bad)
     with pytest.raises(UserError, match="block rows"):
         next(open_embeddings(write_npy_folder(tmp_path / "ok", keys, values)).blocks(0))

@@ -14,7 +14,6 @@ Folders get ``0777 & ~umask`` and files ``0666 & ~umask``, like any other tool's
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -27,7 +26,7 @@ import numpy as np
 
 from vitreg_jax import partials
 from vitreg_jax.errors import UserError
-from vitreg_jax.fileio import atomic_write_json, first_line, umask
+from vitreg_jax.fileio import atomic_write_json, first_line, read_json_object, umask
 
 if TYPE_CHECKING:
     import orbax.checkpoint as ocp
@@ -106,12 +105,7 @@ def read_metadata(directory: str | os.PathLike[str]) -> dict[str, Any]:
         raise UserError(f"{d}: no such checkpoint directory")
     if not is_checkpoint(d):
         raise UserError(f"{d}: not a vitreg-jax checkpoint (expected {METADATA_FILE} and {PARAMS_DIR}/ inside)")
-    try:
-        meta = json.loads((d / METADATA_FILE).read_text())
-    except (OSError, ValueError, RecursionError) as e:  # ValueError: not JSON, not UTF-8; RecursionError: too deep
-        raise UserError(f"{d / METADATA_FILE}: unreadable ({first_line(e)})") from None
-    if not isinstance(meta, dict):
-        raise UserError(f"{d / METADATA_FILE}: not a vitreg-jax checkpoint's metadata (expected a JSON object)")
+    meta = read_json_object(d / METADATA_FILE, "a vitreg-jax checkpoint's metadata")
     if meta.get("format") != FORMAT:
         raise UserError(f"{d}: unknown checkpoint format {meta.get('format')!r} (expected {FORMAT!r})")
     return meta

@@ -15,7 +15,6 @@ part order), and ``.load()`` -> ``(keys, (N, *shape) float32 array)``. Keys and 
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ import numpy as np
 
 from vitreg_jax.embed_outputs import MANIFEST_FILE, META_FILE, read_npy_names
 from vitreg_jax.errors import UserError
-from vitreg_jax.fileio import first_line
+from vitreg_jax.fileio import first_line, read_json_object
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -104,12 +103,7 @@ def open_embeddings(directory: str | os.PathLike[str]) -> EmbeddingSet:
 
 
 def _read_marker(path: Path) -> dict[str, Any]:
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: cannot read it ({first_line(e)})") from None
-    if not isinstance(meta, dict):
-        raise UserError(f"{path}: not an embed record (expected a JSON object)")
+    meta = read_json_object(path, "an embed record")
     if meta.get("status") != COMPLETE:
         raise UserError(f"{path.parent}: the embed run has not finished (rerun the same embed command)")
     return meta

@@ -66,6 +66,22 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any, *, sort_keys: bool
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n")
 
 
+def read_json_object(path: str | os.PathLike[str], what: str) -> dict[str, Any]:
+    """A file holding one JSON object (``what`` names it in errors), or one :class:`UserError` line.
+
+    Unreadable files, non-UTF-8 bytes, invalid or too deeply nested JSON and a top level that is not an object
+    are all user errors; nothing else escapes.
+    """
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: not JSON, not UTF-8
+        raise UserError(f"{path}: cannot read it as {what} ({first_line(e)})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: not {what} (expected a JSON object)")
+    return value
+
+
 def make_dir(path: str | os.PathLike[str]) -> Path:
     """``mkdir -p`` with the user's umask; an OS failure is one :class:`UserError` line."""
     path = Path(path)

@@ -10,7 +10,6 @@ and checkpoints).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,7 +23,7 @@ from vitreg_jax import __version__
 from vitreg_jax.checkpoint import load_checkpoint, save_checkpoint
 from vitreg_jax.config import ViTConfig, canonical_name, preset
 from vitreg_jax.errors import UserError
-from vitreg_jax.fileio import first_line
+from vitreg_jax.fileio import first_line, read_json_object
 from vitreg_jax.preprocess import check_rgb_stats
 from vitreg_jax.tree import check_fit, flatten, int_keys, unflatten
 from vitreg_jax.vit import ViT
@@ -62,12 +61,7 @@ def read_birder_config(config: str | os.PathLike[str] | Mapping[str, Any]) -> di
         path = Path(config)
         if not path.is_file():
             raise UserError(f"{path}: no such config file")
-        try:
-            cfg = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"{path}: not a JSON config ({e})") from None
-        if not isinstance(cfg, dict):
-            raise UserError(f"{path}: not a birder config (expected a JSON object)")
+        cfg = read_json_object(path, "a birder config")
     if "registered_name" not in cfg and "alias" in cfg:  # birder < 0.4.13
         cfg["registered_name"] = cfg.pop("alias")
     missing = [k for k in ("signature", "rgb_stats") if k not in cfg]

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 from vitreg_jax.config import MAEConfig, TrainConfig, ViTConfig, _from_dict, mae_preset, preset
 from vitreg_jax.errors import UserError
-from vitreg_jax.fileio import atomic_write_json, atomic_write_text, first_line, make_dir
+from vitreg_jax.fileio import atomic_write_json, atomic_write_text, make_dir, read_json_object
 from vitreg_jax.rgb_stats import RGB_STATS, TRAIN_DEFAULT, named_rgb_stats
 
 if TYPE_CHECKING:
@@ -256,11 +256,8 @@ def _read_record(out: Path) -> dict[str, Any] | None:
     path = out / RUN_FILE
     if not path.is_file():
         return None
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: unreadable run file ({first_line(e)})") from None
-    if not isinstance(record, dict) or not str(record.get("format", "")).startswith("vitreg-jax-pretrain/"):
+    record = read_json_object(path, "a vitreg-jax pretrain run file")
+    if not str(record.get("format", "")).startswith("vitreg-jax-pretrain/"):
         raise UserError(f"{path}: not a vitreg-jax pretrain run")
     if record["format"] != FORMAT:
         raise UserError(f"{path}: a run of another vitreg-jax version ({record['format']}; this one reads "
