@@ -68,7 +68,7 @@ NAIVE_CONVERT = """
 import sys
 import jax, numpy as np, orbax.checkpoint as ocp, torch
 from pathlib import Path
-from vitreg_jax.config import preset
+from vitreg_jax.model.config import preset
 from vitreg_jax.convert import mapping
 state = {k: v.numpy() for k, v in torch.load(sys.argv[1], map_location="cpu", weights_only=True)["state"].items()}
 params = mapping.to_nnx(state, preset("vit_reg4_b16"))

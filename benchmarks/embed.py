@@ -10,7 +10,7 @@ GPU (one command on a machine with jax[cuda], torch (CUDA) and birder installed)
     python benchmarks/embed.py --gpu                # batch 256 bf16 throughput + fp32 parity (TF32 off)
 
 Each configuration runs in a worker process of its own, because XLA:CPU reads its flags once per process and
-the best flags differ by dtype (see ``vitreg_jax.embed.CPU_XLA_FLAGS``). Inside a worker, JAX and torch are
+the best flags differ by dtype (see ``vitreg_jax.embedding.embedder.CPU_XLA_FLAGS``). Inside a worker, JAX and torch are
 timed in alternation (one JAX iteration, one torch iteration, ...), so a neighbour's load on a shared machine
 hits both sides alike; the figures are medians. Both sides compute the same network: birder's randomly
 initialised ``vit_reg4_b16`` with its weights mapped into ours. ``e2e`` runs the real ``vitreg-jax embed``
@@ -90,10 +90,10 @@ def build_pair(device: str = "cpu"):
     """birder's randomly initialised vit_reg4_b16 and our ViT holding the same weights."""
     import torch
     from birder.model_registry import registry
-    from vitreg_jax.convert import mapping
 
-    from vitreg_jax.config import preset
-    from vitreg_jax.loading import abstract_model, set_params
+    from vitreg_jax.convert import mapping
+    from vitreg_jax.model.build import abstract_model, set_params
+    from vitreg_jax.model.config import preset
 
     torch.manual_seed(0)
     bnet = registry.net_factory(NET, 0, 3, size=SIZE).eval().to(device)
@@ -150,7 +150,7 @@ def cpu_worker(args: argparse.Namespace) -> None:
     dtype = args.dtype
     fresh_inductor_cache(args)
     if args.flags == "auto":
-        from vitreg_jax.embed import configure_xla_flags
+        from vitreg_jax.embedding.embedder import configure_xla_flags
 
         configure_xla_flags(dtype)
     else:
@@ -160,7 +160,7 @@ def cpu_worker(args: argparse.Namespace) -> None:
     import numpy as np
     import torch
 
-    from vitreg_jax.embed import Embedder
+    from vitreg_jax.embedding.embedder import Embedder
 
     torch.set_num_threads(os.cpu_count() or 1)
     flags = os.environ.get("XLA_FLAGS", "")
@@ -264,9 +264,9 @@ def e2e(args: argparse.Namespace, net, dtype: str, flags: str) -> None:
     """The real `embed` command on a JPEG folder vs the model alone at the same batch, in this process."""
     import numpy as np
 
-    from vitreg_jax.cli import main
-    from vitreg_jax.embed import Embedder
-    from vitreg_jax.loading import birder_config, save_model
+    from vitreg_jax.cli.main import main
+    from vitreg_jax.embedding.embedder import Embedder
+    from vitreg_jax.model.build import birder_config, save_model
 
     work = Path(args.workdir)
     folder = make_jpegs(work / f"jpegs{args.e2e_images}", args.e2e_images)
@@ -346,7 +346,7 @@ def gpu_worker(args: argparse.Namespace) -> None:
     import numpy as np
     import torch
 
-    from vitreg_jax.embed import Embedder, default_mesh
+    from vitreg_jax.embedding.embedder import Embedder, default_mesh
 
     dev = "cpu" if dry else "cuda"
     accel = [d for d in jax.devices() if d.platform == ("cpu" if dry else "gpu")]
@@ -373,7 +373,7 @@ def gpu_worker(args: argparse.Namespace) -> None:
         return float(((a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)).min())
 
     # fp32 parity with TF32 off on both sides: torch's switches below; ours runs its fp32 matmuls at
-    # precision "highest" (vitreg_jax.embed.FLOAT32_PRECISION), whatever jax_default_matmul_precision says
+    # precision "highest" (vitreg_jax.embedding.embedder.FLOAT32_PRECISION), whatever jax_default_matmul_precision says
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     torch.set_float32_matmul_precision("highest")

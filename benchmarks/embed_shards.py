@@ -79,15 +79,15 @@ def make_shards(folder: Path, images: int, per_shard: int, size: int = 256, seed
 
 
 def rate(args: argparse.Namespace) -> None:
-    from vitreg_jax.embed import configure_xla_flags
+    from vitreg_jax.embedding.embedder import configure_xla_flags
 
     configure_xla_flags(args.dtype)
     import jax
 
-    from vitreg_jax.config import preset
-    from vitreg_jax.embed import Embedder
-    from vitreg_jax.embed_dataset import embed_dataset
-    from vitreg_jax.loading import birder_config, build_model
+    from vitreg_jax.embedding.dataset import embed_dataset
+    from vitreg_jax.embedding.embedder import Embedder
+    from vitreg_jax.model.build import birder_config, build_model
+    from vitreg_jax.model.config import preset
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -132,8 +132,8 @@ def peak_rss_mib(checkpoint: Path, shards: list[Path], out: Path) -> float:
 
 
 def memory(args: argparse.Namespace) -> None:
-    from vitreg_jax.config import preset
-    from vitreg_jax.loading import birder_config, build_model, save_model
+    from vitreg_jax.model.build import birder_config, build_model, save_model
+    from vitreg_jax.model.config import preset
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -1,4 +1,4 @@
-"""k-NN evaluation time: ``vitreg_jax.evaluate.knn_classify`` on random embeddings (DINO's weighted k = 20, k = 1).
+"""k-NN evaluation time: ``vitreg_jax.evaluation.knn.knn_classify`` on random embeddings (DINO's weighted k = 20, k = 1).
 
 Default size (the one BENCHMARKS.md quotes): 50,000 train x 10,000 val embeddings of 768 floats, 1,000 classes::
 
@@ -21,7 +21,7 @@ import time
 import jax
 import numpy as np
 
-from vitreg_jax.evaluate import knn_classify
+from vitreg_jax.evaluation.knn import knn_classify
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -4,11 +4,11 @@
     .venv/bin/python benchmarks/knn.py --rows 1000000 --queries 10000  # the 1 M x 768 figure (about 3 GB of rows)
     .venv/bin/python benchmarks/knn.py --rows 20000 --via npy          # through the command's path: files on disk
 
-``--via memory`` (the default) streams the index to :func:`vitreg_jax.search.cosine_topk` from two
+``--via memory`` (the default) streams the index to :func:`vitreg_jax.evaluation.search.cosine_topk` from two
 pre-generated chunks of 65536 random rows used in turn (seeded; never all N rows in memory, generation not
 timed): the search alone. ``--via npy`` / ``--via parquet`` first write an
 ``embed``-format folder for the index and one for the queries (not timed), then time
-:func:`vitreg_jax.knn.knn_to_parquet`, i.e. the ``vitreg-jax knn`` command without its process start: reading
+:func:`vitreg_jax.evaluation.neighbours.knn_to_parquet`, i.e. the ``vitreg-jax knn`` command without its process start: reading
 the blocks from disk, the search and writing the result table. Each measurement is preceded by a small run
 with the same block shapes, so compilation is not counted. Runs on the default JAX backend (CPU, GPU, TPU).
 """
@@ -52,7 +52,7 @@ def pooled_blocks(rows: int, dim: int, seed: int) -> Iterator[np.ndarray]:
 
 def write_folder(out: Path, rows: int, dim: int, seed: int, fmt: str) -> Path:
     """An ``embed`` output folder of random rows in either format (keys "row-000000"...)."""
-    from vitreg_jax import embed_outputs
+    from vitreg_jax.embedding import outputs as embed_outputs
 
     out.mkdir(parents=True)
     keys = [f"row-{i:09d}" for i in range(rows)]
@@ -76,7 +76,7 @@ def write_folder(out: Path, rows: int, dim: int, seed: int, fmt: str) -> Path:
 
 
 def time_memory(args: argparse.Namespace) -> float:
-    from vitreg_jax.search import cosine_topk
+    from vitreg_jax.evaluation.search import cosine_topk
 
     queries = next(random_blocks(args.queries, args.dim, seed=1))
     warm_rows = min(args.rows, 2 * args.block_rows)
@@ -89,7 +89,7 @@ def time_memory(args: argparse.Namespace) -> float:
 
 
 def time_files(args: argparse.Namespace) -> float:
-    from vitreg_jax.knn import knn_to_parquet
+    from vitreg_jax.evaluation.neighbours import knn_to_parquet
 
     with tempfile.TemporaryDirectory(prefix="vitreg-knn-bench-") as tmp:
         tmp_path = Path(tmp)
@@ -103,7 +103,7 @@ def time_files(args: argparse.Namespace) -> float:
 
 
 def main() -> None:
-    from vitreg_jax.search import DEFAULT_INDEX_BLOCK
+    from vitreg_jax.evaluation.search import DEFAULT_INDEX_BLOCK
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=200_000, help="index rows N (default 200000)")

@@ -60,10 +60,10 @@ def child_ours(args: argparse.Namespace) -> None:
     import numpy as np
     from flax import nnx
 
-    from vitreg_jax.config import TrainConfig, mae_preset, preset
-    from vitreg_jax.mae import MAE
-    from vitreg_jax.train import MAETrainer
-    from vitreg_jax.vit import ViT
+    from vitreg_jax.model.config import TrainConfig, mae_preset, preset
+    from vitreg_jax.model.vit import ViT
+    from vitreg_jax.pretraining.mae import MAE
+    from vitreg_jax.pretraining.step import MAETrainer
 
     if args.gpu:  # fp32 means fp32 on both sides (no TF32)
         jax.config.update("jax_default_matmul_precision", "highest")

@@ -112,11 +112,11 @@ def main() -> None:
     from flax import nnx
     from train_step import birder_step  # this folder's benchmark
 
-    from vitreg_jax.config import TrainConfig, mae_preset, preset
-    from vitreg_jax.mae import MAE
-    from vitreg_jax.optim import adamw_update, make_optimizer
-    from vitreg_jax.train import MAETrainer
-    from vitreg_jax.vit import ViT
+    from vitreg_jax.model.config import TrainConfig, mae_preset, preset
+    from vitreg_jax.model.vit import ViT
+    from vitreg_jax.pretraining.mae import MAE
+    from vitreg_jax.pretraining.optimizer import adamw_update, make_optimizer
+    from vitreg_jax.pretraining.step import MAETrainer
 
     size = (224, 224)
     x = np.random.default_rng(0).standard_normal((args.batch, *size, 3)).astype(np.float32)

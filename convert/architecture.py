@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any
 from vitreg_jax.errors import UserError
 
 if TYPE_CHECKING:
-    from vitreg_jax.config import ViTConfig
+    from vitreg_jax.convert.formats.birder_file import BirderFile
     from vitreg_jax.convert.hub import Resolved
-    from vitreg_jax.convert.readers import BirderFile
+    from vitreg_jax.model.config import ViTConfig
 
 
 @dataclass
@@ -34,9 +34,9 @@ def resolve_architecture(bfile: BirderFile, config: str | os.PathLike[str] | Non
                          config_origin: str = "--config") -> Architecture:
     """The architecture of a birder file: its json (``config``), else its metadata and tensor shapes;
     ``network`` overrides either."""
-    from vitreg_jax.config import canonical_name, preset
     from vitreg_jax.convert import infer, mapping
-    from vitreg_jax.loading import read_birder_config, vit_config_from_birder
+    from vitreg_jax.model.build import read_birder_config, vit_config_from_birder
+    from vitreg_jax.model.config import canonical_name, preset
 
     if config is None:
         inf = infer.infer(bfile.state, bfile.meta, network=network, path=bfile.path)
@@ -74,9 +74,9 @@ def load_source(src: str, config: str | None, network: str | None) -> tuple[Reso
 
 def read_source(src: str) -> tuple[Resolved, BirderFile]:
     """A birder file path or published name (downloaded and checked once), read; a checkpoint is refused."""
-    from vitreg_jax.checkpoint import is_checkpoint
     from vitreg_jax.convert import hub
-    from vitreg_jax.convert.readers import read_birder_file
+    from vitreg_jax.convert.formats.birder_file import read_birder_file
+    from vitreg_jax.model.checkpoint import is_checkpoint
 
     if is_checkpoint(src):
         raise UserError(f"{src}: is a vitreg-jax checkpoint already (use `vitreg-jax export` to go back to birder)")

@@ -31,15 +31,15 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 
-from vitreg_jax import preprocess
-from vitreg_jax.config import ViTConfig, canonical_name, preset
 from vitreg_jax.convert import mapping
+from vitreg_jax.data import preprocess
 from vitreg_jax.errors import UserError
-from vitreg_jax.loading import DEFAULT_BIRDER_VERSION, birder_config
-from vitreg_jax.presets import PRESETS
+from vitreg_jax.model.build import DEFAULT_BIRDER_VERSION, birder_config
+from vitreg_jax.model.config import ViTConfig, canonical_name, preset
+from vitreg_jax.model.presets import PRESETS
 
 if TYPE_CHECKING:
-    from vitreg_jax.convert.readers import BirderFile
+    from vitreg_jax.convert.formats.birder_file import BirderFile
 
 # ((H, W), num_classes, in_channels) read from birder's signature
 SignatureInfo: TypeAlias = tuple[tuple[int, int], int, int]
@@ -158,7 +158,7 @@ def signature_info(signature: Any, where: str = "") -> SignatureInfo:
 
 
 def check_rgb_stats(rgb_stats: Any, where: str = "") -> dict[str, list[float]]:
-    """``vitreg_jax.preprocess.check_rgb_stats``: what ``embed`` would refuse later is refused at conversion."""
+    """``vitreg_jax.data.preprocess.check_rgb_stats``: what ``embed`` would refuse later is refused at conversion."""
     return preprocess.check_rgb_stats(rgb_stats, where)
 
 

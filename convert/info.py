@@ -14,7 +14,7 @@ from vitreg_jax.errors import UserError
 from vitreg_jax.fileio import first_line
 
 if TYPE_CHECKING:
-    from vitreg_jax.config import ViTConfig
+    from vitreg_jax.model.config import ViTConfig
 
 
 def checkpoint_info(path: Path) -> dict[str, Any]:
@@ -23,9 +23,9 @@ def checkpoint_info(path: Path) -> dict[str, Any]:
     import numpy as np
     import orbax.checkpoint as ocp
 
-    from vitreg_jax.checkpoint import PARAMS_DIR, read_metadata
-    from vitreg_jax.config import ViTConfig
     from vitreg_jax.convert.infer import birder_network_name, describe
+    from vitreg_jax.model.checkpoint import PARAMS_DIR, read_metadata
+    from vitreg_jax.model.config import ViTConfig
 
     meta = read_metadata(path)
     try:

@@ -14,18 +14,18 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from vitreg_jax.checkpoint import is_checkpoint
 from vitreg_jax.convert import hub, mapping
+from vitreg_jax.convert.formats.birder_file import BirderFile, read_birder_file
 from vitreg_jax.convert.infer import infer_birder_config
-from vitreg_jax.convert.readers import BirderFile, read_birder_file
-from vitreg_jax.loading import (
+from vitreg_jax.model.build import (
     abstract_model,
     model_from_checkpoint,
     read_birder_config,
     set_params,
     vit_config_from_birder,
 )
-from vitreg_jax.vit import ViT
+from vitreg_jax.model.checkpoint import is_checkpoint
+from vitreg_jax.model.vit import ViT
 
 
 def load_model_with_cfg(config: str | os.PathLike[str] | Mapping[str, Any] | None,

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from vitreg_jax.config import ViTConfig
 from vitreg_jax.errors import UserError
+from vitreg_jax.model.config import ViTConfig
 from vitreg_jax.tree import Path, check_fit, short_list
 
 # birder < 0.4 (nn.MultiheadAttention blocks): key suffix -> today's suffix. in_proj packs rows [q; k; v],

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from vitreg_jax.data.rgb_stats import named_rgb_stats
 from vitreg_jax.errors import UserError
 from vitreg_jax.fileio import atomic_write_json, first_line
-from vitreg_jax.rgb_stats import named_rgb_stats
 
 if TYPE_CHECKING:
     import torch
@@ -197,10 +197,10 @@ def _standin_by_birder(directory: Path, network: str, seed: int, model_config: M
 
 def _standin_by_us(directory: Path, network: str, seed: int, model_config: Mapping[str, Any] | None,
                    size: tuple[int, int], rgb_stats: Mapping[str, Any]) -> Weights:
-    from vitreg_jax.config import preset
     from vitreg_jax.convert import mapping
-    from vitreg_jax.convert.readers import write_birder_file
-    from vitreg_jax.loading import birder_config, build_model, get_params
+    from vitreg_jax.convert.formats.birder_file import write_birder_file
+    from vitreg_jax.model.build import birder_config, build_model, get_params
+    from vitreg_jax.model.config import preset
 
     vit_cfg = preset(network, image_size=size, model_config=dict(model_config or {}))
     net = build_model(vit_cfg, seed=seed)

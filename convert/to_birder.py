@@ -19,15 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vitreg_jax.checkpoint import is_checkpoint, load_checkpoint
-from vitreg_jax.config import ViTConfig
 from vitreg_jax.convert import infer, mapping, verify
 from vitreg_jax.convert.architecture import load_source
+from vitreg_jax.convert.formats.birder_file import write_birder_file
 from vitreg_jax.convert.output_paths import check_new_path, parents_made_for, remove_empty
-from vitreg_jax.convert.readers import write_birder_file
 from vitreg_jax.errors import UserError
 from vitreg_jax.fileio import atomic_write_json
-from vitreg_jax.loading import DEFAULT_BIRDER_VERSION, abstract_model, birder_config, set_params
+from vitreg_jax.model.build import DEFAULT_BIRDER_VERSION, abstract_model, birder_config, set_params
+from vitreg_jax.model.checkpoint import is_checkpoint, load_checkpoint
+from vitreg_jax.model.config import ViTConfig
 from vitreg_jax.tree import flatten, int_keys
 
 if TYPE_CHECKING:

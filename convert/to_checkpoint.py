@@ -24,8 +24,8 @@ from vitreg_jax.convert.output_paths import check_new_path, parents_made_for
 if TYPE_CHECKING:
     import numpy as np
 
+    from vitreg_jax.convert.formats.birder_file import BirderFile
     from vitreg_jax.convert.hub import Resolved
-    from vitreg_jax.convert.readers import BirderFile
     from vitreg_jax.tree import Path as ParamPath
 
 
@@ -48,8 +48,8 @@ def convert_to_checkpoint(src: str | os.PathLike[str], out: str | os.PathLike[st
                           tolerance: float = verify.VERIFY_ATOL,
                           report: Callable[[str], object] = print) -> Converted:
     """Convert ``src`` (a birder ``.pt`` / ``.safetensors`` or a published name) into the checkpoint ``out``."""
-    from vitreg_jax.checkpoint import save_checkpoint
-    from vitreg_jax.loading import checkpoint_metadata
+    from vitreg_jax.model.build import checkpoint_metadata
+    from vitreg_jax.model.checkpoint import save_checkpoint
     from vitreg_jax.tree import unflatten
 
     out = Path(out)
@@ -104,7 +104,7 @@ def source_line(bfile: BirderFile, resolved: Resolved, arch: Architecture) -> st
 
 def _compare(params: Mapping[ParamPath, np.ndarray], arch: Architecture, x: np.ndarray, theirs: np.ndarray,
              tolerance: float) -> verify.Verification:
-    from vitreg_jax.loading import abstract_model, set_params
+    from vitreg_jax.model.build import abstract_model, set_params
 
     net = set_params(abstract_model(arch.vit_cfg), params)
     return verify.compare(verify.our_embedding(net, x), theirs, x, tolerance)

@@ -22,7 +22,7 @@ from vitreg_jax.fileio import first_line
 if TYPE_CHECKING:
     import torch
 
-    from vitreg_jax.vit import ViT
+    from vitreg_jax.model.vit import ViT
 
 # The project's fp32 parity bar against birder: birder's own fp32 floor for vit_reg4_b16 embeddings (its distance
 # to itself in float64) is 5e-6 to 9e-6, and a wrong mapping shows up as O(0.1..1). Shipped checks (`convert

@@ -40,11 +40,11 @@ import numpy as np
 import torch
 
 import vitreg_jax
+from vitreg_jax.cli.main import main as vitreg_jax_cli
 from vitreg_jax.convert import standin
-from vitreg_jax.cli import main as vitreg_jax_cli
-from vitreg_jax.data import list_inputs
-from vitreg_jax.posemb import bicubic_matrix, resize_grid
-from vitreg_jax.preprocess import load_image
+from vitreg_jax.data.loader import list_inputs
+from vitreg_jax.data.preprocess import load_image
+from vitreg_jax.model.position_embedding import bicubic_matrix, resize_grid
 
 jax.config.update("jax_default_matmul_precision", "highest")  # fp32 means fp32 on GPU/TPU too (no TF32)
 torch.backends.cuda.matmul.allow_tf32 = False
@@ -82,7 +82,7 @@ print("\nfiles:", sorted(str(p.relative_to(ckpt)) for p in ckpt.iterdir()))
 # topology), and `load_model_with_cfg(None, DIR)` builds the model from its metadata:
 
 # %%
-from vitreg_jax.checkpoint import load_checkpoint
+from vitreg_jax.model.checkpoint import load_checkpoint
 
 params, meta = load_checkpoint(ckpt)
 print("top-level keys:", sorted(params), "| qkv kernel of block 0:", params["encoder"]["block"]["0"]["attn"]["qkv"]["kernel"].shape)

@@ -36,15 +36,15 @@ import numpy as np
 from flax import nnx
 
 from vitreg_jax import ViT
-from vitreg_jax.augment import TrainTransform
-from vitreg_jax.config import TrainConfig, preset
 from vitreg_jax.convert import standin
-from vitreg_jax.data import list_inputs
-from vitreg_jax.mae import random_masking, unpatchify
-from vitreg_jax.preprocess import classification_transform, load_image
-from vitreg_jax.pretrain_run import PretrainSettings, open_run, train
-from vitreg_jax.rgb_stats import named_rgb_stats
-from vitreg_jax.vit import num_params
+from vitreg_jax.data.augment import TrainTransform
+from vitreg_jax.data.loader import list_inputs
+from vitreg_jax.data.preprocess import classification_transform, load_image
+from vitreg_jax.data.rgb_stats import named_rgb_stats
+from vitreg_jax.model.config import TrainConfig, preset
+from vitreg_jax.model.vit import num_params
+from vitreg_jax.pretraining.mae import random_masking, unpatchify
+from vitreg_jax.pretraining.run import PretrainSettings, open_run, train
 
 QUICK = os.environ.get("VITREG_JAX_NOTEBOOK_QUICK") == "1"
 STEPS = 60 if QUICK else 300
@@ -57,7 +57,7 @@ print("JAX", jax.__version__, "on", jax.devices(), "| steps:", STEPS)
 # The encoder is birder's `vit_reg4_b16` layout (4 registers + class token) shrunk: patch 8 at 64×64 px
 # (64 patches), 4 blocks of width 128. The decoder is birder's `mae_vit` decoder at width 128 and depth 2.
 #
-# `vitreg_jax.pretrain_run` (the library behind `vitreg-jax pretrain`) takes the run's `PretrainSettings`:
+# `vitreg_jax.pretraining.run` (the library behind `vitreg-jax pretrain`) takes the run's `PretrainSettings`:
 # everything that shapes the run, saved with it and checked when it is resumed. The training hyper-parameters
 # are a `TrainConfig`, whose defaults are birder's recipe. The encoder is built here and handed over; the
 # settings `network="vit_reg4_b16", model_config={...}` would have the library build the same one.

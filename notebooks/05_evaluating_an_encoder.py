@@ -21,7 +21,7 @@
 # handwritten digits (8×8 px, 10 classes), upscaled and written as image folders, and compares
 #
 # * a randomly initialised encoder,
-# * the same encoder after MAE pre-training with `vitreg_jax.pretrain_run` (the library behind
+# * the same encoder after MAE pre-training with `vitreg_jax.pretraining.run` (the library behind
 #   `vitreg-jax pretrain`; 1,500 steps, or 120 in `QUICK`), which measures the k-NN accuracy every 100 (30)
 #   steps while it trains,
 # * and, as a yardstick, the raw pixels themselves.
@@ -44,11 +44,11 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 import vitreg_jax
-from vitreg_jax.config import TrainConfig, preset
-from vitreg_jax.evaluate import evaluate_embeddings, format_report
-from vitreg_jax.labelled import LabelledEmbeddings, embed_folders, read_labelled_folder
-from vitreg_jax.pretrain_run import PretrainSettings, open_run, train
-from vitreg_jax.rgb_stats import named_rgb_stats
+from vitreg_jax.data.rgb_stats import named_rgb_stats
+from vitreg_jax.evaluation.knn import evaluate_embeddings, format_report
+from vitreg_jax.evaluation.labelled_embeddings import LabelledEmbeddings, embed_folders, read_labelled_folder
+from vitreg_jax.model.config import TrainConfig, preset
+from vitreg_jax.pretraining.run import PretrainSettings, open_run, train
 
 QUICK = os.environ.get("VITREG_JAX_NOTEBOOK_QUICK") == "1"
 SIZE = (32, 32)

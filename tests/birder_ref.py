@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from vitreg_jax.rgb_stats import named_rgb_stats
+from vitreg_jax.data.rgb_stats import named_rgb_stats
 
 TINY_MODEL_CONFIG = {"num_layers": 2, "hidden_dim": 64, "num_heads": 2, "mlp_dim": 128}
 
@@ -47,9 +47,9 @@ def run(fn, x: np.ndarray) -> np.ndarray:
 
 def ours_from_birder(tnet, image_size=(224, 224)):
     """Our model holding exactly birder's weights (through the conversion table)."""
-    from vitreg_jax.config import ViTConfig
     from vitreg_jax.convert import mapping
-    from vitreg_jax.loading import abstract_model, set_params
+    from vitreg_jax.model.build import abstract_model, set_params
+    from vitreg_jax.model.config import ViTConfig
 
     cfg = ViTConfig.from_birder(tnet.config, image_size=image_size, num_classes=tnet.num_classes)
     return set_params(abstract_model(cfg), mapping.to_nnx(state_numpy(tnet), cfg))

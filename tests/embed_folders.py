@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vitreg_jax.embed_outputs import NPY_FORMAT, PARQUET_FORMAT, encode_name
+from vitreg_jax.embedding.outputs import NPY_FORMAT, PARQUET_FORMAT, encode_name
 
 
 def write_npy_folder(

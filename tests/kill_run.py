@@ -17,7 +17,7 @@ from typing import Any
 
 
 def kill_pretrain_at_step(at: int) -> None:
-    from vitreg_jax.train_data import TrainData
+    from vitreg_jax.pretraining.data_stream import TrainData
 
     iterate = TrainData.iterate
 
@@ -31,7 +31,7 @@ def kill_pretrain_at_step(at: int) -> None:
 
 
 def kill_embed_after_parts(spec: str) -> None:
-    from vitreg_jax import embed_steps
+    from vitreg_jax.embedding import _lockstep as embed_steps
 
     count, _, sig = spec.partition(":")
     signum = signal.SIGINT if sig.upper() == "INT" else signal.SIGKILL
@@ -57,7 +57,7 @@ def main(argv: list[str]) -> int:
     if sep != "--" or hook not in HOOKS:
         raise SystemExit(__doc__)
     HOOKS[hook](value)
-    from vitreg_jax.cli import main as cli_main
+    from vitreg_jax.cli.main import main as cli_main
 
     return cli_main(command)
 

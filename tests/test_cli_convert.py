@@ -2,7 +2,7 @@
 published names served from 127.0.0.1, --verify, and one clear error line (exit 2, nothing left behind)
 for every kind of bad input.
 
-Most cases call ``vitreg_jax.cli.main`` in-process (fast); a few run ``python -m vitreg_jax`` as users do.
+Most cases call ``vitreg_jax.cli.main.main`` in-process (fast); a few run ``python -m vitreg_jax`` as users do.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ import pytest
 
 from tests.hf_mirror import HfMirror
 from tests.tolerances import CONVERT_PARITY_ATOL, VERIFY_INJECTED_ERROR, VERIFY_LOOSE_TOLERANCE
-from vitreg_jax.cli import main
+from vitreg_jax.cli.main import main
 from vitreg_jax.convert import hub
-from vitreg_jax.convert.readers import read_birder_file
+from vitreg_jax.convert.formats.birder_file import read_birder_file
 from vitreg_jax.fileio import umask
 from vitreg_jax.tree import flatten
 
@@ -104,7 +104,7 @@ def our_embedding(ckpt: Path, x: np.ndarray) -> np.ndarray:
 
 
 def restored(ckpt: Path) -> dict[tuple[str, ...], np.ndarray]:
-    from vitreg_jax.checkpoint import restore_params
+    from vitreg_jax.model.checkpoint import restore_params
 
     return flatten(restore_params(ckpt))
 
@@ -561,7 +561,7 @@ def test_a_damaged_checkpoint_is_refused_by_export_and_info(converted: Path, tmp
 
 
 def test_export_never_drops_parameters(converted: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from vitreg_jax.checkpoint import load_checkpoint, save_checkpoint
+    from vitreg_jax.model.checkpoint import load_checkpoint, save_checkpoint
 
     params, meta = load_checkpoint(converted)
     params["decoder"] = {"kernel": np.zeros((2, 2), np.float32)}
@@ -649,7 +649,7 @@ def run(*args: Any, env: dict[str, str] | None = None) -> subprocess.CompletedPr
 def test_end_to_end_convert_info_export_without_torch_in_the_process(tiny: Tiny, tmp_path: Path) -> None:
     """.safetensors in and out needs no torch at all (a .pt is only ever read by torch.load)."""
     probe = ("import sys, runpy; sys.argv = ['vitreg-jax', *sys.argv[1:]]\nsys.modules['torch'] = None\n"
-             "from vitreg_jax.cli import main\nrc = main()\n"
+             "from vitreg_jax.cli.main import main\nrc = main()\n"
              "assert sys.modules.get('torch') is None, 'torch was imported'\nsys.exit(rc)\n")
     done = subprocess.run([sys.executable, "-c", probe, "convert", str(tiny.st), "--out", str(tmp_path / "c")],
                           capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from vitreg_jax.config import ViTConfig, preset
 from vitreg_jax.errors import UserError
-from vitreg_jax.presets import PRESETS
+from vitreg_jax.model.config import ViTConfig, preset
+from vitreg_jax.model.presets import PRESETS
 
 
 def test_presets_equal_birders_registry() -> None:

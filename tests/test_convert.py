@@ -20,12 +20,12 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from vitreg_jax.config import ViTConfig
 from vitreg_jax.convert import infer, mapping
-from vitreg_jax.convert.readers import read_birder_file
+from vitreg_jax.convert.formats.birder_file import read_birder_file
 from vitreg_jax.convert.standin import birder_models_dir
+from vitreg_jax.data.rgb_stats import RGB_STATS
 from vitreg_jax.errors import UserError
-from vitreg_jax.rgb_stats import RGB_STATS
+from vitreg_jax.model.config import ViTConfig
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("birder")
@@ -180,7 +180,7 @@ def test_pt_reader_matches_torch_load_for_every_dtype_and_layout(tmp_path: Path)
 
 def test_pt_writer_round_trips_through_torch(tmp_path: Path) -> None:
     """write_pt's file is what torch.save writes: torch.load(weights_only=True) (and mmap) reads it exactly."""
-    from vitreg_jax.convert.readers import write_pt
+    from vitreg_jax.convert.formats.birder_file import write_pt
 
     rng = np.random.default_rng(0)
     state = {"fp32": rng.standard_normal((7, 5), dtype=np.float32), "fp16": np.arange(6, dtype=np.float16),
@@ -341,7 +341,7 @@ def _birder_vit_config(net: Any, size: tuple[int, int] = SIZE) -> ViTConfig:
     """What birder's own json says about ``net``, through our reader of birder configs."""
     from birder.common import lib
 
-    from vitreg_jax.loading import vit_config_from_birder
+    from vitreg_jax.model.build import vit_config_from_birder
 
     cfg = json.loads(json.dumps(lib.get_network_config(net, signature(size, net.num_classes), RGB)))
     return vit_config_from_birder(cfg)

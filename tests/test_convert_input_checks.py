@@ -22,13 +22,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from vitreg_jax.cli import ON_INTERRUPT, main
-from vitreg_jax.config import ViTConfig
+from vitreg_jax._partials import GRACE_S, hold, release, remove_stale
+from vitreg_jax.cli.main import ON_INTERRUPT, main
 from vitreg_jax.convert import standin
+from vitreg_jax.convert.formats.birder_file import read_birder_file, write_birder_file
 from vitreg_jax.convert.json_meta import json_safe
-from vitreg_jax.convert.readers import read_birder_file, write_birder_file
 from vitreg_jax.errors import UserError
-from vitreg_jax.partials import GRACE_S, hold, release, remove_stale
+from vitreg_jax.model.config import ViTConfig
 
 SIZE = (32, 32)
 OLD_S = GRACE_S * 10  # an mtime this far back makes a leftover look abandoned
@@ -195,12 +195,12 @@ def test_remove_stale_spares_young_and_foreign_entries(tmp_path: Path) -> None:
 def test_an_interrupted_convert_says_nothing_was_written(weights: standin.Weights, tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
-    import vitreg_jax.checkpoint
+    import vitreg_jax.model.checkpoint
 
     def interrupted(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(vitreg_jax.checkpoint, "_checkpointer", lambda: type("C", (), {"save": interrupted})())
+    monkeypatch.setattr(vitreg_jax.model.checkpoint, "_checkpointer", lambda: type("C", (), {"save": interrupted})())
     rc, _, err = run(capsys, "convert", weights.weights, "--config", weights.config, "--out", tmp_path / "sub" / "ckpt")
     assert rc == 130
     assert err.strip() == "vitreg-jax convert: interrupted; nothing was written"

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vitreg_jax.data import Batch, Failure, iter_batches, list_inputs
+from vitreg_jax.data.loader import Batch, Failure, iter_batches, list_inputs
+from vitreg_jax.data.preprocess import classification_transform, load_image
+from vitreg_jax.data.rgb_stats import named_rgb_stats
 from vitreg_jax.errors import UserError
-from vitreg_jax.preprocess import classification_transform, load_image
-from vitreg_jax.rgb_stats import named_rgb_stats
 
 IMAGES_DIR = Path(__file__).resolve().parent.parent / "examples" / "images"
 SAMPLES = sorted(p for p in IMAGES_DIR.iterdir() if p.suffix.lower() in {".jpg", ".png"})

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from tests.tolerances import DEMO_PARITY_ATOL
-from vitreg_jax.cli import main
-from vitreg_jax.convert import demo as demo_lib
+from vitreg_jax.cli import _demo_job as demo_lib
+from vitreg_jax.cli.main import main
 from vitreg_jax.convert import standin
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -172,7 +172,7 @@ def test_demo_without_birder_or_torch_runs_all_but_the_parity_line(tmp_path: Pat
     """birder and torch made unimportable: the stand-in comes from vitreg-jax as a .safetensors, and the parity
     line says why it is skipped."""
     code = ("import sys; sys.modules['birder'] = None; sys.modules['torch'] = None\n"
-            "from vitreg_jax.cli import main\n"
+            "from vitreg_jax.cli.main import main\n"
             f"sys.exit(main(['demo', '--quick', '--out', {str(tmp_path / 'demo')!r}]))")
     env = {**os.environ, "VITREG_JAX_CACHE": str(tmp_path / "cache")}
     env.pop("XLA_FLAGS", None)

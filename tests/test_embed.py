@@ -15,11 +15,17 @@ import pytest
 from flax import nnx
 
 from tests.tolerances import EMBEDDER_BF16_MIN_COSINE, EMBEDDER_FP32_ATOL
-from vitreg_jax.config import preset
-from vitreg_jax.embed import CPU_XLA_FLAGS, Embedder, bucket_sizes, configure_xla_flags, make_embed_fn
+from vitreg_jax.embedding.embedder import (
+    CPU_XLA_FLAGS,
+    Embedder,
+    bucket_sizes,
+    configure_xla_flags,
+    make_embed_fn,
+)
 from vitreg_jax.errors import UserError
-from vitreg_jax.policy import ComputePolicy, resolve_dtype
-from vitreg_jax.vit import ViT
+from vitreg_jax.model.config import preset
+from vitreg_jax.model.precision import ComputePolicy, resolve_dtype
+from vitreg_jax.model.vit import ViT
 
 # fp32 jitted vs eager: the same math in another fusion / micro-batch order
 # bf16 matmul inputs with fp32 accumulation vs the fp32 embedding
@@ -62,7 +68,7 @@ def test_fp32_equals_net_embedding(net, images):
 
 def test_prime_batch_is_padded_to_micro_batches_not_split_into_ones(net, images):
     """11 rows with micro-batch 4: padded to 3 steps of 4 (not 11 steps of 1); padding never leaks into rows."""
-    from vitreg_jax.embed import _micro_size
+    from vitreg_jax.embedding.embedder import _micro_size
 
     assert (_micro_size(11, 4), _micro_size(12, 4), _micro_size(10, 4), _micro_size(3, 4)) == (4, 4, 2, 3)
     embed, params = make_embed_fn(net, micro_batch=4)
@@ -180,7 +186,7 @@ def test_configure_xla_flags(monkeypatch):
 def test_configure_xla_flags_before_jax_starts():
     code = textwrap.dedent("""
         import json, os
-        from vitreg_jax.embed import configure_xla_flags
+        from vitreg_jax.embedding.embedder import configure_xla_flags
         a = configure_xla_flags("bfloat16"); b = os.environ.get("XLA_FLAGS")
         c = configure_xla_flags("float32"); d = os.environ.get("XLA_FLAGS")
         print(json.dumps([a, b, c, d]))
@@ -197,9 +203,9 @@ def test_configure_xla_flags_before_jax_starts():
 
 AUTO_FLAGS_SCRIPT = textwrap.dedent("""
     import json, os, platform, sys
-    import vitreg_jax.policy
-    from vitreg_jax.embed import _backends_started, configure_xla_flags
-    vitreg_jax.policy.CPUINFO_PATH = sys.argv[1]  # this CPU's flags, as the test wrote them
+    import vitreg_jax.model.precision
+    from vitreg_jax.embedding.embedder import _backends_started, configure_xla_flags
+    vitreg_jax.model.precision.CPUINFO_PATH = sys.argv[1]  # this CPU's flags, as the test wrote them
     platform.machine = lambda: "x86_64"
     flags = configure_xla_flags("auto")
     print(json.dumps([flags, os.environ.get("XLA_FLAGS"), _backends_started()]))
@@ -226,10 +232,10 @@ SHARDED_SCRIPT = textwrap.dedent("""
     import json, jax, numpy as np
     jax.config.update("jax_default_matmul_precision", "highest")
     from flax import nnx
-    from vitreg_jax.config import preset
-    from vitreg_jax.embed import Embedder
-    from vitreg_jax.policy import default_mesh
-    from vitreg_jax.vit import ViT
+    from vitreg_jax.model.config import preset
+    from vitreg_jax.embedding.embedder import Embedder
+    from vitreg_jax.model.precision import default_mesh
+    from vitreg_jax.model.vit import ViT
     SIZE = (32, 32)
     net = ViT(preset("vit_reg4_b16", model_config=TINY, image_size=SIZE), rngs=nnx.Rngs(0))
     x = np.random.default_rng(2).normal(size=(13, *SIZE, 3)).astype(np.float32)

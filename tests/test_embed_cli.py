@@ -19,14 +19,14 @@ from flax import nnx
 from PIL import Image
 
 from tests.tolerances import EMBED_BF16_MIN_COSINE, EMBED_FP32_ATOL
-from vitreg_jax.cli import main
-from vitreg_jax.config import preset
+from vitreg_jax.cli.main import main
 from vitreg_jax.convert.load import load_model_with_cfg
-from vitreg_jax.embed_folder import STATE_DIR
-from vitreg_jax.embed_outputs import decode_name
-from vitreg_jax.loading import birder_config, save_model
-from vitreg_jax.preprocess import classification_transform, load_image
-from vitreg_jax.vit import ViT
+from vitreg_jax.data.preprocess import classification_transform, load_image
+from vitreg_jax.embedding._output_folder import STATE_DIR
+from vitreg_jax.embedding.outputs import decode_name
+from vitreg_jax.model.build import birder_config, save_model
+from vitreg_jax.model.config import preset
+from vitreg_jax.model.vit import ViT
 
 # the command's embedding of a file vs net.embedding on the same preprocessed pixels
 
@@ -487,7 +487,7 @@ def test_a_second_run_into_a_folder_in_use_exits_2(ckpt, inputs, tmp_path, capsy
     out = tmp_path / "out"
     out.mkdir()
     code = (
-        "import sys, time; from vitreg_jax.folder_lock import FolderLock; "
+        "import sys, time; from vitreg_jax._folder_lock import FolderLock; "
         "FolderLock(sys.argv[1], 'embed').acquire(); print('locked', flush=True); time.sleep(600)"
     )
     holder = subprocess.Popen(
@@ -527,7 +527,7 @@ def test_huge_images_fail_quietly(ckpt, tmp_path):
 
 
 def test_help_default_is_the_librarys():
-    from vitreg_jax.commands import embed as embed_command
-    from vitreg_jax.sources import FILES_PER_SHARD
+    from vitreg_jax.cli import embed as embed_command
+    from vitreg_jax.data.shards import FILES_PER_SHARD
 
     assert embed_command.FILES_PER_PART == FILES_PER_SHARD

@@ -1,4 +1,4 @@
-"""vitreg_jax.embed_dataset in this process: both formats, readers without our code, names, refusals, lock."""
+"""vitreg_jax.embedding.dataset in this process: both formats, readers without our code, names, refusals, lock."""
 
 from __future__ import annotations
 
@@ -19,16 +19,16 @@ from flax import nnx
 from PIL import Image
 
 from tests.tolerances import EMBED_FOLDER_VS_TAR_ATOL, EMBED_FP32_ATOL
-from vitreg_jax.config import preset
-from vitreg_jax.embed import Embedder
-from vitreg_jax.embed_dataset import embed_dataset
-from vitreg_jax.embed_folder import STATE_DIR
-from vitreg_jax.embed_outputs import MANIFEST_FILE, NOT_UTF8, decode_name, encode_name, read_npy_names
+from vitreg_jax._folder_lock import FolderLock
+from vitreg_jax.data.preprocess import classification_transform, load_image
+from vitreg_jax.embedding._output_folder import STATE_DIR
+from vitreg_jax.embedding.dataset import embed_dataset
+from vitreg_jax.embedding.embedder import Embedder
+from vitreg_jax.embedding.outputs import MANIFEST_FILE, NOT_UTF8, decode_name, encode_name, read_npy_names
 from vitreg_jax.errors import UserError
-from vitreg_jax.folder_lock import FolderLock
-from vitreg_jax.loading import birder_config
-from vitreg_jax.preprocess import classification_transform, load_image
-from vitreg_jax.vit import ViT
+from vitreg_jax.model.build import birder_config
+from vitreg_jax.model.config import preset
+from vitreg_jax.model.vit import ViT
 
 TINY = {"num_layers": 2, "hidden_dim": 64, "mlp_dim": 128, "num_heads": 4, "patch_size": 8}
 SIZE = (32, 32)
@@ -225,7 +225,7 @@ def test_parquet_refuses_foreign_parts(model, tmp_path):
 
 def _hold_lock(folder: Path) -> subprocess.Popen:
     code = (
-        "import sys, time; from vitreg_jax.folder_lock import FolderLock; "
+        "import sys, time; from vitreg_jax._folder_lock import FolderLock; "
         "FolderLock(sys.argv[1], 'embed').acquire(); print('locked', flush=True); time.sleep(600)"
     )
     proc = subprocess.Popen(

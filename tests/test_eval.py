@@ -11,9 +11,9 @@ from sklearn.neighbors import KNeighborsClassifier
 
 from tests.tolerances import KNN_SCORE_RTOL, LINEAR_PROBE_ACCURACY_ATOL
 from vitreg_jax.errors import UserError
-from vitreg_jax.evaluate import evaluate_embeddings, knn_classify
-from vitreg_jax.labelled import LabelledEmbeddings
-from vitreg_jax.linear_probe import holdout_split, linear_probe, standardise
+from vitreg_jax.evaluation.knn import evaluate_embeddings, knn_classify
+from vitreg_jax.evaluation.labelled_embeddings import LabelledEmbeddings
+from vitreg_jax.evaluation.linear_probe import holdout_split, linear_probe, standardise
 
 NUM_CLASSES = 7
 DIM = 32

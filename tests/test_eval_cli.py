@@ -11,11 +11,11 @@ import pytest
 from flax import nnx
 
 from tests.labelled_images import write_split
-from vitreg_jax.cli import main
-from vitreg_jax.config import preset
-from vitreg_jax.loading import birder_config, save_model
-from vitreg_jax.policy import resolve_dtype
-from vitreg_jax.vit import ViT
+from vitreg_jax.cli.main import main
+from vitreg_jax.model.build import birder_config, save_model
+from vitreg_jax.model.config import preset
+from vitreg_jax.model.precision import resolve_dtype
+from vitreg_jax.model.vit import ViT
 
 TINY = {"num_layers": 2, "hidden_dim": 64, "mlp_dim": 128, "num_heads": 4, "patch_size": 8}
 SIZE = (32, 32)

@@ -12,7 +12,7 @@ from PIL import Image
 from tests.labelled_images import write_split
 from tests.test_train_loop import SIZE, cli_error, pretrain_args, run_cli
 from vitreg_jax import load_model_with_cfg
-from vitreg_jax.knn_monitor import KNNMonitor
+from vitreg_jax.evaluation.monitor import KNNMonitor
 
 CLASSES = {"red": (200, 70, 70), "green": (70, 200, 70), "blue": (70, 70, 200)}
 EVAL_K = 3

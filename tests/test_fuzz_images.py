@@ -23,9 +23,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from tests.fuzz_support import fuzz_settings, load_or_refuse
+from vitreg_jax.data.preprocess import MAX_IMAGE_PIXELS, classification_transform, decode_image
+from vitreg_jax.data.rgb_stats import RGB_STATS
 from vitreg_jax.errors import UserError
-from vitreg_jax.preprocess import MAX_IMAGE_PIXELS, classification_transform, decode_image
-from vitreg_jax.rgb_stats import RGB_STATS
 
 IMAGES = Path(__file__).resolve().parent.parent / "examples" / "images"
 FILES = ["cat.jpg", "clock_gray.jpg", "coffee_palette.png", "horse_rgba.png"]

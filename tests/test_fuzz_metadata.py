@@ -1,7 +1,7 @@
 """Loading a checkpoint whose ``metadata.json`` is mutated: the original weights, bit for bit, or a one-line
 ``UserError``.
 
-The checkpoint is a real one (``vitreg_jax.loading.save_model`` of a tiny ViT). Mutations of its
+The checkpoint is a real one (``vitreg_jax.model.build.save_model`` of a tiny ViT). Mutations of its
 ``metadata.json``: any value (found by its path in the JSON) set to another type, a huge or negative number,
 deep nesting or a number of 5000 digits; keys dropped or added; the root replaced; and raw byte edits (bit
 flips, truncation, bytes that are not UTF-8). The loader is ``model_from_checkpoint``, which reads the metadata,
@@ -21,8 +21,8 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from tests.fuzz_support import flip, fuzz_settings, load_or_refuse
-from vitreg_jax.checkpoint import METADATA_FILE
-from vitreg_jax.loading import get_params, model_from_checkpoint
+from vitreg_jax.model.build import get_params, model_from_checkpoint
+from vitreg_jax.model.checkpoint import METADATA_FILE
 
 METADATA_EXAMPLES = 40  # each load restores the weights with Orbax (~0.2 s)
 
@@ -49,9 +49,9 @@ def _paths(obj: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
 
 @pytest.fixture(scope="module")
 def original(tmp_path_factory: pytest.TempPathFactory) -> Original:
-    from vitreg_jax.config import ViTConfig
-    from vitreg_jax.loading import birder_config, build_model, save_model
-    from vitreg_jax.rgb_stats import RGB_STATS
+    from vitreg_jax.data.rgb_stats import RGB_STATS
+    from vitreg_jax.model.build import birder_config, build_model, save_model
+    from vitreg_jax.model.config import ViTConfig
 
     cfg = ViTConfig(image_size=(32, 32), patch_size=16, num_layers=2, num_heads=2, hidden_dim=64, mlp_dim=128,
                     num_reg_tokens=4)

@@ -27,7 +27,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from tests.fuzz_support import flip, fuzz_settings, interesting_ints, load_or_refuse, put_int
-from vitreg_jax.convert.pt_reader import read_pt
+from vitreg_jax.convert.formats.pt_reader import read_pt
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("birder")

@@ -23,7 +23,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from tests.fuzz_support import flip, fuzz_settings, interesting_ints, load_or_refuse, put_int
-from vitreg_jax.convert.safetensors_io import read_safetensors
+from vitreg_jax.convert.formats.safetensors_io import read_safetensors
 
 pytest.importorskip("torch")
 pytest.importorskip("birder")

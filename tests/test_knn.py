@@ -1,4 +1,4 @@
-"""The knn command (vitreg_jax.knn.knn_to_parquet) on embed-like folders of both formats."""
+"""The knn command (vitreg_jax.evaluation.neighbours.knn_to_parquet) on embed-like folders of both formats."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from tests.embed_folders import write_npy_folder, write_parquet_folder
 from tests.tolerances import SEARCH_SCORE_ATOL
-from vitreg_jax.cli import main
+from vitreg_jax.cli.main import main
 
 
 def data(n: int, dim: int = 16, seed: int = 0, prefix: str = "img") -> tuple[list[str], np.ndarray]:
@@ -142,10 +142,10 @@ def test_the_parser_does_not_import_jax_and_quotes_the_library_default():
     import subprocess
     import sys
 
-    code = "import sys; from vitreg_jax.cli import build_parser; build_parser('knn'); print('jax' in sys.modules)"
+    code = "import sys; from vitreg_jax.cli.main import build_parser; build_parser('knn'); print('jax' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
-    from vitreg_jax.commands import knn
-    from vitreg_jax.search import DEFAULT_INDEX_BLOCK
+    from vitreg_jax.cli import knn
+    from vitreg_jax.evaluation.search import DEFAULT_INDEX_BLOCK
 
     assert knn.DEFAULT_INDEX_BLOCK == DEFAULT_INDEX_BLOCK

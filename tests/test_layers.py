@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CORE = sorted(p for p in (ROOT / "vitreg_jax").glob("*.py") if p.name not in ("cli.py", "__main__.py"))
 CONVERT = sorted((ROOT / "convert").glob("*.py"))
 CONVERT_PACKAGE = "vitreg_jax.convert"
-CLI_MODULES = ("vitreg_jax.cli", "vitreg_jax.commands")
+CLI_MODULES = ("vitreg_jax.cli.main", "vitreg_jax.cli")
 
 
 def package_of(path: Path) -> str:
@@ -83,7 +83,7 @@ def test_convert_never_imports_the_cli(path: Path) -> None:
 
 
 def test_importing_the_core_loads_no_convert_module() -> None:
-    code = ("import sys, vitreg_jax.loading, vitreg_jax.checkpoint, vitreg_jax.mae, vitreg_jax.vit\n"
+    code = ("import sys, vitreg_jax.model.build, vitreg_jax.model.checkpoint, vitreg_jax.pretraining.mae, vitreg_jax.model.vit\n"
             f"print(sorted(m for m in sys.modules if m.startswith({CONVERT_PACKAGE!r})))\n")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"

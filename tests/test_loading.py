@@ -15,7 +15,7 @@ from tests import birder_ref as ref
 from tests.conftest import record
 from tests.tolerances import EMBEDDING_ATOL, TOKENS_ATOL
 from vitreg_jax.errors import UserError
-from vitreg_jax.loading import get_params, save_model
+from vitreg_jax.model.build import get_params, save_model
 
 pytest.importorskip("birder")
 
@@ -141,7 +141,7 @@ def test_imports_and_runs_without_torch(tiny_files, tmp_path) -> None:
         "import sys\n"
         "sys.modules['torch'] = None  # any `import torch` now raises ImportError\n"
         "import numpy as np, vitreg_jax\n"
-        "from vitreg_jax.loading import save_model\n"
+        "from vitreg_jax.model.build import save_model\n"
         "net, cfg = vitreg_jax.load_model_with_cfg(sys.argv[1], sys.argv[2])\n"
         "save_model(sys.argv[3], net, cfg)\n"
         "net, cfg = vitreg_jax.load_model_with_cfg(None, sys.argv[3])\n"

@@ -25,10 +25,11 @@ from tests.tolerances import (
     MAE_POS_EMBED_VARIANTS_MIN_DIFF,
     MAE_PRED_ATOL,
 )
-from vitreg_jax.config import MAEConfig, ViTConfig, mae_preset, preset
 from vitreg_jax.convert import mapping
 from vitreg_jax.errors import UserError
-from vitreg_jax.mae import (
+from vitreg_jax.model.config import MAEConfig, ViTConfig, mae_preset, preset
+from vitreg_jax.model.vit import ViT
+from vitreg_jax.pretraining.mae import (
     MAE,
     Masks,
     flat_state,
@@ -40,7 +41,6 @@ from vitreg_jax.mae import (
     unpatchify,
 )
 from vitreg_jax.tree import flatten
-from vitreg_jax.vit import ViT
 
 pytest.importorskip("birder")
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -152,7 +152,7 @@ def test_encoder_part_converts_with_the_encoder_table():
     enc_state, rest = mae_mapping.split_encoder(state)
     assert set(enc_state) == set(bnet.encoder.state_dict())
     assert not any(k.startswith("encoder") for k in rest)
-    from vitreg_jax.loading import abstract_model, set_params
+    from vitreg_jax.model.build import abstract_model, set_params
 
     net = set_params(abstract_model(vit_cfg), mapping.to_nnx(enc_state, vit_cfg))
     x = np.random.default_rng(4).standard_normal((2, *SIZE, 3)).astype(np.float32)

@@ -47,7 +47,7 @@ def blocked_env(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, str
 
 # runs each command in one interpreter (as the CLI would, one after another) and reports their stdout
 DRIVER = """import contextlib, io, json, sys
-from vitreg_jax.cli import main
+from vitreg_jax.cli.main import main
 outs = []
 for args in json.loads(sys.argv[1]):
     out = io.StringIO()
@@ -144,7 +144,7 @@ def test_a_pickle_that_would_run_code_is_refused_without_torch(
     path = tmp_path / "evil.pt"
     torch.save({"state": {"a": torch.ones(2)}, "rgb_stats": _Evil(marker)}, path)
     done = subprocess.run(
-        [sys.executable, "-m", "vitreg_jax.cli", "info", str(path)],
+        [sys.executable, "-m", "vitreg_jax.cli.main", "info", str(path)],
         env=env,
         capture_output=True,
         text=True,

@@ -12,8 +12,15 @@ def test_every_package_is_listed_in_pyproject() -> None:
     tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     listed = set(tool["packages"])
     dirs = {"vitreg_jax": ROOT / "vitreg_jax", **{k: ROOT / v for k, v in tool["package-dir"].items()}}
-    found = {"vitreg_jax.convert"} | {
-        ".".join(p.parent.relative_to(ROOT).parts) for p in dirs["vitreg_jax"].rglob("__init__.py")
+
+    def folder(package: str) -> Path:  # a package's folder, through the longest package-dir mapping
+        mapped = max((k for k in dirs if package == k or package.startswith(k + ".")), key=len)
+        return dirs[mapped].joinpath(*package[len(mapped) :].split(".")[1:])
+
+    found = {
+        ".".join((name, *p.parent.relative_to(root).parts))
+        for name, root in dirs.items()
+        for p in root.rglob("__init__.py")
     }
     assert found <= listed, f"packages missing from pyproject.toml: {sorted(found - listed)}"
-    assert all((dirs.get(name, ROOT / name.replace(".", "/")) / "__init__.py").is_file() for name in listed)
+    assert all((folder(name) / "__init__.py").is_file() for name in listed)

@@ -154,9 +154,9 @@ def test_masked_encoding_omission() -> None:
 
 
 def test_parameter_count() -> None:
-    from vitreg_jax.config import preset
-    from vitreg_jax.loading import abstract_model
-    from vitreg_jax.vit import num_params
+    from vitreg_jax.model.build import abstract_model
+    from vitreg_jax.model.config import preset
+    from vitreg_jax.model.vit import num_params
 
     tnet = ref.birder_net("vit_reg4_b16", seed=0)
     ours = num_params(abstract_model(preset("vit_reg4_b16")))

@@ -16,11 +16,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from vitreg_jax.config import MAEConfig, TrainConfig, preset
-from vitreg_jax.embed import Embedder, make_embed_fn
+from vitreg_jax.embedding.embedder import Embedder, make_embed_fn
 from vitreg_jax.errors import UserError
-from vitreg_jax.mae import MAE
-from vitreg_jax.policy import (
+from vitreg_jax.model.config import MAEConfig, TrainConfig, preset
+from vitreg_jax.model.precision import (
     DATA_AXIS,
     DTYPE_CHOICES,
     DTYPE_HELP,
@@ -32,8 +31,9 @@ from vitreg_jax.policy import (
     param_name,
     resolve_dtype,
 )
-from vitreg_jax.train import MAETrainer
-from vitreg_jax.vit import ViT
+from vitreg_jax.model.vit import ViT
+from vitreg_jax.pretraining.mae import MAE
+from vitreg_jax.pretraining.step import MAETrainer
 
 SIZE = (32, 32)
 ENCODER = {"num_layers": 1, "hidden_dim": 64, "mlp_dim": 128, "num_heads": 4, "patch_size": 8}
@@ -114,7 +114,7 @@ def test_auto_resolves_by_platform_and_cpu_flags():
 
 
 def test_cpu_flags_are_read_from_cpuinfo(tmp_path, monkeypatch):
-    from vitreg_jax import policy
+    from vitreg_jax.model import precision as policy
 
     path = tmp_path / "cpuinfo"
     monkeypatch.setattr(policy, "CPUINFO_PATH", str(path))
@@ -163,7 +163,7 @@ def test_choose_policy():
 
 
 def test_importing_the_policy_does_not_import_jax():
-    code = "import sys, vitreg_jax.policy as p; print(p.DTYPE_CHOICES, 'jax' in sys.modules)"
+    code = "import sys, vitreg_jax.model.precision as p; print(p.DTYPE_CHOICES, 'jax' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split()[-1] == "False", out.stdout
 
@@ -248,7 +248,7 @@ def test_default_mesh():
 
 MESH_SCRIPT = textwrap.dedent("""
     import json, jax
-    from vitreg_jax.policy import default_mesh
+    from vitreg_jax.model.precision import default_mesh
     devices = jax.devices()
     mesh = default_mesh(list(reversed(devices)))
     print(json.dumps([d.id for d in mesh.devices.flat] == sorted(d.id for d in devices)))

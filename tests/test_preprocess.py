@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from vitreg_jax.errors import UserError
-from vitreg_jax.preprocess import (
+from vitreg_jax.data.preprocess import (
     MAX_IMAGE_PIXELS,
     ImageReadError,
     classification_transform,
@@ -20,7 +19,8 @@ from vitreg_jax.preprocess import (
     load_image,
     to_rgb,
 )
-from vitreg_jax.rgb_stats import RGB_STATS, named_rgb_stats
+from vitreg_jax.data.rgb_stats import RGB_STATS, named_rgb_stats
+from vitreg_jax.errors import UserError
 
 IMAGES_DIR = Path(__file__).resolve().parent.parent / "examples" / "images"
 SAMPLES = sorted(p for p in IMAGES_DIR.iterdir() if p.suffix.lower() in {".jpg", ".png"})
@@ -338,7 +338,7 @@ def test_round_trip_through_bytes_is_stable():
 
 
 def test_import_does_not_pull_in_torch():
-    code = "import sys, vitreg_jax.preprocess; print('torch' in sys.modules)"
+    code = "import sys, vitreg_jax.data.preprocess; print('torch' in sys.modules)"
     repo_root = IMAGES_DIR.parent.parent
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=repo_root

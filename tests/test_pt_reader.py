@@ -23,10 +23,10 @@ import numpy as np
 import pytest
 
 from tests.test_convert import RGB, TINY, birder_save, legacy_state, save_pt, state_tensors, to_numpy
-from vitreg_jax.convert.pt_reader import DAMAGED, NOT_WEIGHTS, read_pt
-from vitreg_jax.convert.readers import read_birder_file
+from vitreg_jax.convert.formats.birder_file import read_birder_file
+from vitreg_jax.convert.formats.pt_reader import DAMAGED, NOT_WEIGHTS, read_pt
 from vitreg_jax.errors import UserError
-from vitreg_jax.presets import PRESETS
+from vitreg_jax.model.presets import PRESETS
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("birder")
@@ -204,7 +204,7 @@ def test_random_bytes_on_the_command_line_are_one_line_without_torchs_advice(tmp
     path = tmp_path / "noise.pt"
     path.write_bytes(b"\x80\x02" + np.random.default_rng(1).bytes(4094))
     done = subprocess.run(
-        [sys.executable, "-m", "vitreg_jax.cli", "info", str(path)],
+        [sys.executable, "-m", "vitreg_jax.cli.main", "info", str(path)],
         capture_output=True,
         text=True,
         check=False,
@@ -481,8 +481,8 @@ def test_zip64_records_as_files_over_4_gib_write_them(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Every size and offset in zip64 fields (as in a file over 4 GiB): torch, zipfile and our reader agree."""
-    from vitreg_jax.convert import pt_writer
-    from vitreg_jax.convert.readers import write_pt
+    from vitreg_jax.convert.formats import pt_writer
+    from vitreg_jax.convert.formats.birder_file import write_pt
 
     monkeypatch.setattr(pt_writer, "ZIP64_FROM", 0)
     state = {"a": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.ones(5, np.float16)}
@@ -499,8 +499,8 @@ def test_zip64_records_as_files_over_4_gib_write_them(
 def test_written_records_are_stored_and_64_byte_aligned(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, zip64: bool
 ) -> None:
-    from vitreg_jax.convert import pt_writer
-    from vitreg_jax.convert.readers import write_pt
+    from vitreg_jax.convert.formats import pt_writer
+    from vitreg_jax.convert.formats.birder_file import write_pt
 
     if zip64:
         monkeypatch.setattr(pt_writer, "ZIP64_FROM", 0)

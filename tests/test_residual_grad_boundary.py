@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vitreg_jax.config import preset
-from vitreg_jax.ops import residual_grad_boundary
-from vitreg_jax.vit import ViT
+from vitreg_jax.model._kernels import residual_grad_boundary
+from vitreg_jax.model.config import preset
+from vitreg_jax.model.vit import ViT
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

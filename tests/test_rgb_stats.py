@@ -6,8 +6,8 @@ import os
 
 import pytest
 
+from vitreg_jax.data.rgb_stats import BIRDER_MODES, RGB_STATS, TRAIN_DEFAULT, named_rgb_stats
 from vitreg_jax.errors import UserError
-from vitreg_jax.rgb_stats import BIRDER_MODES, RGB_STATS, TRAIN_DEFAULT, named_rgb_stats
 
 REQUIRE_BIRDER = os.environ.get("VITREG_JAX_REQUIRE_BIRDER") == "1"
 

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from vitreg_jax.convert.safetensors_io import read_safetensors
+from vitreg_jax.convert.formats.safetensors_io import read_safetensors
 from vitreg_jax.errors import UserError
 
 safetensors_numpy = pytest.importorskip("safetensors.numpy")

@@ -9,7 +9,7 @@ import pytest
 from tests.conftest import record
 from tests.tolerances import SEARCH_SCORE_ATOL
 from vitreg_jax.errors import UserError
-from vitreg_jax.search import cosine_topk
+from vitreg_jax.evaluation.search import cosine_topk
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -142,10 +142,11 @@ def test_user_errors(queries, blocks, k, match):
 
 
 def test_one_compilation_per_shape():
-    from vitreg_jax import search
+    from vitreg_jax.evaluation import search
 
     rng = np.random.default_rng(5)
     queries = rng.standard_normal((8, 4)).astype(np.float32)
     search._step.clear_cache()
     cosine_topk(queries, blocks_of(rng.standard_normal((103, 4)), [10, 31, 62]), 3, index_block=16)
     assert search._step._cache_size() == 1
+

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.test_search import blocks_of, check_against_reference
-from vitreg_jax.search import cosine_topk
+from vitreg_jax.evaluation.search import cosine_topk
 
 
 @st.composite

@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vitreg_jax import data, sources
-from vitreg_jax.data import ItemBatch, iter_batches, iter_item_batches, list_inputs
+from vitreg_jax.data import loader as data
+from vitreg_jax.data import shards as sources
+from vitreg_jax.data.loader import ItemBatch, iter_batches, iter_item_batches, list_inputs
+from vitreg_jax.data.preprocess import classification_transform
+from vitreg_jax.data.shards import Item, Shard, expand_braces, iter_items, list_shards, shards_for_process
 from vitreg_jax.errors import UserError
-from vitreg_jax.preprocess import classification_transform
-from vitreg_jax.sources import Item, Shard, expand_braces, iter_items, list_shards, shards_for_process
 
 IMAGES_DIR = Path(__file__).resolve().parent.parent / "examples" / "images"
 SAMPLES = sorted(p for p in IMAGES_DIR.iterdir() if p.suffix.lower() in {".jpg", ".png"})[:5]

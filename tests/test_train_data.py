@@ -11,11 +11,11 @@ import pytest
 from PIL import Image
 
 from tests.tolerances import AFFINE_EQUAL_FRACTION, CROP_STAT_ATOL
-from vitreg_jax import augment as A
-from vitreg_jax.augment import TrainTransform
+from vitreg_jax.data import augment as A
+from vitreg_jax.data.augment import TrainTransform
+from vitreg_jax.data.rgb_stats import named_rgb_stats
 from vitreg_jax.errors import UserError
-from vitreg_jax.rgb_stats import named_rgb_stats
-from vitreg_jax.train_data import TrainData
+from vitreg_jax.pretraining.data_stream import TrainData
 
 IMAGES = Path(__file__).parents[1] / "examples" / "images"
 STATS = named_rgb_stats("birder")

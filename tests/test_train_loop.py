@@ -17,18 +17,18 @@ from flax import nnx
 
 from tests.conftest import record
 from tests.tolerances import DP_RUN_LOSS_RTOL, DP_RUN_PARAM_ATOL_OF_LR
-from vitreg_jax import cli
-from vitreg_jax.augment import TrainTransform
-from vitreg_jax.config import MAEConfig, TrainConfig, preset
-from vitreg_jax.data import list_inputs
-from vitreg_jax.mae import MAE
-from vitreg_jax.optim import lr_schedule
-from vitreg_jax.preprocess import load_image
-from vitreg_jax.rgb_stats import named_rgb_stats
-from vitreg_jax.train import MAETrainer
-from vitreg_jax.train_data import TrainData
-from vitreg_jax.train_loop import CHECKPOINT_DIR, Checkpoints, NonFiniteLoss, Periodic, fit
-from vitreg_jax.vit import ViT
+from vitreg_jax.cli import main as cli
+from vitreg_jax.data.augment import TrainTransform
+from vitreg_jax.data.loader import list_inputs
+from vitreg_jax.data.preprocess import load_image
+from vitreg_jax.data.rgb_stats import named_rgb_stats
+from vitreg_jax.model.config import MAEConfig, TrainConfig, preset
+from vitreg_jax.model.vit import ViT
+from vitreg_jax.pretraining.data_stream import TrainData
+from vitreg_jax.pretraining.loop import CHECKPOINT_DIR, Checkpoints, NonFiniteLoss, Periodic, fit
+from vitreg_jax.pretraining.mae import MAE
+from vitreg_jax.pretraining.optimizer import lr_schedule
+from vitreg_jax.pretraining.step import MAETrainer
 
 ROOT = Path(__file__).parents[1]
 IMAGES = ROOT / "examples" / "images"
@@ -198,7 +198,7 @@ def test_periodic_measurements_are_logged_beside_the_loss_and_survive_a_resume(t
 
 
 def test_a_torn_metrics_line_is_dropped_on_resume(tmp_path):
-    from vitreg_jax.train_loop import MetricsLog
+    from vitreg_jax.pretraining.loop import MetricsLog
 
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
     MetricsLog(tmp_path, resume_step=2, tensorboard=False).close()
@@ -231,7 +231,7 @@ def run_cli(args: list[str], cache: Path, kill_at_step: int | None = None) -> su
 
 
 def final_state(run: Path) -> tuple[int, dict]:
-    from vitreg_jax.checkpoint import restore_params
+    from vitreg_jax.model.checkpoint import restore_params
 
     ckpt_dir = run / CHECKPOINT_DIR
     step = max(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit())
@@ -329,7 +329,7 @@ def test_pretrain_user_errors(tmp_path, capsys):
 
 def saved_run(out: Path, options: dict) -> None:
     """A run folder as a run's start leaves it (run.json, files.txt), without training."""
-    from vitreg_jax.pretrain_run import FILES_FILE, FORMAT, RUN_FILE, PretrainSettings
+    from vitreg_jax.pretraining.run import FILES_FILE, FORMAT, RUN_FILE, PretrainSettings
 
     out.mkdir(parents=True)
     settings = PretrainSettings.from_options(options)
@@ -366,7 +366,7 @@ def test_pretrain_resume_names_every_setting_that_differs(tmp_path, capsys):
                   "--log-every 3 (run has 1)", "--bf16 bfloat16 (run has float32)"):
         assert shown in err, err
     # the same values as saved (a relative --data naming the same folder included) are accepted
-    from vitreg_jax.pretrain_run import open_run
+    from vitreg_jax.pretraining.run import open_run
 
     rel = os.path.relpath(IMAGES)
     run = open_run(out, {"data": [rel], "train.lr": 1e-3, "train.steps": 5}, resume=True)
@@ -412,7 +412,7 @@ def test_pretrain_run_checks_a_given_encoder_against_the_run(tmp_path):
     """Python callers hand over encoders: one that is not the saved run's is refused by name, and a run that
     starts from weights (settings.init) asks for them until it has a checkpoint."""
     from vitreg_jax.errors import UserError
-    from vitreg_jax.pretrain_run import open_run, train
+    from vitreg_jax.pretraining.run import open_run, train
 
     saved_run(tmp_path / "run", {"data": [str(IMAGES)], "train.steps": 5})
     other = ViT(preset("vit_reg4_b16", model_config=ENCODER_CONFIG, image_size=SIZE), rngs=nnx.Rngs(0))

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from tests.tolerances import ADAMW_RTOL, CLIP_RTOL, LR_ATOL, LR_RTOL
-from vitreg_jax.config import TrainConfig
-from vitreg_jax.optim import (
+from vitreg_jax.model.config import TrainConfig
+from vitreg_jax.pretraining.optimizer import (
     LRSchedule,
     adamw_update,
     clip_grad_norm,

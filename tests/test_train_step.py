@@ -32,12 +32,12 @@ from tests.tolerances import (
     STEP_LOSS_RTOL,
     STEP_UPDATE_ATOL_OF_LR,
 )
-from vitreg_jax.config import MAEConfig, TrainConfig, preset
 from vitreg_jax.errors import UserError
-from vitreg_jax.mae import MAE, Masks, load_flat_state
-from vitreg_jax.policy import ComputePolicy, resolve_dtype
-from vitreg_jax.train import MAETrainer
-from vitreg_jax.vit import ViT
+from vitreg_jax.model.config import MAEConfig, TrainConfig, preset
+from vitreg_jax.model.precision import ComputePolicy, resolve_dtype
+from vitreg_jax.model.vit import ViT
+from vitreg_jax.pretraining.mae import MAE, Masks, load_flat_state
+from vitreg_jax.pretraining.step import MAETrainer
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -90,7 +90,7 @@ def birder_params(bnet) -> dict[str, np.ndarray]:
 
 def ours_as_birder(trainer: MAETrainer, params) -> dict[str, np.ndarray]:
     model = trainer.model({"params": params})
-    from vitreg_jax.mae import flat_state
+    from vitreg_jax.pretraining.mae import flat_state
 
     return mae_mapping.to_birder(flat_state(model), model.encoder.cfg, model.cfg)
 
@@ -203,11 +203,11 @@ DP_SCRIPT = textwrap.dedent("""
     import json, sys
     import jax, numpy as np
     from flax import nnx
-    from vitreg_jax.config import MAEConfig, TrainConfig, preset
-    from vitreg_jax.mae import MAE
-    from vitreg_jax.policy import default_mesh
-    from vitreg_jax.train import MAETrainer
-    from vitreg_jax.vit import ViT
+    from vitreg_jax.model.config import MAEConfig, TrainConfig, preset
+    from vitreg_jax.pretraining.mae import MAE
+    from vitreg_jax.model.precision import default_mesh
+    from vitreg_jax.pretraining.step import MAETrainer
+    from vitreg_jax.model.vit import ViT
 
     vit_cfg = preset("vit_reg4_b16", model_config=json.loads(sys.argv[1]), image_size=(32, 32))
     model = MAE(ViT(vit_cfg, rngs=nnx.Rngs(0)), MAEConfig(**json.loads(sys.argv[2])), rngs=nnx.Rngs(1))

@@ -55,7 +55,7 @@ VERIFY_LOOSE_TOLERANCE = 1e-2  # ... and passes a --tolerance this loose
 DP_RUN_LOSS_RTOL = 1e-5
 DP_RUN_PARAM_ATOL_OF_LR = 1e-2  # measured 7.7e-3 after 4 steps (AdamW turns near-zero gradients into ~lr steps)
 
-# Exact cosine top-k (vitreg_jax.search) vs a float64 numpy reference (tests/test_search*.py, test_knn*.py):
+# Exact cosine top-k (vitreg_jax.evaluation.search) vs a float64 numpy reference (tests/test_search*.py, test_knn*.py):
 # fp32 normalisation and dot of D <= 768 entries; measured <= 3e-7 on CPU
 SEARCH_SCORE_ATOL = 2e-6
 

@@ -2,7 +2,7 @@
 
 ``torch.load(weights_only=True)`` runs in a child process that hands the tensors back through a temporary
 ``.safetensors`` (so the converting process never imported torch). Run any ``vitreg-jax`` command with it in
-place of :func:`vitreg_jax.convert.pt_reader.read_pt`, e.g. for a before/after benchmark in the same run:
+place of :func:`vitreg_jax.convert.formats.pt_reader.read_pt`, e.g. for a before/after benchmark in the same run:
 
     .venv/bin/python -m tests.torch_pt_reader convert FILE.pt --out DIR      # the old path
     .venv/bin/python -m vitreg_jax convert FILE.pt --out DIR                 # today's
@@ -24,7 +24,7 @@ from vitreg_jax.errors import UserError
 CHILD = """
 import json, sys
 import ml_dtypes, torch
-from vitreg_jax.convert.safetensors_io import write_safetensors
+from vitreg_jax.convert.formats.safetensors_io import write_safetensors
 obj = torch.load(sys.argv[1], map_location="cpu", weights_only=True)
 def arr(t):
     t = t.detach().contiguous()
@@ -39,7 +39,7 @@ json.dump(plain({k: v for k, v in obj.items() if k != "state"}), open(sys.argv[2
 
 
 def read_pt_with_torch(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    from vitreg_jax.convert.safetensors_io import read_safetensors
+    from vitreg_jax.convert.formats.safetensors_io import read_safetensors
 
     with tempfile.TemporaryDirectory(prefix="vitreg-pt-") as tmp:
         done = subprocess.run(
@@ -53,8 +53,8 @@ def read_pt_with_torch(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any
 
 
 def main(argv: list[str]) -> int:
-    from vitreg_jax import cli
-    from vitreg_jax.convert import readers
+    from vitreg_jax.cli import main as cli
+    from vitreg_jax.convert.formats import birder_file as readers
 
     readers.read_pt = read_pt_with_torch  # read_birder_file looks it up at call time
     return cli.main(argv)

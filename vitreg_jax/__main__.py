@@ -1,5 +1,5 @@
 import sys
 
-from vitreg_jax.cli import main
+from vitreg_jax.cli.main import main
 
 sys.exit(main())

@@ -1,0 +1,9 @@
+"""Images to embeddings: the ``Embedder`` (the inference jit boundary), output formats, the dataset run and
+the reader of its outputs.
+
+- ``embedder.py``: ``Embedder`` (compiled per shape bucket, sharded over every device and host, fp32 or bf16);
+- ``dataset.py``: ``embed_dataset``, the resumable, multi-process run behind ``vitreg-jax embed``, stepping
+  through its shards in ``_lockstep.py`` and keeping its state in the output folder (``_output_folder.py``);
+- ``outputs.py``: the npy and parquet formats and their manifest; ``reader.py``: ``open_embeddings`` reads
+  either back; ``options.py``: the choices the command line offers (no JAX import).
+"""

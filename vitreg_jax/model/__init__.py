@@ -1,0 +1,15 @@
+"""The encoders: configuration and presets, the modules of each family, layers, kernels, position
+embeddings, compute precision, birder configs and checkpoint files.
+
+- ``config.py`` (``ViTConfig``, ``preset``) and ``presets.py`` (birder's registered configurations);
+- ``vit.py`` (the ``ViT`` module: birder's ``embedding``, ``forward_features``, ``detection_features``,
+  ``masked_encoding_omission``), built from ``blocks.py`` (transformer blocks and their MLPs),
+  ``attention.py`` (the one attention implementation), ``layers.py`` (linear, norms, layer scale, drop-path)
+  and ``_kernels.py`` (the precision-aware matmul, softmax and GELU every layer calls);
+- ``position_embedding.py`` (birder's position-embedding resampling);
+- ``precision.py`` (the compute policy: float32, bfloat16 or auto, shared by embedding and training);
+- ``birder_config.py`` (birder's json configs to ``ViTConfig`` and back), ``build.py`` (a model from a config
+  or a checkpoint), ``checkpoint.py`` (the Orbax checkpoint directory).
+
+A new model family is a module of its own here; its birder-name mapping is a table in ``vitreg_jax.convert``.
+"""

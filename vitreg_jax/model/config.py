@@ -1,0 +1,380 @@
+"""Frozen, JSON round-trippable configurations: the encoder (``ViTConfig``), MAE and training.
+
+``ViTConfig`` covers the options of birder's ``ViT`` that this port implements. Building one from a birder
+config dict refuses, by name, every option it does not implement, rather than silently computing something
+else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from vitreg_jax.errors import UserError
+from vitreg_jax.model.precision import DTYPE_CHOICES
+from vitreg_jax.model.presets import LEGACY_NAMES, PRESETS
+
+# birder ViT options and the only values this port accepts for those it does not implement.
+UNSUPPORTED_UNLESS: dict[str, tuple[Any, ...]] = {
+    "stem_type": ("patchify",),
+    "stem_norm_layer_type": (None,),
+    "norm_layer_type": ("LayerNorm",),
+    "mlp_layer_type": ("FFN",),
+    "act_layer_type": (None, "gelu"),
+    "qk_norm": (False,),
+    "attn_norm": (False,),
+    "attn_pool_head": (False,),
+    "soft_moe_num_experts": (None,),
+    "pos_embed_interpolation_mode": ("bicubic",),
+    "dropout": (0, 0.0),
+    "attention_dropout": (0, 0.0),
+    "projection_dropout": (0, 0.0),
+}
+# options that only matter when the unsupported feature above is on: accepted and ignored
+INERT_OPTIONS = {"attn_pool_type", "attn_pool_num_heads", "attn_pool_special_tokens", "attn_pool_norm_eps",
+                 "attn_pool_act_layer_type", "soft_moe_num_slots"}
+BIRDER_VIT_NAMES = ("vit", "deit3")
+MAX_LAYERS = 1024  # far above any ViT's depth
+MAX_SIZE = 2**31 - 1  # any other size (a width, a token or class count, an image side) fits int32
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ViTConfig:
+    """The architecture of a birder ``ViT`` (defaults are birder's ``ViT.__init__`` defaults)."""
+
+    patch_size: int
+    num_layers: int
+    num_heads: int
+    hidden_dim: int
+    mlp_dim: int
+    num_reg_tokens: int = 0
+    class_token: bool = True  # False: the embedding is the mean of the patch tokens (birder's `_avg` variants)
+    abs_pos_embed: bool = True
+    pos_embed_special_tokens: bool = True  # the learned position embedding has rows for [REG..., CLS] too
+    pos_embed_antialias: bool = False  # dynamic-size resampling (adjust_size always antialiases, as birder)
+    layer_scale_init_value: float | None = None
+    pre_norm: bool = False  # LayerNorm before the blocks; the patch projection then has no bias
+    post_norm: bool = True
+    norm_after_pool: bool = False  # the final norm applies to the pooled embedding instead of every token
+    qkv_bias: bool = True
+    norm_layer_eps: float = 1e-6
+    drop_path_rate: float = 0.0
+    drop_path_uniform: bool = False
+    out_indices: tuple[int, ...] | None = None  # blocks whose outputs `detection_features` returns
+    num_classes: int = 0  # > 0 adds birder's linear classifier head
+    in_channels: int = 3
+    image_size: tuple[int, int] = (224, 224)  # (H, W) the position embedding is stored for
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # a wrong type is a user error, named, before any arithmetic
+            value = getattr(self, f.name)
+            if not _has_type(value, str(f.type)):
+                raise UserError(f"ViTConfig.{f.name} must be of type {f.type}, got {value!r:.60} "
+                                f"({type(value).__name__})")
+        for name in ("patch_size", "num_layers", "num_heads", "hidden_dim", "mlp_dim", "in_channels"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"ViTConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.num_layers > MAX_LAYERS:  # each block is built in Python: a damaged config must not hang
+            raise UserError(f"ViTConfig.num_layers {self.num_layers} is implausible (at most {MAX_LAYERS})")
+        sizes = ("patch_size", "num_heads", "hidden_dim", "mlp_dim", "num_reg_tokens", "num_classes", "in_channels")
+        for name, value in [*((n, getattr(self, n)) for n in sizes), ("image_size", max(self.image_size))]:
+            if value > MAX_SIZE:
+                raise UserError(f"ViTConfig.{name} {value} is implausible (at most {MAX_SIZE})")
+        if self.hidden_dim % self.num_heads:
+            raise UserError(f"hidden_dim {self.hidden_dim} is not divisible by num_heads {self.num_heads}")
+        h, w = self.image_size
+        if h % self.patch_size or w % self.patch_size:
+            raise UserError(f"image size {h}x{w} is not divisible by the patch size {self.patch_size}")
+        if self.num_reg_tokens < 0 or self.num_classes < 0:
+            raise UserError("num_reg_tokens and num_classes must be >= 0")
+
+    # derived sizes -------------------------------------------------------------------------------------
+    @property
+    def num_special_tokens(self) -> int:
+        return self.num_reg_tokens + int(self.class_token)
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return (self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size)
+
+    @property
+    def pos_embed_len(self) -> int:
+        gh, gw = self.grid_size
+        return gh * gw + (self.num_special_tokens if self.pos_embed_special_tokens else 0)
+
+    def drop_path_rates(self) -> list[float]:
+        """birder's ``stochastic_depth_rates``: linear from 0 to ``drop_path_rate`` (or constant)."""
+        n = self.num_layers
+        if self.drop_path_uniform or n == 1:
+            return [self.drop_path_rate] * n
+        return [self.drop_path_rate * i / (n - 1) for i in range(n)]
+
+    def replace(self, **changes: Any) -> ViTConfig:
+        return dataclasses.replace(self, **changes)
+
+    # JSON ----------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["image_size"] = list(self.image_size)
+        d["out_indices"] = None if self.out_indices is None else list(self.out_indices)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ViTConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise UserError(f"unknown ViTConfig field(s): {', '.join(unknown)}")
+        d = dict(d)
+        for key in ("image_size", "out_indices"):  # JSON lists; anything else is refused by the type check
+            if isinstance(d.get(key), list):
+                d[key] = tuple(d[key])
+        return cls(**d)
+
+    # birder ----------------------------------------------------------------------------------------------
+    @classmethod
+    def from_birder(cls, model_config: dict[str, Any], *, image_size: tuple[int, int] = (224, 224),
+                    num_classes: int = 0, in_channels: int = 3) -> ViTConfig:
+        """From birder's ``model_config`` dict (the resolved ``net.config``); refuses unimplemented options."""
+        mc = dict(model_config)
+        for key, allowed in UNSUPPORTED_UNLESS.items():
+            if key in mc and mc[key] not in allowed:
+                raise UserError(f"unsupported birder ViT option {key}={mc[key]!r}: vitreg-jax implements only "
+                                f"{key} in {list(allowed)}")
+        for key in (*UNSUPPORTED_UNLESS, *INERT_OPTIONS):
+            mc.pop(key, None)
+        out_indices, depth = mc.get("out_indices"), mc.get("num_layers")
+        if isinstance(out_indices, (list, tuple)):  # negative indices count from the end, as in birder
+            mc["out_indices"] = tuple(out_indices)
+            if _has_type(mc["out_indices"], "tuple[int, ...]") and _has_type(depth, "int") and depth > 0:
+                mc["out_indices"] = tuple(int(i) % int(depth) for i in out_indices)
+        names = {f.name for f in dataclasses.fields(cls)} - {"num_classes", "in_channels", "image_size"}
+        unknown = sorted(set(mc) - names)
+        if unknown:
+            raise UserError(f"unsupported birder ViT option(s): {', '.join(unknown)}")
+        missing = [k for k in ("patch_size", "num_layers", "num_heads", "hidden_dim", "mlp_dim") if k not in mc]
+        if missing:
+            raise UserError(f"birder model_config lacks {', '.join(missing)}")
+        return cls(**mc, num_classes=num_classes, in_channels=in_channels, image_size=tuple(image_size))
+
+    def to_birder(self) -> dict[str, Any]:
+        """birder's ``model_config`` for this architecture (size, classes and channels go in the signature)."""
+        d = self.to_dict()
+        for key in ("num_classes", "in_channels", "image_size"):
+            d.pop(key)
+        if d["out_indices"] is None:
+            d.pop("out_indices")
+        return d
+
+
+def _has_type(value: Any, annotation: str) -> bool:
+    """Whether ``value`` has the type a ``ViTConfig`` field annotation names (a bool is not an int here)."""
+    if annotation.endswith(" | None"):
+        if value is None:
+            return True
+        annotation = annotation.removesuffix(" | None")
+    if annotation == "bool":
+        return isinstance(value, bool)
+    if annotation == "int":
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if annotation == "float":
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if annotation.startswith("tuple[") and annotation.endswith("]"):
+        items = annotation.removeprefix("tuple[").removesuffix("]").split(", ")
+        if not isinstance(value, tuple) or not all(_has_type(v, items[0]) for v in value):
+            return False
+        return items[-1] == "..." or len(value) == len(items)
+    return True
+
+
+def canonical_name(name: str) -> str:
+    """birder's current registered name (``vitreg4_b16`` -> ``vit_reg4_b16``)."""
+    return LEGACY_NAMES.get(name, name)
+
+
+def preset(name: str, **overrides: Any) -> ViTConfig:
+    """A ``ViTConfig`` by birder network name, e.g. ``preset("vit_reg4_b16")`` or the legacy ``vitreg4_b16``."""
+    key = canonical_name(name)
+    if key not in PRESETS:
+        close = sorted(n for n in PRESETS if n.split("_")[1:2] == key.split("_")[1:2])[:8]
+        hint = f" (similar: {', '.join(close)})" if close else ""
+        raise UserError(f"unknown network {name!r}: not a birder ViT this port supports{hint}")
+    return ViTConfig.from_birder({**PRESETS[key], **overrides.pop("model_config", {})}, **overrides)
+
+
+# birder 0.8.4's registered MAE_ViT configs (net/mim/mae_vit.py); the decoder always has 16 heads there.
+MAE_PRESETS: dict[str, dict[str, Any]] = {
+    "mae_vit": {"decoder_depth": 8, "decoder_embed_dim": 512},
+    "mae_vit_dec512d12": {"decoder_depth": 12, "decoder_embed_dim": 512},
+    "mae_vit_dec512d24": {"decoder_depth": 24, "decoder_embed_dim": 512},
+    "mae_vit_dec512d32": {"decoder_depth": 32, "decoder_embed_dim": 512},
+    "mae_vit_dec512d12_npl": {"decoder_depth": 12, "decoder_embed_dim": 512, "norm_pix_loss": True},
+    "mae_vit_dec512d24_npl": {"decoder_depth": 24, "decoder_embed_dim": 512, "norm_pix_loss": True},
+    "mae_vit_dec512d32_npl": {"decoder_depth": 32, "decoder_embed_dim": 512, "norm_pix_loss": True},
+    "mae_vit_dec512d12_npl_lpe": {"decoder_depth": 12, "decoder_embed_dim": 512, "norm_pix_loss": True,
+                                  "learnable_pos_embed": True},
+    "mae_vit_dec512d24_npl_lpe": {"decoder_depth": 24, "decoder_embed_dim": 512, "norm_pix_loss": True,
+                                  "learnable_pos_embed": True},
+    "mae_vit_dec512d32_npl_lpe": {"decoder_depth": 32, "decoder_embed_dim": 512, "norm_pix_loss": True,
+                                  "learnable_pos_embed": True},
+}
+
+
+_Config = TypeVar("_Config")
+
+
+def _from_dict(cls: type[_Config], d: dict[str, Any], what: str) -> _Config:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise UserError(f"unknown {what} field(s): {', '.join(unknown)} (known: {', '.join(sorted(names))})")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MAEConfig:
+    """birder's ``MAE_ViT`` head: decoder width/depth/heads, masking and loss options (defaults: ``mae_vit``)."""
+
+    decoder_embed_dim: int = 512
+    decoder_depth: int = 8
+    decoder_num_heads: int = 16  # birder hard-codes 16 (``ViT.decoder_block``)
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = False
+    learnable_pos_embed: bool = False  # birder's ``_lpe`` variants; else a fixed 2-D sin-cos buffer
+    # birder 0.8.4 divides the sin-cos frequency exponents by dim//4; the code that trained the published
+    # weights (<= 0.6.2) by dim//4 - 1 ("include_frequency_endpoint").
+    include_frequency_endpoint: bool = False
+    min_mask_size: int = 1  # birder's MAE_ViT(min_mask_size=): mask whole m x m blocks of patches
+
+    def __post_init__(self) -> None:
+        if self.min_mask_size < 1:
+            raise UserError(f"MAEConfig: min_mask_size must be 1 or more, got {self.min_mask_size}")
+        if self.decoder_embed_dim <= 0 or self.decoder_depth < 0 or self.decoder_num_heads <= 0:
+            raise UserError("MAEConfig: decoder_embed_dim and decoder_num_heads must be positive, depth >= 0")
+        if self.decoder_embed_dim % self.decoder_num_heads:
+            raise UserError(f"MAEConfig: decoder_embed_dim {self.decoder_embed_dim} is not divisible by "
+                            f"decoder_num_heads {self.decoder_num_heads}")
+        if not self.learnable_pos_embed and self.decoder_embed_dim % 4:
+            raise UserError(f"MAEConfig: the sin-cos decoder position embedding needs decoder_embed_dim "
+                            f"divisible by 4, got {self.decoder_embed_dim}")
+        if not 0.0 <= self.mask_ratio < 1.0:
+            raise UserError(f"MAEConfig: mask_ratio must be in [0, 1), got {self.mask_ratio}")
+
+    def replace(self, **changes: Any) -> MAEConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MAEConfig:
+        return _from_dict(cls, d, "MAEConfig")
+
+    @classmethod
+    def from_birder(cls, config: dict[str, Any], *, mask_ratio: float | None = None,
+                    min_mask_size: int | None = None) -> MAEConfig:
+        """From birder's MAE ``config`` dict (``decoder_depth``, ``decoder_embed_dim``, ...) and the
+        ``MAE_ViT`` constructor's ``mask_ratio`` / ``min_mask_size`` when they are not the defaults."""
+        known = {"decoder_depth", "decoder_embed_dim", "norm_pix_loss", "learnable_pos_embed"}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise UserError(f"unsupported birder MAE option(s): {', '.join(unknown)}")
+        extra = {k: v for k, v in (("mask_ratio", mask_ratio), ("min_mask_size", min_mask_size)) if v is not None}
+        return cls(**config, **extra)
+
+    def to_birder(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"decoder_depth": self.decoder_depth, "decoder_embed_dim": self.decoder_embed_dim}
+        if self.norm_pix_loss:
+            d["norm_pix_loss"] = True
+        if self.learnable_pos_embed:
+            d["learnable_pos_embed"] = True
+        return d
+
+
+def mae_preset(name: str, **overrides: Any) -> MAEConfig:
+    """An ``MAEConfig`` by birder MIM network name, e.g. ``mae_preset("mae_vit")``."""
+    if name not in MAE_PRESETS:
+        raise UserError(f"unknown MAE network {name!r} (known: {', '.join(MAE_PRESETS)})")
+    return MAEConfig(**{**MAE_PRESETS[name], **overrides})
+
+
+# birder's mae_vit recipe warms up for 40 of its 800 epochs: a warm-up not given is this fraction of the length
+WARMUP_FRACTION = 0.05
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TrainConfig:
+    """birder's ``mae_vit`` recipe (``train_mim.py`` defaults and docs/training_mim.md) as the defaults.
+
+    Length: ``epochs`` (birder's unit) or ``steps`` (optimizer steps; setting it clears ``epochs``). Warm-up:
+    ``warmup_epochs`` / ``warmup_steps``, by default :data:`WARMUP_FRACTION` of the length (birder's 40 of 800
+    epochs), resolved when the config is made. The learning rate
+    follows birder's ``SequentialLR(LinearLR(warmup_start_factor, warm-up), CosineAnnealingLR(eta_min=lr_min))``,
+    updated once per epoch (birder's default) or, with ``schedule_per_step`` (always with ``steps``), once per
+    optimizer step. ``batch_size`` is the global batch of one forward pass (birder's per-GPU batch times the
+    number of GPUs); one optimizer step sees ``batch_size * grad_accum_steps`` images.
+    """
+
+    batch_size: int = 256
+    lr: float = 1.5e-4
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    decay_bias_and_norm: bool = True  # birder decays every parameter; False excludes biases, norms and tokens
+    epochs: int | None = 800
+    steps: int | None = None
+    warmup_epochs: int | None = None  # with ``epochs``; None: WARMUP_FRACTION of them
+    warmup_steps: int | None = None  # with ``steps``; None: WARMUP_FRACTION of them
+    warmup_start_factor: float = 0.01
+    lr_min: float = 0.0
+    schedule_per_step: bool = False  # birder updates the LR once per epoch by default
+    clip_grad_norm: float | None = None
+    grad_accum_steps: int = 1
+    compute_dtype: str = "float32"  # "bfloat16": bf16 matmul inputs, fp32 accumulation/master weights; "auto"
+    seed: int = 0
+    checkpoint_every: int = 500  # optimizer steps
+    keep_checkpoints: int = 3
+    log_every: int = 10  # optimizer steps per metrics line
+
+    def __post_init__(self) -> None:
+        if self.steps is not None and self.epochs is not None:  # steps, when given, replaces the epoch count
+            object.__setattr__(self, "epochs", None)
+        if self.epochs is None and self.steps is None:
+            raise UserError("TrainConfig: set epochs or steps")
+        length = self.epochs if self.epochs is not None else self.steps
+        if length is None or length <= 0:
+            raise UserError(f"TrainConfig: the run length must be positive, got {length}")
+        for name, length_of in (("warmup_epochs", self.epochs), ("warmup_steps", self.steps)):
+            if getattr(self, name) is None:  # the warm-up rule, in one place
+                object.__setattr__(self, name, round((length_of or 0) * WARMUP_FRACTION))
+        if self.warmup_epochs < 0 or self.warmup_steps < 0:  # type: ignore[operator]
+            raise UserError("TrainConfig: warm-up must be >= 0")
+        if self.epochs is not None and self.warmup_epochs >= self.epochs:
+            raise UserError(f"TrainConfig: warmup_epochs {self.warmup_epochs} must be below epochs {self.epochs}")
+        if self.steps is not None and self.warmup_steps >= self.steps:
+            raise UserError(f"TrainConfig: warmup_steps {self.warmup_steps} must be below steps {self.steps}")
+        for name in ("batch_size", "grad_accum_steps", "checkpoint_every", "keep_checkpoints", "log_every"):
+            if getattr(self, name) < 1:
+                raise UserError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.weight_decay < 0:
+            raise UserError("TrainConfig: lr must be positive and weight_decay >= 0")
+        if self.compute_dtype not in DTYPE_CHOICES:
+            raise UserError(f"TrainConfig.compute_dtype must be one of {', '.join(DTYPE_CHOICES)}, "
+                            f"got {self.compute_dtype!r}")
+        if self.clip_grad_norm is not None and self.clip_grad_norm <= 0:
+            raise UserError("TrainConfig.clip_grad_norm must be positive")
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with ``changes``; a new length keeps the resolved warm-up unless ``warmup_*=None`` is given."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        return _from_dict(cls, d, "TrainConfig")
