@@ -150,3 +150,8 @@ def test_one_compilation_per_shape():
     cosine_topk(queries, blocks_of(rng.standard_normal((103, 4)), [10, 31, 62]), 3, index_block=16)
     assert search._step._cache_size() == 1
 
+
+def test_a_zero_score_ties_with_minus_zero_lower_row_first() -> None:
+    """A zero query scores -0.0 against a negative row and +0.0 against a zero row: equal, so row 0 first."""
+    scores, rows = cosine_topk(np.zeros((1, 1), np.float32), [np.array([[-1.0], [0.0]], np.float32)], 2)
+    assert rows.tolist() == [[0, 1]] and scores.tolist() == [[0.0, 0.0]]

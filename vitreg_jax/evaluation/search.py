@@ -164,7 +164,9 @@ def _step(
     def one(args: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
         scores_k, rows_k, q = args  # (qb, k), (qb, k), (qb, D)
         scores = jnp.dot(q, index.T, precision=jax.lax.Precision.HIGHEST)  # (qb, B)
-        scores = jnp.where(cols[None, :] < valid, scores, -jnp.inf)
+        # -0.0 (a zero query against a negative row) would rank below +0.0 in top_k's total order, breaking
+        # the lower-row-first rule for equal scores: make every zero +0.0
+        scores = jnp.where(cols[None, :] < valid, jnp.where(scores == 0, 0.0, scores), -jnp.inf)
         merged = jnp.concatenate([scores_k, scores], axis=1)  # (qb, k + B): older (lower) rows first
         merged_rows = jnp.concatenate([rows_k, jnp.broadcast_to(block_rows, scores.shape)], axis=1)
         best, where = jax.lax.top_k(merged, k)  # ties: lower position first
