@@ -266,7 +266,8 @@ def e2e(args: argparse.Namespace, net, dtype: str, flags: str) -> None:
 
     from vitreg_jax.cli.main import main
     from vitreg_jax.embedding.embedder import Embedder
-    from vitreg_jax.model.build import birder_config, save_model
+    from vitreg_jax.model.birder_config import birder_config
+    from vitreg_jax.model.build import save_model
 
     work = Path(args.workdir)
     folder = make_jpegs(work / f"jpegs{args.e2e_images}", args.e2e_images)

@@ -86,7 +86,8 @@ def rate(args: argparse.Namespace) -> None:
 
     from vitreg_jax.embedding.dataset import embed_dataset
     from vitreg_jax.embedding.embedder import Embedder
-    from vitreg_jax.model.build import birder_config, build_model
+    from vitreg_jax.model.birder_config import birder_config
+    from vitreg_jax.model.build import build_model
     from vitreg_jax.model.config import preset
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -132,7 +133,8 @@ def peak_rss_mib(checkpoint: Path, shards: list[Path], out: Path) -> float:
 
 
 def memory(args: argparse.Namespace) -> None:
-    from vitreg_jax.model.build import birder_config, build_model, save_model
+    from vitreg_jax.model.birder_config import birder_config
+    from vitreg_jax.model.build import build_model, save_model
     from vitreg_jax.model.config import preset
 
     with tempfile.TemporaryDirectory() as tmp:

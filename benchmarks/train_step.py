@@ -60,8 +60,9 @@ def child_ours(args: argparse.Namespace) -> None:
     import numpy as np
     from flax import nnx
 
-    from vitreg_jax.model.config import TrainConfig, mae_preset, preset
+    from vitreg_jax.model.config import preset
     from vitreg_jax.model.vit import ViT
+    from vitreg_jax.pretraining.config import TrainConfig, mae_preset
     from vitreg_jax.pretraining.mae import MAE
     from vitreg_jax.pretraining.step import MAETrainer
 

@@ -112,8 +112,9 @@ def main() -> None:
     from flax import nnx
     from train_step import birder_step  # this folder's benchmark
 
-    from vitreg_jax.model.config import TrainConfig, mae_preset, preset
+    from vitreg_jax.model.config import preset
     from vitreg_jax.model.vit import ViT
+    from vitreg_jax.pretraining.config import TrainConfig, mae_preset
     from vitreg_jax.pretraining.mae import MAE
     from vitreg_jax.pretraining.optimizer import adamw_update, make_optimizer
     from vitreg_jax.pretraining.step import MAETrainer

@@ -35,7 +35,7 @@ def resolve_architecture(bfile: BirderFile, config: str | os.PathLike[str] | Non
     """The architecture of a birder file: its json (``config``), else its metadata and tensor shapes;
     ``network`` overrides either."""
     from vitreg_jax.convert import infer, mapping
-    from vitreg_jax.model.build import read_birder_config, vit_config_from_birder
+    from vitreg_jax.model.birder_config import read_birder_config, vit_config_from_birder
     from vitreg_jax.model.config import canonical_name, preset
 
     if config is None:

@@ -199,7 +199,8 @@ def _standin_by_us(directory: Path, network: str, seed: int, model_config: Mappi
                    size: tuple[int, int], rgb_stats: Mapping[str, Any]) -> Weights:
     from vitreg_jax.convert import mapping
     from vitreg_jax.convert.formats.birder_file import write_birder_file
-    from vitreg_jax.model.build import birder_config, build_model, get_params
+    from vitreg_jax.model.birder_config import birder_config
+    from vitreg_jax.model.build import build_model, get_params
     from vitreg_jax.model.config import preset
 
     vit_cfg = preset(network, image_size=size, model_config=dict(model_config or {}))

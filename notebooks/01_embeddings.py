@@ -39,7 +39,7 @@ from PIL import Image
 
 import vitreg_jax
 from vitreg_jax.convert import standin
-from vitreg_jax.data.loader import list_inputs
+from vitreg_jax.data.inputs import list_inputs
 from vitreg_jax.data.preprocess import load_image
 
 QUICK = os.environ.get("VITREG_JAX_NOTEBOOK_QUICK") == "1"

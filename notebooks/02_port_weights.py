@@ -42,7 +42,7 @@ import torch
 import vitreg_jax
 from vitreg_jax.cli.main import main as vitreg_jax_cli
 from vitreg_jax.convert import standin
-from vitreg_jax.data.loader import list_inputs
+from vitreg_jax.data.inputs import list_inputs
 from vitreg_jax.data.preprocess import load_image
 from vitreg_jax.model.position_embedding import bicubic_matrix, resize_grid
 

@@ -38,11 +38,12 @@ from flax import nnx
 from vitreg_jax import ViT
 from vitreg_jax.convert import standin
 from vitreg_jax.data.augment import TrainTransform
-from vitreg_jax.data.loader import list_inputs
+from vitreg_jax.data.inputs import list_inputs
 from vitreg_jax.data.preprocess import classification_transform, load_image
 from vitreg_jax.data.rgb_stats import named_rgb_stats
-from vitreg_jax.model.config import TrainConfig, preset
+from vitreg_jax.model.config import preset
 from vitreg_jax.model.vit import num_params
+from vitreg_jax.pretraining.config import TrainConfig
 from vitreg_jax.pretraining.mae import random_masking, unpatchify
 from vitreg_jax.pretraining.run import PretrainSettings, open_run, train
 

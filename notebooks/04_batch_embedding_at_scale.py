@@ -44,9 +44,10 @@ import pyarrow.parquet as pq
 
 import vitreg_jax
 from vitreg_jax.convert import standin
-from vitreg_jax.data.loader import iter_batches, list_inputs
+from vitreg_jax.data.inputs import list_inputs
+from vitreg_jax.data.loader import iter_batches
 from vitreg_jax.embedding.dataset import embed_dataset
-from vitreg_jax.model.precision import default_mesh
+from vitreg_jax.parallel import default_mesh
 
 QUICK = os.environ.get("VITREG_JAX_NOTEBOOK_QUICK") == "1"
 WORK = Path(tempfile.mkdtemp(prefix="vitreg-jax-04-"))

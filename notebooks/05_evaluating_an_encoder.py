@@ -44,10 +44,12 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 import vitreg_jax
+from vitreg_jax.data.labelled import read_labelled_folder
 from vitreg_jax.data.rgb_stats import named_rgb_stats
-from vitreg_jax.evaluation.knn import evaluate_embeddings, format_report
-from vitreg_jax.evaluation.labelled_embeddings import LabelledEmbeddings, embed_folders, read_labelled_folder
-from vitreg_jax.model.config import TrainConfig, preset
+from vitreg_jax.evaluation.labelled_embeddings import LabelledEmbeddings, embed_folders
+from vitreg_jax.evaluation.report import evaluate_embeddings, format_report
+from vitreg_jax.model.config import preset
+from vitreg_jax.pretraining.config import TrainConfig
 from vitreg_jax.pretraining.run import PretrainSettings, open_run, train
 
 QUICK = os.environ.get("VITREG_JAX_NOTEBOOK_QUICK") == "1"

@@ -19,7 +19,8 @@ import numpy as np
 from vitreg_jax.convert import mapping
 from vitreg_jax.convert.mapping import Row, linear_rows, norm_rows, to_birder_layout, to_our_layout
 from vitreg_jax.errors import UserError
-from vitreg_jax.model.config import MAEConfig, ViTConfig
+from vitreg_jax.model.config import ViTConfig
+from vitreg_jax.pretraining.config import MAEConfig
 from vitreg_jax.tree import Path, check_fit, short_list
 
 ENCODER_PREFIX = "encoder."

@@ -341,7 +341,7 @@ def _birder_vit_config(net: Any, size: tuple[int, int] = SIZE) -> ViTConfig:
     """What birder's own json says about ``net``, through our reader of birder configs."""
     from birder.common import lib
 
-    from vitreg_jax.model.build import vit_config_from_birder
+    from vitreg_jax.model.birder_config import vit_config_from_birder
 
     cfg = json.loads(json.dumps(lib.get_network_config(net, signature(size, net.num_classes), RGB)))
     return vit_config_from_birder(cfg)

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vitreg_jax.data.loader import Batch, Failure, iter_batches, list_inputs
+from vitreg_jax.data.inputs import list_inputs
+from vitreg_jax.data.loader import Batch, Failure, iter_batches
 from vitreg_jax.data.preprocess import classification_transform, load_image
 from vitreg_jax.data.rgb_stats import named_rgb_stats
 from vitreg_jax.errors import UserError

@@ -234,7 +234,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
     from flax import nnx
     from vitreg_jax.model.config import preset
     from vitreg_jax.embedding.embedder import Embedder
-    from vitreg_jax.model.precision import default_mesh
+    from vitreg_jax.parallel import default_mesh
     from vitreg_jax.model.vit import ViT
     SIZE = (32, 32)
     net = ViT(preset("vit_reg4_b16", model_config=TINY, image_size=SIZE), rngs=nnx.Rngs(0))

@@ -11,9 +11,10 @@ from sklearn.neighbors import KNeighborsClassifier
 
 from tests.tolerances import KNN_SCORE_RTOL, LINEAR_PROBE_ACCURACY_ATOL
 from vitreg_jax.errors import UserError
-from vitreg_jax.evaluation.knn import evaluate_embeddings, knn_classify
+from vitreg_jax.evaluation.knn import knn_classify
 from vitreg_jax.evaluation.labelled_embeddings import LabelledEmbeddings
 from vitreg_jax.evaluation.linear_probe import holdout_split, linear_probe, standardise
+from vitreg_jax.evaluation.report import evaluate_embeddings
 
 NUM_CLASSES = 7
 DIM = 32

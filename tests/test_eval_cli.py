@@ -12,7 +12,8 @@ from flax import nnx
 
 from tests.labelled_images import write_split
 from vitreg_jax.cli.main import main
-from vitreg_jax.model.build import birder_config, save_model
+from vitreg_jax.model.birder_config import birder_config
+from vitreg_jax.model.build import save_model
 from vitreg_jax.model.config import preset
 from vitreg_jax.model.precision import resolve_dtype
 from vitreg_jax.model.vit import ViT

@@ -50,7 +50,8 @@ def _paths(obj: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
 @pytest.fixture(scope="module")
 def original(tmp_path_factory: pytest.TempPathFactory) -> Original:
     from vitreg_jax.data.rgb_stats import RGB_STATS
-    from vitreg_jax.model.build import birder_config, build_model, save_model
+    from vitreg_jax.model.birder_config import birder_config
+    from vitreg_jax.model.build import build_model, save_model
     from vitreg_jax.model.config import ViTConfig
 
     cfg = ViTConfig(image_size=(32, 32), patch_size=16, num_layers=2, num_heads=2, hidden_dim=64, mlp_dim=128,

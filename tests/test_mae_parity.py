@@ -27,8 +27,9 @@ from tests.tolerances import (
 )
 from vitreg_jax.convert import mapping
 from vitreg_jax.errors import UserError
-from vitreg_jax.model.config import MAEConfig, ViTConfig, mae_preset, preset
+from vitreg_jax.model.config import ViTConfig, preset
 from vitreg_jax.model.vit import ViT
+from vitreg_jax.pretraining.config import MAEConfig, mae_preset
 from vitreg_jax.pretraining.mae import (
     MAE,
     Masks,

@@ -18,20 +18,20 @@ from flax import nnx
 
 from vitreg_jax.embedding.embedder import Embedder, make_embed_fn
 from vitreg_jax.errors import UserError
-from vitreg_jax.model.config import MAEConfig, TrainConfig, preset
+from vitreg_jax.model.config import preset
 from vitreg_jax.model.precision import (
-    DATA_AXIS,
     DTYPE_CHOICES,
     DTYPE_HELP,
     DTYPES,
     ComputePolicy,
     choose_policy,
     cpu_has_native_bf16,
-    default_mesh,
     param_name,
     resolve_dtype,
 )
 from vitreg_jax.model.vit import ViT
+from vitreg_jax.parallel import DATA_AXIS, default_mesh
+from vitreg_jax.pretraining.config import MAEConfig, TrainConfig
 from vitreg_jax.pretraining.mae import MAE
 from vitreg_jax.pretraining.step import MAETrainer
 
@@ -248,7 +248,7 @@ def test_default_mesh():
 
 MESH_SCRIPT = textwrap.dedent("""
     import json, jax
-    from vitreg_jax.model.precision import default_mesh
+    from vitreg_jax.parallel import default_mesh
     devices = jax.devices()
     mesh = default_mesh(list(reversed(devices)))
     print(json.dumps([d.id for d in mesh.devices.flat] == sorted(d.id for d in devices)))

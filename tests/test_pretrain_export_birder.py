@@ -19,7 +19,7 @@ SIZE = (32, 32)
 def test_exported_encoder_loads_in_birder_with_the_trained_embedding(tmp_path: Path) -> None:
     from vitreg_jax.convert.verify import birder_embedding_from_files
     from vitreg_jax.model.build import model_from_checkpoint
-    from vitreg_jax.model.config import TrainConfig
+    from vitreg_jax.pretraining.config import TrainConfig
     from vitreg_jax.pretraining.run import PretrainSettings, open_run, train
 
     settings = PretrainSettings(

@@ -15,7 +15,8 @@ from PIL import Image
 
 from vitreg_jax.data import loader as data
 from vitreg_jax.data import shards as sources
-from vitreg_jax.data.loader import ItemBatch, iter_batches, iter_item_batches, list_inputs
+from vitreg_jax.data.inputs import list_inputs
+from vitreg_jax.data.loader import ItemBatch, iter_batches, iter_item_batches
 from vitreg_jax.data.preprocess import classification_transform
 from vitreg_jax.data.shards import Item, Shard, expand_braces, iter_items, list_shards, shards_for_process
 from vitreg_jax.errors import UserError

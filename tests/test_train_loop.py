@@ -19,11 +19,12 @@ from tests.conftest import record
 from tests.tolerances import DP_RUN_LOSS_RTOL, DP_RUN_PARAM_ATOL_OF_LR
 from vitreg_jax.cli import main as cli
 from vitreg_jax.data.augment import TrainTransform
-from vitreg_jax.data.loader import list_inputs
+from vitreg_jax.data.inputs import list_inputs
 from vitreg_jax.data.preprocess import load_image
 from vitreg_jax.data.rgb_stats import named_rgb_stats
-from vitreg_jax.model.config import MAEConfig, TrainConfig, preset
+from vitreg_jax.model.config import preset
 from vitreg_jax.model.vit import ViT
+from vitreg_jax.pretraining.config import MAEConfig, TrainConfig
 from vitreg_jax.pretraining.data_stream import TrainData
 from vitreg_jax.pretraining.loop import CHECKPOINT_DIR, Checkpoints, NonFiniteLoss, Periodic, fit
 from vitreg_jax.pretraining.mae import MAE

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from tests.tolerances import ADAMW_RTOL, CLIP_RTOL, LR_ATOL, LR_RTOL
-from vitreg_jax.model.config import TrainConfig
+from vitreg_jax.pretraining.config import TrainConfig
 from vitreg_jax.pretraining.optimizer import (
     LRSchedule,
     adamw_update,

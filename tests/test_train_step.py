@@ -33,9 +33,10 @@ from tests.tolerances import (
     STEP_UPDATE_ATOL_OF_LR,
 )
 from vitreg_jax.errors import UserError
-from vitreg_jax.model.config import MAEConfig, TrainConfig, preset
+from vitreg_jax.model.config import preset
 from vitreg_jax.model.precision import ComputePolicy, resolve_dtype
 from vitreg_jax.model.vit import ViT
+from vitreg_jax.pretraining.config import MAEConfig, TrainConfig
 from vitreg_jax.pretraining.mae import MAE, Masks, load_flat_state
 from vitreg_jax.pretraining.step import MAETrainer
 
@@ -203,9 +204,10 @@ DP_SCRIPT = textwrap.dedent("""
     import json, sys
     import jax, numpy as np
     from flax import nnx
-    from vitreg_jax.model.config import MAEConfig, TrainConfig, preset
+    from vitreg_jax.pretraining.config import MAEConfig, TrainConfig
+    from vitreg_jax.model.config import preset
     from vitreg_jax.pretraining.mae import MAE
-    from vitreg_jax.model.precision import default_mesh
+    from vitreg_jax.parallel import default_mesh
     from vitreg_jax.pretraining.step import MAETrainer
     from vitreg_jax.model.vit import ViT
 

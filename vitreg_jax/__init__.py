@@ -1,4 +1,4 @@
-"""vitreg-jax: birder's ViTReg encoders (``vit_reg4_b16_mim`` and its family) in JAX / flax.nnx.
+"""vitreg-jax: birder's ViT encoders (``vit_reg4_b16_mim`` and its family) in JAX / flax.nnx.
 
 The public API mirrors birder's model card (NHWC instead of NCHW)::
 
@@ -7,9 +7,12 @@ The public API mirrors birder's model card (NHWC instead of NCHW)::
     transform = vitreg_jax.classification_transform(size, cfg["rgb_stats"])
     embedding = net.embedding(transform(image)[None])
 
-Names are imported lazily so that ``import vitreg_jax`` stays cheap and never imports torch.
-``load_model_with_cfg`` (any source: birder files, published names, checkpoints) comes from the converter
-package ``vitreg_jax.convert``, which sits above this core library.
+The subpackages are the architecture: ``model`` (the encoders), ``data`` (images in), ``embedding``
+(images to embeddings), ``evaluation`` (search, k-NN, linear probe), ``pretraining`` (MAE), ``cli`` (the
+``vitreg-jax`` command) and ``convert`` (birder's files and published weights), each with a lazy namespace of
+its main names. Names are imported on first use, so that ``import vitreg_jax`` stays cheap and never imports
+torch. ``load_model_with_cfg`` (any source: birder files, published names, checkpoints) comes from
+``vitreg_jax.convert``, which sits above the rest of the library.
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ __version__ = "0.1.0"
 _EXPORTS: dict[str, str] = {
     "ViT": "vitreg_jax.model.vit",
     "ViTConfig": "vitreg_jax.model.config",
-    "MAEConfig": "vitreg_jax.model.config",
-    "TrainConfig": "vitreg_jax.model.config",
+    "MAEConfig": "vitreg_jax.pretraining.config",
+    "TrainConfig": "vitreg_jax.pretraining.config",
     "preset": "vitreg_jax.model.config",
     "UserError": "vitreg_jax.errors",
     "load_model_with_cfg": "vitreg_jax.convert.load",
@@ -34,7 +37,7 @@ _EXPORTS: dict[str, str] = {
     "get_size_from_signature": "vitreg_jax.data.preprocess",
     "Embedder": "vitreg_jax.embedding.embedder",
     "make_embed_fn": "vitreg_jax.embedding.embedder",
-    "mae_preset": "vitreg_jax.model.config",
+    "mae_preset": "vitreg_jax.pretraining.config",
     "MAE": "vitreg_jax.pretraining.mae",
     "Masks": "vitreg_jax.pretraining.mae",
     "MAETrainer": "vitreg_jax.pretraining.step",

@@ -156,7 +156,8 @@ def load(weights: Weights, out: Path, config: str | None, say: Printer) -> tuple
 def read_images(images_dir: Path, size: tuple[int, int], rgb_stats: Any, say: Printer) -> tuple[list[str], np.ndarray]:
     import numpy as np
 
-    from vitreg_jax.data.loader import iter_batches, list_inputs
+    from vitreg_jax.data.inputs import list_inputs
+    from vitreg_jax.data.loader import iter_batches
     from vitreg_jax.data.preprocess import classification_transform
 
     paths = list_inputs([images_dir])

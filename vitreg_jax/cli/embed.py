@@ -13,13 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from vitreg_jax.cli import _distributed as distributed
+from vitreg_jax.embedding.options import FEATURES, FILES_PER_PART, FORMATS
 from vitreg_jax.errors import UserError
 from vitreg_jax.model.precision import DTYPE_CHOICES, DTYPE_HELP
-
-FEATURES = ("cls", "tokens", "patches")
-FORMATS = ("npy", "parquet")
-# sources.FILES_PER_SHARD, written out so that --help does not import the input pipeline
-FILES_PER_PART = 1000
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -130,8 +126,8 @@ def run(args: argparse.Namespace) -> int:
 
     from vitreg_jax.convert.load import load_model_with_cfg
     from vitreg_jax.data.shards import list_shards
-    from vitreg_jax.embedding._lockstep import on_every_process
     from vitreg_jax.embedding.dataset import embed_dataset
+    from vitreg_jax.parallel import on_every_process
 
     # a missing input fails before the model loads, on every process at once
     shards = on_every_process(lambda: list_shards(args.inputs, args.files_per_part), "read its inputs")

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from vitreg_jax.errors import UserError
+from vitreg_jax.evaluation.settings import DEFAULT_K, DEFAULT_TEMPERATURE, check_k, check_temperature
 from vitreg_jax.model.precision import DTYPE_CHOICES, DTYPE_HELP
 
 DEFAULT_BATCH_SIZE = 64
@@ -38,8 +39,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--val", metavar="DIR", help="labelled validation images (the same class folders)")
     p.add_argument("--train-embeddings", metavar="DIR", help="`vitreg-jax embed` output of the training images")
     p.add_argument("--val-embeddings", metavar="DIR", help="`vitreg-jax embed` output of the validation images")
-    p.add_argument("-k", type=int, default=20, help="neighbours of the weighted k-NN (default 20)")
-    p.add_argument("--temperature", type=float, default=0.07, help="k-NN vote weight exp(s/T) (default 0.07)")
+    p.add_argument("-k", type=int, default=DEFAULT_K, help=f"neighbours of the weighted k-NN (default {DEFAULT_K})")
+    p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
+                   help=f"k-NN vote weight exp(s/T) (default {DEFAULT_TEMPERATURE})")
     p.add_argument("--seed", type=int, default=0, help="draws the linear probe's held-out slice (default 0)")
     p.add_argument("--no-linear", action="store_true", help="skip the linear probe (k-NN only)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=DTYPE_HELP + " (as for embed)")
@@ -61,10 +63,8 @@ def _check_args(args: argparse.Namespace) -> str:
         raise UserError("--train-embeddings and --val-embeddings go together")
     if embeddings and args.checkpoint is not None:
         raise UserError("--checkpoint is not used with --train-embeddings/--val-embeddings")
-    if args.k < 1:
-        raise UserError(f"-k must be a positive integer, got {args.k}")
-    if not args.temperature > 0:
-        raise UserError(f"--temperature must be positive, got {args.temperature}")
+    check_k(args.k, name="-k")
+    check_temperature(args.temperature, name="--temperature")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be a positive integer, got {args.batch_size}")
     if args.out is not None:
@@ -81,8 +81,9 @@ def _progress(root: str, done: int, total: int) -> None:
 def run(args: argparse.Namespace) -> int:
     mode = _check_args(args)
     start = time.perf_counter()
-    from vitreg_jax.evaluation import knn as evaluate
-    from vitreg_jax.evaluation import labelled_embeddings as labelled
+    from vitreg_jax.data.labelled import read_labelled_folder
+    from vitreg_jax.evaluation.labelled_embeddings import embed_folders, load_labelled_embeddings
+    from vitreg_jax.evaluation.report import evaluate_embeddings, format_report
 
     settings: dict[str, Any] = {"k": args.k, "temperature": args.temperature, "seed": args.seed,
                                 "linear": not args.no_linear}
@@ -90,24 +91,24 @@ def run(args: argparse.Namespace) -> int:
         import vitreg_jax
         from vitreg_jax.model.precision import resolve_dtype
 
-        folders = [labelled.read_labelled_folder(args.train, "train"),
-                   labelled.read_labelled_folder(args.val, "val")]
+        folders = [read_labelled_folder(args.train, "train"),
+                   read_labelled_folder(args.val, "val")]
         net, cfg = vitreg_jax.load_model_with_cfg(args.config, args.checkpoint)
         dtype = resolve_dtype(args.dtype)
-        train, val = labelled.embed_folders(net, cfg["rgb_stats"], folders, dtype=dtype,
-                                            batch_size=args.batch_size, workers=args.workers, progress=_progress)
+        train, val = embed_folders(net, cfg["rgb_stats"], folders, dtype=dtype,
+                                   batch_size=args.batch_size, workers=args.workers, progress=_progress)
         settings.update(checkpoint=args.checkpoint, train=args.train, val=args.val, dtype=dtype,
                         batch_size=args.batch_size)
     else:
-        train = labelled.load_labelled_embeddings(args.train_embeddings, "--train-embeddings")
-        val = labelled.load_labelled_embeddings(args.val_embeddings, "--val-embeddings")
+        train = load_labelled_embeddings(args.train_embeddings, "--train-embeddings")
+        val = load_labelled_embeddings(args.val_embeddings, "--val-embeddings")
         settings.update(train_embeddings=args.train_embeddings, val_embeddings=args.val_embeddings)
-    report = evaluate.evaluate_embeddings(train, val, k=args.k, temperature=args.temperature, seed=args.seed,
-                                          linear=not args.no_linear)
+    report = evaluate_embeddings(train, val, k=args.k, temperature=args.temperature, seed=args.seed,
+                                 linear=not args.no_linear)
     failures = [{"path": p, "reason": r} for p, r in train.failures + val.failures]
     report.update(settings=settings, failures=failures, seconds=round(time.perf_counter() - start, 3))
     report["counts"]["failed"] = len(failures)
-    print(evaluate.format_report(report))
+    print(format_report(report))
     for f in failures[:SHOWN_FAILURES]:
         print(f"skipped {f['path']}: {f['reason']}", file=sys.stderr)
     if args.out is not None:

@@ -10,9 +10,7 @@ import sys
 import time
 from typing import Any
 
-DEFAULT_K = 10
-# vitreg_jax.evaluation.search.DEFAULT_INDEX_BLOCK, spelled out so that building the parser does not import jax
-DEFAULT_INDEX_BLOCK = 16384
+from vitreg_jax.evaluation.settings import DEFAULT_INDEX_BLOCK, DEFAULT_NEIGHBOURS
 
 
 def register(subparsers: Any) -> None:
@@ -30,7 +28,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--index", required=True, metavar="DIR", help="embed output to search in")
     p.add_argument("--queries", required=True, metavar="DIR", help="embed output whose rows are the queries")
     p.add_argument(
-        "-k", "--k", type=int, default=DEFAULT_K, help=f"neighbours per query (default {DEFAULT_K})"
+        "-k", "--k", type=int, default=DEFAULT_NEIGHBOURS, help=f"neighbours per query (default {DEFAULT_NEIGHBOURS})"
     )
     p.add_argument("--out", required=True, metavar="FILE.parquet", help="the table to write (must not exist)")
     p.add_argument(

@@ -16,8 +16,8 @@ from typing import Any
 from vitreg_jax.cli import _distributed as distributed
 from vitreg_jax.data.rgb_stats import RGB_STATS, TRAIN_DEFAULT
 from vitreg_jax.errors import UserError
-from vitreg_jax.model.config import WARMUP_FRACTION, MAEConfig, TrainConfig
 from vitreg_jax.model.precision import DTYPE_CHOICES, DTYPE_HELP
+from vitreg_jax.pretraining.config import WARMUP_FRACTION, MAEConfig, TrainConfig
 from vitreg_jax.pretraining.run import TRAIN_PREFIX, PretrainSettings
 
 EPILOG = """\

@@ -47,7 +47,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, BinaryIO
 
-from vitreg_jax.data.loader import (
+from vitreg_jax.data.inputs import (
     IMAGE_EXTENSIONS,
     LIST_COMMENT,
     LIST_EXTENSIONS,

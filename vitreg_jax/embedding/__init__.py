@@ -7,3 +7,16 @@ the reader of its outputs.
 - ``outputs.py``: the npy and parquet formats and their manifest; ``reader.py``: ``open_embeddings`` reads
   either back; ``options.py``: the choices the command line offers (no JAX import).
 """
+
+from vitreg_jax._lazy import lazy_names
+
+_EXPORTS = {
+    "Embedder": "vitreg_jax.embedding.embedder",
+    "make_embed_fn": "vitreg_jax.embedding.embedder",
+    "embed_dataset": "vitreg_jax.embedding.dataset",
+    "EmbedResult": "vitreg_jax.embedding.dataset",
+    "open_embeddings": "vitreg_jax.embedding.reader",
+    "EmbeddingSet": "vitreg_jax.embedding.reader",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_names(__name__, _EXPORTS)

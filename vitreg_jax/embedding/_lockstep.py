@@ -12,53 +12,20 @@ out of images (:func:`lockstep`).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 
 from vitreg_jax.data.loader import ItemBatch, Transform, iter_item_batches
 from vitreg_jax.data.shards import Shard
 from vitreg_jax.embedding.embedder import Embedder, PendingEmbedding
 from vitreg_jax.embedding.outputs import NOT_UTF8, PartData, encode_name, is_utf8, part_name, write_part
-from vitreg_jax.errors import UserError
+from vitreg_jax.parallel import gather
 
 T = TypeVar("T")
-
-
-# collectives -------------------------------------------------------------------------------------------
-def gather(values: Sequence[int]) -> np.ndarray:
-    """(processes, len(values)) int64: every process's values (a no-op reshape for one process)."""
-    mine = np.asarray(values, np.int64)
-    if jax.process_count() == 1:
-        return mine[None]
-    return np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), -1)
-
-
-def sync(name: str) -> None:
-    """A barrier across the processes (nothing for one process)."""
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(name)
-
-
-def on_every_process(step: Callable[[], T], what: str) -> T:
-    """``step()`` on every process; a ``UserError`` on any of them is raised on all (its own message where it
-    happened), rather than leaving the others waiting at the next collective."""
-    error: UserError | None = None
-    result: Any = None
-    try:
-        result = step()
-    except UserError as e:
-        error = e
-    failed = gather([error is not None])[:, 0]  # (processes,)
-    if error is not None:
-        raise error
-    if failed.any():
-        raise UserError(f"process {int(np.flatnonzero(failed)[0])} could not {what}; see its message")
-    return result
 
 
 def shard_source(shard: Shard) -> str:

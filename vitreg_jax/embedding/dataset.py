@@ -47,11 +47,11 @@ import numpy as np
 from vitreg_jax._folder_lock import FolderLock
 from vitreg_jax.data.preprocess import classification_transform, get_size_from_signature
 from vitreg_jax.data.shards import FILES_PER_SHARD, Shard, list_shards, shards_for_process
-from vitreg_jax.embedding._lockstep import embed_shards, gather, on_every_process, sync
+from vitreg_jax.embedding._lockstep import embed_shards
 from vitreg_jax.embedding._output_folder import STATE_DIR, end_run, read_json, start_run
 from vitreg_jax.embedding.embedder import Embedder
+from vitreg_jax.embedding.options import FORMATS
 from vitreg_jax.embedding.outputs import (
-    FORMATS,
     MANIFEST_FILE,
     META_FILE,
     NPY_FORMAT,
@@ -63,6 +63,7 @@ from vitreg_jax.embedding.outputs import (
 )
 from vitreg_jax.errors import UserError
 from vitreg_jax.fileio import make_dir
+from vitreg_jax.parallel import gather, on_every_process, sync
 
 if TYPE_CHECKING:
     from vitreg_jax.model.vit import ViT

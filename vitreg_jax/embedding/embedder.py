@@ -47,23 +47,15 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from vitreg_jax.embedding.options import FEATURES
 from vitreg_jax.errors import UserError
-from vitreg_jax.model.precision import (
-    DATA_AXIS,
-    ComputePolicy,
-    choose_policy,
-    default_mesh,
-    mesh_platform,
-    resolve_dtype,
-)
+from vitreg_jax.model.precision import ComputePolicy, choose_policy, resolve_dtype
 from vitreg_jax.model.vit import ViT
+from vitreg_jax.parallel import DATA_AXIS, default_mesh, fsdp_spec, mesh_platform
 
-FEATURES = ("cls", "tokens", "patches")
 # XLA:CPU runs large batches faster as micro-batches of this many images inside the jitted function
 # (jax.lax.map): each step's activations stay in cache instead of streaming ~2 GB per call.
 CPU_MICRO_BATCH = 4
-# shard_weights leaves weights of fewer elements than this whole on every device (biases, norms, tokens)
-MIN_SHARDED_WEIGHT = 4096
 # XLA_FLAGS chosen per dtype on CPU (see the module docstring and BENCHMARKS.md).
 CPU_XLA_FLAGS: dict[str, str] = {"float32": "--xla_cpu_experimental_ynn_fusion_type=", "bfloat16": ""}
 
@@ -190,16 +182,6 @@ def make_embed_fn(
     return jax.jit(_pure_fn(graphdef, policy, features, micro)), params
 
 
-def _weight_spec(shape: tuple[int, ...], num_devices: int) -> P:
-    """Split a weight along its largest dimension that ``num_devices`` divides; small or indivisible ones
-    (biases, norms, tokens when they do not divide) stay whole on every device."""
-    dims = [i for i, n in enumerate(shape) if n % num_devices == 0 and n >= num_devices]
-    if num_devices == 1 or not dims or int(np.prod(shape)) < MIN_SHARDED_WEIGHT:
-        return P()
-    dim = max(dims, key=lambda i: shape[i])
-    return P(*([None] * dim), DATA_AXIS)
-
-
 def _gathering(fn: Callable[[nnx.State, jax.Array], jax.Array],
                specs: Any) -> Callable[[nnx.State, jax.Array], jax.Array]:
     """``fn`` on whole weights, for use inside ``shard_map`` with the weights split as ``specs`` say."""
@@ -257,7 +239,7 @@ class Embedder:
 
     - The model is split once; the weights (cast by the compute policy: ``policy``, or one made from
       ``dtype``, default float32; ``"auto"`` resolves for the mesh's platform) are replicated on every
-      device of ``mesh`` (default: :func:`~vitreg_jax.model.precision.default_mesh`, all devices of all processes)
+      device of ``mesh`` (default: :func:`~vitreg_jax.parallel.default_mesh`, all devices of all processes)
       and each batch is sharded along its ``data`` axis. ``dtype`` is the resolved compute dtype.
       ``shard_weights=True`` (for variants too large to copy to every device) stores each large weight split
       along the same axis instead, 1/n per device, and all-gathers it inside each call (FSDP-style); the
@@ -304,7 +286,7 @@ class Embedder:
         # each weight's partition spec: P() (a full copy per device), or with shard_weights split along
         # its largest dimension that the device count divides (FSDP-style: gathered inside each call)
         self.param_specs = jax.tree_util.tree_map(
-            lambda leaf: _weight_spec(leaf.shape, self.num_devices) if shard_weights else P(), params
+            lambda leaf: fsdp_spec(leaf.shape, self.num_devices) if shard_weights else P(), params
         )
         self.params = jax.tree_util.tree_map(self._place, params, self.param_specs)
         per_device = _pure_fn(graphdef, self.policy, features, self.micro_batch, on_trace=self._count_trace)
@@ -321,9 +303,21 @@ class Embedder:
 
     # set-up ---------------------------------------------------------------------------------------------
     def _place(self, leaf: jax.Array, spec: P) -> jax.Array:
-        host = np.asarray(leaf)
+        # a replicated array spanning several processes is read through one of its local copies
+        remote = isinstance(leaf, jax.Array) and not leaf.is_fully_addressable
+        host = np.asarray(leaf.addressable_data(0) if remote else leaf)
         sharding = NamedSharding(self.mesh, spec)
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    def load_weights(self, net: ViT) -> None:
+        """Put ``net``'s weights (the structure this Embedder was built with) in place of its own, cast by its
+        policy and laid out as its own, so the compiled functions run on them without recompiling (the
+        k-NN monitor of pre-training embeds each new encoder this way)."""
+        _, params = nnx.split(net)
+        params = self.policy.cast_params(params)
+        if jax.tree_util.tree_structure(params) != jax.tree_util.tree_structure(self.params):
+            raise UserError("the encoder's structure differs from the one the Embedder was compiled for")
+        self.params = jax.tree_util.tree_map(self._place, params, self.param_specs)
 
     def _count_trace(self) -> None:
         self.compile_count += 1
@@ -378,11 +372,13 @@ class Embedder:
             return np.asarray(y)
         return np.asarray(multihost_utils.global_array_to_host_local_array(y, self.mesh, P(DATA_AXIS)))
 
-    def embed_async(self, images: Any) -> PendingEmbedding:
+    def embed_async(self, images: Any, *, full_batches: bool = False) -> PendingEmbedding:
         """Start embedding ``images`` (this process's rows) and return at once; ``.result()`` waits.
 
         The pixels are sent to the devices and the computation is queued before this returns, so the caller
-        can decode the next batch meanwhile.
+        can decode the next batch meanwhile. ``full_batches=True`` pads every chunk to ``batch_size`` rather
+        than to the smallest bucket: one compiled shape for any number of images (each image is embedded on
+        its own, so padding changes no real row).
         """
         x = self._check_images(images)
         n, h, w = x.shape[:3]
@@ -390,7 +386,7 @@ class Embedder:
         local_max = self.batch_size // self.num_processes
         for start in range(0, n, local_max):
             chunk = x[start : start + local_max]
-            bucket = self.bucket_for(len(chunk))
+            bucket = self.batch_size if full_batches else self.bucket_for(len(chunk))
             local_bucket = bucket // self.num_processes
             exe = self.compiled(bucket, h, w)
             if isinstance(chunk, jax.Array):
@@ -406,9 +402,9 @@ class Embedder:
             outputs.append((exe(self.params, device_x), len(chunk)))
         return PendingEmbedding(outputs, self, self.output_shape(h, w))
 
-    def __call__(self, images: Any) -> np.ndarray:
+    def __call__(self, images: Any, *, full_batches: bool = False) -> np.ndarray:
         """Embed ``images`` (N, H, W, C) float32: float32 numpy rows, one per image, in order."""
-        return self.embed_async(images).result()
+        return self.embed_async(images, full_batches=full_batches).result()
 
     def stream(self, batches: Iterable[Any]) -> Iterator[np.ndarray]:
         """Embed a stream of image batches, keeping one batch in flight while the next is produced."""

@@ -66,7 +66,6 @@ from vitreg_jax.fileio import atomic_write, atomic_write_json
 if TYPE_CHECKING:
     import pyarrow as pa
 
-FORMATS = ("npy", "parquet")
 NPY_FORMAT = "vitreg-jax-embed/1"
 PARQUET_FORMAT = "vitreg-jax-embed-parquet/1"
 NPY_FILES = ("embeddings.npy", "paths.txt", "failed.txt", "sources.txt", "meta.json")

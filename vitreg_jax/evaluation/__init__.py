@@ -8,3 +8,20 @@ and the monitor that runs k-NN during pre-training.
 - ``labelled_embeddings.py``: labelled folders (or ``embed`` outputs) as embeddings with labels;
 - ``monitor.py``: k-NN accuracy of the encoder under training, every so many steps.
 """
+
+from vitreg_jax._lazy import lazy_names
+
+_EXPORTS = {
+    "cosine_topk": "vitreg_jax.evaluation.search",
+    "knn_to_parquet": "vitreg_jax.evaluation.neighbours",
+    "knn_classify": "vitreg_jax.evaluation.knn",
+    "linear_probe": "vitreg_jax.evaluation.linear_probe",
+    "evaluate_embeddings": "vitreg_jax.evaluation.report",
+    "format_report": "vitreg_jax.evaluation.report",
+    "LabelledEmbeddings": "vitreg_jax.evaluation.labelled_embeddings",
+    "embed_labelled": "vitreg_jax.evaluation.labelled_embeddings",
+    "load_labelled_embeddings": "vitreg_jax.evaluation.labelled_embeddings",
+    "KNNMonitor": "vitreg_jax.evaluation.monitor",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_names(__name__, _EXPORTS)

@@ -1,7 +1,7 @@
 """Labelled sets for evaluation: image folders in the ImageFolder layout, or ``embed`` outputs of them.
 
 An image folder holds one sub-folder per class, named after the class; every image under a class folder
-(recursively, hidden names skipped, the extensions of :data:`vitreg_jax.data.loader.IMAGE_EXTENSIONS`) belongs to
+(recursively, hidden names skipped, the extensions of :data:`vitreg_jax.data.inputs.IMAGE_EXTENSIONS`) belongs to
 that class. For an ``embed`` output, each row's class is the name of the folder its path (or tar key)
 sits in, so embedding such a folder with ``vitreg-jax embed`` keeps the labels.
 
@@ -20,22 +20,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from vitreg_jax.data.loader import IMAGE_EXTENSIONS, iter_batches, list_inputs
+from vitreg_jax.data.labelled import LabelledFolder, check_two_classes, iter_labelled_batches
 from vitreg_jax.errors import UserError
 
 if TYPE_CHECKING:
     from vitreg_jax.data.loader import Transform
     from vitreg_jax.embedding.embedder import Embedder
     from vitreg_jax.model.vit import ViT
-
-
-@dataclass(frozen=True)
-class LabelledFolder:
-    """The images of an ImageFolder-layout folder: ``paths[i]`` belongs to class ``names[i]``."""
-
-    root: str
-    paths: list[str]
-    names: list[str]
 
 
 @dataclass(frozen=True)
@@ -69,35 +60,6 @@ class LabelledEmbeddings:
         )
 
 
-def read_labelled_folder(root: str | os.PathLike[str], what: str = "folder") -> LabelledFolder:
-    """The images of ``root`` (one sub-folder per class) with their class names; ``what`` names the folder
-    in error messages (e.g. "train")."""
-    root = os.fspath(root)
-    if not os.path.isdir(root):
-        raise UserError(f"{what} folder {root}: not found or not a folder (expected one sub-folder per class)")
-    entries = sorted(e for e in os.listdir(root) if not e.startswith("."))
-    loose = [e for e in entries if os.path.isfile(os.path.join(root, e))
-             and os.path.splitext(e)[1].lower() in IMAGE_EXTENSIONS]
-    if loose:
-        raise UserError(f"{what} folder {root}: images directly in it (e.g. {loose[0]}); expected one "
-                        "sub-folder per class")
-    classes = [e for e in entries if os.path.isdir(os.path.join(root, e))]
-    if not classes:
-        raise UserError(f"{what} folder {root}: no class sub-folders (expected one sub-folder per class)")
-    paths: list[str] = []
-    names: list[str] = []
-    for name in classes:
-        try:
-            found = list_inputs([os.path.join(root, name)])
-        except UserError:
-            raise UserError(f"{what} folder {root}: class folder {name!r} holds no images") from None
-        paths.extend(found)
-        names.extend([name] * len(found))
-    if len(classes) < 2:
-        raise UserError(f"{what} folder {root}: only one class ({classes[0]}); at least two are needed")
-    return LabelledFolder(root, paths, names)
-
-
 def embed_labelled(
     folder: LabelledFolder,
     embedder: Embedder,
@@ -109,30 +71,20 @@ def embed_labelled(
     """Embed every image of ``folder``; unreadable ones become failure records. ``progress`` gets the
     number of inputs done after each batch."""
     rows: list[np.ndarray] = []
-    kept: list[int] = []
+    names: list[str] = []
+    keys: list[str] = []
     failures: list[tuple[str, str]] = []
-    batches = iter_batches(folder.paths, transform, embedder.batch_size, workers)
-    for batch in batches:
-        failures.extend((f.path, f.reason) for f in batch.failed)
-        if len(batch.indices):
-            rows.append(embed_full_batches(embedder, batch.images))  # (b, D)
-            kept.extend(int(i) for i in batch.indices)
+    for batch in iter_labelled_batches(folder, transform, embedder.batch_size, workers):
+        failures.extend(batch.failures)
+        if batch.paths:
+            rows.append(embedder(batch.images, full_batches=True))  # (b, D)
+            names.extend(batch.names)
+            keys.extend(batch.paths)
         if progress is not None:
             progress(batch.end)
     dim = embedder.cfg.hidden_dim
     emb = np.concatenate(rows) if rows else np.zeros((0, dim), np.float32)
-    return LabelledEmbeddings(emb, [folder.names[i] for i in kept], [folder.paths[i] for i in kept], failures)
-
-
-def embed_full_batches(embedder: Embedder, images: np.ndarray) -> np.ndarray:
-    """``embedder(images)``, the last chunk zero-padded to a full batch so that a short last batch does not
-    compile another bucket (each image is embedded on its own: padding changes no real row)."""
-    n, batch = len(images), embedder.batch_size
-    short = -n % batch
-    if short == 0:
-        return embedder(images)
-    padded = np.concatenate([images, np.zeros((short, *images.shape[1:]), images.dtype)])  # (n + short, H, W, C)
-    return embedder(padded)[:n]
+    return LabelledEmbeddings(emb, names, keys, failures)
 
 
 def class_of_key(key: str) -> str:
@@ -157,10 +109,7 @@ def load_labelled_embeddings(directory: str | os.PathLike[str], what: str = "emb
         raise UserError(f"{what} {directory}: cannot tell the class of {bad!r} (expected paths like "
                         "CLASS/IMAGE, as embedding a folder with one sub-folder per class gives)")
     failures = [(str(p), str(r)) for p, r in emb_set.failures]
-    found = sorted(set(names))
-    if len(found) < 2:
-        raise UserError(f"{what} {directory}: only one class ({found[0] if found else 'none'}); at least "
-                        "two are needed")
+    check_two_classes(names, f"{what} {directory}: ")
     return LabelledEmbeddings(emb, names, list(keys), failures)
 
 

@@ -17,20 +17,20 @@ import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-import jax
 import numpy as np
-from flax import nnx
-from jax.sharding import NamedSharding
 
-from vitreg_jax.data.loader import iter_batches
+from vitreg_jax.data.labelled import check_two_classes, iter_labelled_batches, read_labelled_folder
 from vitreg_jax.errors import UserError
-from vitreg_jax.evaluation.knn import DEFAULT_K, DEFAULT_TEMPERATURE, check_same_classes, knn_classify
-from vitreg_jax.evaluation.labelled_embeddings import (
-    LabelledEmbeddings,
-    embed_full_batches,
-    read_labelled_folder,
-)
+from vitreg_jax.evaluation.knn import knn_classify
+from vitreg_jax.evaluation.labelled_embeddings import LabelledEmbeddings
 from vitreg_jax.evaluation.linear_probe import TOP_K
+from vitreg_jax.evaluation.settings import (
+    DEFAULT_K,
+    DEFAULT_TEMPERATURE,
+    check_k,
+    check_same_classes,
+    check_temperature,
+)
 
 if TYPE_CHECKING:
     from jax.sharding import Mesh
@@ -46,20 +46,19 @@ class _Pixels:
     """One labelled folder decoded once: images (N, H, W, 3) float32 in (class, path) order, labels, failures."""
 
     def __init__(self, root: str, what: str, transform: Any, workers: int | None):
-        folder = read_labelled_folder(root, what)
-        order = sorted(range(len(folder.paths)), key=lambda i: (folder.names[i], folder.paths[i]))
-        paths = [folder.paths[i] for i in order]
-        names = [folder.names[i] for i in order]
-        images, kept, self.failures = [], [], []
-        for batch in iter_batches(paths, transform, DEFAULT_BATCH_SIZE, workers):
-            self.failures.extend((f.path, f.reason) for f in batch.failed)
+        folder = read_labelled_folder(root, what).sorted()
+        images: list[np.ndarray] = []
+        self.names: list[str] = []
+        self.keys: list[str] = []
+        self.failures: list[tuple[str, str]] = []
+        for batch in iter_labelled_batches(folder, transform, DEFAULT_BATCH_SIZE, workers):
             images.append(batch.images)
-            kept.extend(int(i) for i in batch.indices)
-        self.images = np.concatenate(images)  # (N, H, W, 3)
-        self.names = [names[i] for i in kept]
-        self.keys = [paths[i] for i in kept]
+            self.names += batch.names
+            self.keys += batch.paths
+            self.failures += batch.failures
         if not self.keys:
             raise UserError(f"{what} folder {root}: no image could be read")
+        self.images = np.concatenate(images)  # (N, H, W, 3)
 
     def labelled(self, embeddings: np.ndarray) -> LabelledEmbeddings:
         return LabelledEmbeddings(embeddings, self.names, self.keys, self.failures)
@@ -86,13 +85,10 @@ class KNNMonitor:
         transform = classification_transform(tuple(size), rgb_stats)
         self.train = _Pixels(os.fspath(train_dir), "eval train", transform, workers)
         self.val = _Pixels(os.fspath(val_dir), "eval val", transform, workers)
-        check_same_classes(self.train.labelled(np.zeros((0, 0))), self.val.labelled(np.zeros((0, 0))))
-        if len(set(self.train.names)) < 2:
-            raise UserError(f"eval train folder {train_dir}: only one class; at least two are needed")
-        if k > len(self.train.keys):
-            raise UserError(f"k = {k} is more than the {len(self.train.keys)} eval training images")
-        if temperature is not None and not temperature > 0:
-            raise UserError(f"temperature must be positive, got {temperature!r}")
+        check_same_classes(self.train.names, self.val.names)
+        check_two_classes(self.train.names, f"eval train folder {train_dir}: ")
+        check_k(k, len(self.train.keys), what="eval training images")
+        check_temperature(temperature)
         self.k, self.temperature, self.batch_size = k, temperature, batch_size
         self.mesh, self.policy = mesh, policy
         self.failures = self.train.failures + self.val.failures
@@ -106,28 +102,12 @@ class KNNMonitor:
 
             self._embedder = Embedder(encoder, batch_size=self.batch_size, mesh=self.mesh, policy=self.policy)
         else:
-            load_weights(self._embedder, encoder)
-        return (self.train.labelled(embed_full_batches(self._embedder, self.train.images)),
-                self.val.labelled(embed_full_batches(self._embedder, self.val.images)))
+            self._embedder.load_weights(encoder)
+        return (self.train.labelled(self._embedder(self.train.images, full_batches=True)),
+                self.val.labelled(self._embedder(self.val.images, full_batches=True)))
 
     def __call__(self, encoder: ViT) -> dict[str, float]:
         train, val = self.embed(encoder)
         result = knn_classify(train.embeddings, train.labels, val.embeddings, k=self.k,
                               temperature=self.temperature, num_classes=len(self.classes))
         return {"top1": result.accuracy(val.labels, 1), "top5": result.accuracy(val.labels, TOP_K)}
-
-
-def load_weights(embedder: Embedder, net: ViT) -> None:
-    """Put ``net``'s weights (the structure the Embedder was built with) into ``embedder``, cast by its
-    policy and laid out as its own, so its compiled functions run on them without recompiling."""
-    _, params = nnx.split(net)
-    params = embedder.policy.cast_params(params)
-    if jax.tree_util.tree_structure(params) != jax.tree_util.tree_structure(embedder.params):
-        raise UserError("the encoder's structure differs from the one the Embedder was compiled for")
-
-    def place(leaf: Any, spec: Any) -> jax.Array:
-        # a replicated array spanning several processes is read through one of its local copies
-        host = np.asarray(leaf.addressable_data(0) if isinstance(leaf, jax.Array) else leaf)
-        return jax.make_array_from_callback(host.shape, NamedSharding(embedder.mesh, spec), lambda i: host[i])
-
-    embedder.params = jax.tree_util.tree_map(place, params, embedder.param_specs)

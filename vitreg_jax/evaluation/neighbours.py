@@ -19,7 +19,8 @@ import numpy as np
 
 from vitreg_jax.embedding.reader import EmbeddingSet, open_embeddings
 from vitreg_jax.errors import UserError
-from vitreg_jax.evaluation.search import DEFAULT_INDEX_BLOCK, cosine_topk
+from vitreg_jax.evaluation.search import cosine_topk
+from vitreg_jax.evaluation.settings import DEFAULT_INDEX_BLOCK, check_k
 from vitreg_jax.fileio import atomic_write
 
 
@@ -47,8 +48,7 @@ def knn_to_parquet(
     ``k`` larger than the index, or an ``out`` that exists already.
     """
     out = Path(out)
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise UserError(f"k must be a positive integer, got {k!r}")
+    check_k(k)
     if out.exists():
         raise UserError(f"{out} exists already; remove it or choose another --out")
     if not out.parent.is_dir():

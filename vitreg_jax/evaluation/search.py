@@ -34,12 +34,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from vitreg_jax.errors import UserError
+from vitreg_jax.evaluation.settings import DEFAULT_INDEX_BLOCK
 
 if TYPE_CHECKING:
     from numpy.typing import ArrayLike
 
-# Index rows per device step: a (query_block, INDEX_BLOCK) float32 score tile per step (64 MiB at 1024 x 16384).
-DEFAULT_INDEX_BLOCK = 16384
+# Query rows per device step: a (query_block, index_block) float32 score tile per step (64 MiB at 1024 x 16384).
 DEFAULT_QUERY_BLOCK = 1024
 MAX_ROWS = 2**31 - 1
 # A stream shorter than one block gets a smaller block: its row count rounded up to a power of two, at least:

@@ -13,3 +13,25 @@ embeddings, compute precision, birder configs and checkpoint files.
 
 A new model family is a module of its own here; its birder-name mapping is a table in ``vitreg_jax.convert``.
 """
+
+from vitreg_jax._lazy import lazy_names
+
+_EXPORTS = {
+    "ViT": "vitreg_jax.model.vit",
+    "ViTConfig": "vitreg_jax.model.config",
+    "preset": "vitreg_jax.model.config",
+    "canonical_name": "vitreg_jax.model.config",
+    "ComputePolicy": "vitreg_jax.model.precision",
+    "resolve_dtype": "vitreg_jax.model.precision",
+    "read_birder_config": "vitreg_jax.model.birder_config",
+    "vit_config_from_birder": "vitreg_jax.model.birder_config",
+    "build_model": "vitreg_jax.model.build",
+    "abstract_model": "vitreg_jax.model.build",
+    "model_from_checkpoint": "vitreg_jax.model.build",
+    "save_model": "vitreg_jax.model.build",
+    "save_checkpoint": "vitreg_jax.model.checkpoint",
+    "load_checkpoint": "vitreg_jax.model.checkpoint",
+    "is_checkpoint": "vitreg_jax.model.checkpoint",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_names(__name__, _EXPORTS)

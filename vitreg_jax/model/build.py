@@ -1,9 +1,9 @@
-"""Build models from birder configs, move parameters in and out, and save / load checkpoint directories.
+"""Build models from configs, move parameters in and out, and save / load checkpoint directories.
 
-birder's json config (a dict) describes an architecture: :func:`read_birder_config` reads one (older files with
-``alias`` instead of ``registered_name`` too), :func:`vit_config_from_birder` turns it into a ``ViTConfig`` and
-:func:`birder_config` writes one back. :func:`model_from_checkpoint` loads a vitreg-jax (Orbax) checkpoint
-directory and :func:`save_model` writes one. Nothing here reads birder weight files: the converter package does
+:func:`build_model` initialises one from a ``ViTConfig`` or a birder config (read by
+:mod:`vitreg_jax.model.birder_config`), :func:`abstract_model` gives its shapes only.
+:func:`model_from_checkpoint` loads a vitreg-jax (Orbax) checkpoint directory and :func:`save_model` writes
+one. Nothing here reads birder weight files: the converter package does
 (``convert/load.py``; ``vitreg_jax.load_model_with_cfg`` loads any source: birder files, published names
 and checkpoints).
 """
@@ -20,11 +20,10 @@ import numpy as np
 from flax import nnx
 
 from vitreg_jax import __version__
-from vitreg_jax.data.preprocess import check_rgb_stats
 from vitreg_jax.errors import UserError
-from vitreg_jax.fileio import first_line, read_json_object
+from vitreg_jax.model.birder_config import birder_config, read_birder_config, vit_config_from_birder
 from vitreg_jax.model.checkpoint import load_checkpoint, save_checkpoint
-from vitreg_jax.model.config import ViTConfig, canonical_name, preset
+from vitreg_jax.model.config import ViTConfig
 from vitreg_jax.model.vit import ViT
 from vitreg_jax.tree import check_fit, flatten, int_keys, unflatten
 
@@ -32,9 +31,6 @@ if TYPE_CHECKING:
     from jax.typing import DTypeLike
 
     from vitreg_jax.tree import Path as ParamPath
-
-CLASSIFICATION_TASK = "image_classification"
-DEFAULT_BIRDER_VERSION = "v0.8.4"
 
 
 class WeightsSource(Protocol):
@@ -50,74 +46,6 @@ class WeightsSource(Protocol):
     def dtypes(self) -> list[str]: ...
     @property
     def meta(self) -> Mapping[str, Any]: ...
-
-
-# birder config dicts -----------------------------------------------------------------------------------
-def read_birder_config(config: str | os.PathLike[str] | Mapping[str, Any]) -> dict[str, Any]:
-    """birder's json config as a dict, with legacy ``alias`` read as ``registered_name``."""
-    if isinstance(config, Mapping):
-        cfg = dict(config)
-    else:
-        path = Path(config)
-        if not path.is_file():
-            raise UserError(f"{path}: no such config file")
-        cfg = read_json_object(path, "a birder config")
-    if "registered_name" not in cfg and "alias" in cfg:  # birder < 0.4.13
-        cfg["registered_name"] = cfg.pop("alias")
-    missing = [k for k in ("signature", "rgb_stats") if k not in cfg]
-    if missing:
-        raise UserError(f"birder config lacks {', '.join(missing)}")
-    cfg["rgb_stats"] = check_rgb_stats(cfg["rgb_stats"], "" if isinstance(config, Mapping) else f"{config}: ")
-    return cfg
-
-
-def vit_config_from_birder(cfg: Mapping[str, Any]) -> ViTConfig:
-    """The architecture a birder config describes; refuses non-ViT networks and unsupported options."""
-    try:
-        return _vit_config_from_birder(cfg)
-    except (KeyError, IndexError, TypeError, ValueError, AttributeError, OverflowError) as e:
-        # a config value of the wrong type or shape (a damaged or hand-edited file) is the user's to fix
-        raise UserError(f"birder config is malformed ({type(e).__name__}: {first_line(e)})") from None
-
-
-def _vit_config_from_birder(cfg: Mapping[str, Any]) -> ViTConfig:
-    task = cfg.get("task", CLASSIFICATION_TASK)
-    if task != CLASSIFICATION_TASK:
-        raise UserError(f"birder config is for task {task!r}; vitreg-jax loads {CLASSIFICATION_TASK!r} "
-                        "ViT encoders")
-    name = cfg.get("name")
-    registered = cfg.get("registered_name") or name
-    if name not in (None, "vit"):
-        raise UserError(f"birder network {registered or name!r} is not a ViT (name {name!r}); vitreg-jax ports "
-                        "birder's `vit` family")
-    try:
-        shape = cfg["signature"]["inputs"][0]["data_shape"]
-        outputs = cfg["signature"]["outputs"][0]["data_shape"]
-    except (KeyError, IndexError, TypeError):
-        raise UserError("birder config has no usable signature (inputs[0].data_shape)") from None
-    num_classes = int(cfg["signature"].get("num_labels", outputs[1] if len(outputs) > 1 else 0))
-    size = (int(shape[2]), int(shape[3]))
-    model_config = cfg.get("model_config")
-    if model_config is None:  # very old json (net_param era): the registered name says it all
-        return preset(canonical_name(str(registered)), image_size=size, num_classes=num_classes,
-                      in_channels=int(shape[1]))
-    return ViTConfig.from_birder(model_config, image_size=size, num_classes=num_classes, in_channels=int(shape[1]))
-
-
-def birder_config(vit_cfg: ViTConfig, rgb_stats: Mapping[str, Any], registered_name: str | None = None,
-                  birder_version: str = DEFAULT_BIRDER_VERSION) -> dict[str, Any]:
-    """The json birder writes beside a weights file (``fs_ops.write_config``), for this architecture."""
-    h, w = vit_cfg.image_size
-    return {
-        "birder_version": birder_version,
-        "name": "vit",
-        "registered_name": registered_name or "vit",
-        "task": CLASSIFICATION_TASK,
-        "model_config": vit_cfg.to_birder(),
-        "signature": {"inputs": [{"data_shape": [0, vit_cfg.in_channels, h, w]}],
-                      "outputs": [{"data_shape": [0, vit_cfg.num_classes]}]},
-        "rgb_stats": {"mean": list(rgb_stats["mean"]), "std": list(rgb_stats["std"])},
-    }
 
 
 # models and parameters ---------------------------------------------------------------------------------

@@ -13,8 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vitreg_jax.model._kernels import dense, gelu, matmul, residual_grad_boundary, softmax
-from vitreg_jax.model.config import ViTConfig
+from vitreg_jax.model._kernels import dense
 
 
 def trunc_normal(key: jax.Array, shape: tuple[int, ...], std: float) -> jax.Array:
@@ -71,43 +70,6 @@ class LayerNorm(nnx.Module):
         return y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
 
 
-class Attention(nnx.Module):
-    """Multi-head self-attention with birder's fused ``qkv`` projection (rows ordered [q; k; v], head-major)."""
-
-    def __init__(self, dim: int, num_heads: int, *, qkv_bias: bool, init: str, rngs: nnx.Rngs):
-        if dim % num_heads:
-            raise ValueError(f"hidden dim {dim} is not divisible by {num_heads} heads")
-        self.num_heads = num_heads
-        self.qkv = Linear(dim, 3 * dim, use_bias=qkv_bias, init=init, rngs=rngs)
-        self.proj = Linear(dim, dim, init=init, rngs=rngs)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        b, n, c = x.shape
-        h = self.num_heads
-        d = c // h
-        qkv = self.qkv(x).reshape(b, n, 3, h, d)  # (B, N, 3, H, Dh)
-        q, k, v = jnp.transpose(qkv, (2, 0, 3, 1, 4))  # each (B, H, N, Dh)
-        cdt = self.qkv.kernel[...].dtype  # bf16 weights -> bf16 attention matmuls, fp32 accumulation
-        # the scale goes on q (B, H, N, Dh), not on the (B, H, N, N) logits: XLA:CPU would materialise a
-        # broadcast of it the logits' size in every block, forward and backward
-        logits = matmul(q * d**-0.5, jnp.swapaxes(k, -1, -2), cdt)  # (B, H, N, N)
-        probs = softmax(logits)  # float32
-        out = matmul(probs, v, cdt)  # (B, H, N, Dh)
-        out = jnp.transpose(out, (0, 2, 1, 3)).reshape(b, n, c)  # (B, N, C)
-        return self.proj(out)
-
-
-class MLP(nnx.Module):
-    """torchvision ``MLP(dim, [mlp_dim, dim], GELU)``: birder keys ``mlp.0`` (fc1) and ``mlp.3`` (fc2)."""
-
-    def __init__(self, dim: int, mlp_dim: int, *, init: str = "torch", rngs: nnx.Rngs):
-        self.fc1 = Linear(dim, mlp_dim, init=init, rngs=rngs)
-        self.fc2 = Linear(mlp_dim, dim, init=init, rngs=rngs)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(gelu(self.fc1(x)))
-
-
 class LayerScale(nnx.Module):
     def __init__(self, dim: int, init_value: float):
         self.gamma = nnx.Param(jnp.full((dim,), init_value, jnp.float32))
@@ -124,35 +86,3 @@ def drop_path(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), 0.0)
 
 
-class EncoderBlock(nnx.Module):
-    """Pre-norm transformer block: ``x + DP(LS1(attn(norm1(x))))`` then ``x + DP(LS2(mlp(norm2(x))))``."""
-
-    def __init__(self, dim: int, num_heads: int, mlp_dim: int, *, eps: float, qkv_bias: bool = True,
-                 layer_scale: float | None = None, drop_path_rate: float = 0.0, attn_init: str = "trunc_normal",
-                 mlp_init: str = "torch", rngs: nnx.Rngs):
-        self.norm1 = LayerNorm(dim, eps=eps)
-        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, init=attn_init, rngs=rngs)
-        self.norm2 = LayerNorm(dim, eps=eps)
-        self.mlp = MLP(dim, mlp_dim, init=mlp_init, rngs=rngs)
-        self.ls1 = LayerScale(dim, layer_scale) if layer_scale is not None else None
-        self.ls2 = LayerScale(dim, layer_scale) if layer_scale is not None else None
-        self.drop_path_rate = drop_path_rate
-
-    def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
-        k1 = k2 = None
-        if dropout_key is not None and self.drop_path_rate > 0.0:
-            k1, k2 = jax.random.split(dropout_key)
-        x = residual_grad_boundary(x)
-        y = self.attn(self.norm1(x))
-        if self.ls1 is not None:
-            y = self.ls1(y)
-        x = residual_grad_boundary(x + drop_path(y, self.drop_path_rate, k1))
-        y = self.mlp(self.norm2(x))
-        if self.ls2 is not None:
-            y = self.ls2(y)
-        return x + drop_path(y, self.drop_path_rate, k2)
-
-
-def encoder_block(cfg: ViTConfig, drop_path_rate: float, rngs: nnx.Rngs) -> EncoderBlock:
-    return EncoderBlock(cfg.hidden_dim, cfg.num_heads, cfg.mlp_dim, eps=cfg.norm_layer_eps, qkv_bias=cfg.qkv_bias,
-                        layer_scale=cfg.layer_scale_init_value, drop_path_rate=drop_path_rate, rngs=rngs)

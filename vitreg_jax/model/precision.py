@@ -32,17 +32,15 @@ import contextlib
 import functools
 import platform as platform_module
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from vitreg_jax.errors import UserError
 
 if TYPE_CHECKING:
-    import jax
     import jax.numpy as jnp
     from flax import nnx
-    from jax.sharding import Mesh
 
 DTYPES = ("float32", "bfloat16")
 AUTO = "auto"
@@ -55,7 +53,6 @@ CAST_PARAM_NAME = "kernel"
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 X86_MACHINES = ("x86_64", "amd64", "i386", "i686", "x86")
 CPUINFO_PATH = "/proc/cpuinfo"
-DATA_AXIS = "data"
 
 DTYPE_HELP = (
     "compute dtype. float32: float32 matmuls at 'highest' precision (exact). bfloat16: bf16 matmul inputs "
@@ -234,22 +231,4 @@ def choose_policy(dtype: Any | None, policy: ComputePolicy | None, *,
         raise UserError(f"dtype {dtype!r} disagrees with the compute policy's {policy.dtype!r}")
     return policy
 
-
-# the mesh -----------------------------------------------------------------------------------------------
-def default_mesh(devices: Iterable[jax.Device] | None = None) -> Mesh:
-    """A 1-D ``data`` mesh over ``devices`` (default: every device of every process), grouped by process
-    (each process's devices are contiguous, so its local rows are contiguous rows of the global batch)."""
-    import jax
-    import numpy as np
-    from jax.sharding import Mesh
-
-    devs = sorted(jax.devices() if devices is None else devices, key=lambda d: (d.process_index, d.id))
-    if not devs:
-        raise UserError("a mesh needs at least one device")
-    return Mesh(np.array(devs), (DATA_AXIS,))
-
-
-def mesh_platform(mesh: Mesh) -> str:
-    """The platform of a mesh's devices (``"cpu"``, ``"gpu"``, ``"tpu"``): what ``"auto"`` resolves for."""
-    return str(next(iter(mesh.devices.flat)).platform)
 

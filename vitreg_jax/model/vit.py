@@ -19,8 +19,9 @@ from flax import nnx
 
 from vitreg_jax.errors import UserError
 from vitreg_jax.model._kernels import dense
+from vitreg_jax.model.blocks import encoder_block
 from vitreg_jax.model.config import ViTConfig
-from vitreg_jax.model.layers import LayerNorm, Linear, encoder_block, trunc_normal
+from vitreg_jax.model.layers import LayerNorm, Linear, trunc_normal
 from vitreg_jax.model.position_embedding import resample_pos_embed
 
 

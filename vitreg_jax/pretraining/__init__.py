@@ -7,3 +7,21 @@ stream, the loop and the resumable run.
 - ``data_stream.py``: augmented training batches; ``loop.py``: ``fit`` (steps, logs, checkpoints);
 - ``run.py``: ``train``, the run folder behind ``vitreg-jax pretrain`` (settings, resume, export).
 """
+
+from vitreg_jax._lazy import lazy_names
+
+_EXPORTS = {
+    "MAEConfig": "vitreg_jax.pretraining.config",
+    "TrainConfig": "vitreg_jax.pretraining.config",
+    "mae_preset": "vitreg_jax.pretraining.config",
+    "MAE": "vitreg_jax.pretraining.mae",
+    "Masks": "vitreg_jax.pretraining.mae",
+    "make_optimizer": "vitreg_jax.pretraining.optimizer",
+    "MAETrainer": "vitreg_jax.pretraining.step",
+    "TrainData": "vitreg_jax.pretraining.data_stream",
+    "fit": "vitreg_jax.pretraining.loop",
+    "train": "vitreg_jax.pretraining.run",
+    "PretrainSettings": "vitreg_jax.pretraining.run",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_names(__name__, _EXPORTS)

@@ -25,9 +25,10 @@ import numpy as np
 from flax import nnx
 
 from vitreg_jax.errors import UserError
-from vitreg_jax.model.config import MAEConfig
-from vitreg_jax.model.layers import EncoderBlock, LayerNorm, Linear, trunc_normal
+from vitreg_jax.model.blocks import EncoderBlock
+from vitreg_jax.model.layers import LayerNorm, Linear, trunc_normal
 from vitreg_jax.model.vit import ViT
+from vitreg_jax.pretraining.config import MAEConfig
 from vitreg_jax.tree import check_fit, flatten, unflatten
 
 if TYPE_CHECKING:

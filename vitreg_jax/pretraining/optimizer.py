@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vitreg_jax.model.config import TrainConfig
+from vitreg_jax.pretraining.config import TrainConfig
 
 # torch.nn.utils.clip_grad_norm_: clip_coef = max_norm / (total_norm + 1e-6), clamped to 1
 CLIP_EPS = 1e-6

@@ -2,7 +2,7 @@
 
 ``vitreg-jax pretrain`` is a thin wrapper of this module; notebooks and scripts call it directly::
 
-    from vitreg_jax.model.config import TrainConfig
+    from vitreg_jax.pretraining.config import TrainConfig
     from vitreg_jax.pretraining.run import PretrainSettings, open_run, train
 
     settings = PretrainSettings(data=("photos/",), network="vit_t16", size=(64, 64),
@@ -44,7 +44,8 @@ from typing import TYPE_CHECKING, Any
 from vitreg_jax.data.rgb_stats import RGB_STATS, TRAIN_DEFAULT, named_rgb_stats
 from vitreg_jax.errors import UserError
 from vitreg_jax.fileio import atomic_write_json, atomic_write_text, make_dir, read_json_object
-from vitreg_jax.model.config import MAEConfig, TrainConfig, ViTConfig, _from_dict, mae_preset, preset
+from vitreg_jax.model.config import ViTConfig, preset
+from vitreg_jax.pretraining.config import MAEConfig, TrainConfig, config_from_dict, mae_preset
 
 if TYPE_CHECKING:
     from vitreg_jax.model.vit import ViT
@@ -178,7 +179,7 @@ class PretrainSettings:
         d = dict(d)
         if "train" in d:
             d["train"] = TrainConfig.from_dict(d["train"])
-        return _from_dict(cls, d, "PretrainSettings")
+        return config_from_dict(cls, d, "PretrainSettings")
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> PretrainSettings:
@@ -289,7 +290,7 @@ def open_run(out: str | os.PathLike[str], settings: PretrainSettings | Mapping[s
             raise UserError(f"{name('data')} is required to start a run (folders of images, image files or .txt "
                             "lists)")
         _check_configs(new)
-        from vitreg_jax.data.loader import list_inputs
+        from vitreg_jax.data.inputs import list_inputs
 
         return PretrainRun(out, new, list_inputs(list(new.data)), None, name)
     if not resume and not export_only:
@@ -332,7 +333,7 @@ def _run_files(out: Path, settings: PretrainSettings, record: Mapping[str, Any])
 
     if (out / CHECKPOINT_DIR).exists():
         raise UserError(f"{path}: the run's file list is missing")
-    from vitreg_jax.data.loader import (
+    from vitreg_jax.data.inputs import (
         list_inputs,  # the run stopped between run.json and files.txt: list again
     )
 
@@ -439,7 +440,7 @@ def _setup(run: PretrainRun, encoder: ViT | None, encoder_rgb_stats: Mapping[str
     from flax import nnx
 
     from vitreg_jax import __version__
-    from vitreg_jax.model.build import birder_config
+    from vitreg_jax.model.birder_config import birder_config
     from vitreg_jax.pretraining.mae import MAE
     from vitreg_jax.pretraining.step import MAETrainer
 

@@ -31,8 +31,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vitreg_jax.errors import UserError
-from vitreg_jax.model.config import TrainConfig
-from vitreg_jax.model.precision import DATA_AXIS, ComputePolicy, choose_policy, default_mesh, mesh_platform
+from vitreg_jax.model.precision import ComputePolicy, choose_policy
+from vitreg_jax.parallel import DATA_AXIS, default_mesh, mesh_platform
+from vitreg_jax.pretraining.config import TrainConfig
 from vitreg_jax.pretraining.mae import MAE, Masks
 from vitreg_jax.pretraining.optimizer import adamw_update, clip_grad_norm, make_optimizer
 
@@ -48,7 +49,7 @@ class MAETrainer:
     a (grad_accum_steps, batch, H, W, C) array (numpy, this process's share of the batch, or a global
     ``jax.Array``). ``state`` is donated: use the returned one. ``trainer.model(state)`` is the MAE.
 
-    ``mesh`` defaults to :func:`~vitreg_jax.model.precision.default_mesh`; ``policy`` to the one made from
+    ``mesh`` defaults to :func:`~vitreg_jax.parallel.default_mesh`; ``policy`` to the one made from
     ``cfg.compute_dtype`` (``"auto"`` resolved for the mesh's platform); when both are given they must agree.
     """
 
