@@ -24,5 +24,5 @@ _EXPORTS = {
     "write_birder_file": "vitreg_jax.convert.formats.birder_file",
     "published_names": "vitreg_jax.convert.hub",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(_EXPORTS)  # noqa: PLE0605 (the lazily imported names above)
 __getattr__, __dir__ = lazy_names(__name__, _EXPORTS)

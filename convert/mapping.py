@@ -17,7 +17,7 @@ import numpy as np
 
 from vitreg_jax.errors import UserError
 from vitreg_jax.model.config import ViTConfig
-from vitreg_jax.tree import Path, check_fit, short_list
+from vitreg_jax.tree import ParamPath, check_fit, short_list
 
 # birder < 0.4 (nn.MultiheadAttention blocks): key suffix -> today's suffix. in_proj packs rows [q; k; v],
 # head-major inside each, which is exactly the layout of today's fused qkv, so a rename is enough.
@@ -37,17 +37,17 @@ _BLOCK_KEY = re.compile(r"^encoder\.block\.(\d+)\.(.+)$")
 @dataclass(frozen=True, slots=True)
 class Row:
     birder_key: str
-    path: Path
+    path: ParamPath
     layout: str  # "none" | "linear" | "conv"
     birder_shape: tuple[int, ...]
 
 
-def norm_rows(key: str, path: Path, dim: int) -> list[Row]:
+def norm_rows(key: str, path: ParamPath, dim: int) -> list[Row]:
     """A LayerNorm's two rows (``weight`` -> ``scale``, ``bias``)."""
     return [Row(f"{key}.weight", (*path, "scale"), "none", (dim,)), Row(f"{key}.bias", (*path, "bias"), "none", (dim,))]
 
 
-def linear_rows(key: str, path: Path, d_in: int, d_out: int, bias: bool = True) -> list[Row]:
+def linear_rows(key: str, path: ParamPath, d_in: int, d_out: int, bias: bool = True) -> list[Row]:
     """A Linear's rows: torch ``(out, in)`` weight <-> ``(in, out)`` kernel, and its bias."""
     rows = [Row(f"{key}.weight", (*path, "kernel"), "linear", (d_out, d_in))]
     return rows + ([Row(f"{key}.bias", (*path, "bias"), "none", (d_out,))] if bias else [])
@@ -131,7 +131,7 @@ def normalize_keys(state: Mapping[str, Any], num_layers: int | None = None) -> t
     return out, layout
 
 
-def to_nnx(state: Mapping[str, Any], cfg: ViTConfig, *, consume: bool = False) -> dict[Path, np.ndarray]:
+def to_nnx(state: Mapping[str, Any], cfg: ViTConfig, *, consume: bool = False) -> dict[ParamPath, np.ndarray]:
     """birder state_dict (numpy arrays, any key layout) -> {our path: array}. Refuses any mismatch.
 
     ``consume=True`` empties ``state`` (a mutable dict) and drops each source array as soon as it is
@@ -147,7 +147,7 @@ def to_nnx(state: Mapping[str, Any], cfg: ViTConfig, *, consume: bool = False) -
     return {r.path: to_our_layout(np.asarray(state.pop(r.birder_key)), r.layout) for r in rows}
 
 
-def to_birder(params: Mapping[Path, Any], cfg: ViTConfig, *, consume: bool = False) -> dict[str, np.ndarray]:
+def to_birder(params: Mapping[ParamPath, Any], cfg: ViTConfig, *, consume: bool = False) -> dict[str, np.ndarray]:
     """{our path: array} -> birder state_dict (today's key names, birder's order).
 
     ``consume=True`` pops each entry from ``params`` (a mutable dict) as it is converted (see ``to_nnx``).

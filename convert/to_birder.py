@@ -34,7 +34,7 @@ from vitreg_jax.tree import flatten, int_keys
 if TYPE_CHECKING:
     import numpy as np
 
-    from vitreg_jax.tree import Path as ParamPath
+    from vitreg_jax.tree import ParamPath
 
 WEIGHT_SUFFIXES = (".pt", ".safetensors")
 

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
     from vitreg_jax.convert.formats.birder_file import BirderFile
     from vitreg_jax.convert.hub import Resolved
-    from vitreg_jax.tree import Path as ParamPath
+    from vitreg_jax.tree import ParamPath
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from vitreg_jax.convert.mapping import Row, linear_rows, norm_rows, to_birder_la
 from vitreg_jax.errors import UserError
 from vitreg_jax.model.config import ViTConfig
 from vitreg_jax.pretraining.config import MAEConfig
-from vitreg_jax.tree import Path, check_fit, short_list
+from vitreg_jax.tree import ParamPath, check_fit, short_list
 
 ENCODER_PREFIX = "encoder."
 
@@ -64,7 +64,7 @@ def split_encoder(state: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, A
     return enc, rest
 
 
-def to_nnx(state: Mapping[str, Any], vit_cfg: ViTConfig, mae_cfg: MAEConfig) -> dict[Path, np.ndarray]:
+def to_nnx(state: Mapping[str, Any], vit_cfg: ViTConfig, mae_cfg: MAEConfig) -> dict[ParamPath, np.ndarray]:
     """birder MAE state_dict (numpy arrays) -> {our path: array}. The encoder part goes through the encoder
     table (so older encoder key layouts load too); refuses missing, extra and mis-shaped tensors."""
     enc_state, rest = split_encoder(state)
@@ -75,7 +75,7 @@ def to_nnx(state: Mapping[str, Any], vit_cfg: ViTConfig, mae_cfg: MAEConfig) -> 
     return out
 
 
-def to_birder(params: Mapping[Path, Any], vit_cfg: ViTConfig, mae_cfg: MAEConfig) -> dict[str, np.ndarray]:
+def to_birder(params: Mapping[ParamPath, Any], vit_cfg: ViTConfig, mae_cfg: MAEConfig) -> dict[str, np.ndarray]:
     """{our path: array} (including ``decoder_pos_embed``) -> birder MAE state_dict, birder's key order."""
     rows = table(vit_cfg, mae_cfg)
     missing = [".".join(map(str, r.path)) for r in rows if r.path not in params]

@@ -27,14 +27,14 @@ from tests.tolerances import (
 )
 from vitreg_jax.convert import mapping
 from vitreg_jax.errors import UserError
+from vitreg_jax.model.build import get_params, set_params
 from vitreg_jax.model.config import ViTConfig, preset
 from vitreg_jax.model.vit import ViT
 from vitreg_jax.pretraining.config import MAEConfig, mae_preset
 from vitreg_jax.pretraining.mae import (
     MAE,
+    MAE_STATE,
     Masks,
-    flat_state,
-    load_flat_state,
     masks_from_noise,
     patchify,
     random_masking,
@@ -101,7 +101,7 @@ def make_pair(variant: str):
     ref.load_state(bnet, state)
     vit_cfg, mae_cfg = configs(variant)
     ours = MAE(ViT(vit_cfg, rngs=nnx.Rngs(0)), mae_cfg, rngs=nnx.Rngs(1))
-    load_flat_state(ours, mae_mapping.to_nnx(state, vit_cfg, mae_cfg))
+    set_params(ours, mae_mapping.to_nnx(state, vit_cfg, mae_cfg), kinds=MAE_STATE)
     return variant, bnet, ours, state
 
 
@@ -140,7 +140,7 @@ def test_table_covers_birder_state_dict_both_ways(pair):
     rows = mae_mapping.table(vit_cfg, mae_cfg)
     assert [r.birder_key for r in rows] == list(bnet.state_dict()), "table order/keys differ from birder's"
     assert all(r.birder_shape == tuple(bnet.state_dict()[r.birder_key].shape) for r in rows)
-    back = mae_mapping.to_birder(flat_state(ours), vit_cfg, mae_cfg)
+    back = mae_mapping.to_birder(get_params(ours, MAE_STATE), vit_cfg, mae_cfg)
     assert list(back) == list(state)
     for k, v in state.items():
         np.testing.assert_array_equal(back[k], v, err_msg=k)
@@ -161,7 +161,7 @@ def test_encoder_part_converts_with_the_encoder_table():
     diff = float(np.abs(ours_tokens - ref.run(bnet.encoder.forward_features, x)).max())
     record("MAE encoder part (tiny)", "forward_features", diff)
     assert diff <= MAE_ENCODER_TOKENS_ATOL
-    ours_encoder = {p[1:]: v for p, v in flat_state(ours).items() if p[0] == "encoder"}
+    ours_encoder = {p[1:]: v for p, v in get_params(ours, MAE_STATE).items() if p[0] == "encoder"}
     for path, value in mapping.to_nnx(enc_state, vit_cfg).items():
         np.testing.assert_array_equal(ours_encoder[path], value, err_msg=str(path))
 

@@ -33,11 +33,12 @@ from tests.tolerances import (
     STEP_UPDATE_ATOL_OF_LR,
 )
 from vitreg_jax.errors import UserError
+from vitreg_jax.model.build import get_params, set_params
 from vitreg_jax.model.config import preset
 from vitreg_jax.model.precision import ComputePolicy, resolve_dtype
 from vitreg_jax.model.vit import ViT
 from vitreg_jax.pretraining.config import MAEConfig, TrainConfig
-from vitreg_jax.pretraining.mae import MAE, Masks, load_flat_state
+from vitreg_jax.pretraining.mae import MAE, MAE_STATE, Masks
 from vitreg_jax.pretraining.step import MAETrainer
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -80,7 +81,7 @@ def birder_and_ours():
     state = {k: (v + rng.normal(0, 0.05, v.shape)).astype(np.float32) for k, v in ref.state_numpy(bnet).items()}
     ref.load_state(bnet, state)
     model = tiny_model()
-    load_flat_state(model, mae_mapping.to_nnx(state, model.encoder.cfg, model.cfg))
+    set_params(model, mae_mapping.to_nnx(state, model.encoder.cfg, model.cfg), kinds=MAE_STATE)
     cfg = TrainConfig(batch_size=BATCH, grad_accum_steps=ACCUM, steps=10, lr=LR)
     return bnet, model, MAETrainer(model, cfg)
 
@@ -91,9 +92,8 @@ def birder_params(bnet) -> dict[str, np.ndarray]:
 
 def ours_as_birder(trainer: MAETrainer, params) -> dict[str, np.ndarray]:
     model = trainer.model({"params": params})
-    from vitreg_jax.pretraining.mae import flat_state
 
-    return mae_mapping.to_birder(flat_state(model), model.encoder.cfg, model.cfg)
+    return mae_mapping.to_birder(get_params(model, MAE_STATE), model.encoder.cfg, model.cfg)
 
 
 def test_step_matches_birder(birder_and_ours, monkeypatch):

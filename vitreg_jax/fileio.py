@@ -82,6 +82,15 @@ def read_json_object(path: str | os.PathLike[str], what: str) -> dict[str, Any]:
     return value
 
 
+def read_json_object_or_none(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """A file holding one JSON object, or None when it is missing or unreadable as one (a run's own record
+    files, which a later step rewrites when they are damaged)."""
+    try:
+        return read_json_object(path, "a JSON object")
+    except UserError:
+        return None
+
+
 def make_dir(path: str | os.PathLike[str]) -> Path:
     """``mkdir -p`` with the user's umask; an OS failure is one :class:`UserError` line."""
     path = Path(path)

@@ -13,11 +13,11 @@ import numpy as np
 
 from vitreg_jax.errors import UserError
 
-Path: TypeAlias = tuple[str | int, ...]
+ParamPath: TypeAlias = tuple[str | int, ...]
 
 
-def flatten(tree: Mapping[Any, Any], prefix: Path = ()) -> dict[Path, Any]:
-    out: dict[Path, Any] = {}
+def flatten(tree: Mapping[Any, Any], prefix: ParamPath = ()) -> dict[ParamPath, Any]:
+    out: dict[ParamPath, Any] = {}
     for k, v in tree.items():
         if isinstance(v, Mapping):
             out.update(flatten(v, (*prefix, k)))
@@ -26,7 +26,7 @@ def flatten(tree: Mapping[Any, Any], prefix: Path = ()) -> dict[Path, Any]:
     return out
 
 
-def unflatten(flat: Mapping[Path, Any]) -> dict[Any, Any]:
+def unflatten(flat: Mapping[ParamPath, Any]) -> dict[Any, Any]:
     tree: dict[Any, Any] = {}
     for path, v in flat.items():
         node = tree
@@ -36,7 +36,7 @@ def unflatten(flat: Mapping[Path, Any]) -> dict[Any, Any]:
     return tree
 
 
-def int_keys(flat: Mapping[tuple[str, ...], Any]) -> dict[Path, Any]:
+def int_keys(flat: Mapping[tuple[str, ...], Any]) -> dict[ParamPath, Any]:
     """String path parts that are digits back to ints (Orbax and JSON store every key as a string)."""
     return {tuple(int(p) if isinstance(p, str) and p.isdigit() else p for p in k): v for k, v in flat.items()}
 

@@ -24,5 +24,5 @@ _EXPORTS = {
     "named_rgb_stats": "vitreg_jax.data.rgb_stats",
     "read_labelled_folder": "vitreg_jax.data.labelled",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(_EXPORTS)  # noqa: PLE0605 (the lazily imported names above)
 __getattr__, __dir__ = lazy_names(__name__, _EXPORTS)

@@ -18,5 +18,5 @@ _EXPORTS = {
     "open_embeddings": "vitreg_jax.embedding.reader",
     "EmbeddingSet": "vitreg_jax.embedding.reader",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(_EXPORTS)  # noqa: PLE0605 (the lazily imported names above)
 __getattr__, __dir__ = lazy_names(__name__, _EXPORTS)

@@ -15,7 +15,6 @@ For "fresh" and "resume" it writes ``run.json`` and removes the temporary files 
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,19 +29,10 @@ from vitreg_jax.embedding.outputs import (
     PART_GLOB,
 )
 from vitreg_jax.errors import UserError
-from vitreg_jax.fileio import atomic_write_json, make_dir
+from vitreg_jax.fileio import atomic_write_json, make_dir, read_json_object_or_none
 
 STATE_DIR = ".vitreg-jax-embed"
 RUN_FILE = "run.json"
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    """A JSON object file, or None when it is missing, unreadable or not an object."""
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
 
 
 def differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> str:
@@ -55,7 +45,7 @@ def check_folder(out: Path, fmt: str, ident: Mapping[str, Any]) -> str:
     for marker in (META_FILE, MANIFEST_FILE):
         if not (out / marker).exists():
             continue
-        done = read_json(out / marker)
+        done = read_json_object_or_none(out / marker)
         if done is None or done.get("format") not in (NPY_FORMAT, PARQUET_FORMAT):
             raise UserError(
                 f"{out} holds a {marker} that vitreg-jax embed did not write; choose another --out"
@@ -67,7 +57,7 @@ def check_folder(out: Path, fmt: str, ident: Mapping[str, Any]) -> str:
                 f"{out} already holds embeddings of another run (differs in "
                 f"{differences(done.get('run') or {}, ident)}); choose another --out or remove it"
             )
-    previous = read_json(out / STATE_DIR / RUN_FILE)
+    previous = read_json_object_or_none(out / STATE_DIR / RUN_FILE)
     if previous is not None:
         if previous != ident:
             raise UserError(

@@ -48,7 +48,7 @@ from vitreg_jax._folder_lock import FolderLock
 from vitreg_jax.data.preprocess import classification_transform, get_size_from_signature
 from vitreg_jax.data.shards import FILES_PER_SHARD, Shard, list_shards, shards_for_process
 from vitreg_jax.embedding._lockstep import embed_shards
-from vitreg_jax.embedding._output_folder import STATE_DIR, end_run, read_json, start_run
+from vitreg_jax.embedding._output_folder import STATE_DIR, end_run, start_run
 from vitreg_jax.embedding.embedder import Embedder
 from vitreg_jax.embedding.options import FORMATS
 from vitreg_jax.embedding.outputs import (
@@ -62,7 +62,7 @@ from vitreg_jax.embedding.outputs import (
     write_npy,
 )
 from vitreg_jax.errors import UserError
-from vitreg_jax.fileio import make_dir
+from vitreg_jax.fileio import make_dir, read_json_object_or_none
 from vitreg_jax.parallel import gather, on_every_process, sync
 
 if TYPE_CHECKING:
@@ -310,7 +310,7 @@ def _make_embedder(
 
 
 def _already_complete(out: Path, fmt: str) -> EmbedResult:
-    meta = read_json(out / (META_FILE if fmt == "npy" else MANIFEST_FILE)) or {}
+    meta = read_json_object_or_none(out / (META_FILE if fmt == "npy" else MANIFEST_FILE)) or {}
     if jax.process_index() == 0:
         end_run(out)
     counts = meta.get("counts", {})
@@ -397,4 +397,4 @@ def _merge(
     else:
         write_manifest(out, records, meta)
     end_run(out)
-    return read_json(out / (META_FILE if fmt == "npy" else MANIFEST_FILE)) or {}
+    return read_json_object_or_none(out / (META_FILE if fmt == "npy" else MANIFEST_FILE)) or {}

@@ -23,5 +23,5 @@ _EXPORTS = {
     "load_labelled_embeddings": "vitreg_jax.evaluation.labelled_embeddings",
     "KNNMonitor": "vitreg_jax.evaluation.monitor",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(_EXPORTS)  # noqa: PLE0605 (the lazily imported names above)
 __getattr__, __dir__ = lazy_names(__name__, _EXPORTS)

@@ -33,5 +33,5 @@ _EXPORTS = {
     "load_checkpoint": "vitreg_jax.model.checkpoint",
     "is_checkpoint": "vitreg_jax.model.checkpoint",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(_EXPORTS)  # noqa: PLE0605 (the lazily imported names above)
 __getattr__, __dir__ = lazy_names(__name__, _EXPORTS)

@@ -30,7 +30,7 @@ from vitreg_jax.tree import check_fit, flatten, int_keys, unflatten
 if TYPE_CHECKING:
     from jax.typing import DTypeLike
 
-    from vitreg_jax.tree import Path as ParamPath
+    from vitreg_jax.tree import ParamPath
 
 
 class WeightsSource(Protocol):
@@ -60,17 +60,21 @@ def abstract_model(vit_cfg: ViTConfig) -> ViT:
     return nnx.eval_shape(lambda: ViT(vit_cfg, rngs=nnx.Rngs(0)))
 
 
-def get_params(net: nnx.Module) -> dict[ParamPath, np.ndarray]:
-    """{parameter path: numpy array} of a model (list indices as ints)."""
-    flat = flatten(nnx.to_pure_dict(nnx.state(net, nnx.Param)))
-    return {k: np.asarray(v) for k, v in flat.items()}
+def _variables(net: nnx.Module, kinds: tuple[type[nnx.Variable], ...]) -> dict[ParamPath, Any]:
+    return flatten(nnx.to_pure_dict(nnx.state(net, kinds)))
+
+
+def get_params(net: nnx.Module, kinds: tuple[type[nnx.Variable], ...] = (nnx.Param,)) -> dict[ParamPath, np.ndarray]:
+    """{path: numpy array} of a model's variables of ``kinds`` (default: its parameters; list indices as ints)."""
+    return {k: np.asarray(v) for k, v in _variables(net, kinds).items()}
 
 
 def set_params(net: nnx.Module, params: Mapping[ParamPath, np.ndarray | jnp.ndarray],
-               dtype: DTypeLike = jnp.float32) -> nnx.Module:
-    """Put arrays into the model's parameters, checking that every path exists with the right shape."""
-    current = flatten(nnx.to_pure_dict(nnx.state(net, nnx.Param)))
-    check_fit(params, {k: v.shape for k, v in current.items()}, "parameters do not fit the model")
+               dtype: DTypeLike = jnp.float32, *, kinds: tuple[type[nnx.Variable], ...] = (nnx.Param,),
+               what: str = "parameters do not fit the model") -> nnx.Module:
+    """Put arrays into the model's variables of ``kinds``, refusing (``what``) missing, extra or mis-shaped ones."""
+    current = _variables(net, kinds)  # shapes only: ``net`` may be abstract
+    check_fit(params, {k: v.shape for k, v in current.items()}, what)
     nnx.update(net, unflatten({k: jnp.asarray(np.asarray(v), dtype) for k, v in params.items()}))
     return net
 

@@ -23,5 +23,5 @@ _EXPORTS = {
     "train": "vitreg_jax.pretraining.run",
     "PretrainSettings": "vitreg_jax.pretraining.run",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(_EXPORTS)  # noqa: PLE0605 (the lazily imported names above)
 __getattr__, __dir__ = lazy_names(__name__, _EXPORTS)

@@ -16,8 +16,7 @@ prediction layer), so birder's MAE keys map to ours by the encoder table plus a 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,10 +28,6 @@ from vitreg_jax.model.blocks import EncoderBlock
 from vitreg_jax.model.layers import LayerNorm, Linear, trunc_normal
 from vitreg_jax.model.vit import ViT
 from vitreg_jax.pretraining.config import MAEConfig
-from vitreg_jax.tree import check_fit, flatten, unflatten
-
-if TYPE_CHECKING:
-    from vitreg_jax.tree import Path
 
 # birder: nn.LayerNorm(decoder_embed_dim, eps=1e-6) after the decoder blocks (the blocks use the encoder's eps)
 DECODER_NORM_EPS = 1e-6
@@ -43,6 +38,10 @@ SINCOS_TEMPERATURE = 10000
 
 class Buffer(nnx.Variable):
     """A non-trainable array that belongs to the model (torch ``nn.Buffer``): not optimised, not decayed."""
+
+
+# what an MAE's weights are (parameters and buffers): ``get_params(mae, MAE_STATE)`` / ``set_params(..., kinds=MAE_STATE)``
+MAE_STATE = (nnx.Param, Buffer)
 
 
 class Masks(NamedTuple):
@@ -234,16 +233,3 @@ class MAE(nnx.Module):
         loss = self.forward_loss(images, pred, masks.mask)
         return {"loss": loss, "pred": pred, "mask": masks.mask}
 
-
-# weights in and out ------------------------------------------------------------------------------------------
-def flat_state(model: nnx.Module) -> dict[Path, np.ndarray]:
-    """{path: numpy array} of every parameter and buffer (list indices as ints)."""
-    return {k: np.asarray(v) for k, v in flatten(nnx.to_pure_dict(nnx.state(model, (nnx.Param, Buffer)))).items()}
-
-
-def load_flat_state(model: nnx.Module, flat: Mapping[Path, np.ndarray | jax.Array]) -> nnx.Module:
-    """Put {path: array} into the model's parameters and buffers; refuses missing, extra or mis-shaped ones."""
-    current = flat_state(model)
-    check_fit(flat, {k: v.shape for k, v in current.items()}, "weights do not fit the MAE model")
-    nnx.update(model, unflatten({k: jnp.asarray(np.asarray(v), jnp.float32) for k, v in flat.items()}))
-    return model
