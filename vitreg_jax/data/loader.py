@@ -3,7 +3,7 @@
 Two entry points: `list_inputs` + `iter_batches` (a flat list of local paths, positions as indices) and
 `iter_item_batches` (shards from `vitreg_jax.data.shards`: files, folders, lists, webdataset tars, brace
 patterns, globs and fsspec URLs), whose batches carry each image's shard, key and source, failures with
-shard, key and reason, and which shards are complete. Both run one loop (`_ordered_map`): decoded in
+shard, key and reason, and which shards are complete. Both run one loop (`ordered_map`): decoded in
 threads, in order, memory-bounded.
 
 `list_inputs` turns command-line inputs (image files, folders, text files listing paths) into one ordered
@@ -133,7 +133,7 @@ def _batches(
     # Kept started ahead of the images handed out: the queued futures plus one batch, so a whole next batch
     # is being decoded while the consumer works on the current one.
     window = QUEUED_PER_WORKER * workers + batch_size + 1
-    decoded = _ordered_map(
+    decoded = ordered_map(
         iter(range(start, len(paths))), lambda i: _read_one(paths[i], transform, loader), workers, window
     )
     item_shape = getattr(transform, "output_shape", None)
@@ -272,7 +272,7 @@ def _item_batches(
     shards: list[Shard], transform: Transform, batch_size: int, workers: int, max_pixels: int | None
 ) -> Iterator[ItemBatch]:
     builder = _ItemBatchBuilder(getattr(transform, "output_shape", None))
-    decoded = _ordered_map(
+    decoded = ordered_map(
         _read_ahead(_stream(shards), READ_AHEAD),
         lambda job: _decode_item(job, transform, max_pixels),
         workers,
@@ -335,7 +335,7 @@ class _ItemBatchBuilder:
         return batch
 
 
-def _ordered_map(
+def ordered_map(
     jobs: Iterator[_T], fn: Callable[[_T], _R], workers: int, window: int
 ) -> Iterator[tuple[_T, _R]]:
     """`(job, fn(job))` in job order, `fn` running in `workers` threads, at most `window` jobs in flight."""

@@ -73,7 +73,7 @@ if TYPE_CHECKING:
 DEFAULT_BATCH_PER_DEVICE = {"cpu": 32, "gpu": 256, "tpu": 256}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EmbedResult:
     """What a call did: where, how many rows in all, and what this call computed."""
 
@@ -182,14 +182,14 @@ def embed_dataset(
             model,
             inputs,
             cfg,
-            format,
-            checkpoint,
-            size,
-            dtype,
-            features,
-            batch_size,
-            shard_weights,
-            files_per_part,
+            fmt=format,
+            checkpoint=checkpoint,
+            size=size,
+            dtype=dtype,
+            features=features,
+            batch_size=batch_size,
+            shard_weights=shard_weights,
+            files_per_part=files_per_part,
         ),
         "read its inputs or settings",
     )
@@ -228,15 +228,15 @@ def embed_dataset(
             lock.release()
     counts = result_meta.get("counts", {})
     return EmbedResult(
-        out,
-        format,
-        counts.get("embedded", 0),
-        counts.get("failed", 0),
-        int(totals[0]),
-        int(totals[1]),
-        False,
-        meta["timing"]["images_per_second_this_run"],
-        result_meta,
+        out=out,
+        format=format,
+        embedded=counts.get("embedded", 0),
+        failed=counts.get("failed", 0),
+        computed=int(totals[0]),
+        parts_written=int(totals[1]),
+        already_complete=False,
+        images_per_second=meta["timing"]["images_per_second_this_run"],
+        meta=result_meta,
     )
 
 
@@ -244,6 +244,7 @@ def _settings(
     model: Embedder | ViT,
     inputs: Any,
     cfg: Mapping[str, Any],
+    *,
     fmt: str,
     checkpoint: str | os.PathLike[str] | None,
     size: tuple[int, int] | None,
@@ -314,7 +315,8 @@ def _already_complete(out: Path, fmt: str) -> EmbedResult:
     if jax.process_index() == 0:
         end_run(out)
     counts = meta.get("counts", {})
-    return EmbedResult(out, fmt, counts.get("embedded", 0), counts.get("failed", 0), 0, 0, True, None, meta)
+    return EmbedResult(out=out, format=fmt, embedded=counts.get("embedded", 0), failed=counts.get("failed", 0),
+                       computed=0, parts_written=0, already_complete=True, images_per_second=None, meta=meta)
 
 
 def _finish_meta(

@@ -16,15 +16,14 @@ the current step runs (PIL releases the GIL while decoding and resizing).
 
 from __future__ import annotations
 
-import collections
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 from PIL import Image
 
 from vitreg_jax.data.augment import TrainTransform
+from vitreg_jax.data.loader import default_workers, ordered_map
 from vitreg_jax.data.preprocess import load_image
 from vitreg_jax.errors import UserError
 
@@ -56,11 +55,7 @@ class TrainData:
             raise UserError(f"{len(self.paths)} images are fewer than one optimizer step needs "
                             f"(batch size {batch_size} x {grad_accum_steps} accumulation steps = {per_step})")
         self.steps_per_epoch = len(self.paths) // per_step
-        if workers is None:
-            from vitreg_jax.data.loader import default_workers
-
-            workers = default_workers()
-        self.workers = workers
+        self.workers = default_workers() if workers is None else workers
         self._orders: dict[int, np.ndarray] = {}  # the epochs in flight (at most two at an epoch boundary)
         self._reported: set[str] = set()
 
@@ -104,33 +99,21 @@ class TrainData:
         return np.stack(items).reshape(*pos.shape, *items[0].shape)
 
     def iterate(self, start: int, stop: int) -> Iterator[tuple[int, np.ndarray]]:
-        """(step, batch) for steps start..stop-1, prepared ``PREFETCH_STEPS`` steps ahead in worker threads."""
-        if self.workers == 0:
+        """(step, batch) for steps start..stop-1, prepared ``PREFETCH_STEPS`` steps ahead in worker threads
+        (the data pipeline's ordered map: in order, at most that many steps' images in flight)."""
+
+        def jobs() -> Iterator[tuple[int, tuple[int, ...], int, int]]:  # (step, batch shape, epoch, position)
             for step in range(start, stop):
-                yield step, self.batch(step)
-            return
-        executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="vitreg-train-data")
-        pending: collections.deque[tuple[int, tuple[int, ...], list[Future[np.ndarray]]]] = collections.deque()
-        next_step = start
-
-        def submit() -> None:
-            nonlocal next_step
-            while next_step < stop and len(pending) < PREFETCH_STEPS:
-                epoch, pos = self.positions(next_step)
+                epoch, pos = self.positions(step)
                 self.epoch_order(epoch)  # computed here, not by the threads
-                futures = [executor.submit(self.sample, epoch, int(p)) for p in pos.reshape(-1)]
-                pending.append((next_step, pos.shape, futures))
-                next_step += 1
+                for p in pos.reshape(-1):
+                    yield step, pos.shape, epoch, int(p)
 
-        try:
-            submit()
-            while pending:
-                step, shape, futures = pending.popleft()
-                items = [f.result() for f in futures]
-                submit()
-                yield step, np.stack(items).reshape(*shape, *items[0].shape)
-        finally:
-            for _, _, futures in pending:
-                for f in futures:
-                    f.cancel()
-            executor.shutdown(wait=True, cancel_futures=True)
+        per_step = self.grad_accum_steps * self.local_batch
+        items: list[np.ndarray] = []
+        done = ordered_map(jobs(), lambda job: self.sample(job[2], job[3]), self.workers, PREFETCH_STEPS * per_step)
+        for (step, shape, _, _), item in done:
+            items.append(item)
+            if len(items) == per_step:
+                yield step, np.stack(items).reshape(*shape, *item.shape)  # (accum, local batch, H, W, 3)
+                items = []

@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -195,6 +195,69 @@ class _ExportRequest:
             signal.signal(signal.SIGUSR1, self.previous)
 
 
+@dataclass
+class _StepTracker:
+    """What ``fit`` learns from each step's metrics once they are read back: the losses, the throughput since
+    the last log line; it stops the run on a non-finite loss, runs the periodic measurements and logs."""
+
+    total: int
+    log_every: int
+    per_step: int  # images per optimizer step
+    steps_per_epoch: int
+    ckpt: Checkpoints
+    log: MetricsLog
+    periodic: Sequence[Periodic]
+    bar: Any
+    losses: list[float] = field(default_factory=list)
+    last_loss: float | None = None
+    t_last: float = field(default_factory=time.perf_counter)
+    n_since: int = 0  # steps since the throughput was last measured
+    rate: float = 0.0  # images per second
+
+    def position(self, step: int) -> dict[str, Any]:
+        spe = self.steps_per_epoch
+        return {"step": step, "epoch": step // spe, "batch_in_epoch": step % spe,
+                "images_seen": step * self.per_step}
+
+    def settle(self, pending: tuple[int, dict[str, jax.Array], float] | None, state: TrainState,
+               measure: bool = False) -> None:
+        """Read one step's metrics back; stop on a non-finite loss; run the periodic measurements (with
+        ``measure``) on ``state``; log."""
+        if pending is None:
+            return
+        step, metrics, lr = pending
+        loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+        done = step + 1
+        if not bool(metrics["finite"]):
+            self.ckpt.wait()
+            good = self.ckpt.latest_step()
+            where = (f"the last good checkpoint is step {good} in {self.ckpt.directory}; continue from it with "
+                     "--resume (a lower --lr or --clip-grad-norm may help)" if good is not None
+                     else "no checkpoint was written before it")
+            raise NonFiniteLoss(f"the loss became non-finite at step {done} (loss {loss}, gradient norm "
+                                f"{grad_norm}); the step was not applied and the run stopped; {where}")
+        self.last_loss = loss
+        self.losses.append(loss)
+        self.n_since += 1
+        now = time.perf_counter()
+        if now - self.t_last > 0 and (self.n_since >= self.log_every or done == self.total):
+            self.rate = self.n_since * self.per_step / (now - self.t_last)
+            self.t_last, self.n_since = now, 0
+        measured: dict[str, float] = {}
+        if measure:
+            t_measure = time.perf_counter()
+            for p in self.periodic:
+                if p.due(done, self.total):
+                    measured.update(p(state, done))
+            self.t_last += time.perf_counter() - t_measure  # the throughput counts training time only
+        if done % self.log_every == 0 or done == self.total or measured:
+            self.log.write({**self.position(done), "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                            "images_per_s": self.rate, **measured, "time": time.time()})
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{self.rate:.1f}", lr=f"{lr:.2e}", refresh=False)
+            self.bar.update(1)
+
+
 def fit(trainer: MAETrainer, data: Any, run_dir: str | os.PathLike[str], *, total: int, schedule: LRSchedule,
         resume: bool = True, log_every: int | None = None, export: Callable[[TrainState, int], None] | None = None,
         export_every: int | None = None, progress: bool = True, asynchronous: bool = True,
@@ -233,54 +296,14 @@ def fit(trainer: MAETrainer, data: Any, run_dir: str | os.PathLike[str], *, tota
 
         bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr,
                    desc="resumed" if latest is not None else "pretrain")
-    losses: list[float] = []
-    last_loss: float | None = None
-    t_last, n_since = time.perf_counter(), 0
-    rate = 0.0
-
-    def position(step: int) -> dict[str, Any]:
-        return {"step": step, "epoch": step // spe, "batch_in_epoch": step % spe, "images_seen": step * per_step}
+    track = _StepTracker(total=total, log_every=log_every, per_step=per_step, steps_per_epoch=spe, ckpt=ckpt,
+                         log=log, periodic=periodic, bar=bar)
 
     def settle(pending: tuple[int, dict[str, jax.Array], float] | None, measure: bool = False) -> None:
-        """Read one step's metrics back; stop on a non-finite loss; run the periodic measurements (with
-        ``measure``) on the current state; log."""
-        nonlocal last_loss, t_last, n_since, rate
-        if pending is None:
-            return
-        step, metrics, lr = pending
-        loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
-        done = step + 1
-        if not bool(metrics["finite"]):
-            ckpt.wait()
-            good = ckpt.latest_step()
-            where = (f"the last good checkpoint is step {good} in {ckpt.directory}; continue from it with --resume "
-                     "(a lower --lr or --clip-grad-norm may help)" if good is not None
-                     else "no checkpoint was written before it")
-            raise NonFiniteLoss(f"the loss became non-finite at step {done} (loss {loss}, gradient norm "
-                                f"{grad_norm}); the step was not applied and the run stopped; {where}")
-        last_loss = loss
-        losses.append(loss)
-        n_since += 1
-        now = time.perf_counter()
-        if now - t_last > 0 and (n_since >= log_every or done == total):
-            rate = n_since * per_step / (now - t_last)
-            t_last, n_since = now, 0
-        measured: dict[str, float] = {}
-        if measure:
-            t_measure = time.perf_counter()
-            for p in periodic:
-                if p.due(done, total):
-                    measured.update(p(state, done))
-            t_last += time.perf_counter() - t_measure  # the throughput counts training time only
-        if done % log_every == 0 or done == total or measured:
-            log.write({**position(done), "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                       "images_per_s": rate, **measured, "time": time.time()})
-        if bar is not None:
-            bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.1f}", lr=f"{lr:.2e}", refresh=False)
-            bar.update(1)
+        track.settle(pending, state, measure)
 
     def save(step: int) -> None:
-        ckpt.save(step, state, {**position(step), "loss": last_loss, **(extra_meta or {})})
+        ckpt.save(step, state, {**track.position(step), "loss": track.last_loss, **(extra_meta or {})})
 
     pending: tuple[int, dict[str, jax.Array], float] | None = None
     try:
@@ -315,4 +338,5 @@ def fit(trainer: MAETrainer, data: Any, run_dir: str | os.PathLike[str], *, tota
         log.close()
         ckpt.wait()
         ckpt.close()
-    return RunResult(step=max(start, total), loss=last_loss, resumed_from=latest, losses=losses, state=state)
+    return RunResult(step=max(start, total), loss=track.last_loss, resumed_from=latest, losses=track.losses,
+                     state=state)
