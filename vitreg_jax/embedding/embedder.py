@@ -9,20 +9,16 @@ Two entry points:
   ``jax.distributed``), each call's batch is padded up to one of a few bucket sizes and sharded along the
   mesh's ``data`` axis, and each (bucket, height, width) is compiled ahead of time exactly once.
 
-Compute dtypes: a :class:`~vitreg_jax.model.precision.ComputePolicy`, the same one the trainer runs under
-(``dtype="float32"``, ``"bfloat16"`` or ``"auto"``, or ``policy=``): ``float32`` runs every matmul in
-float32 at ``"highest"`` precision (no TF32 or bf16 passes on GPU/TPU); ``bfloat16`` stores the matmul
-kernels in bfloat16 so that every matmul takes bfloat16 inputs and accumulates in float32
-(``vitreg_jax.model._kernels.dense``), while LayerNorm, softmax, GELU, biases and the residual stream stay float32;
-``auto`` is bfloat16 on GPU/TPU and bf16-capable CPUs, float32 on other CPUs. Outputs are always float32.
+Compute dtype: ``dtype="float32"``, ``"bfloat16"`` or ``"auto"`` (or ``policy=``), a
+:class:`~vitreg_jax.model.precision.ComputePolicy`, the same one the trainer runs under (its module says what
+each dtype computes). Outputs are always float32.
 
 What to return (``features``): ``"cls"`` is birder's ``net.embedding`` (the CLS token after the final norm,
 or the patch mean for ``_avg`` variants), ``"tokens"`` every token of ``forward_features``
 (``[REG..., CLS, PATCH...]``) and ``"patches"`` the patch tokens only, in row-major patch order.
 
-XLA:CPU flags: measured on a 2-core AVX-512 EPYC (BENCHMARKS.md, "Embedding"), turning XLA:CPU's YNNPACK
-fusion off (``--xla_cpu_experimental_ynn_fusion_type=``) speeds the float32 path up and slows the bfloat16
-path down, and flags are read once per process, before the backend starts. :func:`configure_xla_flags`
+XLA:CPU flags: turning XLA:CPU's YNNPACK fusion off (``--xla_cpu_experimental_ynn_fusion_type=``) speeds
+the float32 path up and slows the bfloat16 path down (BENCHMARKS.md, "Embedding"), and flags are read once per process, before the backend starts. :func:`configure_xla_flags`
 applies the better choice for a dtype when the user has not set ``XLA_FLAGS`` and JAX has not started yet;
 ``vitreg-jax embed`` calls it first thing. For ``"auto"`` it uses what ``"auto"`` means on this host's CPU
 (read from the CPU's flags, without starting JAX): the flags only change XLA:CPU, so on a GPU/TPU run, where

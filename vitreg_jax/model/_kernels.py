@@ -76,8 +76,8 @@ def residual_grad_boundary(x: jax.Array) -> jax.Array:
     """Identity whose cotangent XLA:CPU must materialise: one buffer per residual-stream gradient.
 
     Without it, XLA:CPU fuses the running sum of the residual stream's gradient (one term per LayerNorm
-    below) into every consumer and recomputes it there: quadratic in depth, 0.8 s of a 4.1 s MAE train step
-    on ``vit_reg4_b16`` (BENCHMARKS.md, "MAE train step"). ``lax.optimization_barrier`` does not help on CPU
+    below) into every consumer and recomputes it there: quadratic in depth, a fifth of an MAE train step on
+    ``vit_reg4_b16`` (BENCHMARKS.md, "MAE train step"). ``lax.optimization_barrier`` does not help on CPU
     (XLA:CPU strips it before fusion); a conditional is a fusion boundary that survives. Other backends
     get the plain identity (a conditional would wait for its predicate on the host there). Forward: free.
     """
@@ -107,7 +107,7 @@ def gelu(x: jax.Array) -> jax.Array:
     """Exact (erf) GELU, as birder's ``nn.GELU()``; the value is ``jax.nn.gelu(x, approximate=False)``.
 
     The gradient is written out, ``g * (Phi(x) + x * phi(x))`` from the saved input in one pass: autodiff's
-    version evaluates erf in several fusions (measured: ~0.2 s of an MAE train step on CPU).
+    version evaluates erf in several fusions (BENCHMARKS.md, "MAE train step").
     """
     return jax.nn.gelu(x, approximate=False)
 

@@ -1,10 +1,8 @@
-"""The building blocks of birder's ViT, written for parity first.
+"""The layers of birder's ViT, written for parity first: linear, LayerNorm, layer scale, drop-path, and
+birder's init distributions.
 
-Every matmul goes through :func:`vitreg_jax.model._kernels.dense` or :func:`vitreg_jax.model._kernels.matmul`, whose input dtype
-follows the weight's dtype: store the kernels in bfloat16 and the matmuls take bfloat16 inputs with float32
-accumulation, while LayerNorm, softmax, GELU, biases and the residual stream stay float32 (the mixed path that
-is fast on CPU and GPU alike). :meth:`vitreg_jax.model.precision.ComputePolicy.cast_params` stores them so, the same
-way for the Embedder and the trainer.
+Every matmul goes through :mod:`vitreg_jax.model._kernels`, whose matmul dtype follows the weight's: the
+compute policy (:mod:`vitreg_jax.model.precision`) decides it by casting the kernels.
 """
 
 from __future__ import annotations

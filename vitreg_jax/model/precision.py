@@ -1,12 +1,13 @@
 """The compute policy shared by inference (:class:`~vitreg_jax.embedding.embedder.Embedder`) and training
-(:class:`~vitreg_jax.pretraining.step.MAETrainer`), and the one data-parallel mesh both run on.
+(:class:`~vitreg_jax.pretraining.step.MAETrainer`): the one place that explains the compute dtypes.
 
 A :class:`ComputePolicy` says three things, the same way for embedding and training:
 
 - the compute dtype, one of :data:`DTYPES`. ``float32`` runs every matmul in float32 at ``"highest"``
   precision (:data:`FLOAT32_PRECISION`: no TF32 or bf16 passes on GPU/TPU); ``bfloat16`` stores the matmul
   kernels in bfloat16, so that every matmul takes bfloat16 inputs and accumulates in float32
-  (:func:`vitreg_jax.model._kernels.dense`), while LayerNorm, softmax, GELU, biases and the residual stream stay float32.
+  (:func:`vitreg_jax.model._kernels.dense`), while LayerNorm, softmax, GELU, biases and the residual stream
+  stay float32 (the mixed path that is fast on CPU and GPU alike). Outputs are float32 either way.
 - which parameters are cast: the matmul kernels, i.e. every parameter named ``kernel`` (dense layers and the
   patch projection); every other floating parameter (biases, norms, tokens, position embeddings) is float32.
   :meth:`ComputePolicy.cast_params` applies it to an ``nnx.State`` or to a nested dict of arrays alike.
@@ -16,11 +17,9 @@ A :class:`ComputePolicy` says three things, the same way for embedding and train
 
 ``"auto"`` (:func:`resolve_dtype`) is bfloat16 on GPU and TPU and on CPUs with native bf16 instructions
 (x86 ``avx512_bf16`` or ``amx_bf16``), float32 on every other CPU: without them XLA:CPU emulates bf16 matmuls
-and they run slower than float32 (measured on an AVX2-only EPYC, BENCHMARKS.md: our bf16 embedding
-2.74 img/s against our float32 4.11-4.49 at batch 8). On non-x86 CPUs, or where the flags cannot be read,
-``"auto"`` is float32 (never measured faster there; float32 is the exact choice). :data:`DTYPE_HELP` is the ``--dtype`` help text of the commands.
-
-:func:`default_mesh` is the 1-D ``data`` mesh (:data:`DATA_AXIS`) over every device of every process.
+and they run slower than float32 (BENCHMARKS.md, "bf16 vs fp32 on an AVX2-only CPU"). On non-x86 CPUs, or
+where the flags cannot be read, ``"auto"`` is float32 (never measured faster there; float32 is the exact
+choice). :data:`DTYPE_HELP` is the ``--dtype`` help text of the commands.
 
 Importing this module does not import JAX (the commands read :data:`DTYPE_CHOICES` and :data:`DTYPE_HELP`
 while parsing arguments, before JAX may start); the functions import it when called.
@@ -58,8 +57,7 @@ DTYPE_HELP = (
     "compute dtype. float32: float32 matmuls at 'highest' precision (exact). bfloat16: bf16 matmul inputs "
     "with float32 accumulation, norms, softmax and master weights (faster where bf16 is native). auto: "
     "bfloat16 on GPU/TPU and on CPUs with native bf16 (AVX512-BF16 or AMX), float32 on other CPUs such as "
-    "AVX2-only ones, which emulate bf16 matmuls and run them slower than float32 (an AVX2-only EPYC "
-    "embeds 2.74 img/s in bf16 against 4.1-4.5 in fp32 at batch 8)"
+    "AVX2-only ones, which emulate bf16 matmuls and run them slower than float32 (measured: BENCHMARKS.md)"
 )
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -141,7 +141,7 @@ class TrainConfig:
     schedule_per_step: bool = False  # birder updates the LR once per epoch by default
     clip_grad_norm: float | None = None
     grad_accum_steps: int = 1
-    compute_dtype: str = "float32"  # "bfloat16": bf16 matmul inputs, fp32 accumulation/master weights; "auto"
+    compute_dtype: str = "float32"  # or "bfloat16" / "auto": see vitreg_jax.model.precision
     seed: int = 0
     checkpoint_every: int = 500  # optimizer steps
     keep_checkpoints: int = 3

@@ -10,10 +10,9 @@ birder's recipe (``scripts/train_mim.py`` + ``common/training_utils.py``, 0.8.4)
   finite leaves the parameters and optimizer state unchanged; the loop then stops
   (:class:`~vitreg_jax.pretraining.loop.NonFiniteLoss`).
 
-Compute dtype and precision: a :class:`~vitreg_jax.model.precision.ComputePolicy` (from ``TrainConfig.compute_dtype``,
-``"auto"`` included, or ``policy=``), the same one the Embedder runs under: the matmul kernels cast to its
-dtype inside the step (the state keeps float32 master weights), and the step traced at ``"highest"`` matmul
-precision in float32.
+Compute dtype: a :class:`~vitreg_jax.model.precision.ComputePolicy` (from ``TrainConfig.compute_dtype`` or
+``policy=``), the same one the Embedder runs under; the kernels are cast inside the step, so the state keeps
+float32 master weights.
 
 The optimizer, the schedule and clipping are in :mod:`vitreg_jax.pretraining.optimizer`; checkpoints and the loop
 (:func:`~vitreg_jax.pretraining.loop.fit`) in :mod:`vitreg_jax.pretraining.loop`.
