@@ -20,8 +20,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/vitreg-jax demo
 
+# ruff first (seconds): lint and formatting of the whole tree, as configured in pyproject.toml.
 # VITREG_JAX_REQUIRE_BIRDER=1: a missing birder fails the run instead of skipping the parity tests.
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	VITREG_JAX_REQUIRE_BIRDER=1 $(PY) -m pytest
 
 clean-venv:

@@ -2,7 +2,8 @@
 
 ``load_source(src, config, network)`` reads a birder file or published name and decides its architecture the
 way ``convert``, ``export`` and ``info`` do: ``config`` (birder's json), else the json published beside a
-published name, else the file itself (``vitreg_jax.convert.infer``); ``network`` names the architecture instead.
+published name, else the file itself (``vitreg_jax.convert.infer``); ``network`` names the architecture
+instead.
 """
 
 from __future__ import annotations
@@ -30,8 +31,12 @@ class Architecture:
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
-def resolve_architecture(bfile: BirderFile, config: str | os.PathLike[str] | None, network: str | None,
-                         config_origin: str = "--config") -> Architecture:
+def resolve_architecture(
+    bfile: BirderFile,
+    config: str | os.PathLike[str] | None,
+    network: str | None,
+    config_origin: str = "--config",
+) -> Architecture:
     """The architecture of a birder file: its json (``config``), else its metadata and tensor shapes;
     ``network`` overrides either."""
     from vitreg_jax.convert import infer, mapping
@@ -53,8 +58,9 @@ def resolve_architecture(bfile: BirderFile, config: str | os.PathLike[str] | Non
         source = f"{config_origin} {config}"
     name = infer.birder_network_name(cfg.get("registered_name"), vit_cfg)
     if name != cfg.get("registered_name"):
-        notes.append(f"registered_name {cfg.get('registered_name')!r} is not a name birder 0.8.4 knows; "
-                     f"using {name!r}")
+        notes.append(
+            f"registered_name {cfg.get('registered_name')!r} is not a name birder 0.8.4 knows; using {name!r}"
+        )
     cfg.update(name="vit", registered_name=name, model_config=vit_cfg.to_birder())
     cfg.pop("alias", None)
     cfg.pop("net_param", None)
@@ -66,7 +72,9 @@ def resolve_architecture(bfile: BirderFile, config: str | os.PathLike[str] | Non
     return Architecture(cfg, vit_cfg, source, layout, tuple(notes))
 
 
-def load_source(src: str, config: str | None, network: str | None) -> tuple[Resolved, BirderFile, Architecture]:
+def load_source(
+    src: str, config: str | None, network: str | None
+) -> tuple[Resolved, BirderFile, Architecture]:
     """(hub.Resolved, BirderFile, Architecture) for a file path or a published name."""
     resolved, bfile = read_source(src)
     return resolved, bfile, source_architecture(resolved, bfile, config, network)
@@ -79,12 +87,16 @@ def read_source(src: str) -> tuple[Resolved, BirderFile]:
     from vitreg_jax.model.checkpoint import is_checkpoint
 
     if is_checkpoint(src):
-        raise UserError(f"{src}: is a vitreg-jax checkpoint already (use `vitreg-jax export` to go back to birder)")
+        raise UserError(
+            f"{src}: is a vitreg-jax checkpoint already (use `vitreg-jax export` to go back to birder)"
+        )
     resolved = hub.resolve(src)
     return resolved, read_birder_file(resolved.weights)
 
 
-def source_architecture(resolved: Resolved, bfile: BirderFile, config: str | None, network: str | None) -> Architecture:
+def source_architecture(
+    resolved: Resolved, bfile: BirderFile, config: str | None, network: str | None
+) -> Architecture:
     """--config, else the json published beside a published name, else the file itself."""
     if config is None and resolved.config is not None:
         try:

@@ -7,7 +7,8 @@ every command can take "a file or a published name".
 
 Downloads go through ``huggingface_hub.hf_hub_download``, so the files live in the standard Hugging Face cache
 (shared with every other tool: ``$HF_HUB_CACHE``, default ``~/.cache/huggingface/hub``) and the usual settings
-apply: ``$HF_ENDPOINT`` (a mirror), ``$HF_HUB_OFFLINE=1`` (cached files only), ``$HF_TOKEN`` or a stored login.
+apply: ``$HF_ENDPOINT`` (a mirror), ``$HF_HUB_OFFLINE=1`` (cached files only), ``$HF_TOKEN`` or a stored
+login.
 ``$VITREG_JAX_CACHE``, when set, replaces the cache folder (same Hugging Face layout inside). ``HF_ENDPOINT``
 and ``HF_HUB_OFFLINE`` are read at each call, not only when ``huggingface_hub`` is imported.
 
@@ -124,7 +125,9 @@ class Published:
     def config_url(self, base_url: str | None = None) -> str | None:
         if self.config_filename is None:
             return None
-        return hf_hub_url(self.repo, self.config_filename, revision=self.revision, endpoint=hub_base_url(base_url))
+        return hf_hub_url(
+            self.repo, self.config_filename, revision=self.revision, endpoint=hub_base_url(base_url)
+        )
 
 
 def _published(name: str, repo: str, config_filename: str, hashes: Mapping[str, str]) -> Published:
@@ -192,7 +195,8 @@ def published_names() -> list[str]:
 
 
 def default_cache_dir() -> Path:
-    """``$VITREG_JAX_CACHE``, else the Hugging Face hub cache (``$HF_HUB_CACHE``, ``~/.cache/huggingface/hub``)."""
+    """``$VITREG_JAX_CACHE``, else the Hugging Face hub cache (``$HF_HUB_CACHE``,
+    ``~/.cache/huggingface/hub``)."""
     return Path(os.environ.get(ENV_CACHE) or hf_constants.HF_HUB_CACHE).expanduser()
 
 
@@ -284,7 +288,8 @@ def _checked_base_url(base: str) -> str:
     parts = urllib.parse.urlsplit(base)
     if parts.scheme not in URL_SCHEMES or not parts.netloc:
         raise UserError(
-            f"invalid hub URL {base!r}: expected http(s)://host[:port][/path] (from base_url or ${ENV_HUB_URL})"
+            f"invalid hub URL {base!r}: expected http(s)://host[:port][/path] (from base_url or "
+            f"${ENV_HUB_URL})"
         )
     return base
 
@@ -341,7 +346,9 @@ def _verify_download(pub: Published, path: Path, url: str) -> tuple[Path, str, s
     if layout is None:
         _forget(path)
         expected = " or ".join(sorted(pub.hashes))
-        raise UserError(f"download refused: {url}: sha256 {digest} is not the published {expected}; file deleted")
+        raise UserError(
+            f"download refused: {url}: sha256 {digest} is not the published {expected}; file deleted"
+        )
     return path, digest, layout
 
 
@@ -380,7 +387,9 @@ def _reachable(url: str, endpoint: str, timeout: float) -> None:
         return
     if meta.commit_hash is None or meta.etag is None:
         raise UserError(
-            f"download failed: {url}: the server does not answer like a Hugging Face hub (no X-Repo-Commit or "
+            f"download failed: {url}: the server does not answer like a Hugging Face hub (no X-Repo-Commit "
+            "or "
+            ""
             f"ETag header); check ${ENV_HUB_URL}"
         )
 
@@ -425,10 +434,14 @@ def _download(pub: Published, cache: Path, endpoint: str, *, timeout: float, pro
     except OSError as e:  # a size mismatch (truncated download), a full disk, an unwritable cache
         if "Consistency check failed" in str(e):
             raise UserError(f"download failed: {url}: truncated ({first_line(e)})") from None
-        raise UserError(f"download failed: {url}: {first_line(e)} (cache {cache}; set ${ENV_CACHE})") from None
+        raise UserError(
+            f"download failed: {url}: {first_line(e)} (cache {cache}; set ${ENV_CACHE})"
+        ) from None
 
 
-def _config(pub: Published, cache: Path, endpoint: str | None, *, offline: bool, timeout: float) -> Path | None:
+def _config(
+    pub: Published, cache: Path, endpoint: str | None, *, offline: bool, timeout: float
+) -> Path | None:
     """The cached json config of ``pub``; fetched once if not cached. Never hash-checked; never fatal."""
     if pub.config_filename is None:
         return None
@@ -468,8 +481,10 @@ def _config(pub: Published, cache: Path, endpoint: str | None, *, offline: bool,
         if path.stat().st_size > MAX_CONFIG_BYTES or not isinstance(json.loads(path.read_bytes()), dict):
             raise ValueError("not a json object")
     except (OSError, ValueError):
-        warnings.warn(f"json config not used: {pub.config_filename} of {pub.repo} is not a json config object",
-                      stacklevel=3)
+        warnings.warn(
+            f"json config not used: {pub.config_filename} of {pub.repo} is not a json config object",
+            stacklevel=3,
+        )
         _forget(path)
         return None
     return path

@@ -66,7 +66,9 @@ def _safe(value: Any, where: str, notes: list[str]) -> Any:
         notes.append(f"{_name(where)}: {type(value).__name__} of {len(value)} written as a list")
         return _safe(ordered, where, notes)
     if isinstance(value, (bytes, bytearray, memoryview)):
-        notes.append(f"{_name(where)}: {type(value).__name__} ({len(value)} bytes) dropped (binary, not JSON)")
+        notes.append(
+            f"{_name(where)}: {type(value).__name__} ({len(value)} bytes) dropped (binary, not JSON)"
+        )
         return _DROP
     if isinstance(value, np.ndarray):
         notes.append(f"{_name(where)}: array {value.dtype}{list(value.shape)} dropped (not JSON)")

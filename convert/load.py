@@ -23,8 +23,9 @@ from vitreg_jax.model.checkpoint import is_checkpoint
 from vitreg_jax.model.vit import ViT
 
 
-def load_model_with_cfg(config: str | os.PathLike[str] | Mapping[str, Any] | None,
-                        weights: str | os.PathLike[str]) -> tuple[ViT, dict[str, Any]]:
+def load_model_with_cfg(
+    config: str | os.PathLike[str] | Mapping[str, Any] | None, weights: str | os.PathLike[str]
+) -> tuple[ViT, dict[str, Any]]:
     """(model, birder config dict) from a config (or None) and weights; see the module docstring."""
     if is_checkpoint(weights):
         return model_from_checkpoint(weights, config)
@@ -32,8 +33,9 @@ def load_model_with_cfg(config: str | os.PathLike[str] | Mapping[str, Any] | Non
     return net, cfg
 
 
-def load_birder_weights(config: str | os.PathLike[str] | Mapping[str, Any] | None,
-                        weights: str | os.PathLike[str]) -> tuple[ViT, dict[str, Any], BirderFile]:
+def load_birder_weights(
+    config: str | os.PathLike[str] | Mapping[str, Any] | None, weights: str | os.PathLike[str]
+) -> tuple[ViT, dict[str, Any], BirderFile]:
     """(model, birder config, the file read) from a birder file or a published weight name."""
     resolved = hub.resolve(weights)
     if config is None and resolved.config is not None:

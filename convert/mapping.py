@@ -2,7 +2,8 @@
 
 Each row says: birder key, our path (a tuple, list indices as ints), and a layout change: ``linear``
 (torch ``(out, in)`` weight <-> ``(in, out)`` kernel), ``conv`` (torch ``(D, C, p, p)`` <-> HWIO
-``(p, p, C, D)``) or ``none``. Loading refuses missing keys, extra keys and shape mismatches, listing them all.
+``(p, p, C, D)``) or ``none``. Loading refuses missing keys, extra keys and shape mismatches, listing them
+all.
 Older birder files use other key names (see ``LEGACY_RENAMES``); ``normalize_keys`` maps them to today's.
 """
 
@@ -44,7 +45,10 @@ class Row:
 
 def norm_rows(key: str, path: ParamPath, dim: int) -> list[Row]:
     """A LayerNorm's two rows (``weight`` -> ``scale``, ``bias``)."""
-    return [Row(f"{key}.weight", (*path, "scale"), "none", (dim,)), Row(f"{key}.bias", (*path, "bias"), "none", (dim,))]
+    return [
+        Row(f"{key}.weight", (*path, "scale"), "none", (dim,)),
+        Row(f"{key}.bias", (*path, "bias"), "none", (dim,)),
+    ]
 
 
 def linear_rows(key: str, path: ParamPath, d_in: int, d_out: int, bias: bool = True) -> list[Row]:
@@ -117,14 +121,20 @@ def normalize_keys(state: Mapping[str, Any], num_layers: int | None = None) -> t
     layout = "current"
     depth = num_layers
     if depth is None:
-        idx = {int(m.group(1)) for k in state if (m := _BLOCK_KEY.match(k)) and not m.group(2).startswith(("weight", "bias"))}
+        idx = {
+            int(m.group(1))
+            for k in state
+            if (m := _BLOCK_KEY.match(k)) and not m.group(2).startswith(("weight", "bias"))
+        }
         depth = max(idx) + 1 if idx else 0
     for key, value in state.items():
         m = _BLOCK_KEY.match(key)
         if m and m.group(2) in LEGACY_RENAMES:
             key = f"encoder.block.{m.group(1)}.{LEGACY_RENAMES[m.group(2)]}"
             layout = "pre-0.4" if layout == "current" else layout
-        elif m and int(m.group(1)) == depth and m.group(2) in ("weight", "bias") and "norm.weight" not in state:
+        elif (
+            m and int(m.group(1)) == depth and m.group(2) in ("weight", "bias") and "norm.weight" not in state
+        ):
             key = f"norm.{m.group(2)}"
             layout = "pre-0.4-encoder-norm"
         out[key] = value
@@ -147,7 +157,9 @@ def to_nnx(state: Mapping[str, Any], cfg: ViTConfig, *, consume: bool = False) -
     return {r.path: to_our_layout(np.asarray(state.pop(r.birder_key)), r.layout) for r in rows}
 
 
-def to_birder(params: Mapping[ParamPath, Any], cfg: ViTConfig, *, consume: bool = False) -> dict[str, np.ndarray]:
+def to_birder(
+    params: Mapping[ParamPath, Any], cfg: ViTConfig, *, consume: bool = False
+) -> dict[str, np.ndarray]:
     """{our path: array} -> birder state_dict (today's key names, birder's order).
 
     ``consume=True`` pops each entry from ``params`` (a mutable dict) as it is converted (see ``to_nnx``).
@@ -157,6 +169,9 @@ def to_birder(params: Mapping[ParamPath, Any], cfg: ViTConfig, *, consume: bool 
     if missing:
         raise UserError(f"parameters lack {len(missing)} entr(ies): {short_list(missing)}")
     if consume:
-        return {r.birder_key: to_birder_layout(np.asarray(params.pop(r.path)), r.layout)  # type: ignore[attr-defined]
-                for r in rows}
+        return {
+            # type: ignore[attr-defined]
+            r.birder_key: to_birder_layout(np.asarray(params.pop(r.path)), r.layout)
+            for r in rows
+        }
     return {r.birder_key: to_birder_layout(np.asarray(params[r.path]), r.layout) for r in rows}

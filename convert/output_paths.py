@@ -13,7 +13,8 @@ from vitreg_jax.fileio import first_line
 
 
 def check_new_path(path: Path, force: bool, what: str) -> None:
-    """Refuse ``path`` (a "directory" or "file" to create) if it exists without ``force`` or cannot be made."""
+    """Refuse ``path`` (a "directory" or "file" to create) if it exists without ``force`` or cannot be
+    made."""
     if path.exists() or path.is_symlink():
         if not force:
             raise UserError(f"{path}: already exists (pass --force to replace it)")

@@ -66,10 +66,12 @@ class Weights:
             return f"published {self.published_name} ({self.weights})"
         if self.kind == "file":
             return f"{self.weights}"
-        who = (f"birder's own random init (torch.manual_seed({STANDIN_SEED})), saved with birder's fs_ops"
-               if self.writer == "birder" else
-               f"vitreg-jax's own random init (seed {STANDIN_SEED}; birder was not used), saved as a birder "
-               ".safetensors")
+        who = (
+            f"birder's own random init (torch.manual_seed({STANDIN_SEED})), saved with birder's fs_ops"
+            if self.writer == "birder"
+            else f"vitreg-jax's own random init (seed {STANDIN_SEED}; birder was not used), saved as a "
+            "birder .safetensors"
+        )
         size = "a tiny 2-layer vit_reg4_b16" if self.tiny else "the full-size vit_reg4_b16"
         return f"STAND-IN weights, not the published model: {size} with {who} ({self.weights.name})"
 
@@ -105,8 +107,9 @@ def _quiet_torch_logs() -> None:
 
 
 # published weights, offline ------------------------------------------------------------------------------
-def cached_published(names: tuple[str, ...] = PUBLISHED_PREFERENCE,
-                     cache_dir: str | os.PathLike[str] | None = None) -> Weights | None:
+def cached_published(
+    names: tuple[str, ...] = PUBLISHED_PREFERENCE, cache_dir: str | os.PathLike[str] | None = None
+) -> Weights | None:
     """The published weights if one of ``names`` is already in the cache with a known sha256, else None.
 
     Never touches the network (``hub.cached``: the json config too comes from the cache only).
@@ -117,8 +120,13 @@ def cached_published(names: tuple[str, ...] = PUBLISHED_PREFERENCE,
         resolved = hub.cached(name, cache_dir=cache_dir)
         if resolved is None:
             continue
-        return Weights(weights=resolved.weights, config=resolved.config, kind="published", published_name=name,
-                       layout=resolved.layout)
+        return Weights(
+            weights=resolved.weights,
+            config=resolved.config,
+            kind="published",
+            published_name=name,
+            layout=resolved.layout,
+        )
     return None
 
 
@@ -127,14 +135,26 @@ def fetch_published(name: str) -> Weights:
     from vitreg_jax.convert import hub
 
     resolved = hub.resolve(name)
-    return Weights(weights=resolved.weights, config=resolved.config, kind="published", published_name=name,
-                   layout=resolved.layout)
+    return Weights(
+        weights=resolved.weights,
+        config=resolved.config,
+        kind="published",
+        published_name=name,
+        layout=resolved.layout,
+    )
 
 
 # the stand-in --------------------------------------------------------------------------------------------
-def write_standin(directory: str | os.PathLike[str], *, network: str = STANDIN_NETWORK, seed: int = STANDIN_SEED,
-                  model_config: Mapping[str, Any] | None = None, size: tuple[int, int] = (224, 224),
-                  rgb_stats: Mapping[str, Any] = MIM_RGB_STATS, use_birder: bool | None = None) -> Weights:
+def write_standin(
+    directory: str | os.PathLike[str],
+    *,
+    network: str = STANDIN_NETWORK,
+    seed: int = STANDIN_SEED,
+    model_config: Mapping[str, Any] | None = None,
+    size: tuple[int, int] = (224, 224),
+    rgb_stats: Mapping[str, Any] = MIM_RGB_STATS,
+    use_birder: bool | None = None,
+) -> Weights:
     """Write stand-in weights (``.pt`` + ``.json`` by birder, or ``.safetensors`` + ``.json`` without it).
 
     ``model_config`` overrides birder's registered config of ``network`` (e.g. :data:`TINY_MODEL_CONFIG`).
@@ -149,9 +169,12 @@ def write_standin(directory: str | os.PathLike[str], *, network: str = STANDIN_N
     return dataclasses.replace(weights, tiny=model_config == TINY_MODEL_CONFIG)
 
 
-def birder_standin_net(network: str = STANDIN_NETWORK, seed: int = STANDIN_SEED,
-                       model_config: Mapping[str, Any] | None = None, size: tuple[int, int] = (224, 224)
-                       ) -> torch.nn.Module:
+def birder_standin_net(
+    network: str = STANDIN_NETWORK,
+    seed: int = STANDIN_SEED,
+    model_config: Mapping[str, Any] | None = None,
+    size: tuple[int, int] = (224, 224),
+) -> torch.nn.Module:
     """birder's network with birder's own random init from ``torch.manual_seed(seed)``, in eval mode."""
     _quiet_torch_logs()
     import torch
@@ -176,11 +199,20 @@ def birder_models_dir(directory: Path) -> Iterator[None]:
 
 
 def _signature(size: tuple[int, int], num_classes: int = 0) -> dict[str, Any]:
-    return {"inputs": [{"data_shape": [0, 3, size[0], size[1]]}], "outputs": [{"data_shape": [0, num_classes]}]}
+    return {
+        "inputs": [{"data_shape": [0, 3, size[0], size[1]]}],
+        "outputs": [{"data_shape": [0, num_classes]}],
+    }
 
 
-def _standin_by_birder(directory: Path, network: str, seed: int, model_config: Mapping[str, Any] | None,
-                       size: tuple[int, int], rgb_stats: Mapping[str, Any]) -> Weights:
+def _standin_by_birder(
+    directory: Path,
+    network: str,
+    seed: int,
+    model_config: Mapping[str, Any] | None,
+    size: tuple[int, int],
+    rgb_stats: Mapping[str, Any],
+) -> Weights:
     if birder_missing() is not None:
         raise UserError(f"cannot write the stand-in with birder: {birder_missing()}")
     from birder.common import fs_ops
@@ -191,12 +223,22 @@ def _standin_by_birder(directory: Path, network: str, seed: int, model_config: M
     with birder_models_dir(directory):
         fs_ops.checkpoint_model(STANDIN_NAME, STANDIN_EPOCH, net, sig, {}, stats, None, None, None, None)
         fs_ops.write_config(STANDIN_NAME, net, sig, stats)
-    return Weights(weights=directory / f"{STANDIN_NAME}_{STANDIN_EPOCH}.pt",
-                   config=directory / f"{STANDIN_NAME}.json", kind="standin", writer="birder")
+    return Weights(
+        weights=directory / f"{STANDIN_NAME}_{STANDIN_EPOCH}.pt",
+        config=directory / f"{STANDIN_NAME}.json",
+        kind="standin",
+        writer="birder",
+    )
 
 
-def _standin_by_us(directory: Path, network: str, seed: int, model_config: Mapping[str, Any] | None,
-                   size: tuple[int, int], rgb_stats: Mapping[str, Any]) -> Weights:
+def _standin_by_us(
+    directory: Path,
+    network: str,
+    seed: int,
+    model_config: Mapping[str, Any] | None,
+    size: tuple[int, int],
+    rgb_stats: Mapping[str, Any],
+) -> Weights:
     from vitreg_jax.convert import mapping
     from vitreg_jax.convert.formats.birder_file import write_birder_file
     from vitreg_jax.model.birder_config import birder_config
@@ -208,15 +250,21 @@ def _standin_by_us(directory: Path, network: str, seed: int, model_config: Mappi
     cfg = birder_config(vit_cfg, rgb_stats, registered_name=network)
     state = mapping.to_birder(get_params(net), vit_cfg)
     weights = directory / f"{STANDIN_NAME}_{STANDIN_EPOCH}.safetensors"
-    write_birder_file(weights, state, {"task": cfg["task"], "signature": cfg["signature"],
-                                       "rgb_stats": cfg["rgb_stats"]})
+    write_birder_file(
+        weights, state, {"task": cfg["task"], "signature": cfg["signature"], "rgb_stats": cfg["rgb_stats"]}
+    )
     config = directory / f"{STANDIN_NAME}.json"
     atomic_write_json(config, cfg)
     return Weights(weights=weights, config=config, kind="standin", writer="vitreg-jax")
 
 
-def demo_weights(directory: str | os.PathLike[str], *, quick: bool = False, use_birder: bool | None = None,
-                 prefer_published: bool = True) -> Weights:
+def demo_weights(
+    directory: str | os.PathLike[str],
+    *,
+    quick: bool = False,
+    use_birder: bool | None = None,
+    prefer_published: bool = True,
+) -> Weights:
     """What the demo and the notebooks start from: the cached published weights, else a stand-in.
 
     ``quick`` writes a tiny stand-in (:data:`TINY_MODEL_CONFIG`) instead and never uses published weights.

@@ -52,12 +52,21 @@ class Exported:
     dtypes: tuple[str, ...]
 
 
-def export_to_birder(src: str | os.PathLike[str], out: str | os.PathLike[str], *,
-                     json_out: str | os.PathLike[str] | None = None, config: str | os.PathLike[str] | None = None,
-                     network: str | None = None, force: bool = False, verify_with_birder: bool = False,
-                     tolerance: float = verify.VERIFY_ATOL, report: Callable[[str], object] = print) -> Exported:
+def export_to_birder(
+    src: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    json_out: str | os.PathLike[str] | None = None,
+    config: str | os.PathLike[str] | None = None,
+    network: str | None = None,
+    force: bool = False,
+    verify_with_birder: bool = False,
+    tolerance: float = verify.VERIFY_ATOL,
+    report: Callable[[str], object] = print,
+) -> Exported:
     """Export the checkpoint (or birder file / published name) ``src`` to the birder file ``out`` and its json
-    (``json_out``, default: ``out`` with ``.json``). ``config`` / ``network`` describe a birder ``src`` only."""
+    (``json_out``, default: ``out`` with ``.json``). ``config`` / ``network`` describe a birder ``src``
+    only."""
     out = Path(out)
     if out.suffix not in WEIGHT_SUFFIXES:
         raise UserError(f"{out}: expected a .pt or .safetensors file name")
@@ -69,7 +78,9 @@ def export_to_birder(src: str | os.PathLike[str], out: str | os.PathLike[str], *
 
     if is_checkpoint(src):
         if config is not None or network is not None:
-            raise UserError("--config and --network describe birder files; a checkpoint carries its own config")
+            raise UserError(
+                "--config and --network describe birder files; a checkpoint carries its own config"
+            )
         params, vit_cfg, cfg, birder_meta = read_checkpoint(Path(src))
         report(f"source       {src} (vitreg-jax checkpoint)")
     else:
@@ -87,16 +98,24 @@ def export_to_birder(src: str | os.PathLike[str], out: str | os.PathLike[str], *
     state = mapping.to_birder(params, vit_cfg, consume=True)
     del params
     report(f"architecture {name}: {infer.describe(vit_cfg)}")
-    done = Exported(out=out, json=json_path, network=name, verification=None,
-                    parameters=sum(int(a.size) for a in state.values()), tensors=len(state),
-                    dtypes=tuple(sorted({str(a.dtype) for a in state.values()})))
+    done = Exported(
+        out=out,
+        json=json_path,
+        network=name,
+        verification=None,
+        parameters=sum(int(a.size) for a in state.values()),
+        tensors=len(state),
+        dtypes=tuple(sorted({str(a.dtype) for a in state.values()})),
+    )
 
     with parents_made_for(out, json_path) as made:
         tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
         try:
             tmp_weights = tmp_dir / out.name
             write_birder_file(tmp_weights, state, _file_meta(json_cfg, birder_meta, vit_cfg))
-            if verify_with_birder:  # birder loads the pair from the temporary folder, before anything is placed
+            if (
+                verify_with_birder
+            ):  # birder loads the pair from the temporary folder, before anything is placed
                 atomic_write_json(tmp_weights.with_suffix(".json"), json_cfg)
                 theirs = verify.birder_embedding_from_files(tmp_weights.with_suffix(".json"), tmp_weights, x)
                 result = verify.compare(ours, theirs, x, tolerance)
@@ -127,7 +146,9 @@ def _file_meta(json_cfg: dict[str, Any], birder_meta: dict[str, Any], vit_cfg: V
     }
 
 
-def read_checkpoint(path: Path) -> tuple[dict[ParamPath, np.ndarray], ViTConfig, dict[str, Any], dict[str, Any]]:
+def read_checkpoint(
+    path: Path,
+) -> tuple[dict[ParamPath, np.ndarray], ViTConfig, dict[str, Any], dict[str, Any]]:
     """(flat params with int list indices, ViTConfig, birder config, birder file metadata) of a checkpoint;
     refuses parameters a birder ViT does not have (never drops weights silently)."""
     params, meta = load_checkpoint(path)
@@ -140,6 +161,8 @@ def read_checkpoint(path: Path) -> tuple[dict[ParamPath, np.ndarray], ViTConfig,
     flat = int_keys(flatten(params))
     extra = sorted(".".join(map(str, k)) for k in set(flat) - {r.path for r in mapping.table(vit_cfg)})
     if extra:
-        raise UserError(f"{path}: holds {len(extra)} parameter(s) a birder ViT does not have: "
-                        f"{', '.join(extra[:6])}{', ...' if len(extra) > 6 else ''}")
+        raise UserError(
+            f"{path}: holds {len(extra)} parameter(s) a birder ViT does not have: "
+            f"{', '.join(extra[:6])}{', ...' if len(extra) > 6 else ''}"
+        )
     return flat, vit_cfg, cfg, dict(meta.get("birder_meta") or {})

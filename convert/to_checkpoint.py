@@ -1,4 +1,5 @@
-"""A birder file or published weight name -> a vitreg-jax checkpoint directory: the library behind ``convert``.
+"""A birder file or published weight name -> a vitreg-jax checkpoint directory: the library behind
+``convert``.
 
 ``convert_to_checkpoint(src, out)`` decides the architecture (``convert/architecture.py``), maps the tensors
 through the one table, optionally compares our embedding with birder's on a fixed input first (``verify``:
@@ -42,12 +43,19 @@ class Converted:
     dtype: str  # the stored dtype, or "mixed"
 
 
-def convert_to_checkpoint(src: str | os.PathLike[str], out: str | os.PathLike[str], *,
-                          config: str | os.PathLike[str] | None = None, network: str | None = None,
-                          force: bool = False, verify_with_birder: bool = False,
-                          tolerance: float = verify.VERIFY_ATOL,
-                          report: Callable[[str], object] = print) -> Converted:
-    """Convert ``src`` (a birder ``.pt`` / ``.safetensors`` or a published name) into the checkpoint ``out``."""
+def convert_to_checkpoint(
+    src: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    config: str | os.PathLike[str] | None = None,
+    network: str | None = None,
+    force: bool = False,
+    verify_with_birder: bool = False,
+    tolerance: float = verify.VERIFY_ATOL,
+    report: Callable[[str], object] = print,
+) -> Converted:
+    """Convert ``src`` (a birder ``.pt`` / ``.safetensors`` or a published name) into the checkpoint
+    ``out``."""
     from vitreg_jax.model.build import checkpoint_metadata
     from vitreg_jax.model.checkpoint import save_checkpoint
     from vitreg_jax.tree import unflatten
@@ -60,14 +68,19 @@ def convert_to_checkpoint(src: str | os.PathLike[str], out: str | os.PathLike[st
     for note in arch.notes:
         report(f"             {note}")
     dtypes = bfile.dtypes
-    extra = {"source_layout": arch.layout, "architecture_source": arch.source,
-             "converted_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+    extra = {
+        "source_layout": arch.layout,
+        "architecture_source": arch.source,
+        "converted_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
     if resolved.name is not None:
         extra["published_name"] = resolved.name
-    meta = checkpoint_metadata(arch.vit_cfg, arch.cfg, source=bfile,
-                               dtype=dtypes[0] if len(dtypes) == 1 else "mixed", extra=extra)
-    meta["birder_meta"], changed = json_safe({k: v for k, v in bfile.meta.items()
-                                              if k not in ("signature", "rgb_stats")})
+    meta = checkpoint_metadata(
+        arch.vit_cfg, arch.cfg, source=bfile, dtype=dtypes[0] if len(dtypes) == 1 else "mixed", extra=extra
+    )
+    meta["birder_meta"], changed = json_safe(
+        {k: v for k, v in bfile.meta.items() if k not in ("signature", "rgb_stats")}
+    )
     for note in changed:  # extra entries of the file that JSON cannot hold as they are
         report(f"metadata     {note}")
 
@@ -80,8 +93,12 @@ def convert_to_checkpoint(src: str | os.PathLike[str], out: str | os.PathLike[st
         theirs = verify.birder_embedding_from_state(arch.cfg, arch.cfg["registered_name"], state, x)
     params = mapping.to_nnx(state, arch.vit_cfg, consume=True)
     del state
-    counts = {"parameters": sum(int(a.size) for a in params.values()), "tensors": len(params),
-              "nbytes": sum(int(a.nbytes) for a in params.values()), "dtype": meta["dtype"]}
+    counts = {
+        "parameters": sum(int(a.size) for a in params.values()),
+        "tensors": len(params),
+        "nbytes": sum(int(a.nbytes) for a in params.values()),
+        "dtype": meta["dtype"],
+    }
     result = None
     if verify_with_birder:
         result = _compare(params, arch, x, theirs, tolerance)
@@ -98,12 +115,19 @@ def source_line(bfile: BirderFile, resolved: Resolved, arch: Architecture) -> st
     """One line for people: the file, where it came from, its format, key layout, dtypes and sha256."""
     what = f"published {resolved.name}, " if resolved.name else ""
     version = bfile.meta.get("birder_version")
-    return (f"source       {bfile.path} ({what}birder .{bfile.format}{f' {version}' if version else ''}, "
-            f"key layout {arch.layout}, {'/'.join(bfile.dtypes)}, sha256 {bfile.sha256[:12]}...)")
+    return (
+        f"source       {bfile.path} ({what}birder .{bfile.format}{f' {version}' if version else ''}, "
+        f"key layout {arch.layout}, {'/'.join(bfile.dtypes)}, sha256 {bfile.sha256[:12]}...)"
+    )
 
 
-def _compare(params: Mapping[ParamPath, np.ndarray], arch: Architecture, x: np.ndarray, theirs: np.ndarray,
-             tolerance: float) -> verify.Verification:
+def _compare(
+    params: Mapping[ParamPath, np.ndarray],
+    arch: Architecture,
+    x: np.ndarray,
+    theirs: np.ndarray,
+    tolerance: float,
+) -> verify.Verification:
     from vitreg_jax.model.build import abstract_model, set_params
 
     net = set_params(abstract_model(arch.vit_cfg), params)

@@ -1,4 +1,5 @@
-"""The one exception type for user mistakes: the CLI prints its message on one line and exits with status 2."""
+"""The one exception type for user mistakes: the CLI prints its message on one line and exits with status
+2."""
 
 
 class UserError(Exception):

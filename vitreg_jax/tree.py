@@ -51,11 +51,17 @@ def check_fit(given: Mapping[Any, Any], expected: Mapping[Any, tuple[int, ...]],
     name = (lambda k: k) if all(isinstance(k, str) for k in expected) else (lambda k: ".".join(map(str, k)))
     missing = [name(k) for k in expected if k not in given]
     extra = sorted(name(k) for k in given if k not in expected)
-    wrong = [f"{name(k)} {tuple(np.shape(given[k]))} (expected {tuple(shape)})"
-             for k, shape in expected.items() if k in given and tuple(np.shape(given[k])) != tuple(shape)]
-    problems = [f"{label} {len(items)} key(s): {short_list(items)}" if label != "shape mismatch"
-                else f"{label}: {short_list(items)}"
-                for label, items in (("missing", missing), ("unexpected", extra), ("shape mismatch", wrong))
-                if items]
+    wrong = [
+        f"{name(k)} {tuple(np.shape(given[k]))} (expected {tuple(shape)})"
+        for k, shape in expected.items()
+        if k in given and tuple(np.shape(given[k])) != tuple(shape)
+    ]
+    problems = [
+        f"{label} {len(items)} key(s): {short_list(items)}"
+        if label != "shape mismatch"
+        else f"{label}: {short_list(items)}"
+        for label, items in (("missing", missing), ("unexpected", extra), ("shape mismatch", wrong))
+        if items
+    ]
     if problems:
         raise UserError(f"{what}: " + "; ".join(problems))

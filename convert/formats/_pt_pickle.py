@@ -2,7 +2,8 @@
 
 It is not Python's unpickler with a filter in front: it implements the opcodes a ``torch.save`` pickle uses
 (containers, scalars, strings, memo, ``GLOBAL``/``REDUCE``, ``BINPERSID``) itself, and a global resolves only
-through :func:`vitreg_jax.convert.formats._pt_globals.resolve_global`: to one of our own functions or to a name (dtype,
+through :func:`vitreg_jax.convert.formats._pt_globals.resolve_global`: to one of our own functions or to a
+name (dtype,
 storage class, layout) that stays inert data. ``REDUCE`` calls only those functions (the tensor rebuild
 functions become ``TensorRef`` records; ``OrderedDict()``, ``set(...)``, ``_codecs.encode(s, "latin1")``
 build plain values). Anything else is :class:`Refused` before it could execute: any other global (by name),

@@ -1,7 +1,9 @@
 """Read and write birder weight files, ``.pt`` and ``.safetensors``, with numpy alone (no torch).
 
-``.pt`` files are untrusted pickles: :mod:`vitreg_jax.convert.formats.pt_reader` understands the few records a state
-dict is made of and refuses anything else before it could run; :mod:`vitreg_jax.convert.formats.pt_writer` writes the
+``.pt`` files are untrusted pickles: :mod:`vitreg_jax.convert.formats.pt_reader` understands the few records a
+state
+dict is made of and refuses anything else before it could run; :mod:`vitreg_jax.convert.formats.pt_writer`
+writes the
 archive ``torch.save`` writes. ``.safetensors``: :mod:`vitreg_jax.convert.formats.safetensors_io`.
 
 Arrays keep their stored dtype (bf16 as ``ml_dtypes.bfloat16``); callers cast where they need float32.
@@ -72,8 +74,9 @@ def write_pt(path: Path, state: dict[str, np.ndarray], meta: dict[str, Any]) -> 
     atomic_write(path, lambda f: _write_pt_to(f, path.stem or "archive", state, meta))
 
 
-def write_birder_file(path: str | os.PathLike[str], state: dict[str, np.ndarray],
-                      meta: dict[str, Any]) -> None:
+def write_birder_file(
+    path: str | os.PathLike[str], state: dict[str, np.ndarray], meta: dict[str, Any]
+) -> None:
     path = Path(path)
     if path.suffix == ".safetensors":
         write_safetensors(path, state, meta)
@@ -81,4 +84,3 @@ def write_birder_file(path: str | os.PathLike[str], state: dict[str, np.ndarray]
         write_pt(path, state, meta)
     else:
         raise UserError(f"{path}: expected a .pt or .safetensors output file name")
-

@@ -113,7 +113,8 @@ class _Pickle:
 
 
 def pickle_record(state: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> bytes:
-    """``data.pkl`` for ``{"state": OrderedDict(state), **meta}``; tensor i's storage is record ``data/<i>``."""
+    """``data.pkl`` for ``{"state": OrderedDict(state), **meta}``; tensor i's storage is record
+    ``data/<i>``."""
     p = _Pickle()
     p.op(b"\x80\x02}(")
     p.text("state")

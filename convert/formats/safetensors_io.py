@@ -21,9 +21,16 @@ from vitreg_jax.fileio import atomic_write, first_line
 # birder's metadata keys that .safetensors stores as JSON strings
 _JSON_META = ("class_to_idx", "signature", "rgb_stats", "config", "backbone_config")
 _ST_DTYPES: dict[str, np.dtype] = {
-    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype("<i8"), "I32": np.dtype("<i4"),
-    "I16": np.dtype("<i2"), "I8": np.dtype("i1"), "U8": np.dtype("u1"), "BOOL": np.dtype("?"),
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"),
+    "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
 }
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
@@ -88,20 +95,22 @@ def _int(v: Any) -> int:
 
 
 def _check_ranges(path: Path, entries: dict[str, tuple[Any, Any, int, int]], data_len: int) -> None:
-    """Tensors' byte ranges in range, non-overlapping and covering the data exactly (as ``safetensors`` does).
-    """
+    """Tensors' byte ranges in range, non-overlapping and covering the data exactly (as ``safetensors``
+    does)."""
     where = 0
     for name, (_, _, start, end) in sorted(entries.items(), key=lambda e: (e[1][2], e[1][3])):
         if end > data_len:
-            raise UserError(f"{path}: truncated or corrupted .safetensors file "
-                            f"(tensor {name!r} out of range)")
+            raise UserError(
+                f"{path}: truncated or corrupted .safetensors file (tensor {name!r} out of range)"
+            )
         if start != where:
             what = "overlaps another tensor's bytes" if start < where else "leaves a gap before it"
             raise UserError(f"{path}: not a valid .safetensors file (tensor {name!r} {what})")
         where = end
     if where != data_len:
-        raise UserError(f"{path}: not a valid .safetensors file "
-                        f"({data_len - where} bytes after the last tensor)")
+        raise UserError(
+            f"{path}: not a valid .safetensors file ({data_len - where} bytes after the last tensor)"
+        )
 
 
 def write_safetensors(path: Path, state: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
@@ -113,8 +122,11 @@ def write_safetensors(path: Path, state: dict[str, np.ndarray], meta: dict[str, 
         a = np.ascontiguousarray(a)
         if a.dtype not in _ST_NAMES:
             raise UserError(f"cannot store tensor {name!r} of dtype {a.dtype} in .safetensors")
-        header[name] = {"dtype": _ST_NAMES[a.dtype], "shape": list(a.shape),
-                        "data_offsets": [offset, offset + a.nbytes]}
+        header[name] = {
+            "dtype": _ST_NAMES[a.dtype],
+            "shape": list(a.shape),
+            "data_offsets": [offset, offset + a.nbytes],
+        }
         offset += a.nbytes
         arrays.append(a)
     header["__metadata__"] = {k: (json.dumps(v) if k in _JSON_META else str(v)) for k, v in meta.items()}

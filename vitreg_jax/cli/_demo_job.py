@@ -10,7 +10,8 @@
    are timed the same way: one untimed warm-up call each, then the best of :data:`TIMED_CALLS`;
 5. each image's nearest neighbours by cosine similarity.
 
-``run_demo(DemoOptions(...))`` prints the lines as it goes and returns the report written to ``OUT/demo.json``.
+``run_demo(DemoOptions(...))`` prints the lines as it goes and returns the report written to
+``OUT/demo.json``.
 Heavy imports (jax, torch, birder) happen inside the functions.
 """
 
@@ -45,7 +46,9 @@ PARITY_TOLERANCE = VERIFY_ATOL  # the project's fp32 bar against birder; a wrong
 
 @dataclass(frozen=True)
 class DemoOptions:
-    weights: str | None = None  # a birder file, a vitreg-jax checkpoint or a published name (None: cache/stand-in)
+    weights: str | None = (
+        None  # a birder file, a vitreg-jax checkpoint or a published name (None: cache/stand-in)
+    )
     config: str | None = None  # birder's json for a weights file
     images: Path | None = None  # None: the bundled sample images
     out: Path = DEFAULT_OUT
@@ -82,15 +85,18 @@ def best_time(call: Callable[[], Any], timed: int = TIMED_CALLS) -> tuple[Any, f
     return result, min(times)
 
 
-# the steps ----------------------------------------------------------------------------------------------------
+# the steps
+# ----------------------------------------------------------------------------------------------------
 def prepare_out(out: Path) -> None:
     """An empty output folder: created, or emptied when it holds an earlier demo's output (only then)."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()):
         if not (out / MARKER).is_file():
-            raise UserError(f"--out {out}: folder exists, is not empty and holds no earlier demo output "
-                            f"({MARKER}); choose another --out")
+            raise UserError(
+                f"--out {out}: folder exists, is not empty and holds no earlier demo output "
+                f"({MARKER}); choose another --out"
+            )
         for child in out.iterdir():  # an earlier demo run: start clean
             shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
     make_dir(out)
@@ -107,11 +113,14 @@ def choose_weights(options: DemoOptions, say: Printer) -> Weights:
         text = str(options.weights)
         path = Path(text).expanduser()
         if path.exists():
-            return standin.Weights(weights=path, config=Path(options.config) if options.config else None,
-                                   kind="file")
+            return standin.Weights(
+                weights=path, config=Path(options.config) if options.config else None, kind="file"
+            )
         if text not in hub.PUBLISHED:
-            raise UserError(f"--weights {text!r}: neither an existing file/folder nor a published weight name "
-                            f"({', '.join(hub.published_names())})")
+            raise UserError(
+                f"--weights {text!r}: neither an existing file/folder nor a published weight name "
+                f"({', '.join(hub.published_names())})"
+            )
         try:
             return standin.fetch_published(text)
         except UserError as e:
@@ -134,18 +143,30 @@ def load(weights: Weights, out: Path, config: str | None, say: Printer) -> tuple
     ckpt = out / "checkpoint"
     if is_checkpoint(weights.weights):
         net, cfg = load_model_with_cfg(config, weights.weights)
-        say.step("convert", f"{weights.weights} is already a vitreg-jax checkpoint: loaded it "
-                 f"({num_params(net):,} parameters)")
+        say.step(
+            "convert",
+            f"{weights.weights} is already a vitreg-jax checkpoint: loaded it "
+            f"({num_params(net):,} parameters)",
+        )
         return net, cfg
     t = time.perf_counter()
     cfg_arg = config if config is not None else weights.config
     net, cfg, bfile = load_birder_weights(cfg_arg, weights.weights)
-    save_model(ckpt, net, cfg, source=bfile, force=True,
-               extra={"demo": "stand-in" if weights.is_standin else weights.kind})
+    save_model(
+        ckpt,
+        net,
+        cfg,
+        source=bfile,
+        force=True,
+        extra={"demo": "stand-in" if weights.is_standin else weights.kind},
+    )
     del net
     net, cfg = load_model_with_cfg(None, ckpt)  # everything below runs from the Orbax checkpoint
-    say.step("convert", f"{weights.weights.name} -> {ckpt}/ ({num_params(net):,} parameters, "
-             f"{time.perf_counter() - t:.1f} s)")
+    say.step(
+        "convert",
+        f"{weights.weights.name} -> {ckpt}/ ({num_params(net):,} parameters, "
+        f"{time.perf_counter() - t:.1f} s)",
+    )
     cmd = f"vitreg-jax convert {weights.weights}"
     if cfg_arg is not None:
         cmd += f" --config {cfg_arg}"
@@ -153,7 +174,9 @@ def load(weights: Weights, out: Path, config: str | None, say: Printer) -> tuple
     return net, cfg
 
 
-def read_images(images_dir: Path, size: tuple[int, int], rgb_stats: Any, say: Printer) -> tuple[list[str], np.ndarray]:
+def read_images(
+    images_dir: Path, size: tuple[int, int], rgb_stats: Any, say: Printer
+) -> tuple[list[str], np.ndarray]:
     import numpy as np
 
     from vitreg_jax.data.inputs import list_inputs
@@ -162,8 +185,10 @@ def read_images(images_dir: Path, size: tuple[int, int], rgb_stats: Any, say: Pr
 
     paths = list_inputs([images_dir])
     if len(paths) > MAX_IMAGES:
-        say.more(f"{len(paths)} images in {images_dir}: the demo uses the first {MAX_IMAGES} "
-                 "(`vitreg-jax embed` streams folders of any size)")
+        say.more(
+            f"{len(paths)} images in {images_dir}: the demo uses the first {MAX_IMAGES} "
+            "(`vitreg-jax embed` streams folders of any size)"
+        )
         paths = paths[:MAX_IMAGES]
     transform = classification_transform(size, rgb_stats)
     kept: list[str] = []
@@ -178,7 +203,9 @@ def read_images(images_dir: Path, size: tuple[int, int], rgb_stats: Any, say: Pr
     return kept, np.concatenate(arrays)
 
 
-def embed(net: ViT, images: np.ndarray, size: tuple[int, int], say: Printer) -> tuple[np.ndarray, dict[str, Any]]:
+def embed(
+    net: ViT, images: np.ndarray, size: tuple[int, int], say: Printer
+) -> tuple[np.ndarray, dict[str, Any]]:
     """The embeddings, and the figures: compile seconds, the best warm call's seconds, the device."""
     import jax
 
@@ -187,19 +214,34 @@ def embed(net: ViT, images: np.ndarray, size: tuple[int, int], say: Printer) -> 
     n = len(images)
     embedder = Embedder(net, batch_size=min(n, MAX_BATCH))
     tail = n % embedder.batch_size
-    compile_s = embedder.warmup(*size, buckets={embedder.batch_size, *([embedder.bucket_for(tail)] if tail else [])})
+    compile_s = embedder.warmup(
+        *size, buckets={embedder.batch_size, *([embedder.bucket_for(tail)] if tail else [])}
+    )
     emb, embed_s = best_time(lambda: embedder(images))
     devices = jax.devices()
     device = f"{len(devices)} {devices[0].platform} device{'s' if len(devices) > 1 else ''}"
-    how = "in one compiled batch" if n <= embedder.batch_size else f"in compiled batches of {embedder.batch_size}"
-    say.step("embed", f"{n} images at {size[0]}x{size[1]} {how}: {embed_s:.2f} s = {n / embed_s:.1f} images/s "
-             f"(compile {compile_s:.1f} s, once; float32, {device}; best of {TIMED_CALLS} calls after a warm-up "
-             "call)")
-    return emb, {"embed_seconds": embed_s, "images_per_second": n / embed_s, "compile_seconds": compile_s,
-                 "device": f"{len(devices)} x {devices[0].platform}"}
+    how = (
+        "in one compiled batch"
+        if n <= embedder.batch_size
+        else f"in compiled batches of {embedder.batch_size}"
+    )
+    say.step(
+        "embed",
+        f"{n} images at {size[0]}x{size[1]} {how}: {embed_s:.2f} s = {n / embed_s:.1f} images/s "
+        f"(compile {compile_s:.1f} s, once; float32, {device}; best of {TIMED_CALLS} calls after a warm-up "
+        "call)",
+    )
+    return emb, {
+        "embed_seconds": embed_s,
+        "images_per_second": n / embed_s,
+        "compile_seconds": compile_s,
+        "device": f"{len(devices)} x {devices[0].platform}",
+    }
 
 
-def birder_net_and_batch(weights: Weights, cfg: dict[str, Any], net: ViT, paths: list[str]) -> tuple[Any, Any, int]:
+def birder_net_and_batch(
+    weights: Weights, cfg: dict[str, Any], net: ViT, paths: list[str]
+) -> tuple[Any, Any, int]:
     """birder's network for these weights, the images through birder's own preprocessing (N, 3, H, W), and
     how many of them were bit-identical to ours.
 
@@ -226,11 +268,16 @@ def birder_net_and_batch(weights: Weights, cfg: dict[str, Any], net: ViT, paths:
         from vitreg_jax.model.config import canonical_name
 
         size, num_classes, channels = signature_info(cfg["signature"])
-        network = canonical_name(str(cfg.get("registered_name") or "vit"))  # legacy vitreg4_b16 -> vit_reg4_b16
-        theirs_net = registry.net_factory(network, num_classes, channels, config=dict(cfg["model_config"]), size=size)
+        network = canonical_name(
+            str(cfg.get("registered_name") or "vit")
+        )  # legacy vitreg4_b16 -> vit_reg4_b16
+        theirs_net = registry.net_factory(
+            network, num_classes, channels, config=dict(cfg["model_config"]), size=size
+        )
         state = mapping.to_birder(get_params(net), net.cfg)
-        theirs_net.load_state_dict({k: torch.from_numpy(np.array(v, np.float32)) for k, v in state.items()},
-                                   strict=True)
+        theirs_net.load_state_dict(
+            {k: torch.from_numpy(np.array(v, np.float32)) for k, v in state.items()}, strict=True
+        )
     theirs_net.eval()
     size = birder.get_size_from_signature(cfg["signature"])
     theirs = birder.classification_transform(size, cfg["rgb_stats"])
@@ -245,8 +292,15 @@ def birder_net_and_batch(weights: Weights, cfg: dict[str, Any], net: ViT, paths:
     return theirs_net, torch.stack(batch), same  # (N, 3, H, W)
 
 
-def parity(weights: Weights, cfg: dict[str, Any], net: ViT, paths: list[str], emb: np.ndarray, embed_s: float,
-           say: Printer) -> dict[str, Any]:
+def parity(
+    weights: Weights,
+    cfg: dict[str, Any],
+    net: ViT,
+    paths: list[str],
+    emb: np.ndarray,
+    embed_s: float,
+    say: Printer,
+) -> dict[str, Any]:
     """birder on the same images: the max |difference| of the embeddings and birder's timing."""
     import birder
     import numpy as np
@@ -258,12 +312,17 @@ def parity(weights: Weights, cfg: dict[str, Any], net: ViT, paths: list[str], em
     n = len(paths)
     diff = float(np.max(np.abs(emb.astype(np.float64) - theirs.astype(np.float64))))
     verdict = "OK" if diff <= PARITY_TOLERANCE else "FAILED"
-    say.step("parity", f"max |embedding difference| vs birder {birder.__version__} on the {n} images: "
-             f"{diff:.2e} (tolerance {PARITY_TOLERANCE:.0e}, fp32): {verdict}")
+    say.step(
+        "parity",
+        f"max |embedding difference| vs birder {birder.__version__} on the {n} images: "
+        f"{diff:.2e} (tolerance {PARITY_TOLERANCE:.0e}, fp32): {verdict}",
+    )
     say.more(f"preprocessing bit-identical to birder.classification_transform on {same}/{n} images")
-    say.more(f"birder's net.embedding (PyTorch eager, fp32) on the same batch: {n / birder_s:.1f} images/s; "
-             f"ours {n / embed_s:.1f} = {birder_s / embed_s:.2f}x birder (best of {TIMED_CALLS} calls each after "
-             "a warm-up call; see BENCHMARKS.md)")
+    say.more(
+        f"birder's net.embedding (PyTorch eager, fp32) on the same batch: {n / birder_s:.1f} images/s; "
+        f"ours {n / embed_s:.1f} = {birder_s / embed_s:.2f}x birder (best of {TIMED_CALLS} calls each after "
+        "a warm-up call; see BENCHMARKS.md)"
+    )
     return {"parity_max_abs_diff": diff, "birder_embed_seconds": birder_s}
 
 
@@ -278,13 +337,17 @@ def neighbours(emb: np.ndarray, names: list[str], k: int) -> list[list[tuple[str
     return [[(names[j], float(sim[i, j])) for j in row] for i, row in enumerate(order)]
 
 
-def show_neighbours(names: list[str], emb: np.ndarray, top: int, standin: bool, out: Path,
-                    say: Printer) -> list[list[tuple[str, float]]]:
+def show_neighbours(
+    names: list[str], emb: np.ndarray, top: int, standin: bool, out: Path, say: Printer
+) -> list[list[tuple[str, float]]]:
     n = len(names)
     nbrs = neighbours(emb, names, min(top, n - 1)) if n > 1 else [[] for _ in names]
     width = max(len(s) for s in names)
-    say.step("neighbours", f"top {min(top, max(n - 1, 0))} by cosine similarity of the embeddings"
-             + (" (stand-in weights: not meaningful)" if standin else ""))
+    say.step(
+        "neighbours",
+        f"top {min(top, max(n - 1, 0))} by cosine similarity of the embeddings"
+        + (" (stand-in weights: not meaningful)" if standin else ""),
+    )
     for name, row in list(zip(names, nbrs, strict=True))[:SHOWN_ROWS]:
         say.more(f"{name:<{width}}  " + "  ".join(f"{m} {s:+.3f}" for m, s in row))
     if n > SHOWN_ROWS:
@@ -292,18 +355,30 @@ def show_neighbours(names: list[str], emb: np.ndarray, top: int, standin: bool, 
     return nbrs
 
 
-def write_outputs(out: Path, paths: list[str], names: list[str], emb: np.ndarray,
-                  nbrs: list[list[tuple[str, float]]], report: dict[str, Any]) -> None:
+def write_outputs(
+    out: Path,
+    paths: list[str],
+    names: list[str],
+    emb: np.ndarray,
+    nbrs: list[list[tuple[str, float]]],
+    report: dict[str, Any],
+) -> None:
     import numpy as np
 
     atomic_write(out / "embeddings.npy", lambda f: np.save(f, emb))
     atomic_write_text(out / "paths.txt", "".join(f"{p}\n" for p in paths))
-    atomic_write_text(out / "neighbours.tsv", "".join(
-        f"{name}\t" + "\t".join(f"{m}\t{s:.6f}" for m, s in row) + "\n" for name, row in zip(names, nbrs, strict=True)))
+    atomic_write_text(
+        out / "neighbours.tsv",
+        "".join(
+            f"{name}\t" + "\t".join(f"{m}\t{s:.6f}" for m, s in row) + "\n"
+            for name, row in zip(names, nbrs, strict=True)
+        ),
+    )
     atomic_write_json(out / MARKER, report)  # last: it marks the folder as a demo's output
 
 
-# the whole demo ------------------------------------------------------------------------------------------------
+# the whole demo
+# ------------------------------------------------------------------------------------------------
 def _images_dir(options: DemoOptions) -> Path:
     from vitreg_jax.convert.standin import sample_images_dir
 
@@ -311,8 +386,12 @@ def _images_dir(options: DemoOptions) -> Path:
         raise UserError(f"--top must be at least 1, got {options.top}")
     images_dir = options.images if options.images is not None else sample_images_dir()
     if not images_dir.is_dir():
-        raise UserError(f"--images {images_dir}: no such folder" if options.images is not None else
-                        f"the sample images ({images_dir}) are not here: run from the repository or pass --images DIR")
+        raise UserError(
+            f"--images {images_dir}: no such folder"
+            if options.images is not None
+            else f"the sample images ({images_dir}) are not here: run from the repository or pass "
+            "--images DIR"
+        )
     if options.config is not None and options.weights is None:
         raise UserError("--config goes with --weights FILE (the birder json of that file)")
     return images_dir
@@ -328,7 +407,9 @@ def _shown(path: Path) -> str:
 def _announce_weights(weights: Weights, say: Printer) -> None:
     say.step("weights", weights.describe())
     if weights.is_standin:
-        say.more("The embeddings and neighbours below are NOT those of the published vit_reg4_b16_mim: a random")
+        say.more(
+            "The embeddings and neighbours below are NOT those of the published vit_reg4_b16_mim: a random"
+        )
         say.more("network only shows that the machinery works. With the published weights:")
         say.more("  vitreg-jax demo --weights vit_reg4_b16_mim_300   (downloads 343 MB once)")
 
@@ -364,11 +445,20 @@ def run_demo(options: DemoOptions, say: Printer | None = None) -> dict[str, Any]
     nbrs = show_neighbours(names, emb, options.top, weights.is_standin, out, say)
     diff = checked["parity_max_abs_diff"]
     report = {
-        "weights": str(weights.weights), "kind": weights.kind, "standin_writer": weights.writer,
-        "published_name": weights.published_name, "network": cfg.get("registered_name"),
-        "parameters": num_params(net), "images": len(paths), "size": list(size), **figures,
-        "timed_calls": TIMED_CALLS, **checked, "parity_tolerance": PARITY_TOLERANCE,
-        "parity_ok": None if diff is None else bool(diff <= PARITY_TOLERANCE), "parity_skipped": birder_why,
+        "weights": str(weights.weights),
+        "kind": weights.kind,
+        "standin_writer": weights.writer,
+        "published_name": weights.published_name,
+        "network": cfg.get("registered_name"),
+        "parameters": num_params(net),
+        "images": len(paths),
+        "size": list(size),
+        **figures,
+        "timed_calls": TIMED_CALLS,
+        **checked,
+        "parity_tolerance": PARITY_TOLERANCE,
+        "parity_ok": None if diff is None else bool(diff <= PARITY_TOLERANCE),
+        "parity_skipped": birder_why,
         "seconds": say.elapsed(),
     }
     write_outputs(out, paths, names, emb, nbrs, report)

@@ -40,33 +40,71 @@ demo.json (what ran and the measured figures)."""
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
-        "demo", help="convert, check against birder, embed and search the bundled sample images (about a minute on CPU)",
-        formatter_class=argparse.RawDescriptionHelpFormatter, description=DESCRIPTION, epilog=EPILOG)
-    p.add_argument("--weights", metavar="W",
-                   help="a birder .pt/.safetensors file, a vitreg-jax checkpoint directory, or a published name "
-                        "(vit_reg4_b16_mim_300, vit_reg4_b16_mim_200, vitreg4_b16_mim_200). Default: a published "
-                        "file already in the weights cache (the Hugging Face cache, or $VITREG_JAX_CACHE), else the "
-                        "stand-in. If a published name cannot be downloaded, the demo says so and uses the "
-                        "stand-in.")
-    p.add_argument("--config", metavar="JSON", help="birder's json config for a --weights file (optional: "
-                   "read from the file or inferred from its shapes otherwise)")
-    p.add_argument("--images", metavar="DIR", type=Path, default=None,
-                   help="folder of images (searched recursively) to embed (default: the bundled examples/images)")
-    p.add_argument("--out", metavar="DIR", type=Path, default=DEFAULT_OUT,
-                   help=f"where the checkpoint, embeddings and report go (default: {DEFAULT_OUT}; a previous "
-                        "demo's output there is replaced, any other non-empty folder is refused)")
-    p.add_argument("--top", metavar="K", type=int, default=TOP_K, help=f"neighbours shown per image (default {TOP_K})")
+        "demo",
+        help=(
+            "convert, check against birder, embed and search the bundled sample images (about a minute "
+            "on CPU)"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=DESCRIPTION,
+        epilog=EPILOG,
+    )
+    p.add_argument(
+        "--weights",
+        metavar="W",
+        help="a birder .pt/.safetensors file, a vitreg-jax checkpoint directory, or a published name "
+        "(vit_reg4_b16_mim_300, vit_reg4_b16_mim_200, vitreg4_b16_mim_200). Default: a published "
+        "file already in the weights cache (the Hugging Face cache, or $VITREG_JAX_CACHE), else the "
+        "stand-in. If a published name cannot be downloaded, the demo says so and uses the "
+        "stand-in.",
+    )
+    p.add_argument(
+        "--config",
+        metavar="JSON",
+        help="birder's json config for a --weights file (optional: "
+        "read from the file or inferred from its shapes otherwise)",
+    )
+    p.add_argument(
+        "--images",
+        metavar="DIR",
+        type=Path,
+        default=None,
+        help="folder of images (searched recursively) to embed (default: the bundled examples/images)",
+    )
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        type=Path,
+        default=DEFAULT_OUT,
+        help=f"where the checkpoint, embeddings and report go (default: {DEFAULT_OUT}; a previous "
+        "demo's output there is replaced, any other non-empty folder is refused)",
+    )
+    p.add_argument(
+        "--top", metavar="K", type=int, default=TOP_K, help=f"neighbours shown per image (default {TOP_K})"
+    )
     p.add_argument("--no-parity", action="store_true", help="skip the comparison with birder")
-    p.add_argument("--quick", action="store_true",
-                   help="a tiny 2-layer stand-in instead of the full-size model (for tests; a few seconds)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a tiny 2-layer stand-in instead of the full-size model (for tests; a few seconds)",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from vitreg_jax.cli._demo_job import DemoOptions, run_demo
 
-    report = run_demo(DemoOptions(weights=args.weights, config=args.config, images=args.images, out=args.out,
-                                  top=args.top, parity=not args.no_parity, quick=args.quick))
+    report = run_demo(
+        DemoOptions(
+            weights=args.weights,
+            config=args.config,
+            images=args.images,
+            out=args.out,
+            top=args.top,
+            parity=not args.no_parity,
+            quick=args.quick,
+        )
+    )
     if report["parity_ok"] is False:
         print("vitreg-jax demo: the embeddings differ from birder's beyond the tolerance", file=sys.stderr)
         return 1

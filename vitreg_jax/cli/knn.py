@@ -1,6 +1,7 @@
 """``vitreg-jax knn --index DIR --queries DIR -k K --out FILE.parquet``: exact cosine nearest neighbours.
 
-Thin: parse, call :func:`vitreg_jax.evaluation.neighbours.knn_to_parquet` with a progress bar, print a summary.
+Thin: parse, call :func:`vitreg_jax.evaluation.neighbours.knn_to_parquet` with a progress bar, print a
+summary.
 """
 
 from __future__ import annotations
@@ -23,12 +24,18 @@ def register(subparsers: Any) -> None:
         "(npy or parquet) made with --features cls by the same model. Writes FILE.parquet with columns query "
         "(the query's path or tar key), rank (1 = nearest), key (the neighbour's path or tar key) and score "
         "(cosine similarity); ties go to the earlier index row.",
-        epilog="example: vitreg-jax knn --index emb/catalogue --queries emb/photos -k 5 --out neighbours.parquet",
+        epilog=(
+            "example: vitreg-jax knn --index emb/catalogue --queries emb/photos -k 5 --out neighbours.parquet"
+        ),
     )
     p.add_argument("--index", required=True, metavar="DIR", help="embed output to search in")
     p.add_argument("--queries", required=True, metavar="DIR", help="embed output whose rows are the queries")
     p.add_argument(
-        "-k", "--k", type=int, default=DEFAULT_NEIGHBOURS, help=f"neighbours per query (default {DEFAULT_NEIGHBOURS})"
+        "-k",
+        "--k",
+        type=int,
+        default=DEFAULT_NEIGHBOURS,
+        help=f"neighbours per query (default {DEFAULT_NEIGHBOURS})",
     )
     p.add_argument("--out", required=True, metavar="FILE.parquet", help="the table to write (must not exist)")
     p.add_argument(

@@ -1,7 +1,10 @@
-"""``vitreg-jax pretrain --data DIR --out RUN``: MAE pre-training of a ViT encoder, birder's ``mae_vit`` recipe.
+"""``vitreg-jax pretrain --data DIR --out RUN``: MAE pre-training of a ViT encoder, birder's ``mae_vit``
+recipe.
 
-The command parses, loads ``--init`` weights, and calls :mod:`vitreg_jax.pretraining.run`, which documents the run
-folder. Each option that shapes the run has the ``dest`` of its setting: a :class:`PretrainSettings` field or a
+The command parses, loads ``--init`` weights, and calls :mod:`vitreg_jax.pretraining.run`, which documents the
+run
+folder. Each option that shapes the run has the ``dest`` of its setting: a :class:`PretrainSettings` field or
+a
 :class:`TrainConfig` field (saved as ``train.<field>``), so options given on the command line map onto the
 settings by name, and defaults and help come from those classes.
 """
@@ -55,7 +58,8 @@ run.json), metrics.jsonl (+ tensorboard/), and at the end encoder/: a vitreg-jax
 `vitreg-jax embed`, `export` (to a birder .pt) and `info` accept."""
 
 
-# value types -------------------------------------------------------------------------------------------------
+# value types
+# -------------------------------------------------------------------------------------------------
 def _size(text: str) -> tuple[int, int]:
     parts = text.lower().replace(",", "x").split("x")
     try:
@@ -88,73 +92,177 @@ def _key_value(text: str) -> tuple[str, Any]:
     try:
         parsed = json.loads(value.strip())
     except json.JSONDecodeError:
-        parsed = {"true": True, "false": False, "none": None, "null": None}.get(value.strip().lower(), value.strip())
+        parsed = {"true": True, "false": False, "none": None, "null": None}.get(
+            value.strip().lower(), value.strip()
+        )
     return key.strip(), parsed
 
 
-# the parser ----------------------------------------------------------------------------------------------------
+# the parser
+# ----------------------------------------------------------------------------------------------------
 def register(subparsers: Any) -> None:
     S, T = PretrainSettings(), TrainConfig()  # the defaults the help text quotes
     p = subparsers.add_parser(
-        "pretrain", help="MAE pre-training of a ViT encoder (birder's mae_vit recipe), resumable; exports the encoder",
-        description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        "pretrain",
+        help="MAE pre-training of a ViT encoder (birder's mae_vit recipe), resumable; exports the encoder",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     g = p.add_argument_group("data and output")
-    g.add_argument("--data", nargs="+", metavar="DIR", default=None,
-                   help="image folders (searched recursively), image files or .txt lists of paths; not needed "
-                   "with --resume")
-    g.add_argument("--out", required=True, metavar="RUN", help="run folder (new, empty, or a run to --resume)")
-    g.add_argument("--size", type=_size, default=None, metavar="H[xW]",
-                   help="training resolution, a multiple of the patch size (default 224, or the --init weights')")
-    g.add_argument("--rgb-stats", choices=sorted(RGB_STATS), default=None,
-                   help=f"normalisation (default {TRAIN_DEFAULT!r}; with --init, the weights' own)")
-    g.add_argument("--aug-level", type=int, choices=(0, 1), default=None,
-                   help=f"birder augmentation level (default {S.aug_level}): 1 = random resized crop 0.3-1, two of "
-                   "{identity, rotate, brightness, contrast}, flip; 0 = resize only")
-    g.add_argument("--workers", type=int, default=None, help="image decode threads (default: CPU count, max 8)")
+    g.add_argument(
+        "--data",
+        nargs="+",
+        metavar="DIR",
+        default=None,
+        help="image folders (searched recursively), image files or .txt lists of paths; not needed "
+        "with --resume",
+    )
+    g.add_argument(
+        "--out", required=True, metavar="RUN", help="run folder (new, empty, or a run to --resume)"
+    )
+    g.add_argument(
+        "--size",
+        type=_size,
+        default=None,
+        metavar="H[xW]",
+        help="training resolution, a multiple of the patch size (default 224, or the --init weights')",
+    )
+    g.add_argument(
+        "--rgb-stats",
+        choices=sorted(RGB_STATS),
+        default=None,
+        help=f"normalisation (default {TRAIN_DEFAULT!r}; with --init, the weights' own)",
+    )
+    g.add_argument(
+        "--aug-level",
+        type=int,
+        choices=(0, 1),
+        default=None,
+        help=f"birder augmentation level (default {S.aug_level}): 1 = random resized crop 0.3-1, two of "
+        "{identity, rotate, brightness, contrast}, flip; 0 = resize only",
+    )
+    g.add_argument(
+        "--workers", type=int, default=None, help="image decode threads (default: CPU count, max 8)"
+    )
     g = p.add_argument_group("model")
-    g.add_argument("--network", default=None, metavar="NAME",
-                   help=f"birder ViT name (default {S.network}); small ones: vit_t16, vit_s16, vit_reg4_m16...")
-    g.add_argument("--model-config", nargs="+", type=_key_value, default=None, metavar="KEY=VALUE",
-                   help="overrides of the network's birder config, e.g. num_layers=4 hidden_dim=128 mlp_dim=512 "
-                   "num_heads=4 (drop_path_rate is 0.0 unless given, as in birder's recipe)")
-    g.add_argument("--init", default=None, metavar="CKPT",
-                   help="start the encoder from these weights (vitreg-jax checkpoint, birder .pt/.safetensors or a "
-                   "published name such as vit_reg4_b16_mim_200); the architecture comes from them")
-    g.add_argument("--mae", default=None, metavar="NAME",
-                   help=f"birder MAE head (default {S.mae}; also mae_vit_dec512d12, ..._npl, ..._npl_lpe)")
-    g.add_argument("--mae-config", nargs="+", type=_key_value, default=None, metavar="KEY=VALUE",
-                   help="overrides of the MAE head, e.g. decoder_depth=2 decoder_embed_dim=128 decoder_num_heads=4")
-    g.add_argument("--mask-ratio", type=float, default=None,
-                   help=f"fraction of patches masked (default {MAEConfig().mask_ratio})")
-    g.add_argument("--norm-pix-loss", action="store_true", default=None,
-                   help="normalise each target patch (birder's _npl variants)")
-    g.add_argument("--frequency-endpoint", action="store_true", default=None,
-                   help="the decoder sin-cos frequencies of birder <= 0.6.2 (dim/4 - 1), which trained the "
-                   "published weights; default: 0.8.4's (dim/4)")
+    g.add_argument(
+        "--network",
+        default=None,
+        metavar="NAME",
+        help=f"birder ViT name (default {S.network}); small ones: vit_t16, vit_s16, vit_reg4_m16...",
+    )
+    g.add_argument(
+        "--model-config",
+        nargs="+",
+        type=_key_value,
+        default=None,
+        metavar="KEY=VALUE",
+        help="overrides of the network's birder config, e.g. num_layers=4 hidden_dim=128 mlp_dim=512 "
+        "num_heads=4 (drop_path_rate is 0.0 unless given, as in birder's recipe)",
+    )
+    g.add_argument(
+        "--init",
+        default=None,
+        metavar="CKPT",
+        help="start the encoder from these weights (vitreg-jax checkpoint, birder .pt/.safetensors or a "
+        "published name such as vit_reg4_b16_mim_200); the architecture comes from them",
+    )
+    g.add_argument(
+        "--mae",
+        default=None,
+        metavar="NAME",
+        help=f"birder MAE head (default {S.mae}; also mae_vit_dec512d12, ..._npl, ..._npl_lpe)",
+    )
+    g.add_argument(
+        "--mae-config",
+        nargs="+",
+        type=_key_value,
+        default=None,
+        metavar="KEY=VALUE",
+        help="overrides of the MAE head, e.g. decoder_depth=2 decoder_embed_dim=128 decoder_num_heads=4",
+    )
+    g.add_argument(
+        "--mask-ratio",
+        type=float,
+        default=None,
+        help=f"fraction of patches masked (default {MAEConfig().mask_ratio})",
+    )
+    g.add_argument(
+        "--norm-pix-loss",
+        action="store_true",
+        default=None,
+        help="normalise each target patch (birder's _npl variants)",
+    )
+    g.add_argument(
+        "--frequency-endpoint",
+        action="store_true",
+        default=None,
+        help="the decoder sin-cos frequencies of birder <= 0.6.2 (dim/4 - 1), which trained the "
+        "published weights; default: 0.8.4's (dim/4)",
+    )
     _training_arguments(p, T)
     g = p.add_argument_group("checkpoints, logs and export")
-    g.add_argument("--resume", action="store_true",
-                   help="continue RUN from its latest checkpoint (starts a new run when RUN has none)")
-    g.add_argument("--checkpoint-every", type=_positive_int, default=None,
-                   help=f"optimizer steps between checkpoints (default {T.checkpoint_every}; one is always "
-                   "written at the end)")
-    g.add_argument("--keep-checkpoints", type=_positive_int, default=None,
-                   help=f"how many to keep (default {T.keep_checkpoints})")
-    g.add_argument("--log-every", type=_positive_int, default=None,
-                   help=f"steps per metrics line (default {T.log_every})")
-    g.add_argument("--export-every", type=_positive_int, default=None,
-                   help="also export RUN/encoder every N steps (it is always exported at the end)")
-    g.add_argument("--export-only", action="store_true",
-                   help="export RUN/encoder from the latest checkpoint and exit (no training)")
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue RUN from its latest checkpoint (starts a new run when RUN has none)",
+    )
+    g.add_argument(
+        "--checkpoint-every",
+        type=_positive_int,
+        default=None,
+        help=f"optimizer steps between checkpoints (default {T.checkpoint_every}; one is always "
+        "written at the end)",
+    )
+    g.add_argument(
+        "--keep-checkpoints",
+        type=_positive_int,
+        default=None,
+        help=f"how many to keep (default {T.keep_checkpoints})",
+    )
+    g.add_argument(
+        "--log-every",
+        type=_positive_int,
+        default=None,
+        help=f"steps per metrics line (default {T.log_every})",
+    )
+    g.add_argument(
+        "--export-every",
+        type=_positive_int,
+        default=None,
+        help="also export RUN/encoder every N steps (it is always exported at the end)",
+    )
+    g.add_argument(
+        "--export-only",
+        action="store_true",
+        help="export RUN/encoder from the latest checkpoint and exit (no training)",
+    )
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = p.add_argument_group("k-NN evaluation during training (logged as knn/top1, knn/top5 beside the loss)")
-    g.add_argument("--eval-train", default=None, metavar="DIR",
-                   help="labelled images whose embeddings vote (one sub-folder per class, as for `eval`)")
-    g.add_argument("--eval-val", default=None, metavar="DIR", help="labelled images to classify (same classes)")
-    g.add_argument("--eval-every", type=_positive_int, default=None, metavar="N",
-                   help="evaluate every N steps (default: only after the last step)")
-    g.add_argument("--eval-k", type=_positive_int, default=None, metavar="K",
-                   help=f"neighbours of the weighted k-NN (default {S.eval_k})")
+    g.add_argument(
+        "--eval-train",
+        default=None,
+        metavar="DIR",
+        help="labelled images whose embeddings vote (one sub-folder per class, as for `eval`)",
+    )
+    g.add_argument(
+        "--eval-val", default=None, metavar="DIR", help="labelled images to classify (same classes)"
+    )
+    g.add_argument(
+        "--eval-every",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="evaluate every N steps (default: only after the last step)",
+    )
+    g.add_argument(
+        "--eval-k",
+        type=_positive_int,
+        default=None,
+        metavar="K",
+        help=f"neighbours of the weighted k-NN (default {S.eval_k})",
+    )
     distributed.add_arguments(p)
     names = {a.dest: a.option_strings[0] for a in p._actions if a.option_strings}
     p.set_defaults(func=run, option_names=names)  # cli.OneLineParser keeps argparse's errors to one line
@@ -164,48 +272,117 @@ def _training_arguments(p: argparse.ArgumentParser, T: TrainConfig) -> None:
     """Options whose ``dest`` is a TrainConfig field; defaults quoted from ``T``."""
     g = p.add_argument_group("length, batch and optimizer")
     length = g.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=_positive_int, default=None,
-                        help="optimizer steps; the learning rate then changes every step")
-    length.add_argument("--epochs", type=_positive_int, default=None,
-                        help="passes over the data (birder's unit; the learning rate changes once per epoch)")
-    g.add_argument("--batch-size", type=_positive_int, default=None,
-                   help=f"images per forward pass over all devices (default {T.batch_size}; birder's recipe used "
-                   "2 x 256)")
-    g.add_argument("--grad-accum-steps", type=_positive_int, default=None,
-                   help=f"forward passes per optimizer step (default {T.grad_accum_steps})")
-    g.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {T.lr:g}, not batch-scaled)")
-    g.add_argument("--wd", dest="weight_decay", type=float, default=None, metavar="WD",
-                   help=f"AdamW weight decay (default {T.weight_decay:g}, on every parameter)")
-    g.add_argument("--betas", type=float, nargs=2, default=None, metavar=("B1", "B2"),
-                   help=f"default {T.betas[0]:g} {T.betas[1]:g}")
-    g.add_argument("--no-decay-bias-norm", dest="decay_bias_and_norm", action="store_const", const=False,
-                   default=None,
-                   help="no weight decay on biases, norms, tokens and position embeddings (birder decays all)")
+    length.add_argument(
+        "--steps",
+        type=_positive_int,
+        default=None,
+        help="optimizer steps; the learning rate then changes every step",
+    )
+    length.add_argument(
+        "--epochs",
+        type=_positive_int,
+        default=None,
+        help="passes over the data (birder's unit; the learning rate changes once per epoch)",
+    )
+    g.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=None,
+        help=f"images per forward pass over all devices (default {T.batch_size}; birder's recipe used "
+        "2 x 256)",
+    )
+    g.add_argument(
+        "--grad-accum-steps",
+        type=_positive_int,
+        default=None,
+        help=f"forward passes per optimizer step (default {T.grad_accum_steps})",
+    )
+    g.add_argument(
+        "--lr", type=float, default=None, help=f"peak learning rate (default {T.lr:g}, not batch-scaled)"
+    )
+    g.add_argument(
+        "--wd",
+        dest="weight_decay",
+        type=float,
+        default=None,
+        metavar="WD",
+        help=f"AdamW weight decay (default {T.weight_decay:g}, on every parameter)",
+    )
+    g.add_argument(
+        "--betas",
+        type=float,
+        nargs=2,
+        default=None,
+        metavar=("B1", "B2"),
+        help=f"default {T.betas[0]:g} {T.betas[1]:g}",
+    )
+    g.add_argument(
+        "--no-decay-bias-norm",
+        dest="decay_bias_and_norm",
+        action="store_const",
+        const=False,
+        default=None,
+        help="no weight decay on biases, norms, tokens and position embeddings (birder decays all)",
+    )
     g.add_argument("--clip-grad-norm", type=float, default=None, help="clip the gradient norm (default: no)")
-    g.add_argument("--warmup-epochs", type=int, default=None,
-                   help=f"linear warm-up from {_percent(T.warmup_start_factor)} of the LR (default "
-                   f"{_percent(WARMUP_FRACTION)} of --epochs, rounded: birder's {T.warmup_epochs} of {T.epochs})")
-    g.add_argument("--warmup-steps", type=int, default=None,
-                   help=f"warm-up with --steps (default {_percent(WARMUP_FRACTION)} of them, rounded)")
-    g.add_argument("--lr-per-step", dest="schedule_per_step", action="store_const", const=True, default=None,
-                   help="with --epochs, change the learning rate every step instead of every epoch")
+    g.add_argument(
+        "--warmup-epochs",
+        type=int,
+        default=None,
+        help=f"linear warm-up from {_percent(T.warmup_start_factor)} of the LR (default "
+        f"{_percent(WARMUP_FRACTION)} of --epochs, rounded: birder's {T.warmup_epochs} of {T.epochs})",
+    )
+    g.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=None,
+        help=f"warm-up with --steps (default {_percent(WARMUP_FRACTION)} of them, rounded)",
+    )
+    g.add_argument(
+        "--lr-per-step",
+        dest="schedule_per_step",
+        action="store_const",
+        const=True,
+        default=None,
+        help="with --epochs, change the learning rate every step instead of every epoch",
+    )
     dtypes = g.add_mutually_exclusive_group()
-    dtypes.add_argument("--dtype", dest="compute_dtype", choices=DTYPE_CHOICES, default=None,
-                        help=f"{DTYPE_HELP}; bfloat16 keeps float32 accumulation and float32 master weights "
-                        f"(default {T.compute_dtype}: birder's fp32 recipe)")
-    dtypes.add_argument("--bf16", "--amp", dest="compute_dtype", action="store_const", const="bfloat16",
-                        default=None, help="the same as --dtype bfloat16")
-    g.add_argument("--seed", type=int, default=None,
-                   help=f"data order, augmentation, masks and init (default {T.seed})")
+    dtypes.add_argument(
+        "--dtype",
+        dest="compute_dtype",
+        choices=DTYPE_CHOICES,
+        default=None,
+        help=f"{DTYPE_HELP}; bfloat16 keeps float32 accumulation and float32 master weights "
+        f"(default {T.compute_dtype}: birder's fp32 recipe)",
+    )
+    dtypes.add_argument(
+        "--bf16",
+        "--amp",
+        dest="compute_dtype",
+        action="store_const",
+        const="bfloat16",
+        default=None,
+        help="the same as --dtype bfloat16",
+    )
+    g.add_argument(
+        "--seed", type=int, default=None, help=f"data order, augmentation, masks and init (default {T.seed})"
+    )
 
 
-# running -------------------------------------------------------------------------------------------------------
+# running
+# -------------------------------------------------------------------------------------------------------
 def _options(args: argparse.Namespace) -> dict[str, Any]:
-    """{setting path: value} of the settings given on this command line (argparse default None = not given)."""
+    """{setting path: value} of the settings given on this command line (argparse default None = not
+    given)."""
     top = [f.name for f in dataclasses.fields(PretrainSettings) if f.name != "train"]
     options = {name: getattr(args, name) for name in top if getattr(args, name, None) is not None}
-    options.update({TRAIN_PREFIX + f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-                    if getattr(args, f.name, None) is not None})
+    options.update(
+        {
+            TRAIN_PREFIX + f.name: getattr(args, f.name)
+            for f in dataclasses.fields(TrainConfig)
+            if getattr(args, f.name, None) is not None
+        }
+    )
     return options
 
 
@@ -220,9 +397,11 @@ def run(args: argparse.Namespace) -> int:
     if args.workers is not None and args.workers < 0:
         raise UserError(f"--workers must be 0 or more, got {args.workers}")
     distributed.check(args)
-    the_run = pretrain_run.open_run(args.out, _options(args), resume=args.resume, export_only=args.export_only,
-                                    name=name)
-    # (XLA flags stay the user's: --xla_cpu_experimental_ynn_fusion_type=, which speeds up float32 inference on
+    the_run = pretrain_run.open_run(
+        args.out, _options(args), resume=args.resume, export_only=args.export_only, name=name
+    )
+    # (XLA flags stay the user's: --xla_cpu_experimental_ynn_fusion_type=, which speeds up float32 inference
+    # on
     # CPU, slows this train step down; BENCHMARKS.md "MAE train step")
     distributed.initialize(args)
     echo = pretrain_run.stderr_echo("vitreg-jax pretrain")
@@ -235,8 +414,14 @@ def run(args: argparse.Namespace) -> int:
 
         encoder, init_cfg = load_model_with_cfg(None, the_run.settings.init)
         rgb_stats = init_cfg["rgb_stats"]  # the weights were trained with these
-    result = pretrain_run.train(the_run, encoder=encoder, encoder_rgb_stats=rgb_stats, workers=args.workers,
-                                progress=not args.no_progress, echo=echo)
+    result = pretrain_run.train(
+        the_run,
+        encoder=encoder,
+        encoder_rgb_stats=rgb_stats,
+        workers=args.workers,
+        progress=not args.no_progress,
+        echo=echo,
+    )
     if result.loss is None:
         echo(f"the run was already complete ({result.step} steps)")
     else:

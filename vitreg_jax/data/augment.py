@@ -46,8 +46,13 @@ GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
 
 
 # parameters -----------------------------------------------------------------------------------------------
-def crop_params(rng: np.random.Generator, height: int, width: int, scale: tuple[float, float] = CROP_SCALE,
-                ratio: tuple[float, float] = CROP_RATIO) -> tuple[int, int, int, int]:
+def crop_params(
+    rng: np.random.Generator,
+    height: int,
+    width: int,
+    scale: tuple[float, float] = CROP_SCALE,
+    ratio: tuple[float, float] = CROP_RATIO,
+) -> tuple[int, int, int, int]:
     """torchvision ``RandomResizedCrop.make_params``: (top, left, h, w) of the crop box."""
     area = height * width
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
@@ -71,8 +76,9 @@ def crop_params(rng: np.random.Generator, height: int, width: int, scale: tuple[
 
 
 # ops on uint8 (H, W, 3) arrays ------------------------------------------------------------------------------
-def resized_crop(img: Image.Image, box: tuple[int, int, int, int], size: tuple[int, int],
-                 resample: Image.Resampling) -> np.ndarray:
+def resized_crop(
+    img: Image.Image, box: tuple[int, int, int, int], size: tuple[int, int], resample: Image.Resampling
+) -> np.ndarray:
     """Crop (top, left, h, w) then resize to size (H, W) with an antialiased filter: (H, W, 3) uint8.
 
     The crop comes first, as in torchvision, so the filter never reads pixels outside the box.
@@ -119,7 +125,9 @@ def adjust_contrast(pixels: np.ndarray, factor: float) -> np.ndarray:
     """torchvision ``adjust_contrast`` on uint8: blend with the mean of the floored grayscale image."""
     x = pixels.astype(np.float32)
     r, g, b = x[..., 0], x[..., 1], x[..., 2]
-    gray = np.floor(r * np.float32(GRAY_WEIGHTS[0]) + g * np.float32(GRAY_WEIGHTS[1]) + b * np.float32(GRAY_WEIGHTS[2]))
+    gray = np.floor(
+        r * np.float32(GRAY_WEIGHTS[0]) + g * np.float32(GRAY_WEIGHTS[1]) + b * np.float32(GRAY_WEIGHTS[2])
+    )
     mean = np.float32(gray.sum(dtype=np.float64)) / np.float32(gray.size)  # exact integer sum, float32 divide
     return _blend_to_uint8(x * np.float32(factor) + mean * np.float32(1.0 - factor))
 
@@ -127,7 +135,8 @@ def adjust_contrast(pixels: np.ndarray, factor: float) -> np.ndarray:
 # the transform ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TrainTransform:
-    """birder's training preset at ``level`` 0 or 1: PIL image + Generator -> (H, W, 3) float32, normalised."""
+    """birder's training preset at ``level`` 0 or 1: PIL image + Generator -> (H, W, 3) float32,
+    normalised."""
 
     size: tuple[int, int]
     rgb_stats: Mapping[str, Any]
@@ -136,12 +145,16 @@ class TrainTransform:
 
     def __post_init__(self) -> None:
         if self.level not in (0, 1):
-            raise UserError(f"augmentation level {self.level} is not implemented (vitreg-jax has birder's 0 and 1)")
+            raise UserError(
+                f"augmentation level {self.level} is not implemented (vitreg-jax has birder's 0 and 1)"
+            )
         try:
             mean = np.asarray(self.rgb_stats["mean"], np.float32).reshape(3)
             std = np.asarray(self.rgb_stats["std"], np.float32).reshape(3)
         except (KeyError, TypeError, ValueError):
-            raise UserError(f"rgb_stats must hold three 'mean' and three 'std' values, got {self.rgb_stats!r}") from None
+            raise UserError(
+                f"rgb_stats must hold three 'mean' and three 'std' values, got {self.rgb_stats!r}"
+            ) from None
         object.__setattr__(self, "_mean", mean)
         object.__setattr__(self, "_std", std)
 

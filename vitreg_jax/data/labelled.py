@@ -50,14 +50,20 @@ def check_two_classes(classes: Iterable[str], where: str = "") -> None:
         raise UserError(f"{where}only one class ({found[0] if found else 'none'}); at least two are needed")
 
 
-def iter_labelled_batches(folder: LabelledFolder, transform: Transform, batch_size: int,
-                          workers: int | None = None) -> Iterator[LabelledBatch]:
+def iter_labelled_batches(
+    folder: LabelledFolder, transform: Transform, batch_size: int, workers: int | None = None
+) -> Iterator[LabelledBatch]:
     """The folder's images decoded by ``transform`` in batches (threaded, in order, see ``iter_batches``);
     an image that cannot be decoded becomes a failure record and is left out."""
     for batch in iter_batches(folder.paths, transform, batch_size, workers):
         kept = [int(i) for i in batch.indices]
-        yield LabelledBatch(batch.images, [folder.names[i] for i in kept], [folder.paths[i] for i in kept],
-                            [(f.path, f.reason) for f in batch.failed], batch.end)
+        yield LabelledBatch(
+            batch.images,
+            [folder.names[i] for i in kept],
+            [folder.paths[i] for i in kept],
+            [(f.path, f.reason) for f in batch.failed],
+            batch.end,
+        )
 
 
 def read_labelled_folder(root: str | os.PathLike[str], what: str = "folder") -> LabelledFolder:
@@ -65,13 +71,20 @@ def read_labelled_folder(root: str | os.PathLike[str], what: str = "folder") -> 
     in error messages (e.g. "train")."""
     root = os.fspath(root)
     if not os.path.isdir(root):
-        raise UserError(f"{what} folder {root}: not found or not a folder (expected one sub-folder per class)")
+        raise UserError(
+            f"{what} folder {root}: not found or not a folder (expected one sub-folder per class)"
+        )
     entries = sorted(e for e in os.listdir(root) if not e.startswith("."))
-    loose = [e for e in entries if os.path.isfile(os.path.join(root, e))
-             and os.path.splitext(e)[1].lower() in IMAGE_EXTENSIONS]
+    loose = [
+        e
+        for e in entries
+        if os.path.isfile(os.path.join(root, e)) and os.path.splitext(e)[1].lower() in IMAGE_EXTENSIONS
+    ]
     if loose:
-        raise UserError(f"{what} folder {root}: images directly in it (e.g. {loose[0]}); expected one "
-                        "sub-folder per class")
+        raise UserError(
+            f"{what} folder {root}: images directly in it (e.g. {loose[0]}); expected one "
+            "sub-folder per class"
+        )
     classes = [e for e in entries if os.path.isdir(os.path.join(root, e))]
     if not classes:
         raise UserError(f"{what} folder {root}: no class sub-folders (expected one sub-folder per class)")

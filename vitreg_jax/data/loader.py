@@ -11,7 +11,8 @@ list of paths. `iter_batches` streams that list as `Batch`es of preprocessed flo
 threads decode and transform the next images while the consumer (the jitted model) works on the current
 batch; files that cannot be read become `Failure` records and the stream goes on. Memory is bounded:
 besides the batch the consumer holds and the one being filled, at most `2 * workers + batch_size` images
-are being decoded or wait to be taken. Huge images are decoded in full (birder parity forbids JPEG draft decoding), so a stream
+are being decoded or wait to be taken. Huge images are decoded in full (birder parity forbids JPEG draft
+decoding), so a stream
 of 300-megapixel files needs about 1 GB per worker.
 
 Why not grain: grain 0.2.x's `MapDataset.source(paths).map(f).to_iter_dataset(ReadOptions(num_threads,

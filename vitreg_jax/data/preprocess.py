@@ -124,7 +124,8 @@ def load_image(path: str | os.PathLike[str], *, max_pixels: int | None = MAX_IMA
 
 
 def decode_image(data: bytes, name: str, *, max_pixels: int | None = MAX_IMAGE_PIXELS) -> Image.Image:
-    """`load_image` for encoded bytes already in memory (a tar member, a remote file); `name` is for errors."""
+    """`load_image` for encoded bytes already in memory (a tar member, a remote file); `name` is for
+    errors."""
     try:
         return _decode(io.BytesIO(data), name, max_pixels)
     except ImageReadError:

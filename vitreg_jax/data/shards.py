@@ -119,7 +119,8 @@ def list_shards(
 
 
 def shards_for_process(shards: Sequence[Shard], process_index: int, process_count: int) -> list[Shard]:
-    """The shards process ``process_index`` of ``process_count`` takes: those whose index is congruent to it."""
+    """The shards process ``process_index`` of ``process_count`` takes: those whose index is congruent to
+    it."""
     if not 0 <= process_index < process_count:
         raise UserError(f"process index {process_index} is not in 0..{process_count - 1}")
     return [s for s in shards if s.index % process_count == process_index]
@@ -206,7 +207,8 @@ def _expand_local_path(name: str) -> list[tuple[str, str]]:
         if os.path.exists(name):
             raise UserError(f"input {name} is neither a file nor a folder")
         raise UserError(
-            f"input not found: {name} (expected an image file, a folder, a .tar shard or a .txt list of paths)"
+            f"input not found: {name} (expected an image file, a folder, a .tar shard or a .txt list of "
+            "paths)"
         )
     kind = _kind_of_file(name)
     if kind == "list":
@@ -319,7 +321,8 @@ def _open_stream(url: str) -> BinaryIO:
 
 
 def _split_member(name: str) -> tuple[str, str]:
-    """(key, extension after the first dot of the base name): ``a/b/x.seg.png`` -> (``a/b/x``, ``seg.png``)."""
+    """(key, extension after the first dot of the base name): ``a/b/x.seg.png`` -> (``a/b/x``,
+    ``seg.png``)."""
     folder, base = posixpath.split(name)
     stem, _, ext = base.partition(".")
     return posixpath.join(folder, stem) if folder else stem, ext.lower()

@@ -2,7 +2,7 @@
 
 A run records its identity (what it computes: format, checkpoint, size, dtype, features, the shards) in
 ``DIR/.vitreg-jax-embed/run.json`` (:data:`STATE_DIR`), next to the npy run's parts. :func:`start_run` is
-called by process 0 while it holds the folder's lock (:class:`vitreg_jax._folder_lock.FolderLock`):
+called by process 0 while it holds the folder's lock (:class:`vitreg_jax._locks.FolderLock`):
 
 - a ``meta.json`` / ``manifest.json`` that this tool did not write: refused;
 - a finished run with the same identity: "complete" (nothing to do); with another identity: refused;

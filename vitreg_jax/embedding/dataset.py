@@ -15,9 +15,10 @@ of processes or the batch size), while a rerun with other settings is refused ra
 When every part exists, ``npy`` merges them into its four files and ``parquet`` writes ``manifest.json``;
 that file, written last, marks the run complete, and the state folder is removed.
 
-Safety. ``DIR`` is locked for the run (:class:`vitreg_jax._folder_lock.FolderLock`): a second run into it
+Safety. ``DIR`` is locked for the run (:class:`vitreg_jax._locks.FolderLock`): a second run into it
 stops with a ``UserError`` saying it is in use; a lock left by a killed run does not block. A run never
-overwrites a file it did not write (:mod:`vitreg_jax.embedding._output_folder`): a fresh run into a folder that already
+overwrites a file it did not write (:mod:`vitreg_jax.embedding._output_folder`): a fresh run into a folder
+that already
 holds ``meta.json``, ``paths.txt``, ``failed.txt``, ``sources.txt``, ``embeddings.npy``, ``manifest.json`` or
 ``part-*.parquet`` is refused, and so is a rerun with other settings.
 
@@ -44,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 import jax
 import numpy as np
 
-from vitreg_jax._folder_lock import FolderLock
+from vitreg_jax._locks import FolderLock
 from vitreg_jax.data.preprocess import classification_transform, get_size_from_signature
 from vitreg_jax.data.shards import FILES_PER_SHARD, Shard, list_shards, shards_for_process
 from vitreg_jax.embedding._lockstep import embed_shards
@@ -158,10 +159,12 @@ def embed_dataset(
 ) -> EmbedResult:
     """Embed ``inputs`` into the folder ``out``; rerun the same call to resume.
 
-    ``inputs``: what :func:`vitreg_jax.data.shards.list_shards` expands (image files, folders, path lists, .tar
+    ``inputs``: what :func:`vitreg_jax.data.shards.list_shards` expands (image files, folders, path lists,
+    .tar
     shards, brace patterns, globs, fsspec URLs), or the shards it returned.
 
-    ``model`` is a built ``ViT`` (an :class:`~vitreg_jax.embedding.embedder.Embedder` is made from it with ``dtype``
+    ``model`` is a built ``ViT`` (an :class:`~vitreg_jax.embedding.embedder.Embedder` is made from it with
+    ``dtype``
     (``"float32"``, ``"bfloat16"`` or ``"auto"``; None: the Embedder's default, float32), ``features``,
     ``batch_size`` (global; default 32 per CPU device, 256 per GPU/TPU device) and ``shard_weights``) or an
     ``Embedder`` (those four are then its own). ``cfg`` is the birder config that came with the weights: its
@@ -315,8 +318,17 @@ def _already_complete(out: Path, fmt: str) -> EmbedResult:
     if jax.process_index() == 0:
         end_run(out)
     counts = meta.get("counts", {})
-    return EmbedResult(out=out, format=fmt, embedded=counts.get("embedded", 0), failed=counts.get("failed", 0),
-                       computed=0, parts_written=0, already_complete=True, images_per_second=None, meta=meta)
+    return EmbedResult(
+        out=out,
+        format=fmt,
+        embedded=counts.get("embedded", 0),
+        failed=counts.get("failed", 0),
+        computed=0,
+        parts_written=0,
+        already_complete=True,
+        images_per_second=None,
+        meta=meta,
+    )
 
 
 def _finish_meta(

@@ -18,7 +18,8 @@ or the patch mean for ``_avg`` variants), ``"tokens"`` every token of ``forward_
 (``[REG..., CLS, PATCH...]``) and ``"patches"`` the patch tokens only, in row-major patch order.
 
 XLA:CPU flags: turning XLA:CPU's YNNPACK fusion off (``--xla_cpu_experimental_ynn_fusion_type=``) speeds
-the float32 path up and slows the bfloat16 path down (BENCHMARKS.md, "Embedding"), and flags are read once per process, before the backend starts. :func:`configure_xla_flags`
+the float32 path up and slows the bfloat16 path down (BENCHMARKS.md, "Embedding"), and flags are read once per
+process, before the backend starts. :func:`configure_xla_flags`
 applies the better choice for a dtype when the user has not set ``XLA_FLAGS`` and JAX has not started yet;
 ``vitreg-jax embed`` calls it first thing. For ``"auto"`` it uses what ``"auto"`` means on this host's CPU
 (read from the CPU's flags, without starting JAX): the flags only change XLA:CPU, so on a GPU/TPU run, where
@@ -167,7 +168,8 @@ def make_embed_fn(
     ``images`` is (B, H, W, C) float32 (any B; any H, W divisible by the patch size); the result is float32
     (B, D) for ``"cls"``, (B, S + h*w, D) for ``"tokens"``, (B, h*w, D) for ``"patches"``. ``params`` holds
     the matmul kernels in the compute dtype (``dtype``, default float32, or ``policy``: see
-    :func:`~vitreg_jax.model.precision.choose_policy`). Each new input shape compiles once; use :class:`Embedder` for
+    :func:`~vitreg_jax.model.precision.choose_policy`). Each new input shape compiles once; use
+    :class:`Embedder` for
     bucketed batches and several devices. ``micro_batch=-1`` picks :func:`default_micro_batch`.
     """
     policy = choose_policy(dtype, policy)
@@ -178,8 +180,9 @@ def make_embed_fn(
     return jax.jit(_pure_fn(graphdef, policy, features, micro)), params
 
 
-def _gathering(fn: Callable[[nnx.State, jax.Array], jax.Array],
-               specs: Any) -> Callable[[nnx.State, jax.Array], jax.Array]:
+def _gathering(
+    fn: Callable[[nnx.State, jax.Array], jax.Array], specs: Any
+) -> Callable[[nnx.State, jax.Array], jax.Array]:
     """``fn`` on whole weights, for use inside ``shard_map`` with the weights split as ``specs`` say."""
 
     def gather(leaf: jax.Array, spec: P) -> jax.Array:

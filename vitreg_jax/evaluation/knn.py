@@ -2,15 +2,18 @@
 
 :func:`knn_classify`: each validation embedding's ``k`` most
   cosine-similar training embeddings vote for their class with weight ``exp(s / T)`` (``s`` their cosine
-  similarity, ``T`` the temperature); ``temperature=None`` gives every vote weight 1 (plain majority, which for
-  ``k=1`` is the nearest neighbour's class). The neighbours come from :func:`vitreg_jax.evaluation.search.cosine_topk`,
+  similarity, ``T`` the temperature); ``temperature=None`` gives every vote weight 1 (plain majority, which
+  for
+  ``k=1`` is the nearest neighbour's class). The neighbours come from
+  :func:`vitreg_jax.evaluation.search.cosine_topk`,
   which streams the training set through the device in fixed-size blocks, so it need not fit in memory.
 The linear probe is :mod:`vitreg_jax.evaluation.linear_probe`; both on one train / val pair, as ``vitreg-jax
 eval`` reports them, is :mod:`vitreg_jax.evaluation.report`.
 
 Ties, defined so that results never depend on block sizes or sort stability: among training rows of equal
 similarity the lower row (in the order given) is the nearer neighbour (``cosine_topk``'s rule); among classes
-of equal score the lower class id ranks first. :func:`vitreg_jax.evaluation.report.evaluate_embeddings` sorts both sets by (class, key)
+of equal score the lower class id ranks first. :func:`vitreg_jax.evaluation.report.evaluate_embeddings` sorts
+both sets by (class, key)
 first, so the rows' order is that of the class names and keys, whatever order they were read in.
 """
 
@@ -66,20 +69,28 @@ def knn_classify(
     """
     train_labels = np.asarray(train_labels, np.int64)
     check_temperature(temperature)
-    if num_classes < 1 or (len(train_labels) and not 0 <= train_labels.min() <= train_labels.max() < num_classes):
+    if num_classes < 1 or (
+        len(train_labels) and not 0 <= train_labels.min() <= train_labels.max() < num_classes
+    ):
         raise UserError(f"training labels must be class ids in [0, {num_classes})")
     if isinstance(train_emb, np.ndarray) or hasattr(train_emb, "shape"):
         train = np.asarray(train_emb)
         if train.ndim != 2 or len(train) != len(train_labels):
-            raise UserError(f"expected (N, D) training embeddings with N = {len(train_labels)} labels, "
-                            f"got shape {train.shape}")
+            raise UserError(
+                f"expected (N, D) training embeddings with N = {len(train_labels)} labels, "
+                f"got shape {train.shape}"
+            )
         blocks: Iterable[np.ndarray] = (train[i : i + block_rows] for i in range(0, len(train), block_rows))
     else:
         blocks = train_emb
     sims, rows = cosine_topk(val_emb, blocks, k, index_block=block_rows)  # (Q, k), (Q, k)
     if rows.size and rows.max() >= len(train_labels):
         raise UserError(f"more training embeddings than the {len(train_labels)} labels given")
-    weights = np.ones_like(sims, np.float64) if temperature is None else np.exp(sims.astype(np.float64) / temperature)
+    weights = (
+        np.ones_like(sims, np.float64)
+        if temperature is None
+        else np.exp(sims.astype(np.float64) / temperature)
+    )
     scores = np.zeros((len(sims), num_classes), np.float64)  # (Q, C)
     np.add.at(scores, (np.arange(len(sims))[:, None], train_labels[rows]), weights)
     return KNNResult(scores=scores, predictions=ranking(scores, TOP_K), neighbours=rows, similarities=sims)

@@ -1,7 +1,8 @@
 """Labelled sets for evaluation: image folders in the ImageFolder layout, or ``embed`` outputs of them.
 
 An image folder holds one sub-folder per class, named after the class; every image under a class folder
-(recursively, hidden names skipped, the extensions of :data:`vitreg_jax.data.inputs.IMAGE_EXTENSIONS`) belongs to
+(recursively, hidden names skipped, the extensions of :data:`vitreg_jax.data.inputs.IMAGE_EXTENSIONS`) belongs
+to
 that class. For an ``embed`` output, each row's class is the name of the folder its path (or tar key)
 sits in, so embedding such a folder with ``vitreg-jax embed`` keeps the labels.
 
@@ -92,22 +93,28 @@ def class_of_key(key: str) -> str:
     return posixpath.basename(posixpath.dirname(key.replace(os.sep, "/")))
 
 
-def load_labelled_embeddings(directory: str | os.PathLike[str], what: str = "embeddings") -> LabelledEmbeddings:
+def load_labelled_embeddings(
+    directory: str | os.PathLike[str], what: str = "embeddings"
+) -> LabelledEmbeddings:
     """An ``embed`` output folder (either format) with each row's class taken from its path's folder."""
     from vitreg_jax.embedding.reader import open_embeddings
 
     directory = os.fspath(directory)
     emb_set = open_embeddings(directory)
     if len(emb_set.shape) != 1:
-        raise UserError(f"{what} {directory}: holds per-token features {emb_set.shape}; evaluation needs one "
-                        "vector per image (embed with --features cls)")
+        raise UserError(
+            f"{what} {directory}: holds per-token features {emb_set.shape}; evaluation needs one "
+            "vector per image (embed with --features cls)"
+        )
     keys, emb = emb_set.load()
     emb = np.asarray(emb, np.float32)
     names = [class_of_key(k) for k in keys]
     if any(not n for n in names):
         bad = keys[names.index("")]
-        raise UserError(f"{what} {directory}: cannot tell the class of {bad!r} (expected paths like "
-                        "CLASS/IMAGE, as embedding a folder with one sub-folder per class gives)")
+        raise UserError(
+            f"{what} {directory}: cannot tell the class of {bad!r} (expected paths like "
+            "CLASS/IMAGE, as embedding a folder with one sub-folder per class gives)"
+        )
     failures = [(str(p), str(r)) for p, r in emb_set.failures]
     check_two_classes(names, f"{what} {directory}: ")
     return LabelledEmbeddings(emb, names, list(keys), failures)
@@ -124,7 +131,8 @@ def embed_folders(
     workers: int | None = None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> list[LabelledEmbeddings]:
-    """Embed several labelled folders with one compiled :class:`~vitreg_jax.embedding.embedder.Embedder` of ``net``
+    """Embed several labelled folders with one compiled :class:`~vitreg_jax.embedding.embedder.Embedder` of
+    ``net``
     (default size: the model's). ``progress(root, done, total)`` follows each folder."""
     from vitreg_jax.data.preprocess import classification_transform
     from vitreg_jax.embedding.embedder import Embedder

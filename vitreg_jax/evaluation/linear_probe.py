@@ -74,8 +74,9 @@ def holdout_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.nd
     return np.sort(np.concatenate(fit)), np.sort(np.concatenate(held))
 
 
-def _loss(params: tuple[jax.Array, jax.Array], x: jax.Array, y: jax.Array, rows: jax.Array,
-          l2: jax.Array) -> jax.Array:
+def _loss(
+    params: tuple[jax.Array, jax.Array], x: jax.Array, y: jax.Array, rows: jax.Array, l2: jax.Array
+) -> jax.Array:
     w, b = params
     logits = x @ w + b  # (N, C)
     nll = jax.nn.logsumexp(logits, axis=1) - jnp.take_along_axis(logits, y[:, None], axis=1)[:, 0]
@@ -84,7 +85,13 @@ def _loss(params: tuple[jax.Array, jax.Array], x: jax.Array, y: jax.Array, rows:
 
 @partial(jax.jit, static_argnames=("num_classes", "max_iter"))
 def _fit(
-    x: jax.Array, y: jax.Array, rows: jax.Array, l2: jax.Array, tol: jax.Array, *, num_classes: int,
+    x: jax.Array,
+    y: jax.Array,
+    rows: jax.Array,
+    l2: jax.Array,
+    tol: jax.Array,
+    *,
+    num_classes: int,
     max_iter: int,
 ) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
     """L-BFGS from zeros on the rows where ``rows`` is 1: ``((W (D, C), b (C,)), iterations)``. Held-out rows
@@ -131,8 +138,14 @@ def topk_accuracy(predictions: np.ndarray, labels: np.ndarray, k: int) -> float:
 
 
 def fit_probe(
-    x: np.ndarray, y: np.ndarray, l2: float, *, num_classes: int, rows: np.ndarray | None = None,
-    max_iter: int = MAX_ITER, tol: float = GRAD_TOL,
+    x: np.ndarray,
+    y: np.ndarray,
+    l2: float,
+    *,
+    num_classes: int,
+    rows: np.ndarray | None = None,
+    max_iter: int = MAX_ITER,
+    tol: float = GRAD_TOL,
 ) -> tuple[tuple[jax.Array, jax.Array], int]:
     """One fit on already-standardised rows (only those listed in ``rows``, default all):
     ``((W, b), iterations)``."""
@@ -195,16 +208,18 @@ def linear_probe(
         y_held = train_labels[held_rows]
         choice = []
         for value in l2_grid:
-            params, _ = fit_probe(x_sel, train_labels, value, num_classes=num_classes, rows=fit_rows,
-                                  max_iter=max_iter, tol=tol)
+            params, _ = fit_probe(
+                x_sel, train_labels, value, num_classes=num_classes, rows=fit_rows, max_iter=max_iter, tol=tol
+            )
             logits = _logits(params, x_sel[held_rows])
             holdout[float(value)] = acc = topk_accuracy(ranking(logits, 1), y_held, 1)
             loss = float(np.mean(_log_softmax(logits)[np.arange(len(y_held)), y_held]) * -1)
             choice.append((acc, -loss, value))
         l2 = float(max(choice)[2])
 
-    params, iterations = fit_probe(x_train, train_labels, l2, num_classes=num_classes, max_iter=max_iter,
-                                   tol=tol)
+    params, iterations = fit_probe(
+        x_train, train_labels, l2, num_classes=num_classes, max_iter=max_iter, tol=tol
+    )
     predictions = ranking(_logits(params, x_val))
     return ProbeResult(
         top1=topk_accuracy(predictions, val_labels, 1),

@@ -1,6 +1,7 @@
 """k-NN accuracy of an encoder that changes (one being pre-trained), on a fixed labelled train / val pair.
 
-:class:`KNNMonitor` reads two labelled folders (the ImageFolder layout of :mod:`vitreg_jax.evaluation.labelled_embeddings`) once,
+:class:`KNNMonitor` reads two labelled folders (the ImageFolder layout of
+:mod:`vitreg_jax.evaluation.labelled_embeddings`) once,
 decodes and preprocesses every image once (kept in memory: meant for evaluation sets of a few thousand
 images at most), and then, for each encoder it is given, embeds both sets with one compiled
 :class:`~vitreg_jax.embedding.embedder.Embedder` and returns DINO's weighted k-NN top-1 / top-5 accuracy
@@ -43,7 +44,8 @@ DEFAULT_BATCH_SIZE = 64
 
 
 class _Pixels:
-    """One labelled folder decoded once: images (N, H, W, 3) float32 in (class, path) order, labels, failures."""
+    """One labelled folder decoded once: images (N, H, W, 3) float32 in (class, path) order, labels,
+    failures."""
 
     def __init__(self, root: str, what: str, transform: Any, workers: int | None):
         folder = read_labelled_folder(root, what).sorted()
@@ -76,10 +78,20 @@ class KNNMonitor:
     :class:`UserError`s, raised here, before any training starts.
     """
 
-    def __init__(self, train_dir: str | os.PathLike[str], val_dir: str | os.PathLike[str], *,
-                 size: tuple[int, int], rgb_stats: Mapping[str, Any], k: int = DEFAULT_K,
-                 temperature: float = DEFAULT_TEMPERATURE, batch_size: int = DEFAULT_BATCH_SIZE,
-                 mesh: Mesh | None = None, policy: ComputePolicy | None = None, workers: int | None = None):
+    def __init__(
+        self,
+        train_dir: str | os.PathLike[str],
+        val_dir: str | os.PathLike[str],
+        *,
+        size: tuple[int, int],
+        rgb_stats: Mapping[str, Any],
+        k: int = DEFAULT_K,
+        temperature: float = DEFAULT_TEMPERATURE,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        mesh: Mesh | None = None,
+        policy: ComputePolicy | None = None,
+        workers: int | None = None,
+    ):
         from vitreg_jax.data.preprocess import classification_transform
 
         transform = classification_transform(tuple(size), rgb_stats)
@@ -103,11 +115,19 @@ class KNNMonitor:
             self._embedder = Embedder(encoder, batch_size=self.batch_size, mesh=self.mesh, policy=self.policy)
         else:
             self._embedder.load_weights(encoder)
-        return (self.train.labelled(self._embedder(self.train.images, full_batches=True)),
-                self.val.labelled(self._embedder(self.val.images, full_batches=True)))
+        return (
+            self.train.labelled(self._embedder(self.train.images, full_batches=True)),
+            self.val.labelled(self._embedder(self.val.images, full_batches=True)),
+        )
 
     def __call__(self, encoder: ViT) -> dict[str, float]:
         train, val = self.embed(encoder)
-        result = knn_classify(train.embeddings, train.labels, val.embeddings, k=self.k,
-                              temperature=self.temperature, num_classes=len(self.classes))
+        result = knn_classify(
+            train.embeddings,
+            train.labels,
+            val.embeddings,
+            k=self.k,
+            temperature=self.temperature,
+            num_classes=len(self.classes),
+        )
         return {"top1": result.accuracy(val.labels, 1), "top5": result.accuracy(val.labels, TOP_K)}

@@ -43,10 +43,12 @@ def evaluate_embeddings(
     train, val = train.sorted(), val.sorted()
     check_k(k, len(train.labels), name="-k")
     c = len(classes)
-    weighted = knn_classify(train.embeddings, train.labels, val.embeddings, k=k, temperature=temperature,
-                            num_classes=c)
-    nearest = knn_classify(train.embeddings, train.labels, val.embeddings, k=1, temperature=None,
-                           num_classes=c)
+    weighted = knn_classify(
+        train.embeddings, train.labels, val.embeddings, k=k, temperature=temperature, num_classes=c
+    )
+    nearest = knn_classify(
+        train.embeddings, train.labels, val.embeddings, k=1, temperature=None, num_classes=c
+    )
     report: dict[str, Any] = {
         "knn_top1": weighted.accuracy(val.labels, 1),
         "knn_top5": weighted.accuracy(val.labels, TOP_K),
@@ -56,10 +58,21 @@ def evaluate_embeddings(
         "linear_l2": None,
     }
     if linear:
-        probe = linear_probe(train.embeddings, train.labels, val.embeddings, val.labels, seed=seed,
-                             num_classes=c, l2_grid=l2_grid)
-        report.update(linear_top1=probe.top1, linear_top5=probe.top5, linear_l2=probe.l2,
-                      linear_holdout_top1={str(key): v for key, v in probe.holdout.items()})
+        probe = linear_probe(
+            train.embeddings,
+            train.labels,
+            val.embeddings,
+            val.labels,
+            seed=seed,
+            num_classes=c,
+            l2_grid=l2_grid,
+        )
+        report.update(
+            linear_top1=probe.top1,
+            linear_top5=probe.top5,
+            linear_l2=probe.l2,
+            linear_holdout_top1={str(key): v for key, v in probe.holdout.items()},
+        )
     report["classes"] = classes
     report["counts"] = {"classes": c, "train": len(train.labels), "val": len(val.labels)}
     return report

@@ -39,7 +39,8 @@ from vitreg_jax.evaluation.settings import DEFAULT_INDEX_BLOCK
 if TYPE_CHECKING:
     from numpy.typing import ArrayLike
 
-# Query rows per device step: a (query_block, index_block) float32 score tile per step (64 MiB at 1024 x 16384).
+# Query rows per device step: a (query_block, index_block) float32 score tile per step (64 MiB at 1024 x
+# 16384).
 DEFAULT_QUERY_BLOCK = 1024
 MAX_ROWS = 2**31 - 1
 # A stream shorter than one block gets a smaller block: its row count rounded up to a power of two, at least:
@@ -112,7 +113,8 @@ def _as_matrix(x: ArrayLike, what: str, dim: int | None = None) -> np.ndarray:
 
 
 def _fixed_blocks(blocks: Iterable[ArrayLike], dim: int, size: int) -> Iterator[tuple[np.ndarray, int]]:
-    """Regroup a stream of (n_i, D) arrays into (size, D) float32 blocks, the last zero-padded: (block, valid).
+    """Regroup a stream of (n_i, D) arrays into (size, D) float32 blocks, the last zero-padded: (block,
+    valid).
 
     When the whole stream is shorter than ``size``, the one block is smaller: the row count rounded up to a
     power of two (at least MIN_BLOCK), so small indexes do not pay for a full block.

@@ -20,7 +20,9 @@ DEFAULT_NEIGHBOURS = 10
 DEFAULT_INDEX_BLOCK = 16384
 
 
-def check_k(k: object, available: int | None = None, *, name: str = "k", what: str = "training embeddings") -> None:
+def check_k(
+    k: object, available: int | None = None, *, name: str = "k", what: str = "training embeddings"
+) -> None:
     """``k`` is a positive integer, and at most ``available`` (the rows it is drawn from) when given."""
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
         raise UserError(f"{name} must be a positive integer, got {k!r}")
@@ -39,8 +41,10 @@ def check_same_classes(train: Iterable[str], val: Iterable[str]) -> None:
     only_train = sorted(set(train) - set(val))
     only_val = sorted(set(val) - set(train))
     if only_train or only_val:
-        parts = [f"only in train: {_names(only_train)}" if only_train else "",
-                 f"only in val: {_names(only_val)}" if only_val else ""]
+        parts = [
+            f"only in train: {_names(only_train)}" if only_train else "",
+            f"only in val: {_names(only_val)}" if only_val else "",
+        ]
         raise UserError("train and val have different classes (" + "; ".join(p for p in parts if p) + ")")
 
 

@@ -4,7 +4,8 @@ Each function's value is the plain JAX expression (what the parity tests hold ag
 gradients only change how the backward pass is computed, for speed (BENCHMARKS.md, "MAE train step"):
 
 - :func:`dense` and :func:`matmul`: the matmul dtype follows the weights (bf16 inputs with float32
-  accumulation, or float32: :class:`vitreg_jax.model.precision.ComputePolicy` casts the kernels); in bf16 the gradient
+  accumulation, or float32: :class:`vitreg_jax.model.precision.ComputePolicy` casts the kernels); in bf16 the
+  gradient
   matmuls are bf16 too, as under torch's autocast.
 - :func:`softmax`, :func:`gelu`: single-pass gradients from the saved output / input.
 - :func:`residual_grad_boundary`: one buffer per residual-stream gradient on CPU.
@@ -48,16 +49,18 @@ def _low_precision_matmul(a: jax.Array, b: jax.Array, dtype: jnp.dtype, shared_r
     return jnp.matmul(a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
 
 
-def _low_precision_matmul_fwd(a: jax.Array, b: jax.Array, dtype: jnp.dtype,
-                              shared_rhs: bool) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+def _low_precision_matmul_fwd(
+    a: jax.Array, b: jax.Array, dtype: jnp.dtype, shared_rhs: bool
+) -> tuple[jax.Array, tuple[jax.Array, ...]]:
     ac, bc = a.astype(dtype), b.astype(dtype)
     y = jnp.matmul(ac, bc, preferred_element_type=jnp.float32)
     # zero-size arrays carry the input dtypes (residuals must be arrays)
     return y, (ac, bc, jnp.zeros((0,), a.dtype), jnp.zeros((0,), b.dtype))
 
 
-def _low_precision_matmul_bwd(dtype: jnp.dtype, shared_rhs: bool, res: tuple[jax.Array, ...],
-                              g: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _low_precision_matmul_bwd(
+    dtype: jnp.dtype, shared_rhs: bool, res: tuple[jax.Array, ...], g: jax.Array
+) -> tuple[jax.Array, jax.Array]:
     ac, bc, a_dtype, b_dtype = res
     gc = g.astype(dtype)
     da = jnp.matmul(gc, jnp.swapaxes(bc, -1, -2), preferred_element_type=jnp.float32)  # (..., m, k)

@@ -11,7 +11,8 @@ from vitreg_jax.model.layers import Linear
 
 
 class Attention(nnx.Module):
-    """Multi-head self-attention with birder's fused ``qkv`` projection (rows ordered [q; k; v], head-major)."""
+    """Multi-head self-attention with birder's fused ``qkv`` projection (rows ordered [q; k; v],
+    head-major)."""
 
     def __init__(self, dim: int, num_heads: int, *, qkv_bias: bool, init: str, rngs: nnx.Rngs):
         if dim % num_heads:

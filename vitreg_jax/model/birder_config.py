@@ -54,13 +54,16 @@ def vit_config_from_birder(cfg: Mapping[str, Any]) -> ViTConfig:
 def _vit_config_from_birder(cfg: Mapping[str, Any]) -> ViTConfig:
     task = cfg.get("task", CLASSIFICATION_TASK)
     if task != CLASSIFICATION_TASK:
-        raise UserError(f"birder config is for task {task!r}; vitreg-jax loads {CLASSIFICATION_TASK!r} "
-                        "ViT encoders")
+        raise UserError(
+            f"birder config is for task {task!r}; vitreg-jax loads {CLASSIFICATION_TASK!r} ViT encoders"
+        )
     name = cfg.get("name")
     registered = cfg.get("registered_name") or name
     if name not in (None, "vit"):
-        raise UserError(f"birder network {registered or name!r} is not a ViT (name {name!r}); vitreg-jax ports "
-                        "birder's `vit` family")
+        raise UserError(
+            f"birder network {registered or name!r} is not a ViT (name {name!r}); vitreg-jax ports "
+            "birder's `vit` family"
+        )
     try:
         shape = cfg["signature"]["inputs"][0]["data_shape"]
         outputs = cfg["signature"]["outputs"][0]["data_shape"]
@@ -70,13 +73,23 @@ def _vit_config_from_birder(cfg: Mapping[str, Any]) -> ViTConfig:
     size = (int(shape[2]), int(shape[3]))
     model_config = cfg.get("model_config")
     if model_config is None:  # very old json (net_param era): the registered name says it all
-        return preset(canonical_name(str(registered)), image_size=size, num_classes=num_classes,
-                      in_channels=int(shape[1]))
-    return ViTConfig.from_birder(model_config, image_size=size, num_classes=num_classes, in_channels=int(shape[1]))
+        return preset(
+            canonical_name(str(registered)),
+            image_size=size,
+            num_classes=num_classes,
+            in_channels=int(shape[1]),
+        )
+    return ViTConfig.from_birder(
+        model_config, image_size=size, num_classes=num_classes, in_channels=int(shape[1])
+    )
 
 
-def birder_config(vit_cfg: ViTConfig, rgb_stats: Mapping[str, Any], registered_name: str | None = None,
-                  birder_version: str = DEFAULT_BIRDER_VERSION) -> dict[str, Any]:
+def birder_config(
+    vit_cfg: ViTConfig,
+    rgb_stats: Mapping[str, Any],
+    registered_name: str | None = None,
+    birder_version: str = DEFAULT_BIRDER_VERSION,
+) -> dict[str, Any]:
     """The json birder writes beside a weights file (``fs_ops.write_config``), for this architecture."""
     h, w = vit_cfg.image_size
     return {
@@ -85,7 +98,9 @@ def birder_config(vit_cfg: ViTConfig, rgb_stats: Mapping[str, Any], registered_n
         "registered_name": registered_name or "vit",
         "task": CLASSIFICATION_TASK,
         "model_config": vit_cfg.to_birder(),
-        "signature": {"inputs": [{"data_shape": [0, vit_cfg.in_channels, h, w]}],
-                      "outputs": [{"data_shape": [0, vit_cfg.num_classes]}]},
+        "signature": {
+            "inputs": [{"data_shape": [0, vit_cfg.in_channels, h, w]}],
+            "outputs": [{"data_shape": [0, vit_cfg.num_classes]}],
+        },
         "rgb_stats": {"mean": list(rgb_stats["mean"]), "std": list(rgb_stats["std"])},
     }

@@ -25,9 +25,20 @@ class MLP(nnx.Module):
 class EncoderBlock(nnx.Module):
     """Pre-norm transformer block: ``x + DP(LS1(attn(norm1(x))))`` then ``x + DP(LS2(mlp(norm2(x))))``."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_dim: int, *, eps: float, qkv_bias: bool = True,
-                 layer_scale: float | None = None, drop_path_rate: float = 0.0, attn_init: str = "trunc_normal",
-                 mlp_init: str = "torch", rngs: nnx.Rngs):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_dim: int,
+        *,
+        eps: float,
+        qkv_bias: bool = True,
+        layer_scale: float | None = None,
+        drop_path_rate: float = 0.0,
+        attn_init: str = "trunc_normal",
+        mlp_init: str = "torch",
+        rngs: nnx.Rngs,
+    ):
         self.norm1 = LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, init=attn_init, rngs=rngs)
         self.norm2 = LayerNorm(dim, eps=eps)
@@ -52,5 +63,13 @@ class EncoderBlock(nnx.Module):
 
 
 def encoder_block(cfg: ViTConfig, drop_path_rate: float, rngs: nnx.Rngs) -> EncoderBlock:
-    return EncoderBlock(cfg.hidden_dim, cfg.num_heads, cfg.mlp_dim, eps=cfg.norm_layer_eps, qkv_bias=cfg.qkv_bias,
-                        layer_scale=cfg.layer_scale_init_value, drop_path_rate=drop_path_rate, rngs=rngs)
+    return EncoderBlock(
+        cfg.hidden_dim,
+        cfg.num_heads,
+        cfg.mlp_dim,
+        eps=cfg.norm_layer_eps,
+        qkv_bias=cfg.qkv_bias,
+        layer_scale=cfg.layer_scale_init_value,
+        drop_path_rate=drop_path_rate,
+        rngs=rngs,
+    )

@@ -64,15 +64,24 @@ def _variables(net: nnx.Module, kinds: tuple[type[nnx.Variable], ...]) -> dict[P
     return flatten(nnx.to_pure_dict(nnx.state(net, kinds)))
 
 
-def get_params(net: nnx.Module, kinds: tuple[type[nnx.Variable], ...] = (nnx.Param,)) -> dict[ParamPath, np.ndarray]:
-    """{path: numpy array} of a model's variables of ``kinds`` (default: its parameters; list indices as ints)."""
+def get_params(
+    net: nnx.Module, kinds: tuple[type[nnx.Variable], ...] = (nnx.Param,)
+) -> dict[ParamPath, np.ndarray]:
+    """{path: numpy array} of a model's variables of ``kinds`` (default: its parameters; list indices as
+    ints)."""
     return {k: np.asarray(v) for k, v in _variables(net, kinds).items()}
 
 
-def set_params(net: nnx.Module, params: Mapping[ParamPath, np.ndarray | jnp.ndarray],
-               dtype: DTypeLike = jnp.float32, *, kinds: tuple[type[nnx.Variable], ...] = (nnx.Param,),
-               what: str = "parameters do not fit the model") -> nnx.Module:
-    """Put arrays into the model's variables of ``kinds``, refusing (``what``) missing, extra or mis-shaped ones."""
+def set_params(
+    net: nnx.Module,
+    params: Mapping[ParamPath, np.ndarray | jnp.ndarray],
+    dtype: DTypeLike = jnp.float32,
+    *,
+    kinds: tuple[type[nnx.Variable], ...] = (nnx.Param,),
+    what: str = "parameters do not fit the model",
+) -> nnx.Module:
+    """Put arrays into the model's variables of ``kinds``, refusing (``what``) missing, extra or mis-shaped
+    ones."""
     current = _variables(net, kinds)  # shapes only: ``net`` may be abstract
     check_fit(params, {k: v.shape for k, v in current.items()}, what)
     nnx.update(net, unflatten({k: jnp.asarray(np.asarray(v), dtype) for k, v in params.items()}))
@@ -80,9 +89,9 @@ def set_params(net: nnx.Module, params: Mapping[ParamPath, np.ndarray | jnp.ndar
 
 
 # checkpoint directories --------------------------------------------------------------------------------
-def model_from_checkpoint(directory: str | os.PathLike[str],
-                          config: str | os.PathLike[str] | Mapping[str, Any] | None = None
-                          ) -> tuple[ViT, dict[str, Any]]:
+def model_from_checkpoint(
+    directory: str | os.PathLike[str], config: str | os.PathLike[str] | Mapping[str, Any] | None = None
+) -> tuple[ViT, dict[str, Any]]:
     """(model, birder config dict) of a vitreg-jax checkpoint; ``config`` replaces the one it carries."""
     params, meta = load_checkpoint(directory)
     if config is None and not isinstance(meta.get("birder_config"), Mapping):
@@ -92,21 +101,44 @@ def model_from_checkpoint(directory: str | os.PathLike[str],
     return net, cfg
 
 
-def checkpoint_metadata(vit_cfg: ViTConfig, cfg: Mapping[str, Any], *, source: WeightsSource | None = None,
-                        dtype: str = "float32", extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def checkpoint_metadata(
+    vit_cfg: ViTConfig,
+    cfg: Mapping[str, Any],
+    *,
+    source: WeightsSource | None = None,
+    dtype: str = "float32",
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """``metadata.json`` content: configs, signature, rgb_stats and where the weights came from."""
     provenance: dict[str, Any] = {"converter": "vitreg-jax", "converter_version": __version__}
     if source is not None:
-        provenance.update(source_file=source.path.name, source_sha256=source.sha256, source_format=source.format,
-                          source_dtypes=source.dtypes, birder_version=source.meta.get("birder_version"))
+        provenance.update(
+            source_file=source.path.name,
+            source_sha256=source.sha256,
+            source_format=source.format,
+            source_dtypes=source.dtypes,
+            birder_version=source.meta.get("birder_version"),
+        )
     provenance.update(extra or {})
-    return {"vit_config": vit_cfg.to_dict(), "birder_config": dict(cfg), "signature": cfg["signature"],
-            "rgb_stats": cfg["rgb_stats"], "dtype": dtype, "provenance": provenance}
+    return {
+        "vit_config": vit_cfg.to_dict(),
+        "birder_config": dict(cfg),
+        "signature": cfg["signature"],
+        "rgb_stats": cfg["rgb_stats"],
+        "dtype": dtype,
+        "provenance": provenance,
+    }
 
 
-def save_model(directory: str | os.PathLike[str], net: ViT, cfg: Mapping[str, Any], *,
-               source: WeightsSource | None = None, force: bool = False,
-               extra: Mapping[str, Any] | None = None) -> Path:
+def save_model(
+    directory: str | os.PathLike[str],
+    net: ViT,
+    cfg: Mapping[str, Any],
+    *,
+    source: WeightsSource | None = None,
+    force: bool = False,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
     """Save a model as a vitreg-jax checkpoint directory (see ``vitreg_jax.model.checkpoint``)."""
     params = unflatten(get_params(net))
     # the signature follows the model (adjust_size may have changed its size since the config was read)

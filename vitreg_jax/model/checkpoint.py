@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import jax
 import numpy as np
 
-from vitreg_jax import _partials as partials
+from vitreg_jax import _locks
 from vitreg_jax.errors import UserError
 from vitreg_jax.fileio import atomic_write_json, first_line, read_json_object, umask
 
@@ -59,13 +59,19 @@ def _checkpointer() -> ocp.Checkpointer:
     local = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
     registry = ocp.type_handlers.create_type_handler_registry(
         (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
-        (jax.Array, ocp.type_handlers.get_type_handler(jax.Array)))  # unused; keeps Orbax from warning
+        (jax.Array, ocp.type_handlers.get_type_handler(jax.Array)),
+    )  # unused; keeps Orbax from warning
     handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry, multiprocessing_options=local)
     return ocp.Checkpointer(handler, multiprocessing_options=local)
 
 
-def save_checkpoint(directory: str | os.PathLike[str], params: Mapping[Any, Any], metadata: Mapping[str, Any],
-                    *, force: bool = False) -> Path:
+def save_checkpoint(
+    directory: str | os.PathLike[str],
+    params: Mapping[Any, Any],
+    metadata: Mapping[str, Any],
+    *,
+    force: bool = False,
+) -> Path:
     """Write ``params`` (nested dict of arrays) and ``metadata`` to ``directory`` atomically.
 
     An existing ``directory`` is refused unless ``force``; then it is replaced only once the new one is whole.
@@ -79,9 +85,9 @@ def save_checkpoint(directory: str | os.PathLike[str], params: Mapping[Any, Any]
         raise UserError(f"{out}: exists and is not a vitreg-jax checkpoint; refusing to replace it")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        partials.remove_stale(out)  # left by runs that were killed before they could clean up
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=partials.SUFFIX, dir=out.parent))
-        held = partials.hold(tmp)  # while this process lives, no other run takes tmp for stale
+        _locks.remove_stale(out)  # left by runs that were killed before they could clean up
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=_locks.SUFFIX, dir=out.parent))
+        held = _locks.hold(tmp)  # while this process lives, no other run takes tmp for stale
     except OSError as e:
         raise UserError(f"{out.parent}: cannot write there ({e.strerror or first_line(e)})") from None
     try:
@@ -95,7 +101,7 @@ def save_checkpoint(directory: str | os.PathLike[str], params: Mapping[Any, Any]
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
-        partials.release(held)
+        _locks.release(held)
     return out
 
 
@@ -104,7 +110,9 @@ def read_metadata(directory: str | os.PathLike[str]) -> dict[str, Any]:
     if not d.exists():
         raise UserError(f"{d}: no such checkpoint directory")
     if not is_checkpoint(d):
-        raise UserError(f"{d}: not a vitreg-jax checkpoint (expected {METADATA_FILE} and {PARAMS_DIR}/ inside)")
+        raise UserError(
+            f"{d}: not a vitreg-jax checkpoint (expected {METADATA_FILE} and {PARAMS_DIR}/ inside)"
+        )
     meta = read_json_object(d / METADATA_FILE, "a vitreg-jax checkpoint's metadata")
     if meta.get("format") != FORMAT:
         raise UserError(f"{d}: unknown checkpoint format {meta.get('format')!r} (expected {FORMAT!r})")
@@ -121,12 +129,16 @@ def restore_params(directory: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         item = ckptr.metadata(d / PARAMS_DIR).item_metadata
         if item is None:  # Orbax found no readable tree metadata (it only logs a warning)
-            raise UserError(f"{d}: the weights could not be restored (damaged checkpoint?): no readable "
-                            f"{PARAMS_DIR}/_METADATA")
+            raise UserError(
+                f"{d}: the weights could not be restored (damaged checkpoint?): no readable "
+                f"{PARAMS_DIR}/_METADATA"
+            )
         args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item.tree)
         return ckptr.restore(d / PARAMS_DIR, restore_args=args)
     except (OSError, ValueError, RuntimeError, KeyError) as e:
-        raise UserError(f"{d}: the weights could not be restored (damaged checkpoint?): {first_line(e)}") from None
+        raise UserError(
+            f"{d}: the weights could not be restored (damaged checkpoint?): {first_line(e)}"
+        ) from None
 
 
 def load_checkpoint(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -32,8 +32,14 @@ UNSUPPORTED_UNLESS: dict[str, tuple[Any, ...]] = {
     "projection_dropout": (0, 0.0),
 }
 # options that only matter when the unsupported feature above is on: accepted and ignored
-INERT_OPTIONS = {"attn_pool_type", "attn_pool_num_heads", "attn_pool_special_tokens", "attn_pool_norm_eps",
-                 "attn_pool_act_layer_type", "soft_moe_num_slots"}
+INERT_OPTIONS = {
+    "attn_pool_type",
+    "attn_pool_num_heads",
+    "attn_pool_special_tokens",
+    "attn_pool_norm_eps",
+    "attn_pool_act_layer_type",
+    "soft_moe_num_slots",
+}
 BIRDER_VIT_NAMES = ("vit", "deit3")
 MAX_LAYERS = 1024  # far above any ViT's depth
 MAX_SIZE = 2**31 - 1  # any other size (a width, a token or class count, an image side) fits int32
@@ -49,7 +55,9 @@ class ViTConfig:
     hidden_dim: int
     mlp_dim: int
     num_reg_tokens: int = 0
-    class_token: bool = True  # False: the embedding is the mean of the patch tokens (birder's `_avg` variants)
+    class_token: bool = (
+        True  # False: the embedding is the mean of the patch tokens (birder's `_avg` variants)
+    )
     abs_pos_embed: bool = True
     pos_embed_special_tokens: bool = True  # the learned position embedding has rows for [REG..., CLS] too
     pos_embed_antialias: bool = False  # dynamic-size resampling (adjust_size always antialiases, as birder)
@@ -70,14 +78,23 @@ class ViTConfig:
         for f in dataclasses.fields(self):  # a wrong type is a user error, named, before any arithmetic
             value = getattr(self, f.name)
             if not _has_type(value, str(f.type)):
-                raise UserError(f"ViTConfig.{f.name} must be of type {f.type}, got {value!r:.60} "
-                                f"({type(value).__name__})")
+                raise UserError(
+                    f"ViTConfig.{f.name} must be of type {f.type}, got {value!r:.60} ({type(value).__name__})"
+                )
         for name in ("patch_size", "num_layers", "num_heads", "hidden_dim", "mlp_dim", "in_channels"):
             if getattr(self, name) <= 0:
                 raise UserError(f"ViTConfig.{name} must be positive, got {getattr(self, name)}")
         if self.num_layers > MAX_LAYERS:  # each block is built in Python: a damaged config must not hang
             raise UserError(f"ViTConfig.num_layers {self.num_layers} is implausible (at most {MAX_LAYERS})")
-        sizes = ("patch_size", "num_heads", "hidden_dim", "mlp_dim", "num_reg_tokens", "num_classes", "in_channels")
+        sizes = (
+            "patch_size",
+            "num_heads",
+            "hidden_dim",
+            "mlp_dim",
+            "num_reg_tokens",
+            "num_classes",
+            "in_channels",
+        )
         for name, value in [*((n, getattr(self, n)) for n in sizes), ("image_size", max(self.image_size))]:
             if value > MAX_SIZE:
                 raise UserError(f"ViTConfig.{name} {value} is implausible (at most {MAX_SIZE})")
@@ -134,14 +151,23 @@ class ViTConfig:
 
     # birder ----------------------------------------------------------------------------------------------
     @classmethod
-    def from_birder(cls, model_config: dict[str, Any], *, image_size: tuple[int, int] = (224, 224),
-                    num_classes: int = 0, in_channels: int = 3) -> ViTConfig:
-        """From birder's ``model_config`` dict (the resolved ``net.config``); refuses unimplemented options."""
+    def from_birder(
+        cls,
+        model_config: dict[str, Any],
+        *,
+        image_size: tuple[int, int] = (224, 224),
+        num_classes: int = 0,
+        in_channels: int = 3,
+    ) -> ViTConfig:
+        """From birder's ``model_config`` dict (the resolved ``net.config``); refuses unimplemented
+        options."""
         mc = dict(model_config)
         for key, allowed in UNSUPPORTED_UNLESS.items():
             if key in mc and mc[key] not in allowed:
-                raise UserError(f"unsupported birder ViT option {key}={mc[key]!r}: vitreg-jax implements only "
-                                f"{key} in {list(allowed)}")
+                raise UserError(
+                    f"unsupported birder ViT option {key}={mc[key]!r}: vitreg-jax implements only "
+                    f"{key} in {list(allowed)}"
+                )
         for key in (*UNSUPPORTED_UNLESS, *INERT_OPTIONS):
             mc.pop(key, None)
         out_indices, depth = mc.get("out_indices"), mc.get("num_layers")
@@ -153,13 +179,16 @@ class ViTConfig:
         unknown = sorted(set(mc) - names)
         if unknown:
             raise UserError(f"unsupported birder ViT option(s): {', '.join(unknown)}")
-        missing = [k for k in ("patch_size", "num_layers", "num_heads", "hidden_dim", "mlp_dim") if k not in mc]
+        missing = [
+            k for k in ("patch_size", "num_layers", "num_heads", "hidden_dim", "mlp_dim") if k not in mc
+        ]
         if missing:
             raise UserError(f"birder model_config lacks {', '.join(missing)}")
         return cls(**mc, num_classes=num_classes, in_channels=in_channels, image_size=tuple(image_size))
 
     def to_birder(self) -> dict[str, Any]:
-        """birder's ``model_config`` for this architecture (size, classes and channels go in the signature)."""
+        """birder's ``model_config`` for this architecture (size, classes and channels go in the
+        signature)."""
         d = self.to_dict()
         for key in ("num_classes", "in_channels", "image_size"):
             d.pop(key)
@@ -194,12 +223,11 @@ def canonical_name(name: str) -> str:
 
 
 def preset(name: str, **overrides: Any) -> ViTConfig:
-    """A ``ViTConfig`` by birder network name, e.g. ``preset("vit_reg4_b16")`` or the legacy ``vitreg4_b16``."""
+    """A ``ViTConfig`` by birder network name, e.g. ``preset("vit_reg4_b16")`` or the legacy
+    ``vitreg4_b16``."""
     key = canonical_name(name)
     if key not in PRESETS:
         close = sorted(n for n in PRESETS if n.split("_")[1:2] == key.split("_")[1:2])[:8]
         hint = f" (similar: {', '.join(close)})" if close else ""
         raise UserError(f"unknown network {name!r}: not a birder ViT this port supports{hint}")
     return ViTConfig.from_birder({**PRESETS[key], **overrides.pop("model_config", {})}, **overrides)
-
-

@@ -15,7 +15,8 @@ from vitreg_jax.model._kernels import dense
 
 
 def trunc_normal(key: jax.Array, shape: tuple[int, ...], std: float) -> jax.Array:
-    """torch's ``trunc_normal_(std=std)``: bounds are absolute (-2, 2), so it is a plain normal in practice."""
+    """torch's ``trunc_normal_(std=std)``: bounds are absolute (-2, 2), so it is a plain normal in
+    practice."""
     return jnp.clip(std * jax.random.normal(key, shape, jnp.float32), -2.0, 2.0)
 
 
@@ -28,8 +29,9 @@ def torch_linear_default(key: jax.Array, fan_in: int, shape: tuple[int, ...]) ->
 class Linear(nnx.Module):
     """A dense layer with a ``(in, out)`` kernel (birder's ``weight.T``)."""
 
-    def __init__(self, in_dim: int, out_dim: int, *, use_bias: bool = True, init: str = "torch",
-                 rngs: nnx.Rngs):
+    def __init__(
+        self, in_dim: int, out_dim: int, *, use_bias: bool = True, init: str = "torch", rngs: nnx.Rngs
+    ):
         k_w, k_b = jax.random.split(rngs.params())
         if init == "trunc_normal":  # birder 0.8.4 attention: trunc_normal_(std=0.02), zero bias
             kernel = trunc_normal(k_w, (in_dim, out_dim), 0.02)
@@ -82,5 +84,3 @@ def drop_path(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
         return x
     keep = jax.random.bernoulli(key, 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
     return jnp.where(keep, x / (1.0 - rate), 0.0)
-
-

@@ -40,7 +40,9 @@ def bicubic_matrix(in_size: int, out_size: int, antialias: bool) -> np.ndarray:
             src = (i + 0.5) * scale - 0.5  # no clamp of negative coordinates for cubic
             base = math.floor(src)
             t = src - base
-            for k, w in zip(range(-1, 3), _cubic(np.array([t + 1.0, t, 1.0 - t, 2.0 - t]), -0.75), strict=True):
+            for k, w in zip(
+                range(-1, 3), _cubic(np.array([t + 1.0, t, 1.0 - t, 2.0 - t]), -0.75), strict=True
+            ):
                 m[i, min(max(base + k, 0), in_size - 1)] += w  # taps clamped to the border
         return m
     support = 2.0 * max(scale, 1.0)
@@ -65,8 +67,14 @@ def resize_grid(grid: jax.Array, new_hw: tuple[int, int], *, antialias: bool) ->
     return jnp.einsum("jw,iwc->ijc", mw, out, precision=hi)  # (new_h, new_w, C)
 
 
-def resample_pos_embed(pos: jax.Array, old_grid: tuple[int, int], new_grid: tuple[int, int],
-                       num_prefix_tokens: int, *, antialias: bool) -> jax.Array:
+def resample_pos_embed(
+    pos: jax.Array,
+    old_grid: tuple[int, int],
+    new_grid: tuple[int, int],
+    num_prefix_tokens: int,
+    *,
+    antialias: bool,
+) -> jax.Array:
     """birder's ``adjust_position_embedding``: keep the prefix rows, resize the patch rows.
 
     ``pos`` is (1, num_prefix_tokens + gh * gw, C); the result is (1, num_prefix_tokens + nh * nw, C).

@@ -152,11 +152,14 @@ class ComputePolicy:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             hint = " (ComputePolicy.create resolves 'auto')" if self.dtype == AUTO else ""
-            raise UserError(f"ComputePolicy.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}{hint}")
+            raise UserError(
+                f"ComputePolicy.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}{hint}"
+            )
 
     @classmethod
-    def create(cls, dtype: Any = "float32", *, platform: str | None = None,
-               cpuinfo: str | None = None) -> ComputePolicy:
+    def create(
+        cls, dtype: Any = "float32", *, platform: str | None = None, cpuinfo: str | None = None
+    ) -> ComputePolicy:
         """The policy for ``dtype`` (``"auto"`` resolved by :func:`resolve_dtype` for ``platform``)."""
         return cls(resolve_dtype(dtype, platform=platform, cpuinfo=cpuinfo))
 
@@ -218,8 +221,9 @@ class ComputePolicy:
         return {param_name(path) for path, _ in leaves if self.is_cast(path)}
 
 
-def choose_policy(dtype: Any | None, policy: ComputePolicy | None, *,
-                  platform: str | None = None) -> ComputePolicy:
+def choose_policy(
+    dtype: Any | None, policy: ComputePolicy | None, *, platform: str | None = None
+) -> ComputePolicy:
     """The policy a constructor taking both ``dtype=`` and ``policy=`` runs under: ``policy`` when given,
     else one made from ``dtype`` (float32 when None). When both are given they must agree (``"auto"`` is
     resolved for ``platform`` first); a disagreement is a :class:`UserError`."""
@@ -228,5 +232,3 @@ def choose_policy(dtype: Any | None, policy: ComputePolicy | None, *,
     if dtype is not None and resolve_dtype(dtype, platform=platform) != policy.dtype:
         raise UserError(f"dtype {dtype!r} disagrees with the compute policy's {policy.dtype!r}")
     return policy
-
-

@@ -34,8 +34,9 @@ class PatchProjection(nnx.Module):
     def __init__(self, patch_size: int, in_channels: int, dim: int, *, use_bias: bool, rngs: nnx.Rngs):
         self.patch_size = patch_size
         fan_in = in_channels * patch_size * patch_size
-        self.kernel = nnx.Param(trunc_normal(rngs.params(), (patch_size, patch_size, in_channels, dim),
-                                             (1.0 / fan_in) ** 0.5))
+        self.kernel = nnx.Param(
+            trunc_normal(rngs.params(), (patch_size, patch_size, in_channels, dim), (1.0 / fan_in) ** 0.5)
+        )
         self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32)) if use_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -56,13 +57,21 @@ class Encoder(nnx.Module):
         self.pre_norm = LayerNorm(cfg.hidden_dim, eps=cfg.norm_layer_eps) if cfg.pre_norm else None
         self.block = nnx.List([encoder_block(cfg, rate, rngs) for rate in cfg.drop_path_rates()])
 
-    def __call__(self, x: jax.Array, *, dropout_key: jax.Array | None = None,
-                 return_indices: tuple[int, ...] | None = None) -> jax.Array | list[jax.Array]:
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        dropout_key: jax.Array | None = None,
+        return_indices: tuple[int, ...] | None = None,
+    ) -> jax.Array | list[jax.Array]:
         """(B, N, D) -> (B, N, D); with ``return_indices``, the outputs of those blocks as a list."""
         if self.pre_norm is not None:
             x = self.pre_norm(x)
-        keys = [None] * len(self.block) if dropout_key is None else list(jax.random.split(dropout_key,
-                                                                                           len(self.block)))
+        keys = (
+            [None] * len(self.block)
+            if dropout_key is None
+            else list(jax.random.split(dropout_key, len(self.block)))
+        )
         outs = []
         for i, (blk, key) in enumerate(zip(self.block, keys, strict=True)):
             x = blk(x, key)
@@ -77,22 +86,33 @@ class ViT(nnx.Module):
     def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         d = cfg.hidden_dim
-        self.conv_proj = PatchProjection(cfg.patch_size, cfg.in_channels, d, use_bias=not cfg.pre_norm, rngs=rngs)
+        self.conv_proj = PatchProjection(
+            cfg.patch_size, cfg.in_channels, d, use_bias=not cfg.pre_norm, rngs=rngs
+        )
         self.class_token = nnx.Param(jnp.zeros((1, 1, d), jnp.float32)) if cfg.class_token else None
-        self.reg_tokens = (nnx.Param(jnp.zeros((1, cfg.num_reg_tokens, d), jnp.float32))
-                           if cfg.num_reg_tokens > 0 else None)
-        self.pos_embedding = (nnx.Param(0.02 * jax.random.normal(rngs.params(), (1, cfg.pos_embed_len, d)))
-                              if cfg.abs_pos_embed else None)
+        self.reg_tokens = (
+            nnx.Param(jnp.zeros((1, cfg.num_reg_tokens, d), jnp.float32)) if cfg.num_reg_tokens > 0 else None
+        )
+        self.pos_embedding = (
+            nnx.Param(0.02 * jax.random.normal(rngs.params(), (1, cfg.pos_embed_len, d)))
+            if cfg.abs_pos_embed
+            else None
+        )
         self.encoder = Encoder(cfg, rngs=rngs)
-        self.norm = LayerNorm(d, eps=cfg.norm_layer_eps) if cfg.post_norm and not cfg.norm_after_pool else None
-        self.embedding_norm = (LayerNorm(d, eps=cfg.norm_layer_eps) if cfg.post_norm and cfg.norm_after_pool
-                               else None)
+        self.norm = (
+            LayerNorm(d, eps=cfg.norm_layer_eps) if cfg.post_norm and not cfg.norm_after_pool else None
+        )
+        self.embedding_norm = (
+            LayerNorm(d, eps=cfg.norm_layer_eps) if cfg.post_norm and cfg.norm_after_pool else None
+        )
         self.classifier = Linear(d, cfg.num_classes, init="zeros", rngs=rngs) if cfg.num_classes > 0 else None
 
     # pieces ------------------------------------------------------------------------------------------------
     def _grid(self, x: jax.Array) -> tuple[int, int]:
         if x.ndim != 4 or x.shape[-1] != self.cfg.in_channels:
-            raise UserError(f"expected NHWC input (B, H, W, {self.cfg.in_channels}), got shape {tuple(x.shape)}")
+            raise UserError(
+                f"expected NHWC input (B, H, W, {self.cfg.in_channels}), got shape {tuple(x.shape)}"
+            )
         p = self.cfg.patch_size
         if x.shape[1] % p or x.shape[2] % p:
             raise UserError(f"input size {x.shape[1]}x{x.shape[2]} is not divisible by the patch size {p}")
@@ -103,8 +123,9 @@ class ViT(nnx.Module):
         if self.pos_embedding is None:
             return None
         prefix = self.cfg.num_special_tokens if self.cfg.pos_embed_special_tokens else 0
-        return resample_pos_embed(self.pos_embedding[...], self.cfg.grid_size, grid, prefix,
-                                  antialias=self.cfg.pos_embed_antialias)
+        return resample_pos_embed(
+            self.pos_embedding[...], self.cfg.grid_size, grid, prefix, antialias=self.cfg.pos_embed_antialias
+        )
 
     def _special_tokens(self, batch: int, pos: jax.Array | None) -> list[jax.Array]:
         """[REG..., CLS] each (B, n, D), with their position rows added when the embedding covers them."""
@@ -177,13 +198,20 @@ class ViT(nnx.Module):
         else:
             stages = self.encoder(tokens, return_indices=self.cfg.out_indices)
         s = self.cfg.num_special_tokens
-        return {f"stage{i + 1}": t[:, s:].reshape(t.shape[0], h, w, t.shape[-1])  # (B, h, w, D)
-                for i, t in enumerate(stages)}
+        return {
+            f"stage{i + 1}": t[:, s:].reshape(t.shape[0], h, w, t.shape[-1])  # (B, h, w, D)
+            for i, t in enumerate(stages)
+        }
 
-    def masked_encoding_omission(self, x: jax.Array, ids_keep: jax.Array | None = None,
-                                 return_all_features: bool = False,
-                                 return_keys: Literal["all", "tokens", "embedding"] = "tokens",
-                                 *, dropout_key: jax.Array | None = None) -> dict[str, jax.Array]:
+    def masked_encoding_omission(
+        self,
+        x: jax.Array,
+        ids_keep: jax.Array | None = None,
+        return_all_features: bool = False,
+        return_keys: Literal["all", "tokens", "embedding"] = "tokens",
+        *,
+        dropout_key: jax.Array | None = None,
+    ) -> dict[str, jax.Array]:
         """Encode only the patches in ``ids_keep`` (B, n_keep) (MAE's encoder pass).
 
         ``tokens`` is (B, S + n_keep, D) after the final norm; with ``return_all_features`` every block's
@@ -195,7 +223,9 @@ class ViT(nnx.Module):
             patches = jnp.take_along_axis(patches, ids_keep[:, :, None], axis=1)  # (B, n_keep, D)
         tokens = jnp.concatenate([*self._special_tokens(x.shape[0], pos), patches], axis=1)
         if return_all_features:
-            xs = self.encoder(tokens, dropout_key=dropout_key, return_indices=tuple(range(self.cfg.num_layers)))
+            xs = self.encoder(
+                tokens, dropout_key=dropout_key, return_indices=tuple(range(self.cfg.num_layers))
+            )
             xs[-1] = self._final_norm(xs[-1])
             out = jnp.stack(xs, axis=-1)  # (B, N, D, num_layers)
             last = out[..., -1]
@@ -209,7 +239,8 @@ class ViT(nnx.Module):
         return result
 
     def adjust_size(self, new_size: tuple[int, int]) -> None:
-        """Resize the stored position embedding permanently (birder's ``adjust_size``: antialiased bicubic)."""
+        """Resize the stored position embedding permanently (birder's ``adjust_size``: antialiased
+        bicubic)."""
         new_size = (int(new_size[0]), int(new_size[1]))
         if new_size == self.cfg.image_size:
             return
@@ -219,8 +250,11 @@ class ViT(nnx.Module):
         new_cfg = self.cfg.replace(image_size=new_size)
         if self.pos_embedding is not None:
             prefix = self.cfg.num_special_tokens if self.cfg.pos_embed_special_tokens else 0
-            self.pos_embedding = nnx.Param(resample_pos_embed(self.pos_embedding[...], self.cfg.grid_size,
-                                                              new_cfg.grid_size, prefix, antialias=True))
+            self.pos_embedding = nnx.Param(
+                resample_pos_embed(
+                    self.pos_embedding[...], self.cfg.grid_size, new_cfg.grid_size, prefix, antialias=True
+                )
+            )
         self.cfg = new_cfg
 
 

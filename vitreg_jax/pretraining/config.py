@@ -1,5 +1,6 @@
 """The pre-training configuration: ``MAEConfig`` (birder's ``MAE_ViT`` head, its registered presets) and
-``TrainConfig`` (birder's ``mae_vit`` training recipe), frozen dataclasses that refuse unknown or invalid fields.
+``TrainConfig`` (birder's ``mae_vit`` training recipe), frozen dataclasses that refuse unknown or invalid
+fields.
 """
 
 from __future__ import annotations
@@ -20,12 +21,24 @@ MAE_PRESETS: dict[str, dict[str, Any]] = {
     "mae_vit_dec512d12_npl": {"decoder_depth": 12, "decoder_embed_dim": 512, "norm_pix_loss": True},
     "mae_vit_dec512d24_npl": {"decoder_depth": 24, "decoder_embed_dim": 512, "norm_pix_loss": True},
     "mae_vit_dec512d32_npl": {"decoder_depth": 32, "decoder_embed_dim": 512, "norm_pix_loss": True},
-    "mae_vit_dec512d12_npl_lpe": {"decoder_depth": 12, "decoder_embed_dim": 512, "norm_pix_loss": True,
-                                  "learnable_pos_embed": True},
-    "mae_vit_dec512d24_npl_lpe": {"decoder_depth": 24, "decoder_embed_dim": 512, "norm_pix_loss": True,
-                                  "learnable_pos_embed": True},
-    "mae_vit_dec512d32_npl_lpe": {"decoder_depth": 32, "decoder_embed_dim": 512, "norm_pix_loss": True,
-                                  "learnable_pos_embed": True},
+    "mae_vit_dec512d12_npl_lpe": {
+        "decoder_depth": 12,
+        "decoder_embed_dim": 512,
+        "norm_pix_loss": True,
+        "learnable_pos_embed": True,
+    },
+    "mae_vit_dec512d24_npl_lpe": {
+        "decoder_depth": 24,
+        "decoder_embed_dim": 512,
+        "norm_pix_loss": True,
+        "learnable_pos_embed": True,
+    },
+    "mae_vit_dec512d32_npl_lpe": {
+        "decoder_depth": 32,
+        "decoder_embed_dim": 512,
+        "norm_pix_loss": True,
+        "learnable_pos_embed": True,
+    },
 }
 
 
@@ -44,7 +57,8 @@ def config_from_dict(cls: type[_Config], d: dict[str, Any], what: str) -> _Confi
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class MAEConfig:
-    """birder's ``MAE_ViT`` head: decoder width/depth/heads, masking and loss options (defaults: ``mae_vit``)."""
+    """birder's ``MAE_ViT`` head: decoder width/depth/heads, masking and loss options (defaults:
+    ``mae_vit``)."""
 
     decoder_embed_dim: int = 512
     decoder_depth: int = 8
@@ -63,11 +77,15 @@ class MAEConfig:
         if self.decoder_embed_dim <= 0 or self.decoder_depth < 0 or self.decoder_num_heads <= 0:
             raise UserError("MAEConfig: decoder_embed_dim and decoder_num_heads must be positive, depth >= 0")
         if self.decoder_embed_dim % self.decoder_num_heads:
-            raise UserError(f"MAEConfig: decoder_embed_dim {self.decoder_embed_dim} is not divisible by "
-                            f"decoder_num_heads {self.decoder_num_heads}")
+            raise UserError(
+                f"MAEConfig: decoder_embed_dim {self.decoder_embed_dim} is not divisible by "
+                f"decoder_num_heads {self.decoder_num_heads}"
+            )
         if not self.learnable_pos_embed and self.decoder_embed_dim % 4:
-            raise UserError(f"MAEConfig: the sin-cos decoder position embedding needs decoder_embed_dim "
-                            f"divisible by 4, got {self.decoder_embed_dim}")
+            raise UserError(
+                f"MAEConfig: the sin-cos decoder position embedding needs decoder_embed_dim "
+                f"divisible by 4, got {self.decoder_embed_dim}"
+            )
         if not 0.0 <= self.mask_ratio < 1.0:
             raise UserError(f"MAEConfig: mask_ratio must be in [0, 1), got {self.mask_ratio}")
 
@@ -82,15 +100,18 @@ class MAEConfig:
         return config_from_dict(cls, d, "MAEConfig")
 
     @classmethod
-    def from_birder(cls, config: dict[str, Any], *, mask_ratio: float | None = None,
-                    min_mask_size: int | None = None) -> MAEConfig:
+    def from_birder(
+        cls, config: dict[str, Any], *, mask_ratio: float | None = None, min_mask_size: int | None = None
+    ) -> MAEConfig:
         """From birder's MAE ``config`` dict (``decoder_depth``, ``decoder_embed_dim``, ...) and the
         ``MAE_ViT`` constructor's ``mask_ratio`` / ``min_mask_size`` when they are not the defaults."""
         known = {"decoder_depth", "decoder_embed_dim", "norm_pix_loss", "learnable_pos_embed"}
         unknown = sorted(set(config) - known)
         if unknown:
             raise UserError(f"unsupported birder MAE option(s): {', '.join(unknown)}")
-        extra = {k: v for k, v in (("mask_ratio", mask_ratio), ("min_mask_size", min_mask_size)) if v is not None}
+        extra = {
+            k: v for k, v in (("mask_ratio", mask_ratio), ("min_mask_size", min_mask_size)) if v is not None
+        }
         return cls(**config, **extra)
 
     def to_birder(self) -> dict[str, Any]:
@@ -109,7 +130,8 @@ def mae_preset(name: str, **overrides: Any) -> MAEConfig:
     return MAEConfig(**{**MAE_PRESETS[name], **overrides})
 
 
-# birder's mae_vit recipe warms up for 40 of its 800 epochs: a warm-up not given is this fraction of the length
+# birder's mae_vit recipe warms up for 40 of its 800 epochs: a warm-up not given is this fraction of the
+# length
 WARMUP_FRACTION = 0.05
 
 
@@ -120,7 +142,8 @@ class TrainConfig:
     Length: ``epochs`` (birder's unit) or ``steps`` (optimizer steps; setting it clears ``epochs``). Warm-up:
     ``warmup_epochs`` / ``warmup_steps``, by default :data:`WARMUP_FRACTION` of the length (birder's 40 of 800
     epochs), resolved when the config is made. The learning rate
-    follows birder's ``SequentialLR(LinearLR(warmup_start_factor, warm-up), CosineAnnealingLR(eta_min=lr_min))``,
+    follows birder's ``SequentialLR(LinearLR(warmup_start_factor, warm-up),
+    CosineAnnealingLR(eta_min=lr_min))``,
     updated once per epoch (birder's default) or, with ``schedule_per_step`` (always with ``steps``), once per
     optimizer step. ``batch_size`` is the global batch of one forward pass (birder's per-GPU batch times the
     number of GPUs); one optimizer step sees ``batch_size * grad_accum_steps`` images.
@@ -161,7 +184,9 @@ class TrainConfig:
         if self.warmup_epochs < 0 or self.warmup_steps < 0:  # type: ignore[operator]
             raise UserError("TrainConfig: warm-up must be >= 0")
         if self.epochs is not None and self.warmup_epochs >= self.epochs:
-            raise UserError(f"TrainConfig: warmup_epochs {self.warmup_epochs} must be below epochs {self.epochs}")
+            raise UserError(
+                f"TrainConfig: warmup_epochs {self.warmup_epochs} must be below epochs {self.epochs}"
+            )
         if self.steps is not None and self.warmup_steps >= self.steps:
             raise UserError(f"TrainConfig: warmup_steps {self.warmup_steps} must be below steps {self.steps}")
         for name in ("batch_size", "grad_accum_steps", "checkpoint_every", "keep_checkpoints", "log_every"):
@@ -170,13 +195,16 @@ class TrainConfig:
         if self.lr <= 0 or self.weight_decay < 0:
             raise UserError("TrainConfig: lr must be positive and weight_decay >= 0")
         if self.compute_dtype not in DTYPE_CHOICES:
-            raise UserError(f"TrainConfig.compute_dtype must be one of {', '.join(DTYPE_CHOICES)}, "
-                            f"got {self.compute_dtype!r}")
+            raise UserError(
+                f"TrainConfig.compute_dtype must be one of {', '.join(DTYPE_CHOICES)}, "
+                f"got {self.compute_dtype!r}"
+            )
         if self.clip_grad_norm is not None and self.clip_grad_norm <= 0:
             raise UserError("TrainConfig.clip_grad_norm must be positive")
 
     def replace(self, **changes: Any) -> TrainConfig:
-        """A copy with ``changes``; a new length keeps the resolved warm-up unless ``warmup_*=None`` is given."""
+        """A copy with ``changes``; a new length keeps the resolved warm-up unless ``warmup_*=None`` is
+        given."""
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:

@@ -37,9 +37,19 @@ class TrainData:
     contiguous slice of every micro-batch.
     """
 
-    def __init__(self, paths: Sequence[str], transform: TrainTransform, *, batch_size: int, grad_accum_steps: int = 1,
-                 seed: int = 0, workers: int | None = None, process_index: int = 0, process_count: int = 1,
-                 loader: Callable[[str], Image.Image] = load_image):
+    def __init__(
+        self,
+        paths: Sequence[str],
+        transform: TrainTransform,
+        *,
+        batch_size: int,
+        grad_accum_steps: int = 1,
+        seed: int = 0,
+        workers: int | None = None,
+        process_index: int = 0,
+        process_count: int = 1,
+        loader: Callable[[str], Image.Image] = load_image,
+    ):
         self.paths = list(paths)
         self.transform = transform
         self.batch_size = batch_size
@@ -52,8 +62,10 @@ class TrainData:
         self.process_index = process_index
         per_step = batch_size * grad_accum_steps
         if len(self.paths) < per_step:
-            raise UserError(f"{len(self.paths)} images are fewer than one optimizer step needs "
-                            f"(batch size {batch_size} x {grad_accum_steps} accumulation steps = {per_step})")
+            raise UserError(
+                f"{len(self.paths)} images are fewer than one optimizer step needs "
+                f"(batch size {batch_size} x {grad_accum_steps} accumulation steps = {per_step})"
+            )
         self.steps_per_epoch = len(self.paths) // per_step
         self.workers = default_workers() if workers is None else workers
         self._orders: dict[int, np.ndarray] = {}  # the epochs in flight (at most two at an epoch boundary)
@@ -75,7 +87,7 @@ class TrainData:
         a, b = self.grad_accum_steps, self.batch_size
         pos = k * a * b + np.arange(a * b).reshape(a, b)  # (A, B) global
         lo = self.process_index * self.local_batch
-        return epoch, pos[:, lo: lo + self.local_batch]  # (A, B_local)
+        return epoch, pos[:, lo : lo + self.local_batch]  # (A, B_local)
 
     def sample(self, epoch: int, position: int) -> np.ndarray:
         """The augmented image at ``position`` of epoch ``epoch``: (H, W, 3) float32."""
@@ -111,7 +123,9 @@ class TrainData:
 
         per_step = self.grad_accum_steps * self.local_batch
         items: list[np.ndarray] = []
-        done = ordered_map(jobs(), lambda job: self.sample(job[2], job[3]), self.workers, PREFETCH_STEPS * per_step)
+        done = ordered_map(
+            jobs(), lambda job: self.sample(job[2], job[3]), self.workers, PREFETCH_STEPS * per_step
+        )
         for (step, shape, _, _), item in done:
             items.append(item)
             if len(items) == per_step:

@@ -1,4 +1,5 @@
-"""Checkpoints and the loop of MAE pre-training: :func:`fit` around :class:`~vitreg_jax.pretraining.step.MAETrainer`'s step.
+"""Checkpoints and the loop of MAE pre-training: :func:`fit` around
+:class:`~vitreg_jax.pretraining.step.MAETrainer`'s step.
 
 * checkpoints: Orbax ``CheckpointManager`` (asynchronous, keeping the last K) of the whole train state plus
   a JSON record of the data position; resuming continues the same run bit for bit.
@@ -37,7 +38,8 @@ class NonFiniteLoss(UserError):
     """The loss (or the gradient) became NaN or infinite; the run stopped without saving anything after it."""
 
 
-# checkpoints -------------------------------------------------------------------------------------------------
+# checkpoints
+# -------------------------------------------------------------------------------------------------
 class Checkpoints:
     """Orbax ``CheckpointManager`` for train states: ``RUN/checkpoints/<step>/{state, meta}``."""
 
@@ -46,8 +48,9 @@ class Checkpoints:
 
         self._ocp = ocp
         self.directory = Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=asynchronous,
-                                               create=True)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=asynchronous, create=True
+        )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
@@ -55,17 +58,26 @@ class Checkpoints:
 
     def save(self, step: int, state: TrainState, meta: Mapping[str, Any]) -> None:
         ocp = self._ocp
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                        meta=ocp.args.JsonSave(dict(meta))), force=True)
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta))),
+            force=True,
+        )
 
     def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, dict[str, Any]]:
         ocp = self._ocp
         try:
-            out = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+            out = self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+                ),
+            )
         except (ValueError, KeyError, FileNotFoundError) as e:
-            raise UserError(f"{self.directory}/{step}: the checkpoint does not fit this run (different model or "
-                            f"optimizer settings?): {first_line(e)}") from None
+            raise UserError(
+                f"{self.directory}/{step}: the checkpoint does not fit this run (different model or "
+                f"optimizer settings?): {first_line(e)}"
+            ) from None
         return out["state"], dict(out["meta"])
 
     def wait(self) -> None:
@@ -75,7 +87,8 @@ class Checkpoints:
         self.manager.close()
 
 
-# the loop ----------------------------------------------------------------------------------------------------
+# the loop
+# ----------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Periodic:
     """A measurement of the train state every ``every`` optimizer steps and after the last step.
@@ -165,11 +178,16 @@ class _TensorBoard:
     def write(self, record: Mapping[str, Any]) -> None:
         if self.writer is None:
             return
-        values = [self._summary.Summary.Value(tag=k if "/" in k else f"train/{k}", simple_value=float(v))
-                  for k, v in record.items()
-                  if k not in ("step", "time") and isinstance(v, (int, float)) and math.isfinite(v)]
-        self.writer.add_event(self._event.Event(wall_time=time.time(), step=int(record["step"]),
-                                                summary=self._summary.Summary(value=values)))
+        values = [
+            self._summary.Summary.Value(tag=k if "/" in k else f"train/{k}", simple_value=float(v))
+            for k, v in record.items()
+            if k not in ("step", "time") and isinstance(v, (int, float)) and math.isfinite(v)
+        ]
+        self.writer.add_event(
+            self._event.Event(
+                wall_time=time.time(), step=int(record["step"]), summary=self._summary.Summary(value=values)
+            )
+        )
 
     def close(self) -> None:
         if self.writer is not None:
@@ -216,11 +234,19 @@ class _StepTracker:
 
     def position(self, step: int) -> dict[str, Any]:
         spe = self.steps_per_epoch
-        return {"step": step, "epoch": step // spe, "batch_in_epoch": step % spe,
-                "images_seen": step * self.per_step}
+        return {
+            "step": step,
+            "epoch": step // spe,
+            "batch_in_epoch": step % spe,
+            "images_seen": step * self.per_step,
+        }
 
-    def settle(self, pending: tuple[int, dict[str, jax.Array], float] | None, state: TrainState,
-               measure: bool = False) -> None:
+    def settle(
+        self,
+        pending: tuple[int, dict[str, jax.Array], float] | None,
+        state: TrainState,
+        measure: bool = False,
+    ) -> None:
         """Read one step's metrics back; stop on a non-finite loss; run the periodic measurements (with
         ``measure``) on ``state``; log."""
         if pending is None:
@@ -231,11 +257,16 @@ class _StepTracker:
         if not bool(metrics["finite"]):
             self.ckpt.wait()
             good = self.ckpt.latest_step()
-            where = (f"the last good checkpoint is step {good} in {self.ckpt.directory}; continue from it with "
-                     "--resume (a lower --lr or --clip-grad-norm may help)" if good is not None
-                     else "no checkpoint was written before it")
-            raise NonFiniteLoss(f"the loss became non-finite at step {done} (loss {loss}, gradient norm "
-                                f"{grad_norm}); the step was not applied and the run stopped; {where}")
+            where = (
+                f"the last good checkpoint is step {good} in {self.ckpt.directory}; continue from it with "
+                "--resume (a lower --lr or --clip-grad-norm may help)"
+                if good is not None
+                else "no checkpoint was written before it"
+            )
+            raise NonFiniteLoss(
+                f"the loss became non-finite at step {done} (loss {loss}, gradient norm "
+                f"{grad_norm}); the step was not applied and the run stopped; {where}"
+            )
         self.last_loss = loss
         self.losses.append(loss)
         self.n_since += 1
@@ -251,19 +282,42 @@ class _StepTracker:
                     measured.update(p(state, done))
             self.t_last += time.perf_counter() - t_measure  # the throughput counts training time only
         if done % self.log_every == 0 or done == self.total or measured:
-            self.log.write({**self.position(done), "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                            "images_per_s": self.rate, **measured, "time": time.time()})
+            self.log.write(
+                {
+                    **self.position(done),
+                    "loss": loss,
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "images_per_s": self.rate,
+                    **measured,
+                    "time": time.time(),
+                }
+            )
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{self.rate:.1f}", lr=f"{lr:.2e}", refresh=False)
             self.bar.update(1)
 
 
-def fit(trainer: MAETrainer, data: Any, run_dir: str | os.PathLike[str], *, total: int, schedule: LRSchedule,
-        resume: bool = True, log_every: int | None = None, export: Callable[[TrainState, int], None] | None = None,
-        export_every: int | None = None, progress: bool = True, asynchronous: bool = True,
-        checkpoint_every: int | None = None, keep_checkpoints: int | None = None,
-        extra_meta: Mapping[str, Any] | None = None, periodic: Sequence[Periodic] = ()) -> RunResult:
-    """Train ``total`` optimizer steps, checkpointing every ``checkpoint_every`` steps (default: the config's).
+def fit(
+    trainer: MAETrainer,
+    data: Any,
+    run_dir: str | os.PathLike[str],
+    *,
+    total: int,
+    schedule: LRSchedule,
+    resume: bool = True,
+    log_every: int | None = None,
+    export: Callable[[TrainState, int], None] | None = None,
+    export_every: int | None = None,
+    progress: bool = True,
+    asynchronous: bool = True,
+    checkpoint_every: int | None = None,
+    keep_checkpoints: int | None = None,
+    extra_meta: Mapping[str, Any] | None = None,
+    periodic: Sequence[Periodic] = (),
+) -> RunResult:
+    """Train ``total`` optimizer steps, checkpointing every ``checkpoint_every`` steps (default: the
+    config's).
 
     ``data`` gives ``iterate(start, stop)`` -> (step, batch) and ``steps_per_epoch`` (a :class:`TrainData`).
     With ``resume`` the run continues from the latest checkpoint under ``RUN/checkpoints`` (the data stream
@@ -275,13 +329,16 @@ def fit(trainer: MAETrainer, data: Any, run_dir: str | os.PathLike[str], *, tota
     cfg = trainer.cfg
     every = checkpoint_every or cfg.checkpoint_every
     log_every = log_every or cfg.log_every
-    ckpt = Checkpoints(run_dir / CHECKPOINT_DIR, keep=keep_checkpoints or cfg.keep_checkpoints,
-                       asynchronous=asynchronous)
+    ckpt = Checkpoints(
+        run_dir / CHECKPOINT_DIR, keep=keep_checkpoints or cfg.keep_checkpoints, asynchronous=asynchronous
+    )
     latest = ckpt.latest_step()
     if latest is not None and not resume:
         ckpt.close()
-        raise UserError(f"{run_dir} already holds a run (checkpoint at step {latest}); pass --resume to continue "
-                        "it or choose another --out")
+        raise UserError(
+            f"{run_dir} already holds a run (checkpoint at step {latest}); pass --resume to continue "
+            "it or choose another --out"
+        )
     if latest is not None:
         state, meta = ckpt.restore(latest, trainer.abstract_state())
         start = int(meta["step"])
@@ -294,10 +351,24 @@ def fit(trainer: MAETrainer, data: Any, run_dir: str | os.PathLike[str], *, tota
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr,
-                   desc="resumed" if latest is not None else "pretrain")
-    track = _StepTracker(total=total, log_every=log_every, per_step=per_step, steps_per_epoch=spe, ckpt=ckpt,
-                         log=log, periodic=periodic, bar=bar)
+        bar = tqdm(
+            total=total,
+            initial=start,
+            unit="step",
+            dynamic_ncols=True,
+            file=sys.stderr,
+            desc="resumed" if latest is not None else "pretrain",
+        )
+    track = _StepTracker(
+        total=total,
+        log_every=log_every,
+        per_step=per_step,
+        steps_per_epoch=spe,
+        ckpt=ckpt,
+        log=log,
+        periodic=periodic,
+        bar=bar,
+    )
 
     def settle(pending: tuple[int, dict[str, jax.Array], float] | None, measure: bool = False) -> None:
         track.settle(pending, state, measure)
@@ -321,8 +392,11 @@ def fit(trainer: MAETrainer, data: Any, run_dir: str | os.PathLike[str], *, tota
                     settle(pending)
                     pending = None
                     save(done)
-                if export is not None and done < total and (
-                        request.flag.is_set() or (export_every and done % export_every == 0)):
+                if (
+                    export is not None
+                    and done < total
+                    and (request.flag.is_set() or (export_every and done % export_every == 0))
+                ):
                     settle(pending)
                     pending = None
                     request.flag.clear()
@@ -338,5 +412,6 @@ def fit(trainer: MAETrainer, data: Any, run_dir: str | os.PathLike[str], *, tota
         log.close()
         ckpt.wait()
         ckpt.close()
-    return RunResult(step=max(start, total), loss=track.last_loss, resumed_from=latest, losses=track.losses,
-                     state=state)
+    return RunResult(
+        step=max(start, total), loss=track.last_loss, resumed_from=latest, losses=track.losses, state=state
+    )

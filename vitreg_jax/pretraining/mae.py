@@ -29,7 +29,8 @@ from vitreg_jax.model.layers import LayerNorm, Linear, trunc_normal
 from vitreg_jax.model.vit import ViT
 from vitreg_jax.pretraining.config import MAEConfig
 
-# birder: nn.LayerNorm(decoder_embed_dim, eps=1e-6) after the decoder blocks (the blocks use the encoder's eps)
+# birder: nn.LayerNorm(decoder_embed_dim, eps=1e-6) after the decoder blocks (the blocks use the encoder's
+# eps)
 DECODER_NORM_EPS = 1e-6
 # birder's norm_pix_loss: (target - mean) / (var + 1e-6) ** 0.5, var unbiased
 NORM_PIX_EPS = 1e-6
@@ -40,12 +41,14 @@ class Buffer(nnx.Variable):
     """A non-trainable array that belongs to the model (torch ``nn.Buffer``): not optimised, not decayed."""
 
 
-# what an MAE's weights are (parameters and buffers): ``get_params(mae, MAE_STATE)`` / ``set_params(..., kinds=MAE_STATE)``
+# what an MAE's weights are (parameters and buffers): ``get_params(mae, MAE_STATE)`` / ``set_params(...,
+# kinds=MAE_STATE)``
 MAE_STATE = (nnx.Param, Buffer)
 
 
 class Masks(NamedTuple):
-    """One MAE mask per sample: ``ids_keep`` (B, K) int32, ``ids_restore`` (B, L) int32, ``mask`` (B, L) f32."""
+    """One MAE mask per sample: ``ids_keep`` (B, K) int32, ``ids_restore`` (B, L) int32, ``mask`` (B, L)
+    f32."""
 
     ids_keep: jax.Array
     ids_restore: jax.Array
@@ -57,8 +60,9 @@ def num_kept(seq_len: int, mask_ratio: float) -> int:
     return int(seq_len * (1 - mask_ratio))
 
 
-def masks_from_noise(noise: jax.Array, mask_ratio: float, *, grid: tuple[int, int] | None = None,
-                     min_mask_size: int = 1) -> Masks:
+def masks_from_noise(
+    noise: jax.Array, mask_ratio: float, *, grid: tuple[int, int] | None = None, min_mask_size: int = 1
+) -> Masks:
     """birder's ``uniform_mask`` for given noise: the patches (or blocks) with the smallest noise are kept.
 
     ``min_mask_size`` = 1: ``noise`` is (B, L), one value per patch. ``min_mask_size`` = m > 1: whole m x m
@@ -69,7 +73,9 @@ def masks_from_noise(noise: jax.Array, mask_ratio: float, *, grid: tuple[int, in
     keep = num_kept(n, mask_ratio)  # patches, or blocks
     ids_shuffle = jnp.argsort(noise, axis=1).astype(jnp.int32)  # (B, n) ascending: first `keep` are kept
     ids_restore = jnp.argsort(ids_shuffle, axis=1).astype(jnp.int32)  # (B, n) rank of each patch / block
-    mask = (ids_restore >= keep).astype(jnp.float32)  # (B, n) 1 = masked, the same as gathering [0]*keep+[1]*rest
+    mask = (ids_restore >= keep).astype(
+        jnp.float32
+    )  # (B, n) 1 = masked, the same as gathering [0]*keep+[1]*rest
     if min_mask_size == 1:
         return Masks(ids_keep=ids_shuffle[:, :keep], ids_restore=ids_restore, mask=mask)
     if grid is None:
@@ -77,10 +83,13 @@ def masks_from_noise(noise: jax.Array, mask_ratio: float, *, grid: tuple[int, in
     m = min_mask_size
     h, w = grid
     if h % m or w % m or n != (h // m) * (w // m):
-        raise UserError(f"masks_from_noise: a {h}x{w} patch grid does not split into {m}x{m} blocks for "
-                        f"{n} noise values")
+        raise UserError(
+            f"masks_from_noise: a {h}x{w} patch grid does not split into {m}x{m} blocks for {n} noise values"
+        )
 
-    def fine(coarse: jax.Array) -> jax.Array:  # (B, h/m * w/m) -> (B, h * w), each block's value on its patches
+    def fine(
+        coarse: jax.Array,
+    ) -> jax.Array:  # (B, h/m * w/m) -> (B, h * w), each block's value on its patches
         x = coarse.reshape(b, h // m, 1, w // m, 1)  # (B, h/m, 1, w/m, 1)
         return jnp.broadcast_to(x, (b, h // m, m, w // m, m)).reshape(b, h * w)
 
@@ -88,11 +97,18 @@ def masks_from_noise(noise: jax.Array, mask_ratio: float, *, grid: tuple[int, in
     # birder: argsort(mask * 2 + noise per patch): the kept blocks first, ordered by their noise
     ids_shuffle = jnp.argsort(mask * 2 + fine(noise), axis=1).astype(jnp.int32)  # (B, L)
     ids_restore = jnp.argsort(ids_shuffle, axis=1).astype(jnp.int32)  # (B, L)
-    return Masks(ids_keep=ids_shuffle[:, :keep * m * m], ids_restore=ids_restore, mask=mask)
+    return Masks(ids_keep=ids_shuffle[:, : keep * m * m], ids_restore=ids_restore, mask=mask)
 
 
-def random_masking(key: jax.Array, batch: int, seq_len: int, mask_ratio: float, *,
-                   grid: tuple[int, int] | None = None, min_mask_size: int = 1) -> Masks:
+def random_masking(
+    key: jax.Array,
+    batch: int,
+    seq_len: int,
+    mask_ratio: float,
+    *,
+    grid: tuple[int, int] | None = None,
+    min_mask_size: int = 1,
+) -> Masks:
     """Per-sample uniform random masking: ``int(seq_len * (1 - mask_ratio))`` patches kept per sample (with
     ``min_mask_size`` m > 1, that many m x m blocks of the ``grid`` instead, ``seq_len`` / m^2 of them)."""
     n = seq_len // (min_mask_size * min_mask_size)
@@ -122,9 +138,14 @@ def unpatchify(patches: jax.Array, patch_size: int, grid: tuple[int, int], chann
     return x.reshape(b, h * p, w * p, channels)  # (B, H, W, C)
 
 
-def sincos_pos_embed_2d(grid: tuple[int, int], dim: int, num_special_tokens: int, *,
-                        include_frequency_endpoint: bool = False,
-                        temperature: int = SINCOS_TEMPERATURE) -> np.ndarray:
+def sincos_pos_embed_2d(
+    grid: tuple[int, int],
+    dim: int,
+    num_special_tokens: int,
+    *,
+    include_frequency_endpoint: bool = False,
+    temperature: int = SINCOS_TEMPERATURE,
+) -> np.ndarray:
     """birder's ``pos_embedding_sin_cos_2d``: (S + h*w, dim) float32, zero rows for the S special tokens.
 
     Each patch row is ``[sin(x w), cos(x w), sin(y w), cos(y w)]`` with x the column, y the row (row-major
@@ -158,19 +179,35 @@ class MAE(nnx.Module):
         s = vcfg.num_special_tokens
         grid = vcfg.grid_size
         if grid[0] % cfg.min_mask_size or grid[1] % cfg.min_mask_size:
-            raise UserError(f"MAE: min_mask_size {cfg.min_mask_size} does not divide the {grid[0]}x{grid[1]} patch grid")
-        self.decoder_embed = Linear(vcfg.hidden_dim, d, init="xavier", rngs=rngs)  # xavier_uniform_, zero bias
+            raise UserError(
+                f"MAE: min_mask_size {cfg.min_mask_size} does not divide the {grid[0]}x{grid[1]} patch grid"
+            )
+        self.decoder_embed = Linear(
+            vcfg.hidden_dim, d, init="xavier", rngs=rngs
+        )  # xavier_uniform_, zero bias
         self.mask_token = nnx.Param(0.02 * jax.random.normal(rngs.params(), (1, 1, d), jnp.float32))
         if cfg.learnable_pos_embed:
-            self.decoder_pos_embed = nnx.Param(trunc_normal(rngs.params(), (1, s + grid[0] * grid[1], d), 0.02))
+            self.decoder_pos_embed = nnx.Param(
+                trunc_normal(rngs.params(), (1, s + grid[0] * grid[1], d), 0.02)
+            )
         else:  # a buffer in birder (in its state_dict, never trained); shape (S + L, D) as birder's
-            self.decoder_pos_embed = Buffer(jnp.asarray(sincos_pos_embed_2d(
-                grid, d, s, include_frequency_endpoint=cfg.include_frequency_endpoint)))
+            self.decoder_pos_embed = Buffer(
+                jnp.asarray(
+                    sincos_pos_embed_2d(grid, d, s, include_frequency_endpoint=cfg.include_frequency_endpoint)
+                )
+            )
         # birder's decoder_block: 16 heads, mlp 4x, the encoder's norm eps, exact GELU; MAE re-inits every
         # Linear with xavier_uniform_ and zero bias
         layers: list[nnx.Module] = [
-            EncoderBlock(d, cfg.decoder_num_heads, 4 * d, eps=vcfg.norm_layer_eps, attn_init="xavier",
-                         mlp_init="xavier", rngs=rngs)
+            EncoderBlock(
+                d,
+                cfg.decoder_num_heads,
+                4 * d,
+                eps=vcfg.norm_layer_eps,
+                attn_init="xavier",
+                mlp_init="xavier",
+                rngs=rngs,
+            )
             for _ in range(cfg.decoder_depth)
         ]
         layers.append(LayerNorm(d, eps=DECODER_NORM_EPS))
@@ -187,8 +224,14 @@ class MAE(nnx.Module):
         return h * w
 
     def random_masks(self, key: jax.Array, batch: int) -> Masks:
-        return random_masking(key, batch, self.seq_len, self.cfg.mask_ratio, grid=self.grid,
-                              min_mask_size=self.cfg.min_mask_size)
+        return random_masking(
+            key,
+            batch,
+            self.seq_len,
+            self.cfg.mask_ratio,
+            grid=self.grid,
+            min_mask_size=self.cfg.min_mask_size,
+        )
 
     def forward_decoder(self, latent: jax.Array, ids_restore: jax.Array) -> jax.Array:
         """(B, S + K, E) encoder tokens -> (B, L, p*p*C) pixel predictions for every patch."""
@@ -215,21 +258,30 @@ class MAE(nnx.Module):
         per_patch = jnp.mean(jnp.square(pred - target), axis=-1)  # (B, L)
         return jnp.sum(per_patch * mask) / jnp.sum(mask)
 
-    def __call__(self, images: jax.Array, masks: Masks | None = None, *, key: jax.Array | None = None,
-                 dropout_key: jax.Array | None = None) -> dict[str, jax.Array]:
+    def __call__(
+        self,
+        images: jax.Array,
+        masks: Masks | None = None,
+        *,
+        key: jax.Array | None = None,
+        dropout_key: jax.Array | None = None,
+    ) -> dict[str, jax.Array]:
         """birder's ``forward``: ``{"loss", "pred", "mask"}`` for NHWC images at the encoder's size.
 
         Pass ``masks`` (e.g. birder's, or from :func:`random_masking`) or a ``key`` to draw them from.
         """
         if images.ndim != 4 or tuple(images.shape[1:3]) != tuple(self.image_size):
-            raise UserError(f"MAE expects (B, {self.image_size[0]}, {self.image_size[1]}, {self.in_channels}) "
-                            f"inputs, got {tuple(images.shape)}")
+            raise UserError(
+                f"MAE expects (B, {self.image_size[0]}, {self.image_size[1]}, {self.in_channels}) "
+                f"inputs, got {tuple(images.shape)}"
+            )
         if masks is None:
             if key is None:
                 raise UserError("MAE needs masks or a PRNG key to draw them")
             masks = self.random_masks(key, images.shape[0])
-        latent = self.encoder.masked_encoding_omission(images, masks.ids_keep, dropout_key=dropout_key)["tokens"]
+        latent = self.encoder.masked_encoding_omission(images, masks.ids_keep, dropout_key=dropout_key)[
+            "tokens"
+        ]
         pred = self.forward_decoder(latent, masks.ids_restore)
         loss = self.forward_loss(images, pred, masks.mask)
         return {"loss": loss, "pred": pred, "mask": masks.mask}
-

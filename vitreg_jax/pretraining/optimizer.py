@@ -1,4 +1,5 @@
-"""birder's optimizer and learning-rate schedule for MAE pre-training: AdamW, warm-up + cosine, gradient clipping.
+"""birder's optimizer and learning-rate schedule for MAE pre-training: AdamW, warm-up + cosine, gradient
+clipping.
 
 birder's recipe (``scripts/train_mim.py`` + ``common/training_utils.py``, 0.8.4) and how it maps here:
 
@@ -30,7 +31,8 @@ CLIP_EPS = 1e-6
 NO_DECAY_NAMES = frozenset({"pos_embedding", "class_token", "reg_tokens", "mask_token", "decoder_pos_embed"})
 
 
-# learning-rate schedule --------------------------------------------------------------------------------------
+# learning-rate schedule
+# --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class LRSchedule:
     """birder's ``get_scheduler`` for ``--lr-scheduler cosine`` with linear warm-up, as a pure function.
@@ -48,9 +50,13 @@ class LRSchedule:
 
     def value(self, index: int) -> float:
         """The LR after ``index`` scheduler updates (float64)."""
-        if self.warmup > 0 and index < self.warmup:  # LinearLR(start_factor, end_factor=1, total_iters=warmup)
+        if (
+            self.warmup > 0 and index < self.warmup
+        ):  # LinearLR(start_factor, end_factor=1, total_iters=warmup)
             return self.base_lr * (self.start_factor + (1.0 - self.start_factor) * index / self.warmup)
-        t_max = self.total - self.warmup - 1  # CosineAnnealingLR(T_max=main_steps), restarted at the milestone
+        t_max = (
+            self.total - self.warmup - 1
+        )  # CosineAnnealingLR(T_max=main_steps), restarted at the milestone
         t = index - self.warmup
         if t_max <= 0:
             return self.base_lr
@@ -80,7 +86,8 @@ def lr_schedule(cfg: TrainConfig, steps_per_epoch: int) -> LRSchedule:
     return LRSchedule(cfg.lr, total, warmup, cfg.warmup_start_factor, cfg.lr_min, every)
 
 
-# optimizer ---------------------------------------------------------------------------------------------------
+# optimizer
+# ---------------------------------------------------------------------------------------------------
 def decays_by_default(path: tuple[Any, ...], leaf: Any) -> bool:
     """The usual exclusion (``decay_bias_and_norm=False``): decay matrices only, not biases, norm scales,
     tokens or position embeddings."""
@@ -100,8 +107,14 @@ def make_optimizer(cfg: TrainConfig, lr: Any = None) -> optax.GradientTransforma
     .init`` creates it). Weight decay goes to every tensor, as birder's, or with ``decay_bias_and_norm=False``
     only to :func:`weight_decay_mask`'s.
     """
-    return optax.adamw(learning_rate=cfg.lr if lr is None else lr, b1=cfg.betas[0], b2=cfg.betas[1], eps=cfg.eps,
-                       weight_decay=cfg.weight_decay, mask=None if cfg.decay_bias_and_norm else weight_decay_mask)
+    return optax.adamw(
+        learning_rate=cfg.lr if lr is None else lr,
+        b1=cfg.betas[0],
+        b2=cfg.betas[1],
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        mask=None if cfg.decay_bias_and_norm else weight_decay_mask,
+    )
 
 
 def adamw_update(cfg: TrainConfig, params: Any, grads: Any, opt_state: Any, lr: Any) -> tuple[Any, Any]:

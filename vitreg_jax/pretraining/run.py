@@ -1,4 +1,5 @@
-"""A whole MAE pre-training run as a library: settings, run folder, resume, data, trainer, fit, encoder export.
+"""A whole MAE pre-training run as a library: settings, run folder, resume, data, trainer, fit, encoder
+export.
 
 ``vitreg-jax pretrain`` is a thin wrapper of this module; notebooks and scripts call it directly::
 
@@ -121,11 +122,15 @@ class PretrainSettings:
     # where a given encoder's weights came from (a file, checkpoint or published name)
     init: str | None = field(default=None, metadata=_normalised(_weights_location))
     mae: str = "mae_vit"  # birder MAE head preset
-    mae_config: Mapping[str, Any] = field(default_factory=dict, metadata=_normalised(dict))  # MAE head overrides
+    mae_config: Mapping[str, Any] = field(
+        default_factory=dict, metadata=_normalised(dict)
+    )  # MAE head overrides
     mask_ratio: float | None = None  # None: MAEConfig's
     norm_pix_loss: bool = False
     frequency_endpoint: bool = False  # the decoder sin-cos frequencies of birder <= 0.6.2
-    rgb_stats: str | None = None  # a name of vitreg_jax.data.rgb_stats (None: a given encoder's own, else "birder")
+    rgb_stats: str | None = (
+        None  # a name of vitreg_jax.data.rgb_stats (None: a given encoder's own, else "birder")
+    )
     aug_level: int = 1  # birder's training augmentation level (0: resize only)
     export_every: int | None = None  # also export RUN/encoder every N steps (always at the end)
     # k-NN accuracy of the encoder during training, on labelled folders (one sub-folder per class):
@@ -146,7 +151,9 @@ class PretrainSettings:
         if self.export_every is not None and self.export_every < 1:
             raise UserError(f"export_every must be at least 1, got {self.export_every}")
         if (self.eval_train is None) != (self.eval_val is None):
-            raise UserError("eval_train and eval_val go together (labelled folders: one sub-folder per class)")
+            raise UserError(
+                "eval_train and eval_val go together (labelled folders: one sub-folder per class)"
+            )
         if self.eval_train is None and self.eval_every is not None:
             raise UserError("eval_every needs eval_train and eval_val")
         for name in ("eval_every", "eval_k"):
@@ -186,7 +193,7 @@ class PretrainSettings:
         """New-run settings from option paths (``{"network": ..., "train.lr": ...}``); the rest default.
         A run made from options names its length (``train.steps`` or ``train.epochs``)."""
         top = {k: v for k, v in options.items() if not k.startswith(TRAIN_PREFIX)}
-        train = {k[len(TRAIN_PREFIX):]: v for k, v in options.items() if k.startswith(TRAIN_PREFIX)}
+        train = {k[len(TRAIN_PREFIX) :]: v for k, v in options.items() if k.startswith(TRAIN_PREFIX)}
         if train.get("steps") is None and train.get("epochs") is None:
             raise UserError("give the run length: train.steps or train.epochs")
         return cls.from_dict({**top, "train": train})
@@ -225,7 +232,8 @@ def _show(value: Any) -> str:
     return json.dumps(value) if isinstance(value, dict) else str(value)
 
 
-# the run folder ------------------------------------------------------------------------------------------------
+# the run folder
+# ------------------------------------------------------------------------------------------------
 @dataclass
 class PretrainRun:
     """An opened run folder (nothing written yet): its settings, training files and saved record."""
@@ -249,7 +257,8 @@ class PretrainRun:
 
     @property
     def needs_init_weights(self) -> bool:
-        """Whether :func:`train` needs the ``settings.init`` encoder given (no checkpoint to continue from)."""
+        """Whether :func:`train` needs the ``settings.init`` encoder given (no checkpoint to continue
+        from)."""
         return self.settings.init is not None and not self.has_checkpoint
 
 
@@ -261,13 +270,20 @@ def _read_record(out: Path) -> dict[str, Any] | None:
     if not str(record.get("format", "")).startswith("vitreg-jax-pretrain/"):
         raise UserError(f"{path}: not a vitreg-jax pretrain run")
     if record["format"] != FORMAT:
-        raise UserError(f"{path}: a run of another vitreg-jax version ({record['format']}; this one reads "
-                        f"{FORMAT})")
+        raise UserError(
+            f"{path}: a run of another vitreg-jax version ({record['format']}; this one reads {FORMAT})"
+        )
     return record
 
 
-def open_run(out: str | os.PathLike[str], settings: PretrainSettings | Mapping[str, Any] | None = None, *,
-             resume: bool = False, export_only: bool = False, name: Callable[[str], str] = str) -> PretrainRun:
+def open_run(
+    out: str | os.PathLike[str],
+    settings: PretrainSettings | Mapping[str, Any] | None = None,
+    *,
+    resume: bool = False,
+    export_only: bool = False,
+    name: Callable[[str], str] = str,
+) -> PretrainRun:
     """Open the run folder ``out`` for a new run, ``resume`` or ``export_only``; nothing is written here.
 
     ``settings``: a new run's :class:`PretrainSettings`, or a mapping of option paths (``"train.lr"``) that
@@ -281,20 +297,25 @@ def open_run(out: str | os.PathLike[str], settings: PretrainSettings | Mapping[s
     record = _read_record(out)
     if record is None:
         if out.is_dir() and any(out.iterdir()):
-            raise UserError(f"{out}: the folder is not empty and holds no pretrain run ({RUN_FILE}); choose a new "
-                            "or empty folder")
+            raise UserError(
+                f"{out}: the folder is not empty and holds no pretrain run ({RUN_FILE}); choose a new "
+                "or empty folder"
+            )
         if export_only:
             raise UserError(f"{out}: no run to export from (expected {out / RUN_FILE})")
         new = settings if isinstance(settings, PretrainSettings) else _from_options(settings or {}, name)
         if not new.data:
-            raise UserError(f"{name('data')} is required to start a run (folders of images, image files or .txt "
-                            "lists)")
+            raise UserError(
+                f"{name('data')} is required to start a run (folders of images, image files or .txt lists)"
+            )
         _check_configs(new)
         from vitreg_jax.data.inputs import list_inputs
 
         return PretrainRun(out, new, list_inputs(list(new.data)), None, name)
     if not resume and not export_only:
-        raise UserError(f"{out} already holds a run; continue it with {name('resume')} or choose another folder")
+        raise UserError(
+            f"{out} already holds a run; continue it with {name('resume')} or choose another folder"
+        )
     saved = PretrainSettings.from_dict(record["settings"])
     asked = settings.flat() if isinstance(settings, PretrainSettings) else dict(settings or {})
     diffs = saved.differences(asked)
@@ -306,10 +327,14 @@ def open_run(out: str | os.PathLike[str], settings: PretrainSettings | Mapping[s
 
 def _from_options(options: Mapping[str, Any], name: Callable[[str], str]) -> PretrainSettings:
     if not options.get("data"):
-        raise UserError(f"{name('data')} is required to start a run (folders of images, image files or .txt lists)")
+        raise UserError(
+            f"{name('data')} is required to start a run (folders of images, image files or .txt lists)"
+        )
     if options.get(TRAIN_PREFIX + "steps") is None and options.get(TRAIN_PREFIX + "epochs") is None:
-        raise UserError(f"give the run length: {name(TRAIN_PREFIX + 'steps')} N (optimizer steps) or "
-                        f"{name(TRAIN_PREFIX + 'epochs')} N (passes over the data)")
+        raise UserError(
+            f"give the run length: {name(TRAIN_PREFIX + 'steps')} N (optimizer steps) or "
+            f"{name(TRAIN_PREFIX + 'epochs')} N (passes over the data)"
+        )
     return PretrainSettings.from_options(options)
 
 
@@ -321,8 +346,10 @@ def _check_configs(settings: PretrainSettings) -> None:
     else:
         arch = sorted(set(settings.model_config) - GIVEN_ENCODER_KEYS)
         if arch:
-            raise UserError(f"model_config {', '.join(arch)} cannot change the architecture of the weights of "
-                            f"{settings.init}")
+            raise UserError(
+                f"model_config {', '.join(arch)} cannot change the architecture of the weights of "
+                f"{settings.init}"
+            )
 
 
 def _run_files(out: Path, settings: PretrainSettings, record: Mapping[str, Any]) -> list[str]:
@@ -340,7 +367,8 @@ def _run_files(out: Path, settings: PretrainSettings, record: Mapping[str, Any])
     return list_inputs(list(settings.data))
 
 
-# training --------------------------------------------------------------------------------------------------------
+# training
+# --------------------------------------------------------------------------------------------------------
 @dataclass
 class PretrainResult:
     step: int  # optimizer steps done
@@ -374,10 +402,12 @@ def _encoder(run: PretrainRun, encoder: ViT | None) -> ViT:
         return ViT(cfg, rngs=nnx.Rngs(s.train.seed))
     arch = sorted(set(s.model_config) - GIVEN_ENCODER_KEYS)
     if arch:
-        raise UserError(f"{run.name('model_config')} {', '.join(arch)} cannot change the architecture of a given "
-                        "encoder")
-    encoder.cfg = encoder.cfg.replace(drop_path_rate=float(s.model_config.get("drop_path_rate",
-                                                                               MIM_DROP_PATH_RATE)))
+        raise UserError(
+            f"{run.name('model_config')} {', '.join(arch)} cannot change the architecture of a given encoder"
+        )
+    encoder.cfg = encoder.cfg.replace(
+        drop_path_rate=float(s.model_config.get("drop_path_rate", MIM_DROP_PATH_RATE))
+    )
     if s.size:
         encoder.adjust_size(s.size)
     if run.record and encoder.cfg.to_dict() != run.record["vit_config"]:
@@ -395,11 +425,18 @@ def _rgb_stats(run: PretrainRun, encoder_rgb_stats: Mapping[str, Any] | None) ->
     return named_rgb_stats(run.settings.rgb_stats or TRAIN_DEFAULT)
 
 
-def _periodic(run: PretrainRun, trainer: MAETrainer, vit_cfg: ViTConfig, rgb_stats: Mapping[str, Any],
-              total: int, echo: Callable[[str], None]) -> list[Periodic]:
+def _periodic(
+    run: PretrainRun,
+    trainer: MAETrainer,
+    vit_cfg: ViTConfig,
+    rgb_stats: Mapping[str, Any],
+    total: int,
+    echo: Callable[[str], None],
+) -> list[Periodic]:
     """The measurements the settings ask for, every N steps and after the last (logged as ``"<name>/<key>"``
     beside the loss): with ``eval_train``/``eval_val``, ``knn/top1`` and ``knn/top5``, the weighted k-NN
-    accuracy of ``trainer.model(state).encoder`` (:class:`~vitreg_jax.evaluation.monitor.KNNMonitor`, its Embedder
+    accuracy of ``trainer.model(state).encoder`` (:class:`~vitreg_jax.evaluation.monitor.KNNMonitor`, its
+    Embedder
     on ``trainer.mesh`` under ``trainer.policy``). The folders are read and decoded here, before training."""
     s = run.settings
     if s.eval_train is None:
@@ -407,16 +444,28 @@ def _periodic(run: PretrainRun, trainer: MAETrainer, vit_cfg: ViTConfig, rgb_sta
     from vitreg_jax.evaluation.monitor import KNNMonitor
     from vitreg_jax.pretraining.loop import Periodic
 
-    monitor = KNNMonitor(s.eval_train, s.eval_val, size=vit_cfg.image_size, rgb_stats=rgb_stats, k=s.eval_k,
-                         mesh=trainer.mesh, policy=trainer.policy)
-    echo(f"k-NN evaluation (k={s.eval_k}) every {s.eval_every or total} steps: {len(monitor.train.keys)} train / "
-         f"{len(monitor.val.keys)} val images, {len(monitor.classes)} classes"
-         + (f", {len(monitor.failures)} unreadable images skipped" if monitor.failures else ""))
+    monitor = KNNMonitor(
+        s.eval_train,
+        s.eval_val,
+        size=vit_cfg.image_size,
+        rgb_stats=rgb_stats,
+        k=s.eval_k,
+        mesh=trainer.mesh,
+        policy=trainer.policy,
+    )
+    echo(
+        f"k-NN evaluation (k={s.eval_k}) every {s.eval_every or total} steps: {len(monitor.train.keys)} "
+        "train "
+        "/ "
+        f"{len(monitor.val.keys)} val images, {len(monitor.classes)} classes"
+        + (f", {len(monitor.failures)} unreadable images skipped" if monitor.failures else "")
+    )
     return [Periodic("knn", s.eval_every or total, lambda state, step: monitor(trainer.model(state).encoder))]
 
 
-def _exporter(run: PretrainRun, trainer: MAETrainer, birder_cfg: Mapping[str, Any],
-              echo: Callable[[str], None]) -> Callable[[TrainState, int], None]:
+def _exporter(
+    run: PretrainRun, trainer: MAETrainer, birder_cfg: Mapping[str, Any], echo: Callable[[str], None]
+) -> Callable[[TrainState, int], None]:
     import jax
 
     from vitreg_jax.model.build import save_model
@@ -425,16 +474,29 @@ def _exporter(run: PretrainRun, trainer: MAETrainer, birder_cfg: Mapping[str, An
         if jax.process_index() != 0:
             return
         mae = trainer.model(state)
-        save_model(run.out / ENCODER_DIR, mae.encoder, birder_cfg, force=True,
-                   extra={"trained_by": "vitreg-jax pretrain", "run": str(run.out.absolute()), "step": step,
-                          "mae_config": mae.cfg.to_dict(), "init": run.settings.init})
+        save_model(
+            run.out / ENCODER_DIR,
+            mae.encoder,
+            birder_cfg,
+            force=True,
+            extra={
+                "trained_by": "vitreg-jax pretrain",
+                "run": str(run.out.absolute()),
+                "step": step,
+                "mae_config": mae.cfg.to_dict(),
+                "init": run.settings.init,
+            },
+        )
         echo(f"exported the encoder at step {step} to {run.out / ENCODER_DIR}")
 
     return export
 
 
-def _setup(run: PretrainRun, encoder: ViT | None, encoder_rgb_stats: Mapping[str, Any] | None,
-           ) -> tuple[MAETrainer, dict[str, Any]]:
+def _setup(
+    run: PretrainRun,
+    encoder: ViT | None,
+    encoder_rgb_stats: Mapping[str, Any] | None,
+) -> tuple[MAETrainer, dict[str, Any]]:
     """The trainer and the run's record (the saved one, or a new run's)."""
     import jax
     from flax import nnx
@@ -453,16 +515,31 @@ def _setup(run: PretrainRun, encoder: ViT | None, encoder_rgb_stats: Mapping[str
     if run.record is not None:
         return trainer, run.record
     registered = s.network if not given and not set(s.model_config) - GIVEN_ENCODER_KEYS else None
-    record = {"format": FORMAT, "vitreg_jax_version": __version__, "settings": s.to_dict(),
-              "vit_config": encoder.cfg.to_dict(), "mae_config": model.cfg.to_dict(), "rgb_stats": rgb_stats,
-              "birder_config": birder_config(encoder.cfg, rgb_stats, registered_name=registered),
-              "num_images": len(run.paths), "devices": jax.device_count()}
+    record = {
+        "format": FORMAT,
+        "vitreg_jax_version": __version__,
+        "settings": s.to_dict(),
+        "vit_config": encoder.cfg.to_dict(),
+        "mae_config": model.cfg.to_dict(),
+        "rgb_stats": rgb_stats,
+        "birder_config": birder_config(encoder.cfg, rgb_stats, registered_name=registered),
+        "num_images": len(run.paths),
+        "devices": jax.device_count(),
+    }
     return trainer, record
 
 
-def train(run: PretrainRun, *, encoder: ViT | None = None, encoder_rgb_stats: Mapping[str, Any] | None = None,
-          workers: int | None = None, progress: bool = True, echo: Callable[[str], None] | None = None,
-          periodic: Sequence[Periodic] = (), asynchronous: bool = True) -> PretrainResult:
+def train(
+    run: PretrainRun,
+    *,
+    encoder: ViT | None = None,
+    encoder_rgb_stats: Mapping[str, Any] | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+    echo: Callable[[str], None] | None = None,
+    periodic: Sequence[Periodic] = (),
+    asynchronous: bool = True,
+) -> PretrainResult:
     """Train (or continue) the run to its length, checkpointing, logging and exporting ``RUN/encoder``.
 
     ``encoder``: an already built ViT to pre-train (needed when :attr:`PretrainRun.needs_init_weights`);
@@ -483,12 +560,21 @@ def train(run: PretrainRun, *, encoder: ViT | None = None, encoder_rgb_stats: Ma
     trainer, record = _setup(run, encoder, encoder_rgb_stats)
     vit_cfg = ViTConfig.from_dict(record["vit_config"])
     transform = TrainTransform(vit_cfg.image_size, record["rgb_stats"], level=s.aug_level)
-    data = TrainData(run.paths, transform, batch_size=cfg.batch_size, grad_accum_steps=cfg.grad_accum_steps,
-                     seed=cfg.seed, workers=workers, process_index=jax.process_index(),
-                     process_count=jax.process_count())
+    data = TrainData(
+        run.paths,
+        transform,
+        batch_size=cfg.batch_size,
+        grad_accum_steps=cfg.grad_accum_steps,
+        seed=cfg.seed,
+        workers=workers,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
     if cfg.batch_size % jax.device_count():
-        raise UserError(f"{run.name(TRAIN_PREFIX + 'batch_size')} {cfg.batch_size} is not divisible by the "
-                        f"{jax.device_count()} devices")
+        raise UserError(
+            f"{run.name(TRAIN_PREFIX + 'batch_size')} {cfg.batch_size} is not divisible by the "
+            f"{jax.device_count()} devices"
+        )
     spe, total = data.steps_per_epoch, total_steps(cfg, data.steps_per_epoch)
     # evaluation folders are checked (and decoded) before anything is written
     measurements = [*_periodic(run, trainer, vit_cfg, record["rgb_stats"], total, say), *periodic]
@@ -500,16 +586,32 @@ def train(run: PretrainRun, *, encoder: ViT | None = None, encoder_rgb_stats: Ma
         if not (run.out / FILES_FILE).is_file():
             atomic_write_text(run.out / FILES_FILE, "".join(p + "\n" for p in run.paths))
     network = s.init if s.init else record["birder_config"]["registered_name"]
-    say(f"{network} + {s.mae} at {vit_cfg.image_size[0]}x{vit_cfg.image_size[1]}, {len(run.paths)} images, "
+    say(
+        f"{network} + {s.mae} at {vit_cfg.image_size[0]}x{vit_cfg.image_size[1]}, {len(run.paths)} images, "
         f"{spe} steps per epoch, {total} steps of {cfg.batch_size} x {cfg.grad_accum_steps} images on "
-        f"{jax.device_count()} {jax.devices()[0].platform} device(s), {trainer.policy.dtype}")
+        f"{jax.device_count()} {jax.devices()[0].platform} device(s), {trainer.policy.dtype}"
+    )
     result: RunResult = fit(
-        trainer, data, run.out, total=total, schedule=lr_schedule(cfg, spe), resume=True,
-        export=_exporter(run, trainer, record["birder_config"], say), export_every=s.export_every,
-        progress=progress and jax.process_index() == 0, asynchronous=asynchronous,
-        periodic=measurements)
-    return PretrainResult(step=result.step, loss=result.loss, resumed_from=result.resumed_from,
-                          losses=result.losses, model=trainer.model(result.state), total_steps=total)
+        trainer,
+        data,
+        run.out,
+        total=total,
+        schedule=lr_schedule(cfg, spe),
+        resume=True,
+        export=_exporter(run, trainer, record["birder_config"], say),
+        export_every=s.export_every,
+        progress=progress and jax.process_index() == 0,
+        asynchronous=asynchronous,
+        periodic=measurements,
+    )
+    return PretrainResult(
+        step=result.step,
+        loss=result.loss,
+        resumed_from=result.resumed_from,
+        losses=result.losses,
+        model=trainer.model(result.state),
+        total_steps=total,
+    )
 
 
 def export_latest(run: PretrainRun, *, echo: Callable[[str], None] | None = None) -> int:
