@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from vitreg_jax._partials import GRACE_S, hold, release, remove_stale
+from vitreg_jax._locks import GRACE_S, hold, release, remove_stale
 from vitreg_jax.cli.main import ON_INTERRUPT, main
 from vitreg_jax.convert import standin
 from vitreg_jax.convert.formats.birder_file import read_birder_file, write_birder_file

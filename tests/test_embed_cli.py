@@ -488,7 +488,7 @@ def test_a_second_run_into_a_folder_in_use_exits_2(ckpt, inputs, tmp_path, capsy
     out = tmp_path / "out"
     out.mkdir()
     code = (
-        "import sys, time; from vitreg_jax._folder_lock import FolderLock; "
+        "import sys, time; from vitreg_jax._locks import FolderLock; "
         "FolderLock(sys.argv[1], 'embed').acquire(); print('locked', flush=True); time.sleep(600)"
     )
     holder = subprocess.Popen(

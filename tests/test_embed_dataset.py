@@ -19,7 +19,7 @@ from flax import nnx
 from PIL import Image
 
 from tests.tolerances import EMBED_FOLDER_VS_TAR_ATOL, EMBED_FP32_ATOL
-from vitreg_jax._folder_lock import FolderLock
+from vitreg_jax._locks import FolderLock
 from vitreg_jax.data.preprocess import classification_transform, load_image
 from vitreg_jax.embedding._output_folder import STATE_DIR
 from vitreg_jax.embedding.dataset import embed_dataset
@@ -225,7 +225,7 @@ def test_parquet_refuses_foreign_parts(model, tmp_path):
 
 def _hold_lock(folder: Path) -> subprocess.Popen:
     code = (
-        "import sys, time; from vitreg_jax._folder_lock import FolderLock; "
+        "import sys, time; from vitreg_jax._locks import FolderLock; "
         "FolderLock(sys.argv[1], 'embed').acquire(); print('locked', flush=True); time.sleep(600)"
     )
     proc = subprocess.Popen(
