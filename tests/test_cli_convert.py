@@ -2,7 +2,8 @@
 published names served from 127.0.0.1, --verify, and one clear error line (exit 2, nothing left behind)
 for every kind of bad input.
 
-Most cases call ``vitreg_jax.cli.main.main`` in-process (fast); a few run ``python -m vitreg_jax`` as users do.
+Most cases call ``vitreg_jax.cli.main.main`` in-process (fast); a few run ``python -m vitreg_jax`` as users
+do.
 """
 
 from __future__ import annotations
@@ -21,52 +22,30 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.hf_mirror import HfMirror
-from tests.tolerances import CONVERT_PARITY_ATOL, VERIFY_INJECTED_ERROR, VERIFY_LOOSE_TOLERANCE
+from tests.support.birder_files import (
+    RGB,
+    SIZE,
+    TINY,
+    Tiny,
+    birder_embedding,
+    birder_net,
+    birder_save,
+    damaged_files,
+    evil_files,
+    legacy_state,
+    nhwc_input,
+    save_pt,
+    signature,
+    state_tensors,
+    to_numpy,
+)
+from tests.support.hf_mirror import HfMirror
+from tests.support.tolerances import CONVERT_PARITY_ATOL, VERIFY_INJECTED_ERROR, VERIFY_LOOSE_TOLERANCE
 from vitreg_jax.cli.main import main
 from vitreg_jax.convert import hub
 from vitreg_jax.convert.formats.birder_file import read_birder_file
 from vitreg_jax.fileio import umask
 from vitreg_jax.tree import flatten
-
-try:
-    from tests.test_convert import (
-        RGB,
-        SIZE,
-        TINY,
-        Tiny,
-        birder_embedding,
-        birder_net,
-        birder_save,
-        damaged_files,
-        evil_files,
-        legacy_state,
-        nhwc_input,
-        save_pt,
-        signature,
-        state_tensors,
-        tiny,  # the session fixture
-        to_numpy,
-    )
-except ImportError:  # tests/ run as plain folder
-    from test_convert import (  # type: ignore[no-redef]
-        RGB,
-        SIZE,
-        TINY,
-        Tiny,
-        birder_embedding,
-        birder_net,
-        birder_save,
-        damaged_files,
-        evil_files,
-        legacy_state,
-        nhwc_input,
-        save_pt,
-        signature,
-        state_tensors,
-        tiny,  # type: ignore[no-redef]  # noqa: F401
-        to_numpy,
-    )
 
 torch = pytest.importorskip("torch")
 birder = pytest.importorskip("birder")
@@ -126,8 +105,9 @@ def converted(tiny: Tiny, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # convert ---------------------------------------------------------------------------------------------------
-def test_convert_a_birder_file_gives_birders_embedding(tiny: Tiny, converted: Path,
-                                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_convert_a_birder_file_gives_birders_embedding(
+    tiny: Tiny, converted: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     x = nhwc_input()
     assert np.max(np.abs(our_embedding(converted, x) - birder_embedding(tiny.net, x))) < CONVERT_PARITY_ATOL
     meta = metadata(converted)
@@ -143,7 +123,9 @@ def test_convert_a_birder_file_gives_birders_embedding(tiny: Tiny, converted: Pa
     assert meta["vit_config"]["num_heads"] == 2 and meta["vit_config"]["image_size"] == list(SIZE)
 
 
-def test_convert_prints_what_it_inferred(tiny: Tiny, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_convert_prints_what_it_inferred(
+    tiny: Tiny, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     rc, out, err = cli(capsys, "convert", tiny.pt, "--out", tmp_path / "c")
     assert rc == 0, err
     assert "(from the file's own config and tensor shapes)" in out and "nearest" in out
@@ -151,8 +133,9 @@ def test_convert_prints_what_it_inferred(tiny: Tiny, tmp_path: Path, capsys: pyt
     assert "wrote" in out and "parameters" in out
 
 
-def test_convert_safetensors_and_with_json_give_the_same_weights(tiny: Tiny, converted: Path, tmp_path: Path,
-                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_convert_safetensors_and_with_json_give_the_same_weights(
+    tiny: Tiny, converted: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     want = restored(converted)
     for args in ([tiny.st], [tiny.pt_bare_meta, "--config", tiny.json]):
         rc, out, err = cli(capsys, "convert", *args, "--out", tmp_path / "c")
@@ -163,16 +146,18 @@ def test_convert_safetensors_and_with_json_give_the_same_weights(tiny: Tiny, con
     assert "from --config" in out
 
 
-def test_convert_without_json_at_a_nonstandard_width_asks_for_it(tiny: Tiny, tmp_path: Path,
-                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_convert_without_json_at_a_nonstandard_width_asks_for_it(
+    tiny: Tiny, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     rc, _, err = cli(capsys, "convert", tiny.pt_bare_meta, "--out", tmp_path / "c")
     assert_user_error(rc, err, "num_heads for width 64", "--config")
     assert not (tmp_path / "c").exists() and leftovers(tmp_path) == []
 
 
 @pytest.mark.parametrize(("oldest", "layout"), [(False, "pre-0.4"), (True, "pre-0.4-encoder-norm")])
-def test_legacy_layouts_convert_to_the_same_checkpoint(tiny: Tiny, converted: Path, tmp_path: Path, oldest: bool,
-                                                       layout: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_legacy_layouts_convert_to_the_same_checkpoint(
+    tiny: Tiny, converted: Path, tmp_path: Path, oldest: bool, layout: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = save_pt(tmp_path / "legacy.pt", legacy_state(state_tensors(tiny.net), oldest=oldest), config=TINY)
     rc, out, err = cli(capsys, "convert", path, "--out", tmp_path / "c", "--verify")
     assert rc == 0, err
@@ -183,15 +168,24 @@ def test_legacy_layouts_convert_to_the_same_checkpoint(tiny: Tiny, converted: Pa
 
 
 @pytest.mark.parametrize("alias", ["vit_reg4_b16", "vitreg4_b16"])
-def test_legacy_json_with_alias(tiny: Tiny, converted: Path, tmp_path: Path, alias: str,
-                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_legacy_json_with_alias(
+    tiny: Tiny, converted: Path, tmp_path: Path, alias: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     """birder < 0.4.13 wrote ``alias`` (and ``net_param``); before 2025-04 the network was ``vitreg4_b16``."""
-    legacy = {"birder_version": "v0.0.5a91", "name": "vit", "alias": alias, "task": "image_classification",
-              "net_param": None, "model_config": {**TINY, "patch_size": 16, "num_reg_tokens": 4},
-              "signature": signature(), "rgb_stats": {"mean": [0.5248, 0.5372, 0.5086],
-                                                      "std": [0.2135, 0.2103, 0.2622]}}
+    legacy = {
+        "birder_version": "v0.0.5a91",
+        "name": "vit",
+        "alias": alias,
+        "task": "image_classification",
+        "net_param": None,
+        "model_config": {**TINY, "patch_size": 16, "num_reg_tokens": 4},
+        "signature": signature(),
+        "rgb_stats": {"mean": [0.5248, 0.5372, 0.5086], "std": [0.2135, 0.2103, 0.2622]},
+    }
     (tmp_path / "old.json").write_text(json.dumps(legacy))
-    weights = save_pt(tmp_path / "old.pt", legacy_state(state_tensors(tiny.net)), rgb_stats=None, signature=None)
+    weights = save_pt(
+        tmp_path / "old.pt", legacy_state(state_tensors(tiny.net)), rgb_stats=None, signature=None
+    )
     rc, _, err = cli(capsys, "convert", weights, "--config", tmp_path / "old.json", "--out", tmp_path / "c")
     assert rc == 0, err
     meta = metadata(tmp_path / "c")
@@ -202,8 +196,9 @@ def test_legacy_json_with_alias(tiny: Tiny, converted: Path, tmp_path: Path, ali
 
 
 @pytest.mark.parametrize(("dtype", "name"), [(torch.bfloat16, "bfloat16"), (torch.float16, "float16")])
-def test_half_precision_files_convert_and_export_bit_for_bit(tiny: Tiny, tmp_path: Path, dtype: Any, name: str,
-                                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_half_precision_files_convert_and_export_bit_for_bit(
+    tiny: Tiny, tmp_path: Path, dtype: Any, name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     net = birder_net().to(dtype)
     pt, js = birder_save(net, tmp_path, "half", external_config=TINY)
     rc, _, err = cli(capsys, "convert", pt, "--out", tmp_path / "c", "--verify")
@@ -213,7 +208,10 @@ def test_half_precision_files_convert_and_export_bit_for_bit(tiny: Tiny, tmp_pat
     assert {str(a.dtype) for a in restored(tmp_path / "c").values()} == {name}
     rc, _, err = cli(capsys, "export", tmp_path / "c", "--out", tmp_path / "back.pt")
     assert rc == 0, err
-    src, back = torch.load(pt, weights_only=True)["state"], torch.load(tmp_path / "back.pt", weights_only=True)["state"]
+    src, back = (
+        torch.load(pt, weights_only=True)["state"],
+        torch.load(tmp_path / "back.pt", weights_only=True)["state"],
+    )
     assert list(back) == list(src)
     assert all(back[k].dtype == src[k].dtype and torch.equal(back[k], src[k]) for k in src)
     # birder (float32 net) loads the exported half-precision file exactly as it loads the original
@@ -221,7 +219,10 @@ def test_half_precision_files_convert_and_export_bit_for_bit(tiny: Tiny, tmp_pat
     original, _ = birder.load_model_with_cfg(str(js), str(pt))
     exported, _ = birder.load_model_with_cfg(str(tmp_path / "back.json"), str(tmp_path / "back.pt"))
     assert np.array_equal(birder_embedding(original.eval(), x), birder_embedding(exported.eval(), x))
-    assert np.max(np.abs(our_embedding(tmp_path / "c", x) - birder_embedding(original.eval(), x))) < CONVERT_PARITY_ATOL
+    assert (
+        np.max(np.abs(our_embedding(tmp_path / "c", x) - birder_embedding(original.eval(), x)))
+        < CONVERT_PARITY_ATOL
+    )
 
 
 def test_a_classifier_head_is_kept(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -245,8 +246,9 @@ def test_a_classifier_head_is_kept(tmp_path: Path, capsys: pytest.CaptureFixture
 
 # export ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
-def test_export_loads_strictly_in_birder_with_the_same_outputs(tiny: Tiny, converted: Path, tmp_path: Path,
-                                                               suffix: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_export_loads_strictly_in_birder_with_the_same_outputs(
+    tiny: Tiny, converted: Path, tmp_path: Path, suffix: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "models" / f"vit_reg4_b16_tiny{suffix}"
     rc, stdout, err = cli(capsys, "export", converted, "--out", out, "--verify")
     assert rc == 0, err
@@ -258,8 +260,9 @@ def test_export_loads_strictly_in_birder_with_the_same_outputs(tiny: Tiny, conve
     assert oct(out.stat().st_mode & 0o777) == oct(0o666 & ~umask())
 
 
-def test_pt_to_orbax_to_pt_is_bit_for_bit(tiny: Tiny, converted: Path, tmp_path: Path,
-                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_pt_to_orbax_to_pt_is_bit_for_bit(
+    tiny: Tiny, converted: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     rc, _, err = cli(capsys, "export", converted, "--out", tmp_path / "back.pt")
     assert rc == 0, err
     src = torch.load(tiny.pt, weights_only=True)
@@ -274,8 +277,9 @@ def test_pt_to_orbax_to_pt_is_bit_for_bit(tiny: Tiny, converted: Path, tmp_path:
     assert back["config"] == src["config"] == TINY  # the file's own config travels through metadata.json
 
 
-def test_the_python_api_behind_convert_and_export(tiny: Tiny, tmp_path: Path,
-                                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_python_api_behind_convert_and_export(
+    tiny: Tiny, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """convert_to_checkpoint / export_to_birder do the commands' work; progress goes to ``report`` only."""
     from vitreg_jax.convert.to_birder import export_to_birder
     from vitreg_jax.convert.to_checkpoint import convert_to_checkpoint
@@ -293,8 +297,9 @@ def test_the_python_api_behind_convert_and_export(tiny: Tiny, tmp_path: Path,
     assert all(np.array_equal(out.state[k], v) for k, v in src.state.items())
 
 
-def test_export_a_legacy_file_with_todays_keys(tiny: Tiny, tmp_path: Path,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_export_a_legacy_file_with_todays_keys(
+    tiny: Tiny, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = save_pt(tmp_path / "old.pt", legacy_state(state_tensors(tiny.net), oldest=True), config=TINY)
     rc, _, err = cli(capsys, "export", path, "--out", tmp_path / "new.pt")
     assert rc == 0, err
@@ -306,23 +311,36 @@ def test_export_a_legacy_file_with_todays_keys(tiny: Tiny, tmp_path: Path,
 
 
 # --verify --------------------------------------------------------------------------------------------------
-def test_verify_failure_exits_1_and_writes_nothing(tiny: Tiny, converted: Path, tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch,
-                                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_verify_failure_exits_1_and_writes_nothing(
+    tiny: Tiny,
+    converted: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     from vitreg_jax.convert import verify
 
     real = verify.our_embedding
-    monkeypatch.setattr(verify, "our_embedding", lambda net, x: real(net, x) + VERIFY_INJECTED_ERROR)  # wrong port
+    monkeypatch.setattr(
+        verify, "our_embedding", lambda net, x: real(net, x) + VERIFY_INJECTED_ERROR
+    )  # wrong port
     rc, out, err = cli(capsys, "convert", tiny.pt, "--out", tmp_path / "c", "--verify")
     assert rc == 1 and "FAILED" in out and "nothing was written" in err
     assert not (tmp_path / "c").exists()
     rc, out, err = cli(capsys, "export", converted, "--out", tmp_path / "e.pt", "--verify")
     assert rc == 1 and "FAILED" in out
     assert sorted(p.name for p in tmp_path.iterdir()) == []
-    rc, out, err = cli(capsys, "convert", tiny.pt, "--out", tmp_path / "c", "--verify", "--tolerance",
-                       str(VERIFY_LOOSE_TOLERANCE))
+    rc, out, err = cli(
+        capsys,
+        "convert",
+        tiny.pt,
+        "--out",
+        tmp_path / "c",
+        "--verify",
+        "--tolerance",
+        str(VERIFY_LOOSE_TOLERANCE),
+    )
     assert rc == 0 and ": OK" in out
-
 
 
 @pytest.mark.parametrize("command", ["convert", "export"])
@@ -348,33 +366,64 @@ def umask_027() -> Iterator[int]:
 
 def modes(root: Path) -> dict[str, int]:
     """{relative path: permission bits} of ``root`` and everything under it."""
-    return {str(p.relative_to(root.parent)): p.stat().st_mode & 0o777 for p in [root, *sorted(root.rglob("*"))]}
+    return {
+        str(p.relative_to(root.parent)): p.stat().st_mode & 0o777 for p in [root, *sorted(root.rglob("*"))]
+    }
 
 
-def test_everything_written_follows_the_umask(tiny: Tiny, tmp_path: Path, umask_027: int,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
-    """Like any other tool: folders 0777 & ~umask, files 0666 & ~umask (not mkdtemp's / mkstemp's 0700 / 0600)."""
+def test_everything_written_follows_the_umask(
+    tiny: Tiny, tmp_path: Path, umask_027: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Like any other tool: folders 0777 & ~umask, files 0666 & ~umask (not mkdtemp's / mkstemp's 0700 /
+    0600)."""
     folder, file = 0o777 & ~umask_027, 0o666 & ~umask_027
     assert cli(capsys, "convert", tiny.pt, "--out", tmp_path / "new" / "ckpt")[0] == 0
     assert cli(capsys, "export", tmp_path / "new" / "ckpt", "--out", tmp_path / "out" / "e.pt")[0] == 0
-    assert cli(capsys, "export", tmp_path / "new" / "ckpt", "--out", tmp_path / "out" / "e.safetensors",
-               "--json", tmp_path / "out" / "s.json")[0] == 0
+    assert (
+        cli(
+            capsys,
+            "export",
+            tmp_path / "new" / "ckpt",
+            "--out",
+            tmp_path / "out" / "e.safetensors",
+            "--json",
+            tmp_path / "out" / "s.json",
+        )[0]
+        == 0
+    )
     found = {**modes(tmp_path / "new"), **modes(tmp_path / "out")}
-    assert {"new/ckpt/metadata.json", "new/ckpt/params", "out/e.pt", "out/e.json", "out/s.json",
-            "out/e.safetensors"} <= set(found)
-    wrong = {name: oct(mode) for name, mode in found.items()
-             if mode != (folder if (tmp_path / name).is_dir() else file)}
+    assert {
+        "new/ckpt/metadata.json",
+        "new/ckpt/params",
+        "out/e.pt",
+        "out/e.json",
+        "out/s.json",
+        "out/e.safetensors",
+    } <= set(found)
+    wrong = {
+        name: oct(mode)
+        for name, mode in found.items()
+        if mode != (folder if (tmp_path / name).is_dir() else file)
+    }
     assert not wrong, f"expected {oct(folder)} folders and {oct(file)} files: {wrong}"
 
 
 # info ------------------------------------------------------------------------------------------------------
-def test_info_on_a_checkpoint_and_a_birder_file(tiny: Tiny, converted: Path,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_info_on_a_checkpoint_and_a_birder_file(
+    tiny: Tiny, converted: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     n = sum(v.numel() for v in tiny.net.state_dict().values())
     rc, out, err = cli(capsys, "info", converted)
     assert rc == 0, err
-    for needle in ("vitreg-jax checkpoint", "network       vit_reg4_", f"{n:,} in", "float32", "input size    32x32",
-                   "mean (0.5191, 0.5306, 0.4877)", f"source_sha256 {sha256(tiny.pt)}"):
+    for needle in (
+        "vitreg-jax checkpoint",
+        "network       vit_reg4_",
+        f"{n:,} in",
+        "float32",
+        "input size    32x32",
+        "mean (0.5191, 0.5306, 0.4877)",
+        f"source_sha256 {sha256(tiny.pt)}",
+    ):
         assert needle in out, needle
     rc, out, err = cli(capsys, "info", tiny.pt, "--json")
     assert rc == 0, err
@@ -388,7 +437,9 @@ def test_info_on_a_checkpoint_and_a_birder_file(tiny: Tiny, converted: Path,
 def test_info_on_a_file_whose_architecture_is_unknown(tiny: Tiny, capsys: pytest.CaptureFixture[str]) -> None:
     rc, out, err = cli(capsys, "info", tiny.pt_bare_meta)
     assert rc == 0, err
-    assert "architecture  unknown:" in out and "num_heads for width 64" in out and "input size    32x32" in out
+    assert (
+        "architecture  unknown:" in out and "num_heads for width 64" in out and "input size    32x32" in out
+    )
     rc, out, _ = cli(capsys, "info", tiny.pt_bare_meta, "--config", tiny.json, "--json")
     assert json.loads(out)["architecture"]["num_heads"] == 2
 
@@ -403,8 +454,14 @@ def hub_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[HfMi
         yield mirror
 
 
-def publish(mirror: HfMirror, monkeypatch: pytest.MonkeyPatch, name: str, weights: Path, layout: str,
-            config: Path | None = None) -> None:
+def publish(
+    mirror: HfMirror,
+    monkeypatch: pytest.MonkeyPatch,
+    name: str,
+    weights: Path,
+    layout: str,
+    config: Path | None = None,
+) -> None:
     pub = hub.PUBLISHED[name]
     mirror.put(pub.repo, pub.filename, weights.read_bytes())
     if config is not None:
@@ -412,9 +469,14 @@ def publish(mirror: HfMirror, monkeypatch: pytest.MonkeyPatch, name: str, weight
     monkeypatch.setitem(hub.PUBLISHED, name, dataclasses.replace(pub, hashes={sha256(weights): layout}))
 
 
-def test_convert_and_info_by_published_name(tiny: Tiny, converted: Path, tmp_path: Path, hub_server: HfMirror,
-                                            monkeypatch: pytest.MonkeyPatch,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_convert_and_info_by_published_name(
+    tiny: Tiny,
+    converted: Path,
+    tmp_path: Path,
+    hub_server: HfMirror,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     publish(hub_server, monkeypatch, "vit_reg4_b16_mim_200", tiny.pt_bare_meta, hub.LAYOUT_CURRENT, tiny.json)
     rc, out, err = cli(capsys, "convert", "vit_reg4_b16_mim_200", "--out", tmp_path / "c")
     assert rc == 0, err
@@ -427,17 +489,24 @@ def test_convert_and_info_by_published_name(tiny: Tiny, converted: Path, tmp_pat
     assert json.loads(out)["provenance"]["published_name"] == "vit_reg4_b16_mim_200"
 
 
-def test_legacy_published_name_and_a_wrong_hash(tiny: Tiny, tmp_path: Path, hub_server: HfMirror,
-                                                monkeypatch: pytest.MonkeyPatch,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_legacy_published_name_and_a_wrong_hash(
+    tiny: Tiny,
+    tmp_path: Path,
+    hub_server: HfMirror,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     legacy = save_pt(tmp_path / "legacy.pt", legacy_state(state_tensors(tiny.net)), config=TINY)
     publish(hub_server, monkeypatch, "vitreg4_b16_mim_200", legacy, hub.LAYOUT_LEGACY)
     rc, out, err = cli(capsys, "convert", "vitreg4_b16_mim_200", "--out", tmp_path / "c")
     assert rc == 0, err
     assert "key layout pre-0.4" in out
     # a served file whose sha256 is not the published one is never used
-    monkeypatch.setitem(hub.PUBLISHED, "vitreg4_b16_mim_200",
-                        dataclasses.replace(hub.PUBLISHED["vitreg4_b16_mim_200"], hashes={"0" * 64: "legacy"}))
+    monkeypatch.setitem(
+        hub.PUBLISHED,
+        "vitreg4_b16_mim_200",
+        dataclasses.replace(hub.PUBLISHED["vitreg4_b16_mim_200"], hashes={"0" * 64: "legacy"}),
+    )
     monkeypatch.setenv(hub.ENV_CACHE, str(tmp_path / "cache2"))
     rc, _, err = cli(capsys, "convert", "vitreg4_b16_mim_200", "--out", tmp_path / "d")
     progress, last = err.rsplit("\n", 2)[0], err.strip().splitlines()[-1]  # the download shows a progress bar
@@ -446,11 +515,17 @@ def test_legacy_published_name_and_a_wrong_hash(tiny: Tiny, tmp_path: Path, hub_
     assert not (tmp_path / "d").exists()
 
 
-def test_an_unusable_published_json_falls_back_to_the_file(tiny: Tiny, tmp_path: Path, hub_server: HfMirror,
-                                                           monkeypatch: pytest.MonkeyPatch,
-                                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_an_unusable_published_json_falls_back_to_the_file(
+    tiny: Tiny,
+    tmp_path: Path,
+    hub_server: HfMirror,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     broken = tmp_path / "broken.json"
-    broken.write_text(json.dumps({**json.loads(tiny.json.read_text()), "model_config": {"stem_type": "hmlp"}}))
+    broken.write_text(
+        json.dumps({**json.loads(tiny.json.read_text()), "model_config": {"stem_type": "hmlp"}})
+    )
     publish(hub_server, monkeypatch, "vit_reg4_b16_mim_300", tiny.pt, hub.LAYOUT_CURRENT, broken)
     rc, out, err = cli(capsys, "convert", "vit_reg4_b16_mim_300", "--out", tmp_path / "c")
     assert rc == 0, err
@@ -458,8 +533,9 @@ def test_an_unusable_published_json_falls_back_to_the_file(tiny: Tiny, tmp_path:
     assert metadata(tmp_path / "c")["vit_config"]["num_heads"] == 2
 
 
-def test_rgb_stats_of_the_json_win_and_the_difference_is_shown(tiny: Tiny, tmp_path: Path,
-                                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_rgb_stats_of_the_json_win_and_the_difference_is_shown(
+    tiny: Tiny, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     other = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
     (tmp_path / "cfg.json").write_text(json.dumps({**json.loads(tiny.json.read_text()), "rgb_stats": other}))
     rc, out, err = cli(capsys, "convert", tiny.pt, "--config", tmp_path / "cfg.json", "--out", tmp_path / "c")
@@ -479,14 +555,18 @@ def test_load_model_with_cfg_reads_a_birder_file_without_its_json(tiny: Tiny) ->
 
 
 # bad input: one line on stderr, exit 2, nothing left behind ------------------------------------------------
-def test_unsafe_pickles_are_refused_and_never_run(tiny: Tiny, tmp_path: Path,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_unsafe_pickles_are_refused_and_never_run(
+    tiny: Tiny, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     marker = tmp_path / "marker"
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     for what, path in evil_files(tmp_path / "evil", state_tensors(tiny.net), marker).items():
-        for command in (["convert", path, "--out", out_dir / "c"], ["info", path], ["export", path, "--out",
-                                                                                  out_dir / "e.pt"]):
+        for command in (
+            ["convert", path, "--out", out_dir / "c"],
+            ["info", path],
+            ["export", path, "--out", out_dir / "e.pt"],
+        ):
             rc, _, err = cli(capsys, *command)
             assert_user_error(rc, err, "refused", str(path))
             assert not marker.exists(), (what, command[0])
@@ -507,14 +587,17 @@ def _state_variants(tiny: Tiny) -> dict[str, tuple[dict[str, Any], str]]:
     missing = {k: v for k, v in good.items() if k != "encoder.block.1.mlp.3.bias"}
     extra = {**good, "decoder.weight": torch.zeros(3)}
     shaped = {**good, "encoder.block.0.attn.proj.weight": torch.zeros(64, 32)}
-    return {"missing": (missing, "missing 1 key(s): encoder.block.1.mlp.3.bias"),
-            "extra": (extra, "unexpected 1 key(s): decoder.weight"),
-            "mis-shaped": (shaped, "encoder.block.0.attn.proj.weight (64, 32) (expected (64, 64))")}
+    return {
+        "missing": (missing, "missing 1 key(s): encoder.block.1.mlp.3.bias"),
+        "extra": (extra, "unexpected 1 key(s): decoder.weight"),
+        "mis-shaped": (shaped, "encoder.block.0.attn.proj.weight (64, 32) (expected (64, 64))"),
+    }
 
 
 @pytest.mark.parametrize("problem", ["missing", "extra", "mis-shaped"])
-def test_state_dicts_that_do_not_fit_are_refused(tiny: Tiny, tmp_path: Path, problem: str,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_state_dicts_that_do_not_fit_are_refused(
+    tiny: Tiny, tmp_path: Path, problem: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     state, needle = _state_variants(tiny)[problem]
     path = save_pt(tmp_path / "w.pt", state, config=TINY, birder_version="v0.8.4")
     rc, _, err = cli(capsys, "convert", path, "--config", tiny.json, "--out", tmp_path / "c")
@@ -522,15 +605,22 @@ def test_state_dicts_that_do_not_fit_are_refused(tiny: Tiny, tmp_path: Path, pro
     assert not (tmp_path / "c").exists() and leftovers(tmp_path) == []
 
 
-def test_paths_that_are_not_weight_files(tiny: Tiny, converted: Path, tmp_path: Path,
-                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_paths_that_are_not_weight_files(
+    tiny: Tiny, converted: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     (tmp_path / "folder").mkdir()
     cases = [
         (["convert", tmp_path / "folder", "--out", tmp_path / "c"], "is a directory"),
         (["convert", converted, "--out", tmp_path / "c"], "is a vitreg-jax checkpoint already"),
-        (["convert", tmp_path / "nope.pt", "--out", tmp_path / "c"], "neither an existing file nor a published"),
+        (
+            ["convert", tmp_path / "nope.pt", "--out", tmp_path / "c"],
+            "neither an existing file nor a published",
+        ),
         (["convert", "vit_reg4_b16_mim_20", "--out", tmp_path / "c"], "did you mean 'vit_reg4_b16_mim_200'"),
-        (["convert", tiny.pt, "--network", "vit_nope", "--out", tmp_path / "c"], "unknown network 'vit_nope'"),
+        (
+            ["convert", tiny.pt, "--network", "vit_nope", "--out", tmp_path / "c"],
+            "unknown network 'vit_nope'",
+        ),
         (["convert", tiny.pt, "--network", "vit_reg4_b16", "--out", tmp_path / "c"], "do not fit"),
         (["convert", tiny.pt, "--config", tmp_path / "none.json", "--out", tmp_path / "c"], "no such config"),
         (["export", tmp_path / "folder", "--out", tmp_path / "e.pt"], "is a directory"),
@@ -545,8 +635,9 @@ def test_paths_that_are_not_weight_files(tiny: Tiny, converted: Path, tmp_path: 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"]
 
 
-def test_a_damaged_checkpoint_is_refused_by_export_and_info(converted: Path, tmp_path: Path,
-                                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_damaged_checkpoint_is_refused_by_export_and_info(
+    converted: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     broken = tmp_path / "broken"
     shutil.copytree(converted, broken)
     for p in (broken / "params").rglob("*"):
@@ -560,7 +651,9 @@ def test_a_damaged_checkpoint_is_refused_by_export_and_info(converted: Path, tmp
     assert_user_error(rc, err, "metadata.json")
 
 
-def test_export_never_drops_parameters(converted: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_export_never_drops_parameters(
+    converted: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from vitreg_jax.model.checkpoint import load_checkpoint, save_checkpoint
 
     params, meta = load_checkpoint(converted)
@@ -572,8 +665,9 @@ def test_export_never_drops_parameters(converted: Path, tmp_path: Path, capsys: 
     assert not (tmp_path / "e.pt").exists()
 
 
-def test_an_existing_output_is_replaced_only_with_force(tiny: Tiny, converted: Path, tmp_path: Path,
-                                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_an_existing_output_is_replaced_only_with_force(
+    tiny: Tiny, converted: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "c"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
@@ -595,8 +689,9 @@ def test_an_existing_output_is_replaced_only_with_force(tiny: Tiny, converted: P
     assert leftovers(tmp_path) == []
 
 
-def test_unwritable_output_locations(tiny: Tiny, converted: Path, tmp_path: Path,
-                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_unwritable_output_locations(
+    tiny: Tiny, converted: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
     rc, _, err = cli(capsys, "convert", tiny.pt, "--out", a_file / "sub" / "c")
@@ -621,7 +716,8 @@ def test_unwritable_output_locations(tiny: Tiny, converted: Path, tmp_path: Path
 
 
 def test_missing_parent_folders_are_created_and_removed_again_on_failure(
-        tiny: Tiny, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tiny: Tiny, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     rc, _, err = cli(capsys, "convert", tiny.pt_bare_meta, "--out", tmp_path / "a" / "b" / "c")
     assert_user_error(rc, err, "num_heads")
     assert list(tmp_path.iterdir()) == []
@@ -642,17 +738,32 @@ def test_help_shows_examples(command: str, capsys: pytest.CaptureFixture[str]) -
 
 # as users run it: python -m vitreg_jax ----------------------------------------------------------------------
 def run(*args: Any, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "vitreg_jax", *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, env={**os.environ, **(env or {})}, timeout=300, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "vitreg_jax", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        timeout=300,
+        check=False,
+    )
 
 
 def test_end_to_end_convert_info_export_without_torch_in_the_process(tiny: Tiny, tmp_path: Path) -> None:
     """.safetensors in and out needs no torch at all (a .pt is only ever read by torch.load)."""
-    probe = ("import sys, runpy; sys.argv = ['vitreg-jax', *sys.argv[1:]]\nsys.modules['torch'] = None\n"
-             "from vitreg_jax.cli.main import main\nrc = main()\n"
-             "assert sys.modules.get('torch') is None, 'torch was imported'\nsys.exit(rc)\n")
-    done = subprocess.run([sys.executable, "-c", probe, "convert", str(tiny.st), "--out", str(tmp_path / "c")],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
+    probe = (
+        "import sys, runpy; sys.argv = ['vitreg-jax', *sys.argv[1:]]\nsys.modules['torch'] = None\n"
+        "from vitreg_jax.cli.main import main\nrc = main()\n"
+        "assert sys.modules.get('torch') is None, 'torch was imported'\nsys.exit(rc)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe, "convert", str(tiny.st), "--out", str(tmp_path / "c")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
     done = run("info", tmp_path / "c", "--json")
@@ -679,10 +790,14 @@ def test_end_to_end_refusals(tiny: Tiny, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_full_size_vit_reg4_b16_maps_all_151_tensors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_full_size_vit_reg4_b16_maps_all_151_tensors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """The real architecture (85,804,800 parameters, 151 tensors) infers and converts from shapes alone."""
     net = birder_net(config=None, size=(224, 224))
-    pt = save_pt(tmp_path / "full.pt", state_tensors(net), signature=signature((224, 224)), birder_version="v0.8.4")
+    pt = save_pt(
+        tmp_path / "full.pt", state_tensors(net), signature=signature((224, 224)), birder_version="v0.8.4"
+    )
     del net
     rc, out, err = cli(capsys, "convert", pt, "--out", tmp_path / "c")
     assert rc == 0, err

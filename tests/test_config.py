@@ -41,12 +41,21 @@ def test_legacy_name_and_sizes() -> None:
     assert preset("vit_reg4_b16", image_size=(384, 384)).pos_embed_len == 5 + 24 * 24
 
 
-@pytest.mark.parametrize("option, value", [
-    ("qk_norm", True), ("attn_pool_head", True), ("norm_layer_type", "RMSNorm"),
-    ("mlp_layer_type", "SwiGLU_FFN"), ("stem_type", "hmlp"), ("soft_moe_num_experts", 4),
-    ("act_layer_type", "quick_gelu"), ("pos_embed_interpolation_mode", "bilinear"), ("dropout", 0.1),
-    ("rope_temperature", 10.0),
-])
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("qk_norm", True),
+        ("attn_pool_head", True),
+        ("norm_layer_type", "RMSNorm"),
+        ("mlp_layer_type", "SwiGLU_FFN"),
+        ("stem_type", "hmlp"),
+        ("soft_moe_num_experts", 4),
+        ("act_layer_type", "quick_gelu"),
+        ("pos_embed_interpolation_mode", "bilinear"),
+        ("dropout", 0.1),
+        ("rope_temperature", 10.0),
+    ],
+)
 def test_unsupported_options_are_refused_by_name(option: str, value) -> None:
     with pytest.raises(UserError, match=option):
         ViTConfig.from_birder({**PRESETS["vit_reg4_b16"], option: value})

@@ -1,18 +1,17 @@
-"""The converter's library layer: the .pt reader (torch.load(weights_only=True) only), .safetensors, legacy key layouts, architecture
+"""The converter's library layer: the .pt reader (torch.load(weights_only=True) only), .safetensors, legacy
+key layouts, architecture
 inference, and the refusal of unsafe or damaged files.
 
 Reference files are written by birder 0.8.4 itself (``fs_ops.checkpoint_model``, ``write_config``,
 ``save_st``) from tiny networks with a fixed torch seed; legacy files are made from those by renaming keys
-exactly as the old layouts had them. Helpers here are shared with ``test_cli_convert.py``.
+exactly as the old layouts had them. The birder-made files come from :mod:`tests.support.birder_files`.
 """
 
 from __future__ import annotations
 
-import builtins
 import json
 import logging
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +19,22 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from tests.support.birder_files import (
+    RGB,
+    SIZE,
+    TINY,
+    Tiny,
+    birder_net,
+    damaged_files,
+    evil_files,
+    legacy_state,
+    save_pt,
+    signature,
+    state_tensors,
+    to_numpy,
+)
 from vitreg_jax.convert import infer, mapping
 from vitreg_jax.convert.formats.birder_file import read_birder_file
-from vitreg_jax.convert.standin import birder_models_dir
-from vitreg_jax.data.rgb_stats import RGB_STATS
 from vitreg_jax.errors import UserError
 from vitreg_jax.model.config import ViTConfig
 
@@ -31,138 +42,24 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("birder")
 logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
-TINY = {"num_layers": 2, "hidden_dim": 64, "num_heads": 2, "mlp_dim": 128}
-SIZE = (32, 32)
-RGB = RGB_STATS["birder"]
-DEPTH = TINY["num_layers"]
-
-
-# birder-made reference files -------------------------------------------------------------------------------
-def signature(size: tuple[int, int] = SIZE, num_classes: int = 0) -> dict[str, Any]:
-    return {"inputs": [{"data_shape": [0, 3, *size]}], "outputs": [{"data_shape": [0, num_classes]}]}
-
-
-def birder_net(name: str = "vit_reg4_b16", config: dict[str, Any] | None = TINY, size: tuple[int, int] = SIZE,
-               num_classes: int = 0, seed: int = 0) -> Any:
-    from birder.model_registry import registry
-
-    torch.manual_seed(seed)
-    return registry.net_factory(name, num_classes, 3, config=config, size=size).eval()
-
-
-def birder_save(net: Any, folder: Path, name: str, *, external_config: dict[str, Any] | None = None,
-                class_to_idx: dict[str, int] | None = None, size: tuple[int, int] = SIZE) -> tuple[Path, Path]:
-    """(.pt, .json) exactly as birder's training scripts write them (epoch 1)."""
-    from birder.common import fs_ops
-
-    folder.mkdir(parents=True, exist_ok=True)
-    sig = signature(size, getattr(net, "num_classes", 0))
-    with birder_models_dir(folder):
-        fs_ops.checkpoint_model(name, 1, net, sig, class_to_idx or {}, RGB, None, None, None, None,
-                                external_config=external_config)
-        fs_ops.write_config(name, net, sig, RGB)
-    return folder / f"{name}_1.pt", folder / f"{name}.json"
-
-
-def birder_save_st(net: Any, path: Path, *, size: tuple[int, int] = SIZE,
-                   external_config: dict[str, Any] | None = None) -> Path:
-    from birder.common import fs_ops
-
-    fs_ops.save_st(net, str(path), net.task, {}, signature(size, net.num_classes), RGB,
-                   external_config=external_config)
-    return path
-
-
-def state_tensors(net: Any) -> dict[str, Any]:
-    return {k: v.detach().clone() for k, v in net.state_dict().items()}
-
-
-def legacy_state(state: dict[str, Any], *, oldest: bool = False, depth: int = DEPTH) -> dict[str, Any]:
-    """Today's keys renamed to the pre-0.4 layout (ln1/self_attention/ln2); ``oldest`` also moves the final
-    norm into ``encoder.block.<depth>`` as the Sep-2024 code kept it."""
-    back = {v: k for k, v in mapping.LEGACY_RENAMES.items()}
-    out = {}
-    for key, value in state.items():
-        parts = key.split(".", 3)
-        if key.startswith("encoder.block.") and parts[3] in back:
-            key = f"encoder.block.{parts[2]}.{back[parts[3]]}"
-        elif oldest and key in ("norm.weight", "norm.bias"):
-            key = f"encoder.block.{depth}.{key.split('.')[1]}"
-        out[key] = value
-    return out
-
-
-def save_pt(path: Path, state: dict[str, Any], *, birder_version: str = "v0.0.5a90", **meta: Any) -> Path:
-    """A birder-style .pt (torch.save of {"state": ..., metadata}); metadata defaults to birder's keys."""
-    payload = {"state": state, "birder_version": birder_version, "task": "image_classification",
-               "signature": signature(), "class_to_idx": {}, "rgb_stats": RGB}
-    payload.update(meta)
-    torch.save({k: v for k, v in payload.items() if v is not None}, path)
-    return path
-
-
-def nhwc_input(size: tuple[int, int] = SIZE, batch: int = 2, seed: int = 1) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((batch, *size, 3), dtype=np.float32)
-
-
-def birder_embedding(net: Any, x: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return net.embedding(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))).numpy()
-
-
-def to_numpy(t: Any) -> np.ndarray:
-    t = t.detach().contiguous()
-    return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16) if t.dtype == torch.bfloat16 else t.numpy()
-
-
-class Evil:
-    """Unpickling this opens (creates) ``marker`` for writing: the proof that code ran."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = str(marker)
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (builtins.open, (self.marker, "w"))
-
-
-class EvilTorch:
-    """A payload behind a torch global (torch.save writes ``marker``): the torch fallback must refuse it."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = str(marker)
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (torch.save, ({}, self.marker))
-
-
-@dataclass
-class Tiny:
-    net: Any
-    pt: Path  # birder-saved, with its external config (num_heads etc.) in the file
-    pt_bare_meta: Path  # birder-saved without an external config: only shapes, signature, rgb_stats
-    json: Path
-    st: Path
-
-
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
-    folder = tmp_path_factory.mktemp("birder")
-    net = birder_net()
-    pt, js = birder_save(net, folder, "vit_reg4_b16_tiny", external_config=TINY)
-    bare, _ = birder_save(net, folder / "bare", "vit_reg4_b16_tiny")
-    st = birder_save_st(net, folder / "vit_reg4_b16_tiny_1.safetensors", external_config=TINY)
-    return Tiny(net=net, pt=pt, pt_bare_meta=bare, json=js, st=st)
-
 
 # the .pt reader --------------------------------------------------------------------------------------------
 def test_pt_reader_matches_torch_load_for_every_dtype_and_layout(tmp_path: Path) -> None:
     base = torch.arange(12.0).reshape(3, 4)
     state = {
-        "bf16": torch.randn(3, 5, dtype=torch.bfloat16), "fp16": torch.randn(2, 3, dtype=torch.float16),
-        "fp32": torch.randn(4), "fp64": torch.randn(2, dtype=torch.float64), "transposed": base.t(),
-        "row_view": base[1], "column_slice": base[:, 1:3], "param": torch.nn.Parameter(torch.ones(2)),
-        "empty": torch.zeros(0, 3), "scalar": torch.tensor(3.5), "int64": torch.arange(5),
-        "bool": torch.tensor([True, False]), "uint8": torch.arange(4, dtype=torch.uint8),
+        "bf16": torch.randn(3, 5, dtype=torch.bfloat16),
+        "fp16": torch.randn(2, 3, dtype=torch.float16),
+        "fp32": torch.randn(4),
+        "fp64": torch.randn(2, dtype=torch.float64),
+        "transposed": base.t(),
+        "row_view": base[1],
+        "column_slice": base[:, 1:3],
+        "param": torch.nn.Parameter(torch.ones(2)),
+        "empty": torch.zeros(0, 3),
+        "scalar": torch.tensor(3.5),
+        "int64": torch.arange(5),
+        "bool": torch.tensor([True, False]),
+        "uint8": torch.arange(4, dtype=torch.uint8),
     }
     path = save_pt(tmp_path / "w.pt", state, class_to_idx={"a": 0})
     got = read_birder_file(path)
@@ -179,16 +76,28 @@ def test_pt_reader_matches_torch_load_for_every_dtype_and_layout(tmp_path: Path)
 
 
 def test_pt_writer_round_trips_through_torch(tmp_path: Path) -> None:
-    """write_pt's file is what torch.save writes: torch.load(weights_only=True) (and mmap) reads it exactly."""
+    """write_pt's file is what torch.save writes: torch.load(weights_only=True) (and mmap) reads it
+    exactly."""
     from vitreg_jax.convert.formats.birder_file import write_pt
 
     rng = np.random.default_rng(0)
-    state = {"fp32": rng.standard_normal((7, 5), dtype=np.float32), "fp16": np.arange(6, dtype=np.float16),
-             "bf16": rng.standard_normal(9).astype(ml_dtypes.bfloat16), "scalar": np.array(2.5, np.float32),
-             "empty": np.zeros((0, 3), np.float32), "int64": np.arange(4), "bool": np.array([True, False])}
-    meta = {"birder_version": "v0.8.4", "task": "image_classification", "signature": signature(),
-            "class_to_idx": {"b": 1}, "rgb_stats": RGB, "config": {"a": None, "b": True, "c": -3, "d": 1e-6,
-                                                                   "e": 2**40, "f": "x", "g": [1, (2, 3)]}}
+    state = {
+        "fp32": rng.standard_normal((7, 5), dtype=np.float32),
+        "fp16": np.arange(6, dtype=np.float16),
+        "bf16": rng.standard_normal(9).astype(ml_dtypes.bfloat16),
+        "scalar": np.array(2.5, np.float32),
+        "empty": np.zeros((0, 3), np.float32),
+        "int64": np.arange(4),
+        "bool": np.array([True, False]),
+    }
+    meta = {
+        "birder_version": "v0.8.4",
+        "task": "image_classification",
+        "signature": signature(),
+        "class_to_idx": {"b": 1},
+        "rgb_stats": RGB,
+        "config": {"a": None, "b": True, "c": -3, "d": 1e-6, "e": 2**40, "f": "x", "g": [1, (2, 3)]},
+    }
     write_pt(tmp_path / "w.pt", state, meta)
     for mmap in (False, True):
         loaded = torch.load(tmp_path / "w.pt", weights_only=True, mmap=mmap)
@@ -219,23 +128,6 @@ def test_reader_keeps_bf16_and_fp16(tmp_path: Path, tiny: Tiny) -> None:
         assert all(np.array_equal(got.state[k], to_numpy(v)) for k, v in state.items())
 
 
-# unsafe and damaged files ----------------------------------------------------------------------------------
-def evil_files(folder: Path, state: dict[str, Any], marker: Path) -> dict[str, Path]:
-    """Valid torch zip files whose pickle would create ``marker`` if it were fully unpickled."""
-    folder.mkdir(exist_ok=True)
-    return {
-        "payload in the metadata": save_pt(folder / "meta.pt", state, rgb_stats=Evil(marker)),
-        "payload instead of a tensor": save_pt(folder / "tensor.pt", {**state, "norm.weight": Evil(marker)}),
-        "payload as the whole file": _torch_save(folder / "whole.pt", Evil(marker)),
-        "payload behind a torch global": save_pt(folder / "torch.pt", state, rgb_stats=EvilTorch(marker)),
-    }
-
-
-def _torch_save(path: Path, obj: Any) -> Path:
-    torch.save(obj, path)
-    return path
-
-
 def test_a_pickle_that_would_run_code_is_refused_without_running_it(tmp_path: Path, tiny: Tiny) -> None:
     marker = tmp_path / "marker"
     for what, path in evil_files(tmp_path / "evil", state_tensors(tiny.net), marker).items():
@@ -251,48 +143,19 @@ def test_a_pickle_that_would_run_code_is_refused_without_running_it(tmp_path: Pa
 
 def test_a_pickle_cannot_rewrite_a_checked_tensor_record(tmp_path: Path) -> None:
     """BUILD after _rebuild_tensor_v2 would swap in a shape reaching past the storage: never a tensor."""
-    pickled = (b"\x80\x02}(X\x05\x00\x00\x00state}(X\x01\x00\x00\x00a"
-               b"ctorch._utils\n_rebuild_tensor_v2\n((X\x07\x00\x00\x00storagectorch\nFloatStorage\n"
-               b"X\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x04tQK\x00K\x04\x85K\x01\x85\x89)tR"
-               b"}X\x05\x00\x00\x00shapeJ\x00\x00\x10\x00\x85sb"  # BUILD {"shape": (1048576,)}
-               b"uX\x09\x00\x00\x00rgb_stats}uu.")
+    pickled = (
+        b"\x80\x02}(X\x05\x00\x00\x00state}(X\x01\x00\x00\x00a"
+        b"ctorch._utils\n_rebuild_tensor_v2\n((X\x07\x00\x00\x00storagectorch\nFloatStorage\n"
+        b"X\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x04tQK\x00K\x04\x85K\x01\x85\x89)tR"
+        b"}X\x05\x00\x00\x00shapeJ\x00\x00\x10\x00\x85sb"  # BUILD {"shape": (1048576,)}
+        b"uX\x09\x00\x00\x00rgb_stats}uu."
+    )
     path = tmp_path / "crafted.pt"
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr("archive/data.pkl", pickled)
         zf.writestr("archive/data/0", b"\0" * 16)
     with pytest.raises(UserError, match="refused|not a readable torch checkpoint"):
         read_birder_file(path)
-
-
-def damaged_files(folder: Path, good_pt: Path, good_st: Path) -> dict[str, Path]:
-    folder.mkdir(exist_ok=True)
-    data = good_pt.read_bytes()
-    out = {}
-    out["truncated .pt"] = folder / "truncated.pt"
-    out["truncated .pt"].write_bytes(data[: len(data) // 2])
-    flipped = bytearray(data)
-    with zipfile.ZipFile(good_pt) as zf:
-        info = zf.getinfo(next(n for n in zf.namelist() if n.endswith("/data/3")))
-    local = data[info.header_offset : info.header_offset + 30]  # the local header's own name/extra lengths
-    name_len, extra_len = int.from_bytes(local[26:28], "little"), int.from_bytes(local[28:30], "little")
-    offset = info.header_offset + 30 + name_len + extra_len + 5  # a byte inside the tensor's data
-    flipped[offset] ^= 0xFF
-    out["corrupted byte in a tensor"] = folder / "flipped.pt"
-    out["corrupted byte in a tensor"].write_bytes(bytes(flipped))
-    out["random bytes"] = folder / "random.pt"
-    out["random bytes"].write_bytes(np.random.default_rng(0).bytes(4096))
-    out["empty file"] = folder / "empty.pt"
-    out["empty file"].write_bytes(b"")
-    out["zip without data.pkl"] = folder / "other.pt"
-    with zipfile.ZipFile(out["zip without data.pkl"], "w") as zf:
-        zf.writestr("hello.txt", "not a checkpoint")
-    st = good_st.read_bytes()
-    out["truncated .safetensors"] = folder / "truncated.safetensors"
-    out["truncated .safetensors"].write_bytes(st[: len(st) - 1000])
-    out["garbage .safetensors header"] = folder / "header.safetensors"
-    out["garbage .safetensors header"].write_bytes((40).to_bytes(8, "little") + b"{not json" + b" " * 40)
-    out["a pickle that is not a checkpoint"] = _torch_save(folder / "list.pt", [1, 2, 3])
-    return out
 
 
 def test_damaged_files_are_one_clear_error(tmp_path: Path, tiny: Tiny) -> None:
@@ -406,18 +269,25 @@ def test_non_square_signature_and_classifier(tmp_path: Path) -> None:
     assert result.birder_config["signature"] == signature((32, 48), 5)
 
 
-@pytest.mark.parametrize(("meta", "match"), [
-    ({"signature": signature()}, "no rgb_stats.*--config"),
-    ({"signature": signature(), "rgb_stats": RGB}, "num_heads for width 64.*--config"),
-    ({"signature": signature((64, 64)), "rgb_stats": RGB, "config": TINY}, "pos_embedding has 9 rows"),
-    ({"signature": signature(SIZE, 7), "rgb_stats": RGB, "config": TINY}, "7 classes"),
-    ({"signature": signature(), "rgb_stats": RGB, "config": {**TINY, "mlp_dim": 64}}, "disagrees.*mlp_dim"),
-    ({"signature": {"inputs": []}, "rgb_stats": RGB, "config": TINY}, "signature"),
-    ({"signature": signature(), "rgb_stats": {"mean": 1}, "config": TINY}, "rgb_stats"),
-    ({"signature": signature(), "rgb_stats": RGB, "config": {**TINY, "qk_norm": True}}, "qk_norm"),
-])
-def test_inference_refuses_what_it_cannot_know_with_one_clear_line(tiny: Tiny, meta: dict[str, Any],
-                                                                     match: str) -> None:
+@pytest.mark.parametrize(
+    ("meta", "match"),
+    [
+        ({"signature": signature()}, "no rgb_stats.*--config"),
+        ({"signature": signature(), "rgb_stats": RGB}, "num_heads for width 64.*--config"),
+        ({"signature": signature((64, 64)), "rgb_stats": RGB, "config": TINY}, "pos_embedding has 9 rows"),
+        ({"signature": signature(SIZE, 7), "rgb_stats": RGB, "config": TINY}, "7 classes"),
+        (
+            {"signature": signature(), "rgb_stats": RGB, "config": {**TINY, "mlp_dim": 64}},
+            "disagrees.*mlp_dim",
+        ),
+        ({"signature": {"inputs": []}, "rgb_stats": RGB, "config": TINY}, "signature"),
+        ({"signature": signature(), "rgb_stats": {"mean": 1}, "config": TINY}, "rgb_stats"),
+        ({"signature": signature(), "rgb_stats": RGB, "config": {**TINY, "qk_norm": True}}, "qk_norm"),
+    ],
+)
+def test_inference_refuses_what_it_cannot_know_with_one_clear_line(
+    tiny: Tiny, meta: dict[str, Any], match: str
+) -> None:
     state = {k: v.numpy() for k, v in tiny.net.state_dict().items()}
     with pytest.raises(UserError, match=match):
         infer.infer(state, meta)

@@ -3,12 +3,14 @@ says what it changed.
 
 - a config field of the wrong type (``model_config.num_layers: "two"``);
 - ``rgb_stats`` of the wrong length or with a zero std (refused at conversion, not later in ``embed``);
-- extra top-level entries of a ``.pt`` that JSON cannot hold (kept when representable, else changed or dropped,
+- extra top-level entries of a ``.pt`` that JSON cannot hold (kept when representable, else changed or
+  dropped,
   and said);
 - hidden ``.partial`` folders left by killed runs (removed by the next run; a live run's is left alone);
 - an interrupted convert (nothing to resume: it says nothing was written).
 
-The weights are the tiny stand-in written by vitreg-jax itself (no torch needed), except the ``.pt`` with extra
+The weights are the tiny stand-in written by vitreg-jax itself (no torch needed), except the ``.pt`` with
+extra
 metadata, which ``torch.save`` writes as birder would.
 """
 
@@ -69,11 +71,21 @@ def hidden(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
 
 
-# a config field of the wrong type ------------------------------------------------------------------------------
-@pytest.mark.parametrize("field, value", [("num_layers", "two"), ("num_heads", 2.5), ("qkv_bias", "yes"),
-                                          ("layer_scale_init_value", [1e-5]), ("out_indices", "last")])
-def test_a_config_field_of_the_wrong_type_is_one_line(weights: standin.Weights, tmp_path: Path, field: str,
-                                                      value: Any, capsys: pytest.CaptureFixture[str]) -> None:
+# a config field of the wrong type
+# ------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("num_layers", "two"),
+        ("num_heads", 2.5),
+        ("qkv_bias", "yes"),
+        ("layer_scale_init_value", [1e-5]),
+        ("out_indices", "last"),
+    ],
+)
+def test_a_config_field_of_the_wrong_type_is_one_line(
+    weights: standin.Weights, tmp_path: Path, field: str, value: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
     config = edited_config(weights, tmp_path, model_config={field: value})
     rc, _, err = run(capsys, "convert", weights.weights, "--config", config, "--out", tmp_path / "ckpt")
     assert_one_line_error(rc, err, f"ViTConfig.{field} must be of type", repr(value)[:20])
@@ -91,7 +103,8 @@ def test_vit_config_refuses_wrong_types_by_name() -> None:
     assert ViTConfig.from_birder({**base, "out_indices": [-1]}).out_indices == (1,)  # still birder's meaning
 
 
-# rgb_stats --------------------------------------------------------------------------------------------------------
+# rgb_stats
+# --------------------------------------------------------------------------------------------------------
 BAD_RGB = [
     ({"mean": [0.5, 0.5], "std": [0.2, 0.2, 0.2]}, "rgb_stats['mean'] must be 3 finite numbers"),
     ({"mean": [0.5], "std": [0.2]}, "rgb_stats['mean'] must be 3 finite numbers"),
@@ -101,9 +114,13 @@ BAD_RGB = [
 
 
 @pytest.mark.parametrize("rgb_stats, message", BAD_RGB)
-def test_bad_rgb_stats_in_the_json_are_refused_at_conversion(weights: standin.Weights, tmp_path: Path,
-                                                             rgb_stats: dict, message: str,
-                                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_rgb_stats_in_the_json_are_refused_at_conversion(
+    weights: standin.Weights,
+    tmp_path: Path,
+    rgb_stats: dict,
+    message: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     config = edited_config(weights, tmp_path, rgb_stats=rgb_stats)
     rc, _, err = run(capsys, "convert", weights.weights, "--config", config, "--out", tmp_path / "ckpt")
     assert_one_line_error(rc, err, message)
@@ -111,9 +128,13 @@ def test_bad_rgb_stats_in_the_json_are_refused_at_conversion(weights: standin.We
 
 
 @pytest.mark.parametrize("rgb_stats, message", BAD_RGB[:3])
-def test_bad_rgb_stats_in_the_file_are_refused_at_conversion(weights: standin.Weights, tmp_path: Path,
-                                                             rgb_stats: dict, message: str,
-                                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_rgb_stats_in_the_file_are_refused_at_conversion(
+    weights: standin.Weights,
+    tmp_path: Path,
+    rgb_stats: dict,
+    message: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     source = read_birder_file(weights.weights)
     bad = tmp_path / "bad.safetensors"
     write_birder_file(bad, source.state, {**source.meta, "rgb_stats": rgb_stats})
@@ -122,21 +143,33 @@ def test_bad_rgb_stats_in_the_file_are_refused_at_conversion(weights: standin.We
     assert not (tmp_path / "ckpt").exists()
 
 
-# metadata that JSON cannot hold -------------------------------------------------------------------------------
+# metadata that JSON cannot hold
+# -------------------------------------------------------------------------------
 def test_extra_metadata_that_json_cannot_hold_is_kept_changed_or_dropped_and_said(
-        weights: standin.Weights, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    weights: standin.Weights, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     torch = pytest.importorskip("torch")
     source = read_birder_file(weights.weights)
     pt = tmp_path / "extra.pt"
-    torch.save({"state": {k: torch.from_numpy(np.array(v)) for k, v in source.state.items()}, **source.meta,
-                "blob": b"\x00\x01\x02", "tags": {"b", "a"}, "notes": {"kept": [1, 2.5, None, "x"], 3: (4, 5)}},
-               pt)
+    torch.save(
+        {
+            "state": {k: torch.from_numpy(np.array(v)) for k, v in source.state.items()},
+            **source.meta,
+            "blob": b"\x00\x01\x02",
+            "tags": {"b", "a"},
+            "notes": {"kept": [1, 2.5, None, "x"], 3: (4, 5)},
+        },
+        pt,
+    )
     rc, out, err = run(capsys, "convert", pt, "--config", weights.config, "--out", tmp_path / "ckpt")
     assert rc == 0, err
     birder_meta = json.loads((tmp_path / "ckpt" / "metadata.json").read_text())["birder_meta"]
     assert "blob" not in birder_meta and birder_meta["tags"] == ["a", "b"]
     assert birder_meta["notes"] == {"kept": [1, 2.5, None, "x"], "3": [4, 5]}
-    assert "metadata     blob: bytes (3 bytes) dropped" in out and "metadata     tags: set of 2 written as a list" in out
+    assert (
+        "metadata     blob: bytes (3 bytes) dropped" in out
+        and "metadata     tags: set of 2 written as a list" in out
+    )
 
 
 def test_json_safe_reports_every_change() -> None:
@@ -144,16 +177,36 @@ def test_json_safe_reports_every_change() -> None:
         def __repr__(self) -> str:
             return "Odd()"
 
-    value = {"a": (1, 2), "b": frozenset({2, 1}), "c": np.float32(0.5), "d": np.zeros(3), "e": Odd(),
-             "f": float("inf"), (1, 2): "tuple key", "g": [b"x", 1]}
+    value = {
+        "a": (1, 2),
+        "b": frozenset({2, 1}),
+        "c": np.float32(0.5),
+        "d": np.zeros(3),
+        "e": Odd(),
+        "f": float("inf"),
+        (1, 2): "tuple key",
+        "g": [b"x", 1],
+    }
     safe, notes = json_safe(value)
     json.dumps(safe, allow_nan=False)
-    assert safe == {"a": [1, 2], "b": [1, 2], "c": 0.5, "e": "Odd()", "f": "inf", "(1, 2)": "tuple key", "g": [1]}
+    assert safe == {
+        "a": [1, 2],
+        "b": [1, 2],
+        "c": 0.5,
+        "e": "Odd()",
+        "f": "inf",
+        "(1, 2)": "tuple key",
+        "g": [1],
+    }
     assert len(notes) == 6 and all("\n" not in n for n in notes)
-    assert json_safe({"plain": [1, "2", None, True, {"x": 1.5}]}) == ({"plain": [1, "2", None, True, {"x": 1.5}]}, [])
+    assert json_safe({"plain": [1, "2", None, True, {"x": 1.5}]}) == (
+        {"plain": [1, "2", None, True, {"x": 1.5}]},
+        [],
+    )
 
 
-# leftovers of killed runs -------------------------------------------------------------------------------------
+# leftovers of killed runs
+# -------------------------------------------------------------------------------------
 def make_leftover(folder: Path, name: str, age_s: float = OLD_S) -> Path:
     left = folder / name
     left.mkdir(parents=True)
@@ -163,14 +216,17 @@ def make_leftover(folder: Path, name: str, age_s: float = OLD_S) -> Path:
     return left
 
 
-def test_a_killed_runs_partial_folder_is_removed_by_the_next_convert(weights: standin.Weights, tmp_path: Path,
-                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_killed_runs_partial_folder_is_removed_by_the_next_convert(
+    weights: standin.Weights, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     stale = make_leftover(tmp_path, ".ckpt.ab12cd34.partial")
     other = make_leftover(tmp_path, ".other.ab12cd34.partial")  # another output's: not this run's business
     live = make_leftover(tmp_path, ".ckpt.zz99yy88.partial")
     fd = hold(live)  # a run still writing it
     try:
-        rc, _, err = run(capsys, "convert", weights.weights, "--config", weights.config, "--out", tmp_path / "ckpt")
+        rc, _, err = run(
+            capsys, "convert", weights.weights, "--config", weights.config, "--out", tmp_path / "ckpt"
+        )
     finally:
         release(fd)
     assert rc == 0, err
@@ -191,17 +247,25 @@ def test_remove_stale_spares_young_and_foreign_entries(tmp_path: Path) -> None:
     assert young.exists() and lookalike.exists() and not old.exists() and not old_file.exists()
 
 
-# an interrupted convert -----------------------------------------------------------------------------------------
-def test_an_interrupted_convert_says_nothing_was_written(weights: standin.Weights, tmp_path: Path,
-                                                        monkeypatch: pytest.MonkeyPatch,
-                                                        capsys: pytest.CaptureFixture[str]) -> None:
+# an interrupted convert
+# -----------------------------------------------------------------------------------------
+def test_an_interrupted_convert_says_nothing_was_written(
+    weights: standin.Weights,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     import vitreg_jax.model.checkpoint
 
     def interrupted(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(vitreg_jax.model.checkpoint, "_checkpointer", lambda: type("C", (), {"save": interrupted})())
-    rc, _, err = run(capsys, "convert", weights.weights, "--config", weights.config, "--out", tmp_path / "sub" / "ckpt")
+    monkeypatch.setattr(
+        vitreg_jax.model.checkpoint, "_checkpointer", lambda: type("C", (), {"save": interrupted})()
+    )
+    rc, _, err = run(
+        capsys, "convert", weights.weights, "--config", weights.config, "--out", tmp_path / "sub" / "ckpt"
+    )
     assert rc == 130
     assert err.strip() == "vitreg-jax convert: interrupted; nothing was written"
     assert not (tmp_path / "sub").exists()  # the folder it made for the output is gone too

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.tolerances import DEMO_PARITY_ATOL
+from tests.support.tolerances import DEMO_PARITY_ATOL
 from vitreg_jax.cli import _demo_job as demo_lib
 from vitreg_jax.cli.main import main
 from vitreg_jax.convert import standin
@@ -29,8 +29,15 @@ def demo(*args: str, cache: Path, timeout: int = 300) -> subprocess.CompletedPro
     """The demo as a user runs it: a fresh process, an empty weights cache (no published file to find)."""
     env = {**os.environ, "VITREG_JAX_CACHE": str(cache)}
     env.pop("XLA_FLAGS", None)
-    return subprocess.run([sys.executable, "-m", "vitreg_jax", "demo", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=ROOT, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "vitreg_jax", "demo", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=ROOT,
+        check=False,
+    )
 
 
 def test_full_demo_exits_0_and_prints_its_parity_figure(tmp_path: Path) -> None:
@@ -61,8 +68,9 @@ def test_full_demo_exits_0_and_prints_its_parity_figure(tmp_path: Path) -> None:
     assert not (out / "stale.txt").exists()
 
 
-def test_quick_demo_without_parity_says_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_quick_demo_without_parity_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """The tiny stand-in, in this process (the full-size run above covers the real command line); batches of 8
     and 5 printed rows, to cover larger --images folders too."""
     monkeypatch.setenv("VITREG_JAX_CACHE", str(tmp_path / "cache"))
@@ -129,13 +137,14 @@ def test_no_published_weights_in_an_empty_cache(tmp_path: Path) -> None:
     assert standin.cached_published(cache_dir=tmp_path) is None
 
 
-def test_a_cached_published_file_is_found_without_the_network(tmp_path: Path,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_cached_published_file_is_found_without_the_network(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A file in the cache whose sha256 is a published one is used; the hub is never asked for it."""
     import dataclasses
     import hashlib
 
-    from tests.hf_mirror import put_in_cache
+    from tests.support.hf_mirror import put_in_cache
     from vitreg_jax.convert import hub
 
     src = standin.write_standin(tmp_path / "src", model_config=standin.TINY_MODEL_CONFIG, use_birder=False)
@@ -144,7 +153,9 @@ def test_a_cached_published_file_is_found_without_the_network(tmp_path: Path,
     cached = put_in_cache(cache, pub.repo, pub.filename, src.weights.read_bytes())
     put_in_cache(cache, pub.repo, pub.config_filename, src.config.read_bytes())
     digest = hashlib.sha256(cached.read_bytes()).hexdigest()
-    monkeypatch.setitem(hub.PUBLISHED, pub.name, dataclasses.replace(pub, hashes={digest: hub.LAYOUT_CURRENT}))
+    monkeypatch.setitem(
+        hub.PUBLISHED, pub.name, dataclasses.replace(pub, hashes={digest: hub.LAYOUT_CURRENT})
+    )
     monkeypatch.setenv(hub.ENV_HUB_URL, "http://127.0.0.1:9")  # nothing listens there: any request would fail
     found = standin.cached_published(cache_dir=cache)
     assert found is not None and found.kind == "published" and found.published_name == pub.name
@@ -152,8 +163,9 @@ def test_a_cached_published_file_is_found_without_the_network(tmp_path: Path,
     assert "published vit_reg4_b16_mim_300" in found.describe()
 
 
-def test_an_unreachable_published_name_falls_back_to_the_standin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_an_unreachable_published_name_falls_back_to_the_standin(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     from vitreg_jax.convert import hub
 
     monkeypatch.setenv(hub.ENV_CACHE, str(tmp_path / "cache"))
@@ -169,24 +181,36 @@ def test_an_unreachable_published_name_falls_back_to_the_standin(tmp_path: Path,
 
 
 def test_demo_without_birder_or_torch_runs_all_but_the_parity_line(tmp_path: Path) -> None:
-    """birder and torch made unimportable: the stand-in comes from vitreg-jax as a .safetensors, and the parity
+    """birder and torch made unimportable: the stand-in comes from vitreg-jax as a .safetensors, and the
+    parity
     line says why it is skipped."""
-    code = ("import sys; sys.modules['birder'] = None; sys.modules['torch'] = None\n"
-            "from vitreg_jax.cli.main import main\n"
-            f"sys.exit(main(['demo', '--quick', '--out', {str(tmp_path / 'demo')!r}]))")
+    code = (
+        "import sys; sys.modules['birder'] = None; sys.modules['torch'] = None\n"
+        "from vitreg_jax.cli.main import main\n"
+        f"sys.exit(main(['demo', '--quick', '--out', {str(tmp_path / 'demo')!r}]))"
+    )
     env = {**os.environ, "VITREG_JAX_CACHE": str(tmp_path / "cache")}
     env.pop("XLA_FLAGS", None)
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env,
-                       cwd=ROOT, check=False)
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=ROOT,
+        check=False,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "parity      skipped: birder is not installed" in r.stdout
     assert "vitreg-jax's own random init" in r.stdout and ".safetensors" in r.stdout
     assert np.load(tmp_path / "demo" / "embeddings.npy").shape == (13, 64)
 
 
-def test_demo_on_a_birder_file_with_a_legacy_json_and_on_a_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                      capsys: pytest.CaptureFixture[str]) -> None:
-    """--weights FILE --config JSON (a pre-0.4.13 json: `alias: vitreg4_b16`), then --weights CHECKPOINT: birder
+def test_demo_on_a_birder_file_with_a_legacy_json_and_on_a_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--weights FILE --config JSON (a pre-0.4.13 json: `alias: vitreg4_b16`), then --weights CHECKPOINT:
+    birder
     gets the weights exported back from our checkpoint, under today's network name."""
     pytest.importorskip("birder")
     monkeypatch.setenv("VITREG_JAX_CACHE", str(tmp_path / "cache"))
@@ -196,7 +220,10 @@ def test_demo_on_a_birder_file_with_a_legacy_json_and_on_a_checkpoint(tmp_path: 
     del cfg["registered_name"]
     legacy = tmp_path / "legacy.json"
     legacy.write_text(json.dumps(cfg))
-    assert main(["demo", "--weights", str(w.weights), "--config", str(legacy), "--out", str(tmp_path / "a")]) == 0
+    assert (
+        main(["demo", "--weights", str(w.weights), "--config", str(legacy), "--out", str(tmp_path / "a")])
+        == 0
+    )
     assert main(["demo", "--weights", str(tmp_path / "a" / "checkpoint"), "--out", str(tmp_path / "b")]) == 0
     text = capsys.readouterr().out
     assert "is already a vitreg-jax checkpoint" in text
@@ -205,8 +232,9 @@ def test_demo_on_a_birder_file_with_a_legacy_json_and_on_a_checkpoint(tmp_path: 
     assert "STAND-IN" not in text  # a file the user gave is not called a stand-in
 
 
-def test_demo_times_both_sides_warm_and_alike(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_demo_times_both_sides_warm_and_alike(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Ours and birder's embedding calls are timed the same way: one untimed warm-up call, then the best of
     demo_lib.TIMED_CALLS calls of the same batch (birder's first call is never the one timed)."""
     pytest.importorskip("birder")

@@ -18,7 +18,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from tests.tolerances import EMBED_BF16_MIN_COSINE, EMBED_FP32_ATOL
+from tests.support.tolerances import EMBED_BF16_MIN_COSINE, EMBED_FP32_ATOL
 from vitreg_jax.cli.main import main
 from vitreg_jax.convert.load import load_model_with_cfg
 from vitreg_jax.data.preprocess import classification_transform, load_image
@@ -91,11 +91,11 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 def run_sub(*args: str, kill_after_parts: str | None = None, **env: str) -> subprocess.CompletedProcess:
     """``vitreg-jax embed`` in a fresh process; ``kill_after_parts="N"`` SIGKILLs it once N parts are written
-    ("N:INT" sends SIGINT, as Ctrl-C does; ``tests/kill_run.py``)."""
+    ("N:INT" sends SIGINT, as Ctrl-C does; ``tests/support/kill_run.py``)."""
     runner = (
         ["vitreg_jax"]
         if kill_after_parts is None
-        else ["tests.kill_run", "embed-parts", kill_after_parts, "--"]
+        else ["tests.support.kill_run", "embed-parts", kill_after_parts, "--"]
     )
     return subprocess.run(
         [sys.executable, "-m", *runner, "embed", *map(str, args)],
@@ -295,12 +295,16 @@ def start_processes(
     *args: str, n: int = 2, kill_first_after_parts: str | None = None
 ) -> list[subprocess.Popen]:
     """``n`` processes of one ``vitreg-jax embed`` run on 127.0.0.1; process 0 may kill itself
-    (``tests/kill_run.py``)."""
+    (``tests/support/kill_run.py``)."""
     port = free_port()
     procs = []
     for i in range(n):
         hook = i == 0 and kill_first_after_parts is not None
-        runner = ["tests.kill_run", "embed-parts", kill_first_after_parts, "--"] if hook else ["vitreg_jax"]
+        runner = (
+            ["tests.support.kill_run", "embed-parts", kill_first_after_parts, "--"]
+            if hook
+            else ["vitreg_jax"]
+        )
         command = [
             sys.executable,
             "-m",

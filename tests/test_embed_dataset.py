@@ -1,4 +1,5 @@
-"""vitreg_jax.embedding.dataset in this process: both formats, readers without our code, names, refusals, lock."""
+"""vitreg_jax.embedding.dataset in this process: both formats, readers without our code, names, refusals,
+lock."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from tests.tolerances import EMBED_FOLDER_VS_TAR_ATOL, EMBED_FP32_ATOL
+from tests.support.tolerances import EMBED_FOLDER_VS_TAR_ATOL, EMBED_FP32_ATOL
 from vitreg_jax._locks import FolderLock
 from vitreg_jax.data.preprocess import classification_transform, load_image
 from vitreg_jax.embedding._output_folder import STATE_DIR

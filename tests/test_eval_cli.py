@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from flax import nnx
 
-from tests.labelled_images import write_split
+from tests.support.labelled_images import write_split
 from vitreg_jax.cli.main import main
 from vitreg_jax.model.birder_config import birder_config
 from vitreg_jax.model.build import save_model
@@ -36,14 +36,18 @@ def _jax_already_started(monkeypatch):
 def ckpt(tmp_path_factory) -> Path:
     cfg = preset("vit_reg4_b16", model_config=TINY, image_size=SIZE)
     net = ViT(cfg, rngs=nnx.Rngs(0))
-    return save_model(tmp_path_factory.mktemp("ckpt") / "tiny", net, birder_config(cfg, STATS, "vit_reg4_b16"))
+    return save_model(
+        tmp_path_factory.mktemp("ckpt") / "tiny", net, birder_config(cfg, STATS, "vit_reg4_b16")
+    )
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> tuple[Path, Path]:
     base = tmp_path_factory.mktemp("data")
-    return (write_split(base / "train", CLASSES, 8, 0, noise=70, side=40),
-            write_split(base / "val", CLASSES, 4, 1, noise=70, side=40))
+    return (
+        write_split(base / "train", CLASSES, 8, 0, noise=70, side=40),
+        write_split(base / "val", CLASSES, 4, 1, noise=70, side=40),
+    )
 
 
 def run_cli(*args) -> int:
@@ -83,11 +87,39 @@ def test_folders(folder_report, ckpt, capsys):
 def test_embed_outputs_give_the_same_numbers(folder_report, ckpt, dataset, tmp_path, capsys):
     train, val = dataset
     for name, folder, fmt in (("train", train, "npy"), ("val", val, "parquet")):
-        assert main(["embed", "--checkpoint", str(ckpt), str(folder), "--out", str(tmp_path / name),
-                     "--format", fmt, "--batch-size", "5", "--workers", "0"]) == 0
+        assert (
+            main(
+                [
+                    "embed",
+                    "--checkpoint",
+                    str(ckpt),
+                    str(folder),
+                    "--out",
+                    str(tmp_path / name),
+                    "--format",
+                    fmt,
+                    "--batch-size",
+                    "5",
+                    "--workers",
+                    "0",
+                ]
+            )
+            == 0
+        )
     out = tmp_path / "eval.json"
-    assert run_cli("--train-embeddings", tmp_path / "train", "--val-embeddings", tmp_path / "val",
-                   "--out", out, "-k", "3") == 0
+    assert (
+        run_cli(
+            "--train-embeddings",
+            tmp_path / "train",
+            "--val-embeddings",
+            tmp_path / "val",
+            "--out",
+            out,
+            "-k",
+            "3",
+        )
+        == 0
+    )
     report = json.loads(out.read_text())
     assert numbers(report) == numbers(folder_report)
     assert "k-NN (k=3, weighted)" in capsys.readouterr().out
@@ -98,8 +130,12 @@ def test_unreadable_images_are_failure_records(ckpt, dataset, tmp_path, capsys):
     shutil.copytree(dataset[0], train)
     (train / "dog" / "broken.png").write_bytes(b"not a png")
     out = tmp_path / "eval.json"
-    assert run_cli("--checkpoint", ckpt, "--train", train, "--val", dataset[1], "--out", out,
-                   "--no-linear", *FAST) == 0
+    assert (
+        run_cli(
+            "--checkpoint", ckpt, "--train", train, "--val", dataset[1], "--out", out, "--no-linear", *FAST
+        )
+        == 0
+    )
     report = json.loads(out.read_text())
     assert report["counts"]["failed"] == 1 and report["counts"]["train"] == 24
     assert report["failures"][0]["path"].endswith("broken.png") and report["failures"][0]["reason"]
@@ -126,14 +162,17 @@ def test_bad_folders(ckpt, dataset, tmp_path, capsys):
 
     single = tmp_path / "single"
     shutil.copytree(train / "cat", single / "cat")
-    line = one_line_error(capsys, run_cli("--checkpoint", ckpt, "--train", single, "--val", val, "--out", out))
+    line = one_line_error(
+        capsys, run_cli("--checkpoint", ckpt, "--train", single, "--val", val, "--out", out)
+    )
     assert "only one class (cat)" in line
 
     other = tmp_path / "other"
     shutil.copytree(val, other)
     (other / "eel").rename(other / "emu")
-    line = one_line_error(capsys, run_cli("--checkpoint", ckpt, "--train", train, "--val", other, "--out", out,
-                                          *FAST))
+    line = one_line_error(
+        capsys, run_cli("--checkpoint", ckpt, "--train", train, "--val", other, "--out", out, *FAST)
+    )
     assert "only in train: eel; only in val: emu" in line
 
     loose = tmp_path / "loose"
@@ -152,12 +191,30 @@ def test_bad_arguments(ckpt, dataset, tmp_path, capsys):
     cases = [
         (["--checkpoint", ckpt, "--train", train], "--train, --val and --checkpoint go together"),
         (["--train-embeddings", train], "--train-embeddings and --val-embeddings go together"),
-        (["--checkpoint", ckpt, "--train", train, "--val", val, "--train-embeddings", train, "--val-embeddings",
-          val], "give either"),
+        (
+            [
+                "--checkpoint",
+                ckpt,
+                "--train",
+                train,
+                "--val",
+                val,
+                "--train-embeddings",
+                train,
+                "--val-embeddings",
+                val,
+            ],
+            "give either",
+        ),
         (["--checkpoint", ckpt, "--train", train, "--val", val, "-k", "0"], "-k must be a positive integer"),
-        (["--checkpoint", ckpt, "--train", train, "--val", val, "--out", tmp_path / "no" / "x.json"],
-         "expected a file in an existing folder"),
-        (["--train-embeddings", train, "--val-embeddings", val], str(train)),  # a folder of images, not embed's
+        (
+            ["--checkpoint", ckpt, "--train", train, "--val", val, "--out", tmp_path / "no" / "x.json"],
+            "expected a file in an existing folder",
+        ),
+        (
+            ["--train-embeddings", train, "--val-embeddings", val],
+            str(train),
+        ),  # a folder of images, not embed's
     ]
     for args, expected in cases:
         assert expected in one_line_error(capsys, run_cli(*args))

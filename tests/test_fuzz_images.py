@@ -1,11 +1,13 @@
-"""Image decoding on mutated real JPEG and PNG files, and decompression bombs: a decoded image within the pixel
+"""Image decoding on mutated real JPEG and PNG files, and decompression bombs: a decoded image within the
+pixel
 limit, run through the inference transform, or a one-line ``UserError``.
 
 The files are the example images. JPEG carries no checksum, so a mutated JPEG may decode to other pixels: the
 property is that decoding (``preprocess.decode_image``, what ``data.py`` calls) and the transform either
 succeed on an image no larger than the limit given or refuse in one line, with no other exception and no hang.
 Mutations: bit flips, bytes set, truncation, insertion and deletion anywhere; the width and height in the
-header (PNG ``IHDR``, with its CRC fixed so the decoder believes it; JPEG ``SOF``) and PNG's bit depth and colour
+header (PNG ``IHDR``, with its CRC fixed so the decoder believes it; JPEG ``SOF``) and PNG's bit depth and
+colour
 type set to hostile values. Tiny PNG and GIF files claiming 20000x20000 and 50000x50000 pixels are refused
 before any pixel is decoded.
 """
@@ -22,7 +24,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from PIL import Image
 
-from tests.fuzz_support import fuzz_settings, load_or_refuse
+from tests.support.fuzz_support import fuzz_settings, load_or_refuse
 from vitreg_jax.data.preprocess import MAX_IMAGE_PIXELS, classification_transform, decode_image
 from vitreg_jax.data.rgb_stats import RGB_STATS
 from vitreg_jax.errors import UserError
@@ -90,14 +92,18 @@ def apply(recipe: tuple[str, str, int, int, int, bytes]) -> bytes:
         return _set_jpeg_size(data, a, b)
     if kind == "size":
         return _set_png_field(_set_png_field(data, 0, ">I", a), 4, ">I", b)
-    return _set_png_field(data, 8 + where % 5, ">B", a)  # bit depth, colour type, compression, filter, interlace
+    return _set_png_field(
+        data, 8 + where % 5, ">B", a
+    )  # bit depth, colour type, compression, filter, interlace
 
 
 @fuzz_settings()
 @given(recipe=recipes)
 @example(recipe=("coffee_palette.png", "size", 0, 50000, 50000, b"\x00"))  # a bomb: refused at the header
 @example(recipe=("cat.jpg", "size", 0, 65535, 65535, b"\x00"))
-def test_mutated_images_decode_within_the_limit_or_are_refused(recipe: tuple[str, str, int, int, int, bytes]) -> None:
+def test_mutated_images_decode_within_the_limit_or_are_refused(
+    recipe: tuple[str, str, int, int, int, bytes],
+) -> None:
     mutated = apply(recipe)
     transform = classification_transform(SIZE, RGB_STATS["birder"])
 
@@ -113,7 +119,8 @@ def test_mutated_images_decode_within_the_limit_or_are_refused(recipe: tuple[str
         assert x.shape == (*SIZE, 3) and x.dtype == "float32"
 
 
-# decompression bombs: tiny files claiming huge images --------------------------------------------------------
+# decompression bombs: tiny files claiming huge images
+# --------------------------------------------------------
 def tiny_png(width: int, height: int) -> bytes:
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))

@@ -4,7 +4,8 @@
 The checkpoint is a real one (``vitreg_jax.model.build.save_model`` of a tiny ViT). Mutations of its
 ``metadata.json``: any value (found by its path in the JSON) set to another type, a huge or negative number,
 deep nesting or a number of 5000 digits; keys dropped or added; the root replaced; and raw byte edits (bit
-flips, truncation, bytes that are not UTF-8). The loader is ``model_from_checkpoint``, which reads the metadata,
+flips, truncation, bytes that are not UTF-8). The loader is ``model_from_checkpoint``, which reads the
+metadata,
 builds the model its configs describe and restores the weights into it; when it returns, the weights must be
 the saved ones. The weights folder is never touched, so no mutation may make a load return anything else.
 """
@@ -20,7 +21,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from tests.fuzz_support import flip, fuzz_settings, load_or_refuse
+from tests.support.fuzz_support import flip, fuzz_settings, load_or_refuse
 from vitreg_jax.model.build import get_params, model_from_checkpoint
 from vitreg_jax.model.checkpoint import METADATA_FILE
 
@@ -54,18 +55,48 @@ def original(tmp_path_factory: pytest.TempPathFactory) -> Original:
     from vitreg_jax.model.build import build_model, save_model
     from vitreg_jax.model.config import ViTConfig
 
-    cfg = ViTConfig(image_size=(32, 32), patch_size=16, num_layers=2, num_heads=2, hidden_dim=64, mlp_dim=128,
-                    num_reg_tokens=4)
+    cfg = ViTConfig(
+        image_size=(32, 32),
+        patch_size=16,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=64,
+        mlp_dim=128,
+        num_reg_tokens=4,
+    )
     net = build_model(cfg, seed=3)
-    folder = save_model(tmp_path_factory.mktemp("ckpt") / "tiny", net, birder_config(cfg, RGB_STATS["birder"]))
+    folder = save_model(
+        tmp_path_factory.mktemp("ckpt") / "tiny", net, birder_config(cfg, RGB_STATS["birder"])
+    )
     text = (folder / METADATA_FILE).read_bytes()
     meta = json.loads(text)
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     return Original(folder, text, meta, _paths(meta), get_params(net), size)
 
 
-VALUES = [None, True, False, 1.5, -1, 0, 10**9, 2**62, 2**64, 1e308, "x", "", "two", [], {}, [[1]], [1, 2, 3],
-          {"a": 1}, "@DEEP@", "@BIG@", "@NAN@"]
+VALUES = [
+    None,
+    True,
+    False,
+    1.5,
+    -1,
+    0,
+    10**9,
+    2**62,
+    2**64,
+    1e308,
+    "x",
+    "",
+    "two",
+    [],
+    {},
+    [[1]],
+    [1, 2, 3],
+    {"a": 1},
+    "@DEEP@",
+    "@BIG@",
+    "@NAN@",
+]
 DEEP = 100_000
 BIG = "9" * 5000
 KINDS = ["set", "set", "set", "drop", "add", "wrap", "root", "flip", "truncate", "bytes"]

@@ -1,4 +1,5 @@
-"""The torch-free ``.pt`` reader on mutated real birder files: it reads the original exactly or refuses in one line.
+"""The torch-free ``.pt`` reader on mutated real birder files: it reads the original exactly or refuses in one
+line.
 
 The file mutated is birder 0.8.4's own ``checkpoint_model`` output for a tiny ``vit_reg4_b16``. Raw mutations
 (bit flips, bytes set, truncation, insertion and deletion in each region of the zip: local headers, record
@@ -7,7 +8,8 @@ hostile values) leave the records' CRCs as they were, so the reader must return 
 and metadata or raise a one-line ``UserError``. Rebuilt archives (pickle opcode and integer edits, zip entries
 dropped, duplicated, renamed, swapped, deflated, reordered) carry correct CRCs, so the edit reaches the
 unpickler and the tensor checks: the reader must then refuse, or read what ``torch.load(weights_only=True)``
-reads from the same bytes, bit for bit. Every load runs under :func:`tests.fuzz_support.load_or_refuse` (no
+reads from the same bytes, bit for bit. Every load runs under
+:func:`tests.support.fuzz_support.load_or_refuse` (no
 other exception type, no hang, nothing allocated beyond the file's size).
 """
 
@@ -26,7 +28,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from tests.fuzz_support import flip, fuzz_settings, interesting_ints, load_or_refuse, put_int
+from tests.support.fuzz_support import flip, fuzz_settings, interesting_ints, load_or_refuse, put_int
 from vitreg_jax.convert.formats.pt_reader import read_pt
 
 torch = pytest.importorskip("torch")
@@ -34,8 +36,24 @@ pytest.importorskip("birder")
 
 # (offset, width) of each integer field after the signature, per zip structure
 _LOCAL_FIELDS = [(4, 2), (6, 2), (8, 2), (10, 2), (12, 2), (14, 4), (18, 4), (22, 4), (26, 2), (28, 2)]
-_CENTRAL_FIELDS = [(4, 2), (6, 2), (8, 2), (10, 2), (12, 2), (14, 2), (16, 4), (20, 4), (24, 4), (28, 2),
-                   (30, 2), (32, 2), (34, 2), (36, 2), (38, 4), (42, 4)]
+_CENTRAL_FIELDS = [
+    (4, 2),
+    (6, 2),
+    (8, 2),
+    (10, 2),
+    (12, 2),
+    (14, 2),
+    (16, 4),
+    (20, 4),
+    (24, 4),
+    (28, 2),
+    (30, 2),
+    (32, 2),
+    (34, 2),
+    (36, 2),
+    (38, 4),
+    (42, 4),
+]
 _ZIP64_END_FIELDS = [(4, 8), (12, 2), (14, 2), (16, 4), (20, 4), (24, 8), (32, 8), (40, 8), (48, 8)]
 _ZIP64_LOCATOR_FIELDS = [(4, 4), (8, 8), (16, 4)]
 _END_FIELDS = [(4, 2), (6, 2), (8, 2), (10, 2), (12, 4), (16, 4), (20, 2)]
@@ -67,8 +85,10 @@ def _layout(data: bytes) -> tuple[list[tuple[str, int, int]], list[tuple[int, in
             start = info.header_offset
             name_len, extra_len = struct.unpack("<HH", data[start + 26 : start + 30])
             body = start + 30 + name_len + extra_len
-            regions += [(f"local header {info.filename}", start, body),
-                        (f"data {info.filename}", body, body + info.compress_size)]
+            regions += [
+                (f"local header {info.filename}", start, body),
+                (f"data {info.filename}", body, body + info.compress_size),
+            ]
             fields += [(start + at, width) for at, width in _LOCAL_FIELDS]
             records.append((info.filename, zf.read(info)))
         at = zf.start_dir
@@ -81,16 +101,21 @@ def _layout(data: bytes) -> tuple[list[tuple[str, int, int]], list[tuple[int, in
         fields += [(at + off, width) for off, width in _CENTRAL_FIELDS]
         at += size
     assert 0 <= z64 < locator < end, "torch.save writes zip64 end records"
-    regions += [("zip64 end record", z64, locator), ("zip64 locator", locator, end), ("end record", end, len(data))]
-    fields += [(z64 + off, w) for off, w in _ZIP64_END_FIELDS] + [(locator + off, w) for off, w in
-                                                                   _ZIP64_LOCATOR_FIELDS]
+    regions += [
+        ("zip64 end record", z64, locator),
+        ("zip64 locator", locator, end),
+        ("end record", end, len(data)),
+    ]
+    fields += [(z64 + off, w) for off, w in _ZIP64_END_FIELDS] + [
+        (locator + off, w) for off, w in _ZIP64_LOCATOR_FIELDS
+    ]
     fields += [(end + off, w) for off, w in _END_FIELDS]
     return regions, fields, records
 
 
 @pytest.fixture(scope="module")
 def original(tmp_path_factory: pytest.TempPathFactory) -> Original:
-    from tests.test_convert import TINY, birder_net, birder_save
+    from tests.support.birder_files import TINY, birder_net, birder_save
 
     folder = tmp_path_factory.mktemp("birder")
     pt, _ = birder_save(birder_net(config=TINY), folder, "vit_reg4_b16")
@@ -98,7 +123,9 @@ def original(tmp_path_factory: pytest.TempPathFactory) -> Original:
     state, meta = read_pt(pt)
     regions, fields, records = _layout(data)
     pickle_name = next(name for name, _ in records if name.endswith("/data.pkl"))
-    return Original(data, regions, fields, {k: v.copy() for k, v in state.items()}, meta, records, pickle_name)
+    return Original(
+        data, regions, fields, {k: v.copy() for k, v in state.items()}, meta, records, pickle_name
+    )
 
 
 def _read(path: Path, data: bytes) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
@@ -175,19 +202,75 @@ def _zip(records: list[tuple[str, bytes, int]]) -> bytes:
 
 _INT_OPS = {"BININT", "BININT1", "BININT2", "LONG1", "LONG4", "INT", "LONG"}
 _STR_OPS = {"BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8", "BINSTRING", "SHORT_BINSTRING"}
-HOSTILE_INTS = [0, 1, -1, 3, 255, 256, 65535, 2**31 - 1, 2**31, 2**32, 2**40, 2**48, 2**62, 2**63 - 1,
-                -(2**63), 2**64, 10**30]
-STRINGS = ["state", "storage", "cpu", "0", "30", "31", "../data.pkl", "data.pkl", "torch", "os", "system",
-           "FloatStorage", "HalfStorage", "BFloat16Storage", "LongStorage", "BoolStorage", "UntypedStorage",
-           "ComplexFloatStorage", "_rebuild_tensor_v2", "collections", "OrderedDict", "", "\u00e9" * 9]
-GLOBALS = [("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor_v3"),
-           ("torch._utils", "_rebuild_parameter"), ("torch._utils", "_rebuild_sparse_tensor"),
-           ("torch._utils", "_rebuild_qtensor"), ("collections", "OrderedDict"), ("torch", "Size"),
-           ("builtins", "set"), ("_codecs", "encode"), ("torch", "FloatStorage"), ("torch", "HalfStorage"),
-           ("torch", "BFloat16Storage"), ("torch", "BoolStorage"), ("torch", "LongStorage"),
-           ("torch", "ComplexFloatStorage"), ("torch.storage", "UntypedStorage"), ("torch", "bfloat16"),
-           ("torch", "float8_e4m3fn"), ("torch", "per_tensor_affine"), ("os", "system"), ("builtins", "eval"),
-           ("torch", "load"), ("__builtin__", "set")]
+HOSTILE_INTS = [
+    0,
+    1,
+    -1,
+    3,
+    255,
+    256,
+    65535,
+    2**31 - 1,
+    2**31,
+    2**32,
+    2**40,
+    2**48,
+    2**62,
+    2**63 - 1,
+    -(2**63),
+    2**64,
+    10**30,
+]
+STRINGS = [
+    "state",
+    "storage",
+    "cpu",
+    "0",
+    "30",
+    "31",
+    "../data.pkl",
+    "data.pkl",
+    "torch",
+    "os",
+    "system",
+    "FloatStorage",
+    "HalfStorage",
+    "BFloat16Storage",
+    "LongStorage",
+    "BoolStorage",
+    "UntypedStorage",
+    "ComplexFloatStorage",
+    "_rebuild_tensor_v2",
+    "collections",
+    "OrderedDict",
+    "",
+    "\u00e9" * 9,
+]
+GLOBALS = [
+    ("torch._utils", "_rebuild_tensor_v2"),
+    ("torch._utils", "_rebuild_tensor_v3"),
+    ("torch._utils", "_rebuild_parameter"),
+    ("torch._utils", "_rebuild_sparse_tensor"),
+    ("torch._utils", "_rebuild_qtensor"),
+    ("collections", "OrderedDict"),
+    ("torch", "Size"),
+    ("builtins", "set"),
+    ("_codecs", "encode"),
+    ("torch", "FloatStorage"),
+    ("torch", "HalfStorage"),
+    ("torch", "BFloat16Storage"),
+    ("torch", "BoolStorage"),
+    ("torch", "LongStorage"),
+    ("torch", "ComplexFloatStorage"),
+    ("torch.storage", "UntypedStorage"),
+    ("torch", "bfloat16"),
+    ("torch", "float8_e4m3fn"),
+    ("torch", "per_tensor_affine"),
+    ("os", "system"),
+    ("builtins", "eval"),
+    ("torch", "load"),
+    ("__builtin__", "set"),
+]
 OPCODES = sorted({op.code.encode("latin1") for op in pickletools.opcodes})
 PICKLE_KINDS = ["opcode", "drop", "dup", "int", "int", "str", "global", "splice", "byte", "truncate"]
 pickle_recipes = st.tuples(
@@ -214,8 +297,11 @@ def apply_pickle_edit(pkl: bytes, recipe: tuple[str, int, int, str, bytes]) -> t
     ops = [(op.name, pos) for op, _, pos in pickletools.genops(pkl)]
     ends = [pos for _, pos in ops[1:]] + [len(pkl)]
     spans = [(name, pos, end) for (name, pos), end in zip(ops, ends, strict=True)]
-    pool = {"int": [s for s in spans if s[0] in _INT_OPS], "str": [s for s in spans if s[0] in _STR_OPS],
-            "global": [s for s in spans if s[0] == "GLOBAL"]}.get(kind, spans)
+    pool = {
+        "int": [s for s in spans if s[0] in _INT_OPS],
+        "str": [s for s in spans if s[0] in _STR_OPS],
+        "global": [s for s in spans if s[0] == "GLOBAL"],
+    }.get(kind, spans)
     name, pos, end = pool[sel % len(pool)]
     if kind == "opcode":
         code = OPCODES[value % len(OPCODES)]
@@ -245,7 +331,9 @@ entry_recipes = st.tuples(
 )
 
 
-def apply_entry_edit(orig: Original, recipe: tuple[str, int, int, bytes]) -> tuple[str, list[tuple[str, bytes, int]]]:
+def apply_entry_edit(
+    orig: Original, recipe: tuple[str, int, int, bytes]
+) -> tuple[str, list[tuple[str, bytes, int]]]:
     kind, i, j, junk = recipe
     records = [(name, body, zipfile.ZIP_STORED) for name, body in orig.records]
     names = [name for name, _ in orig.records]
@@ -257,8 +345,16 @@ def apply_entry_edit(orig: Original, recipe: tuple[str, int, int, bytes]) -> tup
     elif kind == "dup":
         records.insert(j % (len(records) + 1), (name, body if j % 2 else b"", 0))
     elif kind == "rename":
-        choices = [*names, f"{prefix}data/99", f"{prefix}data/-1", f"{prefix}data/../data.pkl",
-                   f"other/{name.split('/', 1)[1]}", name.split("/", 1)[1], f"{prefix}DATA.PKL", f"{prefix}byteorder"]
+        choices = [
+            *names,
+            f"{prefix}data/99",
+            f"{prefix}data/-1",
+            f"{prefix}data/../data.pkl",
+            f"other/{name.split('/', 1)[1]}",
+            name.split("/", 1)[1],
+            f"{prefix}DATA.PKL",
+            f"{prefix}byteorder",
+        ]
         records[i] = (choices[j % len(choices)], body, 0)
     elif kind == "swap":
         j %= len(records)
@@ -290,7 +386,7 @@ SIDE_RECORDS = ("/version", "/.format_version", "/.storage_alignment", "/.data/s
 def _torch_reads_the_same(
     data: bytes, got: tuple[dict[str, np.ndarray], dict[str, Any]], side_record_edited: bool = False
 ) -> None:
-    from tests.test_convert import to_numpy
+    from tests.support.birder_files import to_numpy
 
     try:
         ref = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
@@ -320,7 +416,9 @@ def test_pickle_edits_are_refused_or_read_as_torch_reads_them(
 
 @fuzz_settings()
 @given(recipe=entry_recipes)
-@example(recipe=("resize", 890, 0, b""))  # an empty .storage_alignment record: torch refuses, the reader reads
+@example(
+    recipe=("resize", 890, 0, b"")
+)  # an empty .storage_alignment record: torch refuses, the reader reads
 @example(recipe=("rename", 1, 482, b""))  # DATA.PKL beside data.pkl: torch reads DATA.PKL as its pickle
 def test_zip_entry_edits_are_refused_or_read_as_torch_reads_them(
     original: Original, tmp_path_factory: pytest.TempPathFactory, recipe: tuple[str, int, int, bytes]
@@ -330,7 +428,8 @@ def test_zip_entry_edits_are_refused_or_read_as_torch_reads_them(
     got = _read(tmp_path_factory.getbasetemp() / "entries.pt", mutated)
     if got is not None:
         names = [name for name, _, _ in records]
-        # torch's zip reader finds names case-insensitively: with DATA.PKL beside data.pkl it may read the other
+        # torch's zip reader finds names case-insensitively: with DATA.PKL beside data.pkl it may read the
+        # other
         case_clash = len({n.lower() for n in names}) < len(set(names))
         if not case_clash:
             _torch_reads_the_same(mutated, got, what.endswith(SIDE_RECORDS))

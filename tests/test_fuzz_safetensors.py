@@ -22,7 +22,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from tests.fuzz_support import flip, fuzz_settings, interesting_ints, load_or_refuse, put_int
+from tests.support.fuzz_support import flip, fuzz_settings, interesting_ints, load_or_refuse, put_int
 from vitreg_jax.convert.formats.safetensors_io import read_safetensors
 
 pytest.importorskip("torch")
@@ -43,7 +43,7 @@ class Original(NamedTuple):
 
 @pytest.fixture(scope="module")
 def original(tmp_path_factory: pytest.TempPathFactory) -> Original:
-    from tests.test_convert import TINY, birder_net, birder_save_st
+    from tests.support.birder_files import TINY, birder_net, birder_save_st
 
     path = birder_save_st(birder_net(config=TINY), tmp_path_factory.mktemp("birder") / "w.safetensors")
     data = path.read_bytes()
@@ -51,8 +51,10 @@ def original(tmp_path_factory: pytest.TempPathFactory) -> Original:
     header = json.loads(data[8 : 8 + n])
     names = [k for k in header if k != "__metadata__"]
     regions = [("length", 0, 8), ("header", 8, 8 + n)]
-    regions += [(f"data {k}", 8 + n + header[k]["data_offsets"][0], 8 + n + header[k]["data_offsets"][1])
-                for k in names]
+    regions += [
+        (f"data {k}", 8 + n + header[k]["data_offsets"][0], 8 + n + header[k]["data_offsets"][1])
+        for k in names
+    ]
     return Original(data, header, 8 + n, regions, names)
 
 
@@ -123,13 +125,54 @@ DEEP = 100_000  # nesting depth of a hostile JSON value (Python's json recurses 
 BIG = "9" * 5000  # a number with more digits than Python converts from text by default
 
 
-VALUES = [None, True, 1.5, -1, 0, 2**62, 2**64, "x", "", [], {}, [[1]], "@DEEP@", "@BIG@", [-1], [0, 2**70],
-          [2**62, 2**62], [1.0, 2.0], ["1"], [True]]
+VALUES = [
+    None,
+    True,
+    1.5,
+    -1,
+    0,
+    2**62,
+    2**64,
+    "x",
+    "",
+    [],
+    {},
+    [[1]],
+    "@DEEP@",
+    "@BIG@",
+    [-1],
+    [0, 2**70],
+    [2**62, 2**62],
+    [1.0, 2.0],
+    ["1"],
+    [True],
+]
 DTYPES = ["F32", "F16", "BF16", "F64", "I64", "I8", "U8", "BOOL", "F8_E4M3", "C64", "U64", "f32"]
-METADATA = [None, [], "x", 1, {"a": 1}, {"rgb_stats": "not json"}, {"rgb_stats": "[" * 2000},
-            {"config": "1e999999"}, {"signature": "@DEEPTEXT@"}, {"class_to_idx": '"' + "x" * 100}]
-JSON_KINDS = ["dtype", "shape", "offsets", "field", "drop_field", "drop_tensor", "dup_tensor", "entry",
-              "metadata", "root", "extra"]
+METADATA = [
+    None,
+    [],
+    "x",
+    1,
+    {"a": 1},
+    {"rgb_stats": "not json"},
+    {"rgb_stats": "[" * 2000},
+    {"config": "1e999999"},
+    {"signature": "@DEEPTEXT@"},
+    {"class_to_idx": '"' + "x" * 100},
+]
+JSON_KINDS = [
+    "dtype",
+    "shape",
+    "offsets",
+    "field",
+    "drop_field",
+    "drop_tensor",
+    "dup_tensor",
+    "entry",
+    "metadata",
+    "root",
+    "extra",
+]
 json_recipes = st.tuples(st.sampled_from(JSON_KINDS), st.integers(0, 1 << 20), st.integers(0, 1 << 20))
 
 
@@ -153,8 +196,18 @@ def apply_json_edit(orig: Original, recipe: tuple[str, int, int]) -> tuple[str, 
         shapes = [*VALUES, info["shape"][::-1], [*info["shape"], 1], [*info["shape"], 0], [end - start]]
         info["shape"] = shapes[choice % len(shapes)]
     elif kind == "offsets":
-        offsets = [*VALUES, [0, 0], [start, end + 1], [start - 1, end], [end, start], [start, 2**63],
-                   [2**64, 2**64 + end - start], [start], [start, end, 0], [start + 8, end + 8]]
+        offsets = [
+            *VALUES,
+            [0, 0],
+            [start, end + 1],
+            [start - 1, end],
+            [end, start],
+            [start, 2**63],
+            [2**64, 2**64 + end - start],
+            [start],
+            [start, end, 0],
+            [start + 8, end + 8],
+        ]
         info["data_offsets"] = offsets[choice % len(offsets)]
     elif kind == "field":
         field = ["dtype", "shape", "data_offsets"][sel % 3]

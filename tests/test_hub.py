@@ -1,7 +1,8 @@
-"""Tests for ``vitreg_jax.convert.hub``: published weights by name through ``huggingface_hub``, sha256-checked.
+"""Tests for ``vitreg_jax.convert.hub``: published weights by name through ``huggingface_hub``,
+sha256-checked.
 
 The table is compared with birder's own weights registry (0.8.4 for the current files, 0.3.3 for the pre-0.4
-ones). Downloads never reach the internet: ``tests/hf_mirror.py`` serves the hub's resolve protocol on
+ones). Downloads never reach the internet: ``tests/support/hf_mirror.py`` serves the hub's resolve protocol on
 127.0.0.1 and ``$HF_ENDPOINT`` points at it (an autouse fixture points it at a closed port otherwise), and the
 known-hash table is patched to the hash of a small generated fake file.
 """
@@ -24,9 +25,9 @@ from typing import Self
 
 import pytest
 
-from tests.conftest import REQUIRE_BIRDER
-from tests.hf_mirror import COMMIT, HfMirror, put_in_cache
-from tests.test_legacy_birder import LEGACY_VERSION, legacy_birder_dir
+from tests.support.hf_mirror import COMMIT, HfMirror, put_in_cache
+from tests.support.legacy_birder import LEGACY_VERSION, legacy_birder_dir
+from tests.support.report import REQUIRE_BIRDER
 from vitreg_jax.convert import hub
 from vitreg_jax.errors import UserError
 
@@ -95,8 +96,11 @@ def files_under(folder: Path) -> list[Path]:
 
 def leftovers(cache: Path) -> list[Path]:
     """What a download may leave: blobs, snapshot links, temporary files (refs and tags aside)."""
-    return [p for p in files_under(cache)
-            if "blobs" in p.parts or "snapshots" in p.parts or p.name.endswith(".incomplete")]
+    return [
+        p
+        for p in files_under(cache)
+        if "blobs" in p.parts or "snapshots" in p.parts or p.name.endswith(".incomplete")
+    ]
 
 
 def snapshot(cache: Path, filename: str = FILENAME) -> Path:
@@ -137,7 +141,8 @@ def test_published_table_matches_birder_0_8_4_registry() -> None:
 
 
 def test_legacy_hashes_match_birder_0_3_3_registry() -> None:
-    """The pre-0.4 files: birder 0.3.3's own registry (run in a child process), the same file as the legacy name."""
+    """The pre-0.4 files: birder 0.3.3's own registry (run in a child process), the same file as the legacy
+    name."""
     legacy = legacy_birder_dir()
     if not (legacy / "birder").is_dir():
         message = f"birder {LEGACY_VERSION} is not unpacked in {legacy}"
@@ -152,8 +157,14 @@ def test_legacy_hashes_match_birder_0_3_3_registry() -> None:
         "print(json.dumps({n: [get_pretrained_model_url(n, 'pt')[1],"
         " registry.get_pretrained_metadata(n)['formats']['pt']['sha256']] for n in names}))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code, *CURRENT_NAMES], env={**os.environ, "PYTHONPATH": str(legacy)},
-                          capture_output=True, text=True, timeout=600, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *CURRENT_NAMES],
+        env={**os.environ, "PYTHONPATH": str(legacy)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     theirs = json.loads(proc.stdout.strip().splitlines()[-1])
     for name in CURRENT_NAMES:
@@ -163,7 +174,10 @@ def test_legacy_hashes_match_birder_0_3_3_registry() -> None:
         assert pub.url(HF_DEFAULT) == url
     legacy_pub = hub.PUBLISHED[LEGACY_NAME]
     assert legacy_pub.hashes == {theirs["vit_reg4_b16_mim_200"][1]: hub.LAYOUT_LEGACY}
-    assert legacy_pub.url(HF_DEFAULT) == f"{HF_DEFAULT}/birder-project/vitreg4_b16_mim/resolve/main/{LEGACY_NAME}.pt"
+    assert (
+        legacy_pub.url(HF_DEFAULT)
+        == f"{HF_DEFAULT}/birder-project/vitreg4_b16_mim/resolve/main/{LEGACY_NAME}.pt"
+    )
     assert legacy_pub.config_filename == "vitreg4_b16_mim.json"
 
 
@@ -210,7 +224,9 @@ def test_wrong_hash_is_refused_and_nothing_is_kept(published: HfMirror, cache: P
     assert published.count(CONFIG_PATH) == 0  # the config is not fetched for refused weights
 
 
-def test_cached_file_with_a_wrong_hash_is_deleted_and_downloaded_again(published: HfMirror, cache: Path) -> None:
+def test_cached_file_with_a_wrong_hash_is_deleted_and_downloaded_again(
+    published: HfMirror, cache: Path
+) -> None:
     put_in_cache(cache, REPO, FILENAME, b"truncated or tampered")
     resolved = resolve(cache)
     assert resolved.weights == snapshot(cache) and resolved.weights.read_bytes() == FAKE_WEIGHTS
@@ -229,7 +245,8 @@ def test_truncated_download_is_refused_and_nothing_is_kept(published: HfMirror, 
 
 
 def test_dropped_connection_is_resumed_and_the_result_hash_checked(published: HfMirror, cache: Path) -> None:
-    """The first GET stops half-way (Content-Length says more): huggingface_hub resumes with a Range request."""
+    """The first GET stops half-way (Content-Length says more): huggingface_hub resumes with a Range
+    request."""
     half = len(FAKE_WEIGHTS) // 2
 
     def drop_half_way(h: BaseHTTPRequestHandler) -> None:
@@ -347,8 +364,10 @@ def test_offline_with_the_file_cached_asks_nothing(published: HfMirror, cache: P
 def test_offline_without_the_file_is_one_line(published: HfMirror, cache: Path, monkeypatch) -> None:
     monkeypatch.setenv(hub.ENV_OFFLINE, "1")
     message = user_error(resolve, cache)
-    assert message == (f"{NAME} is not in the weights cache {cache} and ${hub.ENV_OFFLINE} is set: "
-                       f"download it once with network access (unset ${hub.ENV_OFFLINE})")
+    assert message == (
+        f"{NAME} is not in the weights cache {cache} and ${hub.ENV_OFFLINE} is set: "
+        f"download it once with network access (unset ${hub.ENV_OFFLINE})"
+    )
     assert published.requests == [] and files_under(cache) == []
 
 
@@ -421,8 +440,11 @@ def test_local_path_is_passed_through(tmp_path: Path, mirror: HfMirror, cache: P
     assert mirror.requests == [] and files_under(cache) == []
 
 
-def test_environment_picks_hub_and_cache_at_each_call(published: HfMirror, tmp_path: Path, monkeypatch) -> None:
-    """$HF_ENDPOINT (set by the fixture after huggingface_hub was imported) and $VITREG_JAX_CACHE are honoured."""
+def test_environment_picks_hub_and_cache_at_each_call(
+    published: HfMirror, tmp_path: Path, monkeypatch
+) -> None:
+    """$HF_ENDPOINT (set by the fixture after huggingface_hub was imported) and $VITREG_JAX_CACHE are
+    honoured."""
     monkeypatch.setenv(hub.ENV_CACHE, str(tmp_path / "env-cache"))
     assert hub.hub_base_url() == published.url and hub.default_cache_dir() == tmp_path / "env-cache"
     path = hub.resolve_weights(NAME, progress=False)

@@ -1,7 +1,8 @@
 """The MAE head against birder 0.8.4's ``MAE_ViT`` on CPU in fp32, with birder's weights and masks.
 
 Inputs, weight perturbations and mask noise are generated once with numpy and fed to both frameworks; birder's
-weights reach ours through ``tests/mae_mapping.py``; birder's ``uniform_mask`` is replaced by one returning
+weights reach ours through ``tests/support/mae_mapping.py``; birder's ``uniform_mask`` is replaced by one
+returning
 the numpy-made masks, and ours receives the same masks.
 """
 
@@ -15,10 +16,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tests import birder_ref as ref
-from tests import mae_mapping
-from tests.conftest import record
-from tests.tolerances import (
+from tests.support import birder_ref as ref
+from tests.support import mae_mapping
+from tests.support.report import record
+from tests.support.tolerances import (
     MAE_ENCODER_TOKENS_ATOL,
     MAE_LOSS_RTOL,
     MAE_POS_EMBED_ATOL,
@@ -47,7 +48,9 @@ pytest.importorskip("birder")
 jax.config.update("jax_default_matmul_precision", "highest")
 
 # tolerances (fp32, CPU)
-WEIGHT_NOISE_STD = 0.05  # added to every birder tensor, so biases, norms and tokens are not at their init values
+WEIGHT_NOISE_STD = (
+    0.05  # added to every birder tensor, so biases, norms and tokens are not at their init values
+)
 
 SIZE = (64, 64)
 GRID = (SIZE[0] // 16, SIZE[1] // 16)
@@ -72,8 +75,10 @@ def birder_mae(variant: str, seed: int = 0):
 
 
 def configs(variant: str) -> tuple[ViTConfig, MAEConfig]:
-    return (preset(ENCODER, model_config=ENCODER_CONFIG, image_size=SIZE),
-            MAEConfig.from_birder(VARIANTS[variant]))
+    return (
+        preset(ENCODER, model_config=ENCODER_CONFIG, image_size=SIZE),
+        MAEConfig.from_birder(VARIANTS[variant]),
+    )
 
 
 def perturbed(state: dict[str, np.ndarray], seed: int = 1) -> dict[str, np.ndarray]:
@@ -81,7 +86,9 @@ def perturbed(state: dict[str, np.ndarray], seed: int = 1) -> dict[str, np.ndarr
     return {k: (v + rng.normal(0.0, WEIGHT_NOISE_STD, v.shape)).astype(np.float32) for k, v in state.items()}
 
 
-def numpy_masks(batch: int, seq_len: int, ratio: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def numpy_masks(
+    batch: int, seq_len: int, ratio: float, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """birder's uniform_mask computed in numpy from numpy noise: (mask, ids_keep, ids_restore)."""
     noise = np.random.default_rng(seed).random((batch, seq_len), dtype=np.float32)
     keep = int(seq_len * (1 - ratio))
@@ -120,8 +127,11 @@ def test_forward_matches_birder(pair, monkeypatch):
     variant, bnet, ours, _ = pair
     x = np.random.default_rng(2).standard_normal((BATCH, *SIZE, 3)).astype(np.float32)  # NHWC
     mask, keep, restore = numpy_masks(BATCH, GRID[0] * GRID[1], 0.75, seed=3)
-    monkeypatch.setattr(birder_mae_module, "uniform_mask", lambda *a, **k: (
-        torch.from_numpy(mask), torch.from_numpy(keep), torch.from_numpy(restore)))
+    monkeypatch.setattr(
+        birder_mae_module,
+        "uniform_mask",
+        lambda *a, **k: (torch.from_numpy(mask), torch.from_numpy(keep), torch.from_numpy(restore)),
+    )
     out_b = bnet(ref.nchw(x))
     out_o = ours(jnp.asarray(x), Masks(jnp.asarray(keep), jnp.asarray(restore), jnp.asarray(mask)))
     pred_diff = float(np.abs(np.asarray(out_o["pred"]) - out_b["pred"].numpy()).max())
@@ -200,8 +210,9 @@ def test_block_masks_from_noise_match_uniform_mask(ratio, grid):
     np.testing.assert_array_equal(np.sort(ours_keep, axis=1), np.sort(keep, axis=1))
     block = (np.arange(h)[:, None] // 2 * (w // 2) + np.arange(w)[None, :] // 2).reshape(-1)  # patch -> block
     block_noise = noise.numpy()[:, block]  # (B, L)
-    np.testing.assert_array_equal(np.take_along_axis(block_noise, ours_keep, 1),
-                                  np.take_along_axis(block_noise, keep, 1))
+    np.testing.assert_array_equal(
+        np.take_along_axis(block_noise, ours_keep, 1), np.take_along_axis(block_noise, keep, 1)
+    )
     for r in (np.asarray(ours.ids_restore), restore.numpy()):  # a permutation that undoes the shuffle
         assert sorted(r[0]) == list(range(h * w))
     shuffle = np.argsort(np.asarray(ours.ids_restore), axis=1)
@@ -248,13 +259,19 @@ def test_sincos_pos_embed_matches_birder(endpoint, grid, dim):
 
 def test_decoder_pos_embed_follows_the_frequency_option():
     vit_cfg = preset(ENCODER, model_config=ENCODER_CONFIG, image_size=SIZE)
-    old = nnx.eval_shape(lambda: MAE(ViT(vit_cfg, rngs=nnx.Rngs(0)), MAEConfig(**DECODER,
-                                                                                include_frequency_endpoint=True),
-                                     rngs=nnx.Rngs(1)))
+    old = nnx.eval_shape(
+        lambda: MAE(
+            ViT(vit_cfg, rngs=nnx.Rngs(0)),
+            MAEConfig(**DECODER, include_frequency_endpoint=True),
+            rngs=nnx.Rngs(1),
+        )
+    )
     assert old.cfg.include_frequency_endpoint
     a = sincos_pos_embed_2d(GRID, 32, 5, include_frequency_endpoint=False)
     b = sincos_pos_embed_2d(GRID, 32, 5, include_frequency_endpoint=True)
-    assert np.abs(a - b).max() > MAE_POS_EMBED_VARIANTS_MIN_DIFF, "the two denominators should give different tables"
+    assert np.abs(a - b).max() > MAE_POS_EMBED_VARIANTS_MIN_DIFF, (
+        "the two denominators should give different tables"
+    )
 
 
 def test_patchify_matches_birder_and_inverts():
@@ -269,9 +286,12 @@ def test_patchify_matches_birder_and_inverts():
 
 def test_full_size_decoder_parameter_count():
     """mae_vit on vit_reg4_b16: 26,008,320 decoder parameters (111.8 M with the encoder), as birder's."""
-    model = nnx.eval_shape(lambda: MAE(ViT(preset(ENCODER), rngs=nnx.Rngs(0)), mae_preset("mae_vit"),
-                                       rngs=nnx.Rngs(1)))
-    counts = {p: int(np.prod(v.shape)) for p, v in flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param))).items()}
+    model = nnx.eval_shape(
+        lambda: MAE(ViT(preset(ENCODER), rngs=nnx.Rngs(0)), mae_preset("mae_vit"), rngs=nnx.Rngs(1))
+    )
+    counts = {
+        p: int(np.prod(v.shape)) for p, v in flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param))).items()
+    }
     decoder = sum(n for p, n in counts.items() if p[0] != "encoder")
     assert decoder == 26_008_320
     assert sum(counts.values()) == 85_804_800 + 26_008_320
@@ -280,7 +300,9 @@ def test_full_size_decoder_parameter_count():
 def test_init_follows_birder():
     """xavier_uniform Linear weights with zero biases, unit LayerNorms, mask_token N(0, 0.02)."""
     vit_cfg = preset(ENCODER, model_config=ENCODER_CONFIG, image_size=SIZE)
-    model = MAE(ViT(vit_cfg, rngs=nnx.Rngs(0)), MAEConfig(decoder_embed_dim=64, decoder_depth=1), rngs=nnx.Rngs(3))
+    model = MAE(
+        ViT(vit_cfg, rngs=nnx.Rngs(0)), MAEConfig(decoder_embed_dim=64, decoder_depth=1), rngs=nnx.Rngs(3)
+    )
     qkv = np.asarray(model.decoder[0].attn.qkv.kernel[...])
     bound = (6.0 / (64 + 192)) ** 0.5
     assert np.abs(qkv).max() <= bound and np.abs(qkv).max() > 0.9 * bound

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.test_convert import TINY, birder_net, birder_save, to_numpy
+from tests.support.birder_files import TINY, birder_net, birder_save, to_numpy
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("birder")

@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests import birder_ref as ref
-from tests.conftest import record
-from tests.tolerances import (
+from tests.support import birder_ref as ref
+from tests.support.report import record
+from tests.support.tolerances import (
     DETECTION_RTOL_OF_MAX,
     EMBEDDING_ATOL,
     ILL_CONDITIONED_FLOOR_FACTOR,
@@ -28,7 +28,8 @@ BATCH = 2
 
 def peaky(state: dict[str, np.ndarray], seed: int = 1, scale: float = 1.0) -> dict[str, np.ndarray]:
     """birder's init scaled up: every tensor + N(0, 0.05) (qkv weights ~2.5x their init std: peaky attention,
-    a residual stream in the tens), the position embedding doubled. ``scale`` multiplies the qkv and fc2 weights
+    a residual stream in the tens), the position embedding doubled. ``scale`` multiplies the qkv and fc2
+    weights
     further, past where fp32 itself stays accurate (see test_ill_conditioned_at_birders_own_floor)."""
     rng = np.random.default_rng(seed)
     out = {}
@@ -46,7 +47,9 @@ def compare(case: str, tnet, net, x: np.ndarray, direct: bool = False) -> None:
     """Tokens, embedding and detection features of both; ``direct`` calls ``net.embedding`` itself."""
     tf = ref.run(tnet.forward_features, x)
     jf = np.asarray(net.forward_features(x))
-    te = ref.run(lambda t: tnet.embedding_from_features(tnet.forward_features(t)), x)  # = birder's embedding()
+    te = ref.run(
+        lambda t: tnet.embedding_from_features(tnet.forward_features(t)), x
+    )  # = birder's embedding()
     je = np.asarray(net.embedding(x) if direct else net.embedding_from_features(jf))
     td = ref.run(lambda t: tnet.detection_features(t)["stage1"], x).transpose(0, 2, 3, 1)  # NCHW -> NHWC
     jd = np.asarray(net.detection_features(x)["stage1"])
@@ -55,11 +58,13 @@ def compare(case: str, tnet, net, x: np.ndarray, direct: bool = False) -> None:
     record(case, "embedding", d_emb)
     record(case, "detection (rel. max)", d_det / float(np.abs(td).max()))
     assert jf.shape == tf.shape and je.shape == te.shape and jd.shape == td.shape
-    # without a final norm on every token (norm_after_pool, no post_norm) the tokens are residual-stream values
+    # without a final norm on every token (norm_after_pool, no post_norm) the tokens are residual-stream
+    # values
     tokens_atol = TOKENS_ATOL if net.norm is not None else DETECTION_RTOL_OF_MAX * float(np.abs(tf).max())
     if d_tokens > tokens_atol or d_emb > EMBEDDING_ATOL:
-        raise AssertionError(f"{case}: tokens {d_tokens:.2e}, embedding {d_emb:.2e}; "
-                             + ref.first_divergence(tnet, net, x))
+        raise AssertionError(
+            f"{case}: tokens {d_tokens:.2e}, embedding {d_emb:.2e}; " + ref.first_divergence(tnet, net, x)
+        )
     assert d_det <= DETECTION_RTOL_OF_MAX * float(np.abs(td).max()), f"{case}: detection features {d_det:.2e}"
 
 
@@ -89,10 +94,12 @@ def test_vit_reg4_b16(weights: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["vit_s16", "vit_s16_avg", "vit_s16_ls", "vit_s16_pn", "vit_reg1_s16_nap_avg",
-                                  "deit3_reg4_t16"])
+@pytest.mark.parametrize(
+    "name", ["vit_s16", "vit_s16_avg", "vit_s16_ls", "vit_s16_pn", "vit_reg1_s16_nap_avg", "deit3_reg4_t16"]
+)
 def test_other_variants(name: str) -> None:
-    """No registers, average pooling, layer scale, pre-norm, norm after pool, no pos-embed on special tokens."""
+    """No registers, average pooling, layer scale, pre-norm, norm after pool, no pos-embed on special
+    tokens."""
     tnet = ref.birder_net(name, seed=0)
     ref.load_state(tnet, peaky(ref.state_numpy(tnet), seed=2))
     net = ref.ours_from_birder(tnet)
@@ -141,7 +148,9 @@ def test_masked_encoding_omission() -> None:
 
     with torch.no_grad():
         t = tnet.masked_encoding_omission(ref.nchw(x), torch.from_numpy(ids_keep), return_keys="all")
-        t_all = tnet.masked_encoding_omission(ref.nchw(x), torch.from_numpy(ids_keep), return_all_features=True)
+        t_all = tnet.masked_encoding_omission(
+            ref.nchw(x), torch.from_numpy(ids_keep), return_all_features=True
+        )
     j = net.masked_encoding_omission(x, ids_keep, return_keys="all")
     j_all = net.masked_encoding_omission(x, ids_keep, return_all_features=True)
     d = float(np.abs(t["tokens"].numpy() - np.asarray(j["tokens"])).max())

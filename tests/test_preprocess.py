@@ -1,4 +1,5 @@
-"""preprocess.py: bit-exact parity with birder's classification_transform, colour modes, file errors."""
+"""vitreg_jax.data.preprocess: bit-exact parity with birder's classification_transform, colour modes, file
+errors."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_convert import birder_net, birder_save
+from tests.support.birder_files import birder_net, birder_save
 
 pytest.importorskip("torch")
 pytest.importorskip("birder")
@@ -63,7 +63,15 @@ def test_a_kill_while_reading_a_large_pt_leaves_no_child_and_no_temp_folder(
     tmpdir.mkdir()
     env = {**os.environ, "TMPDIR": str(tmpdir), "JAX_PLATFORMS": "cpu"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vitreg_jax.cli.main", "convert", str(big_pt), "--out", str(tmp_path / "ckpt")],
+        [
+            sys.executable,
+            "-m",
+            "vitreg_jax.cli.main",
+            "convert",
+            str(big_pt),
+            "--out",
+            str(tmp_path / "ckpt"),
+        ],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.test_convert import RGB, TINY, birder_save, legacy_state, save_pt, state_tensors, to_numpy
+from tests.support.birder_files import RGB, TINY, birder_save, legacy_state, save_pt, state_tensors, to_numpy
 from vitreg_jax.convert.formats.birder_file import read_birder_file
 from vitreg_jax.convert.formats.pt_reader import DAMAGED, NOT_WEIGHTS, read_pt
 from vitreg_jax.errors import UserError
@@ -447,7 +447,7 @@ def _flip(data: bytes, at: int) -> bytes:
 
 
 def test_the_old_torch_path_kept_for_benchmarks_reads_the_same(tmp_path: Path) -> None:
-    from tests.torch_pt_reader import read_pt_with_torch
+    from tests.support.torch_pt_reader import read_pt_with_torch
 
     state = {"a": torch.randn(3, 4), "b": torch.randn(5).to(torch.bfloat16), "c": torch.arange(3)}
     path = save_pt(tmp_path / "w.pt", state, config=TINY)
@@ -480,7 +480,8 @@ def test_deflated_records_are_read_and_bounded(tmp_path: Path) -> None:
 def test_zip64_records_as_files_over_4_gib_write_them(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Every size and offset in zip64 fields (as in a file over 4 GiB): torch, zipfile and our reader agree."""
+    """Every size and offset in zip64 fields (as in a file over 4 GiB): torch, zipfile and our reader
+    agree."""
     from vitreg_jax.convert.formats import pt_writer
     from vitreg_jax.convert.formats.birder_file import write_pt
 

@@ -1,7 +1,9 @@
 """``layers.residual_grad_boundary``: an identity in value and gradient whose conditionals survive XLA:CPU.
 
-The boundary exists for speed (BENCHMARKS.md, "MAE train step"): it makes XLA:CPU materialise each residual-stream
-gradient instead of re-fusing the running sum into every consumer. These tests fail if it ever changes a number,
+The boundary exists for speed (BENCHMARKS.md, "MAE train step"): it makes XLA:CPU materialise each
+residual-stream
+gradient instead of re-fusing the running sum into every consumer. These tests fail if it ever changes a
+number,
 or if a future XLA folds the conditionals away (then the speed-up is gone silently).
 """
 
@@ -20,7 +22,14 @@ from vitreg_jax.model.vit import ViT
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-TINY = {"patch_size": 4, "num_layers": 3, "num_heads": 2, "hidden_dim": 16, "mlp_dim": 32, "num_reg_tokens": 2}
+TINY = {
+    "patch_size": 4,
+    "num_layers": 3,
+    "num_heads": 2,
+    "hidden_dim": 16,
+    "mlp_dim": 32,
+    "num_reg_tokens": 2,
+}
 
 
 def test_identity_in_value_and_gradient() -> None:
@@ -32,7 +41,10 @@ def test_identity_in_value_and_gradient() -> None:
         return jnp.sum(jnp.tanh(y @ w) * y)
 
     np.testing.assert_array_equal(f(x, True), f(x, False))
-    for sign in (1.0, -1.0):  # both branches of the conditional (its predicate is the cotangent's first entry)
+    for sign in (
+        1.0,
+        -1.0,
+    ):  # both branches of the conditional (its predicate is the cotangent's first entry)
         g_with = jax.grad(lambda v, s=sign: s * f(v, True))(x)
         g_without = jax.grad(lambda v, s=sign: s * f(v, False))(x)
         np.testing.assert_array_equal(g_with, g_without)

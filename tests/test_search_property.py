@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.test_search import blocks_of, check_against_reference
+from tests.support.search_reference import blocks_of, check_against_reference
 from vitreg_jax.evaluation.search import cosine_topk
 
 

@@ -39,9 +39,17 @@ def main(out: str, network: str, seed: str, config_text: str) -> None:
     np.save("embedding.npy", emb.numpy())
     with open(f"models/{network}.json", encoding="utf-8") as f:
         json_keys = sorted(json.load(f))
-    print(json.dumps({"birder_version": __version__, "weights": f"models/{network}_0.pt",
-                      "config": f"models/{network}.json", "keys": sorted(net.state_dict())[:40],
-                      "json_keys": json_keys}))
+    print(
+        json.dumps(
+            {
+                "birder_version": __version__,
+                "weights": f"models/{network}_0.pt",
+                "config": f"models/{network}.json",
+                "keys": sorted(net.state_dict())[:40],
+                "json_keys": json_keys,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

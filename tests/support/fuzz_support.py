@@ -1,4 +1,5 @@
-"""What every fuzzed loader test shares: the hypothesis profile, and the one property every mutated input must meet.
+"""What every fuzzed loader test shares: the hypothesis profile, and the one property every mutated input must
+meet.
 
 The property (:func:`load_or_refuse`): the loader either returns (the caller then compares what it returned
 with the original, bit for bit) or raises :class:`vitreg_jax.errors.UserError` with a one-line message. Any
@@ -27,7 +28,8 @@ from vitreg_jax.errors import UserError
 
 DEFAULT_EXAMPLES = 60
 TIME_LIMIT_S = 20.0  # one load of a file under a few MiB takes milliseconds; this is a hang
-# tracemalloc also counts the loader's small Python objects (the unpickled metadata, dicts of arrays, zipfile's
+# tracemalloc also counts the loader's small Python objects (the unpickled metadata, dicts of arrays,
+# zipfile's
 # directory): allowed on top of the file's size, which is the bound on anything sized by the file's claims
 FIXED_ALLOWANCE = 4 << 20
 T = TypeVar("T")
@@ -39,7 +41,8 @@ def fuzz_settings(examples_per_run: int | None = None) -> settings:
         max_examples=n,
         derandomize=True,
         database=None,
-        deadline=None,  # the hang guard is the alarm below (a deadline would also fail slow-but-finished loads)
+        # the hang guard is the alarm below (a deadline would also fail slow-but-finished loads)
+        deadline=None,
         print_blob=True,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
     )
@@ -98,7 +101,22 @@ def interesting_ints(original: int, file_size: int, width: int) -> list[int]:
     """Values a corrupted or hostile field tends to hold."""
     top = (1 << (8 * width)) - 1
     return sorted(
-        {0, 1, 2, original - 1, original + 1, original * 2, original // 2, file_size - 1, file_size,
-         file_size + 1, top, top // 2, top // 2 + 1, top - 1, 1 << 31 if width >= 4 else 255}
+        {
+            0,
+            1,
+            2,
+            original - 1,
+            original + 1,
+            original * 2,
+            original // 2,
+            file_size - 1,
+            file_size,
+            file_size + 1,
+            top,
+            top // 2,
+            top // 2 + 1,
+            top - 1,
+            1 << 31 if width >= 4 else 255,
+        }
         - {original}
     )

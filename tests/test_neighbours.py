@@ -6,8 +6,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from tests.embed_folders import write_npy_folder, write_parquet_folder
-from tests.tolerances import SEARCH_SCORE_ATOL
+from tests.support.embed_folders import write_npy_folder, write_parquet_folder
+from tests.support.tolerances import SEARCH_SCORE_ATOL
 from vitreg_jax.cli.main import main
 
 
@@ -142,7 +142,10 @@ def test_the_parser_does_not_import_jax_and_quotes_the_library_default():
     import subprocess
     import sys
 
-    code = "import sys; from vitreg_jax.cli.main import build_parser; build_parser('knn'); print('jax' in sys.modules)"
+    code = (
+        "import sys; from vitreg_jax.cli.main import build_parser; build_parser('knn'); "
+        "print('jax' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
     from vitreg_jax.cli import knn

@@ -1,4 +1,6 @@
-"""embed.py: the compiled embedder equals net.embedding, buckets compile once, bf16 is close, sharding exact."""
+"""vitreg_jax.embedding.embedder: the compiled embedder equals net.embedding, buckets compile once, bf16 is
+close, sharding
+exact."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tests.tolerances import EMBEDDER_BF16_MIN_COSINE, EMBEDDER_FP32_ATOL
+from tests.support.tolerances import EMBEDDER_BF16_MIN_COSINE, EMBEDDER_FP32_ATOL
 from vitreg_jax.embedding.embedder import (
     CPU_XLA_FLAGS,
     Embedder,
@@ -67,7 +69,8 @@ def test_fp32_equals_net_embedding(net, images):
 
 
 def test_prime_batch_is_padded_to_micro_batches_not_split_into_ones(net, images):
-    """11 rows with micro-batch 4: padded to 3 steps of 4 (not 11 steps of 1); padding never leaks into rows."""
+    """11 rows with micro-batch 4: padded to 3 steps of 4 (not 11 steps of 1); padding never leaks into
+    rows."""
     from vitreg_jax.embedding.embedder import _micro_size
 
     assert (_micro_size(11, 4), _micro_size(12, 4), _micro_size(10, 4), _micro_size(3, 4)) == (4, 4, 2, 3)
@@ -216,13 +219,18 @@ AUTO_FLAGS_SCRIPT = textwrap.dedent("""
     ("cpu_flags", "dtype"), [("avx avx2 fma", "float32"), ("avx2 avx512f avx512_bf16", "bfloat16")]
 )
 def test_configure_xla_flags_auto_resolves_without_starting_jax(tmp_path, cpu_flags, dtype):
-    """"auto" picks the flags of the dtype it means on this CPU (AVX2-only: float32; AVX512-BF16: bfloat16),
+    """ "auto" picks the flags of the dtype it means on this CPU (AVX2-only: float32; AVX512-BF16: bfloat16),
     read from the CPU's flags, and JAX's backends are still not started afterwards."""
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(f"processor\t: 0\nflags\t\t: fpu sse2 {cpu_flags}\n")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    out = subprocess.run([sys.executable, "-c", AUTO_FLAGS_SCRIPT, str(cpuinfo)], env=env, capture_output=True,
-                         text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", AUTO_FLAGS_SCRIPT, str(cpuinfo)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     flags, environ, started = json.loads(out.stdout.splitlines()[-1])
     assert flags == CPU_XLA_FLAGS[dtype] and environ == (CPU_XLA_FLAGS[dtype] or None)
     assert started is False

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 import vitreg_jax
-from tests import birder_ref as ref
-from tests.conftest import record
-from tests.tolerances import EMBEDDING_ATOL, TOKENS_ATOL
+from tests.support import birder_ref as ref
+from tests.support.report import record
+from tests.support.tolerances import EMBEDDING_ATOL, TOKENS_ATOL
 from vitreg_jax.errors import UserError
 from vitreg_jax.model.build import get_params, save_model
 
@@ -23,8 +23,13 @@ pytest.importorskip("birder")
 @pytest.fixture(scope="module")
 def tiny_files(tmp_path_factory):
     tnet = ref.birder_net("vit_reg4_b16", seed=11, config=ref.TINY_MODEL_CONFIG)
-    ref.load_state(tnet, {k: v + 0.05 * np.random.default_rng(11).standard_normal(v.shape).astype(np.float32)
-                          for k, v in ref.state_numpy(tnet).items()})
+    ref.load_state(
+        tnet,
+        {
+            k: v + 0.05 * np.random.default_rng(11).standard_normal(v.shape).astype(np.float32)
+            for k, v in ref.state_numpy(tnet).items()
+        },
+    )
     return tnet, ref.save_birder_files(tnet, tmp_path_factory.mktemp("birder"))
 
 
@@ -73,15 +78,18 @@ def test_orbax_restores_without_model_code(tiny_files, tmp_path) -> None:
     _, files = tiny_files
     net, cfg = vitreg_jax.load_model_with_cfg(files["json"], files["pt"])
     save_model(tmp_path / "ckpt", net, cfg)
-    code = ("import orbax.checkpoint as ocp, numpy as np, jax, sys\n"
-            "d = sys.argv[1] + '/params'\n"
-            "c = ocp.PyTreeCheckpointer()\n"
-            "t = c.metadata(d).item_metadata.tree\n"
-            "r = c.restore(d, restore_args=jax.tree_util.tree_map("
-            "lambda _: ocp.RestoreArgs(restore_type=np.ndarray), t))\n"
-            "print(r['encoder']['block']['0']['attn']['qkv']['kernel'].shape)\n")
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "ckpt")], capture_output=True, text=True,
-                         check=True)
+    code = (
+        "import orbax.checkpoint as ocp, numpy as np, jax, sys\n"
+        "d = sys.argv[1] + '/params'\n"
+        "c = ocp.PyTreeCheckpointer()\n"
+        "t = c.metadata(d).item_metadata.tree\n"
+        "r = c.restore(d, restore_args=jax.tree_util.tree_map("
+        "lambda _: ocp.RestoreArgs(restore_type=np.ndarray), t))\n"
+        "print(r['encoder']['block']['0']['attn']['qkv']['kernel'].shape)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "ckpt")], capture_output=True, text=True, check=True
+    )
     assert out.stdout.strip() == "(64, 192)"
 
 
@@ -119,10 +127,13 @@ def test_bad_inputs_raise_one_clear_error(tiny_files, tmp_path) -> None:
     (tmp_path / "truncated.pt").write_bytes(raw[: len(raw) // 2])
     cases.append(((files["json"], tmp_path / "truncated.pt"), "truncated or corrupted"))
     (tmp_path / "truncated.safetensors").write_bytes(Path(files["safetensors"]).read_bytes()[:5000])
-    cases.append(((files["json"], tmp_path / "truncated.safetensors"), "truncated or corrupted|not a readable"))
+    cases.append(
+        ((files["json"], tmp_path / "truncated.safetensors"), "truncated or corrupted|not a readable")
+    )
     cases.append(((files["json"], tmp_path), "is a directory|not a vitreg-jax checkpoint"))
-    other = ref.save_birder_files(ref.birder_net("vit_s16", seed=0, config=ref.TINY_MODEL_CONFIG),
-                                  tmp_path / "other", name="vit_s16")
+    other = ref.save_birder_files(
+        ref.birder_net("vit_s16", seed=0, config=ref.TINY_MODEL_CONFIG), tmp_path / "other", name="vit_s16"
+    )
     cases.append(((files["json"], other["pt"]), r"missing 1 key\(s\): reg_tokens"))
     cfg = json.loads(Path(files["json"]).read_text())
     cfg["model_config"]["qk_norm"] = True
@@ -149,8 +160,12 @@ def test_imports_and_runs_without_torch(tiny_files, tmp_path) -> None:
         "net, cfg = vitreg_jax.load_model_with_cfg(sys.argv[1], sys.argv[4])  # a .pt needs no torch either\n"
         "print('pt:', net.embedding(np.zeros((1, 224, 224, 3), np.float32)).shape)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code, files["json"], files["safetensors"], str(tmp_path / "c"),
-                          files["pt"]], check=False, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code, files["json"], files["safetensors"], str(tmp_path / "c"), files["pt"]],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
     assert "(1, 64)" in out.stdout
     assert "pt: (1, 64)" in out.stdout

@@ -17,7 +17,7 @@ MAE_ENCODER_TOKENS_ATOL = 2e-5  # encoder part of an MAE checkpoint through the 
 # the sin-cos tables with and without the frequency endpoint differ by at least this (a real difference)
 MAE_POS_EMBED_VARIANTS_MIN_DIFF = 1e-2
 
-# The MAE train step vs birder's (torch) step (tests/test_train_step.py)
+# The MAE train step vs birder's (torch) step (tests/test_pretraining_step.py)
 STEP_GRAD_RTOL_OF_MAX = 1e-4  # accumulated gradients vs torch's, per tensor, relative to its largest entry
 STEP_UPDATE_ATOL_OF_LR = 1e-3  # what two AdamW steps moved each parameter, in units of the learning rate ...
 STEP_GRAD_FLOOR = 1e-6  # ... where both gradients exceed 100 x AdamW's eps (see test_step_matches_birder)
@@ -27,17 +27,17 @@ STEP_BF16_GRAD_COSINE = 0.99
 STEP_DP_GRAD_RTOL_OF_MAX = 1e-5  # 2 devices vs 1 device: the gradient differs by reduction order only
 STEP_DP_LOSS_RTOL = 1e-6
 
-# Optimizer, schedule and clipping vs torch (tests/test_train_optim.py)
+# Optimizer, schedule and clipping vs torch (tests/test_pretraining_optimizer.py)
 ADAMW_RTOL = 1e-6  # parameters after the step, relative
 LR_RTOL = 1e-12  # both sides in float64
 LR_ATOL = 1e-18  # the cosine's last value is 0 (torch: ~1e-20 from its recursive form)
 CLIP_RTOL = 1e-6
 
-# Training augmentation vs torchvision (tests/test_train_data.py)
+# Training augmentation vs torchvision (tests/test_pretraining_data_stream.py)
 AFFINE_EQUAL_FRACTION = 0.9999  # nearest sampling: a rare coordinate lands on a .5 tie rounded differently
 CROP_STAT_ATOL = 0.02  # mean area fraction / log aspect of 4000 draws, ours vs torchvision's
 
-# The compiled Embedder vs net.embedding (tests/test_embed.py)
+# The compiled Embedder vs net.embedding (tests/test_embedder.py)
 EMBEDDER_FP32_ATOL = 1e-5
 EMBEDDER_BF16_MIN_COSINE = 0.999
 
@@ -49,17 +49,20 @@ DEMO_PARITY_ATOL = 2e-5
 VERIFY_INJECTED_ERROR = 1e-3
 VERIFY_LOOSE_TOLERANCE = 1e-2  # ... and passes a --tolerance this loose
 
-# The pretrain command, two processes vs one (tests/test_train_loop.py): the same batches, gradients averaged
-# across processes in another order, so only rounding differs; AdamW normalises each step to about lr per
-# parameter, so parameter differences are bounded in units of lr
+# The pretrain command, two processes vs one (tests/test_pretraining_loop.py): the same batches, gradients
+# averaged across processes in another order, so only rounding differs; AdamW normalises each step to about
+# lr per parameter, so parameter differences are bounded in units of lr
 DP_RUN_LOSS_RTOL = 1e-5
-DP_RUN_PARAM_ATOL_OF_LR = 1e-2  # measured 7.7e-3 after 4 steps (AdamW turns near-zero gradients into ~lr steps)
+DP_RUN_PARAM_ATOL_OF_LR = (
+    1e-2  # measured 7.7e-3 after 4 steps (AdamW turns near-zero gradients into ~lr steps)
+)
 
-# Exact cosine top-k (vitreg_jax.evaluation.search) vs a float64 numpy reference (tests/test_search*.py, test_knn*.py):
+# Exact cosine top-k (vitreg_jax.evaluation.search) vs a float64 numpy reference (tests/test_search*.py,
+# test_neighbours*.py):
 # fp32 normalisation and dot of D <= 768 entries; measured <= 3e-7 on CPU
 SEARCH_SCORE_ATOL = 2e-6
 
-# k-NN and linear-probe evaluation (tests/test_eval.py)
+# k-NN and linear-probe evaluation (tests/test_evaluation.py)
 # weighted k-NN class scores vs a float64 numpy reference: exp(s / 0.07) turns the float32 cosine's ~1e-6
 # error into ~1.5e-5 relative
 KNN_SCORE_RTOL = 1e-4

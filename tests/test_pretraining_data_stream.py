@@ -1,5 +1,6 @@
 """birder's level-1 training augmentation (ops against torchvision with the same parameters) and the
-deterministic training stream (same seed, same batches, whatever the threads; epochs permute; processes split)."""
+deterministic training stream (same seed, same batches, whatever the threads; epochs permute; processes
+split)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.tolerances import AFFINE_EQUAL_FRACTION, CROP_STAT_ATOL
+from tests.support.tolerances import AFFINE_EQUAL_FRACTION, CROP_STAT_ATOL
 from vitreg_jax.data import augment as A
 from vitreg_jax.data.augment import TrainTransform
 from vitreg_jax.data.rgb_stats import named_rgb_stats
@@ -19,7 +20,8 @@ from vitreg_jax.pretraining.data_stream import TrainData
 
 IMAGES = Path(__file__).parents[1] / "examples" / "images"
 STATS = named_rgb_stats("birder")
-# torchvision resizes uint8 tensors with its own antialiased kernels, PIL with its fixed-point ones: a few levels
+# torchvision resizes uint8 tensors with its own antialiased kernels, PIL with its fixed-point ones: a few
+# levels
 RESIZE_MAX_LEVELS = {"bilinear": 1, "bicubic": 6}
 CROP_DRAWS = 4000
 
@@ -54,16 +56,29 @@ def as_pixels(tensor) -> np.ndarray:
 def test_brightness_and_contrast_are_torchvisions(tv, factor):
     F, _ = tv
     px = np.asarray(photo())
-    np.testing.assert_array_equal(A.adjust_brightness(px, factor), as_pixels(F.adjust_brightness(as_tensor(px), factor)))
-    np.testing.assert_array_equal(A.adjust_contrast(px, factor), as_pixels(F.adjust_contrast(as_tensor(px), factor)))
+    np.testing.assert_array_equal(
+        A.adjust_brightness(px, factor), as_pixels(F.adjust_brightness(as_tensor(px), factor))
+    )
+    np.testing.assert_array_equal(
+        A.adjust_contrast(px, factor), as_pixels(F.adjust_contrast(as_tensor(px), factor))
+    )
 
 
 @pytest.mark.parametrize("angle", [-2.25, -1.3, 0.7, 2.25, 30.0])
 def test_rotation_is_torchvisions(tv, angle):
     F, mode = tv
     px = np.asarray(photo())
-    theirs = as_pixels(F.affine(as_tensor(px), angle=angle, translate=[0, 0], scale=1.0, shear=[0.0, 0.0],
-                                interpolation=mode.NEAREST, fill=0))
+    theirs = as_pixels(
+        F.affine(
+            as_tensor(px),
+            angle=angle,
+            translate=[0, 0],
+            scale=1.0,
+            shear=[0.0, 0.0],
+            interpolation=mode.NEAREST,
+            fill=0,
+        )
+    )
     equal = (A.rotate_nearest(px, angle) == theirs).all(axis=-1).mean()
     assert equal >= AFFINE_EQUAL_FRACTION, f"{angle} degrees: {equal:.5f} of the pixels equal"
 
@@ -74,8 +89,15 @@ def test_resized_crop_is_close_to_torchvisions(tv, interp, box, size):
     F, mode = tv
     img = photo()
     ours = A.resized_crop(img, box, size, getattr(Image.Resampling, interp.upper()))
-    theirs = as_pixels(F.resized_crop(as_tensor(np.asarray(img)), *box, size=list(size),
-                                      interpolation=getattr(mode, interp.upper()), antialias=True))
+    theirs = as_pixels(
+        F.resized_crop(
+            as_tensor(np.asarray(img)),
+            *box,
+            size=list(size),
+            interpolation=getattr(mode, interp.upper()),
+            antialias=True,
+        )
+    )
     assert ours.shape == theirs.shape
     assert np.abs(ours.astype(int) - theirs.astype(int)).max() <= RESIZE_MAX_LEVELS[interp]
 
@@ -95,8 +117,12 @@ def test_crop_parameters_follow_torchvisions_distribution(tv):
         p = rrc.make_params([dummy])
         theirs.append((p["top"], p["left"], p["height"], p["width"]))
     theirs = np.array(theirs, dtype=np.float64)
-    for name, fn in (("area", lambda b: b[:, 2] * b[:, 3] / (h * w)), ("log aspect", lambda b: np.log(b[:, 3] / b[:, 2])),
-                     ("top", lambda b: b[:, 0] / h), ("left", lambda b: b[:, 1] / w)):
+    for name, fn in (
+        ("area", lambda b: b[:, 2] * b[:, 3] / (h * w)),
+        ("log aspect", lambda b: np.log(b[:, 3] / b[:, 2])),
+        ("top", lambda b: b[:, 0] / h),
+        ("left", lambda b: b[:, 1] / w),
+    ):
         assert abs(fn(ours).mean() - fn(theirs).mean()) <= CROP_STAT_ATOL, name
     assert (ours[:, 2] <= h).all() and (ours[:, 3] <= w).all() and (ours[:, 0] + ours[:, 2] <= h).all()
     area = ours[:, 2] * ours[:, 3] / (h * w)
@@ -164,12 +190,19 @@ def test_stream_is_deterministic_whatever_the_threads(tmp_path):
 
 
 def test_epochs_permute_without_repeats(tmp_path):
-    data = TrainData(synthetic_files(tmp_path, 10), TrainTransform((16, 16), STATS), batch_size=2,
-                     grad_accum_steps=2, seed=0, workers=0)
+    data = TrainData(
+        synthetic_files(tmp_path, 10),
+        TrainTransform((16, 16), STATS),
+        batch_size=2,
+        grad_accum_steps=2,
+        seed=0,
+        workers=0,
+    )
     assert data.steps_per_epoch == 2
     for epoch in range(3):
-        seen = np.concatenate([data.epoch_order(epoch)[data.positions(s)[1].ravel()]
-                               for s in range(epoch * 2, epoch * 2 + 2)])
+        seen = np.concatenate(
+            [data.epoch_order(epoch)[data.positions(s)[1].ravel()] for s in range(epoch * 2, epoch * 2 + 2)]
+        )
         assert len(set(seen.tolist())) == 8  # 8 distinct files per epoch, 2 left over (drop_last)
     assert not np.array_equal(data.epoch_order(0), data.epoch_order(1))
 
@@ -178,8 +211,10 @@ def test_processes_take_disjoint_slices(tmp_path):
     paths = synthetic_files(tmp_path, 12)
     t = TrainTransform((16, 16), STATS)
     whole = TrainData(paths, t, batch_size=4, seed=0, workers=0)
-    halves = [TrainData(paths, t, batch_size=4, seed=0, workers=0, process_index=i, process_count=2)
-              for i in range(2)]
+    halves = [
+        TrainData(paths, t, batch_size=4, seed=0, workers=0, process_index=i, process_count=2)
+        for i in range(2)
+    ]
     for step in range(3):
         joined = np.concatenate([h.batch(step) for h in halves], axis=1)
         np.testing.assert_array_equal(joined, whole.batch(step))
@@ -201,4 +236,6 @@ def test_unreadable_file_is_replaced_and_reported_once(tmp_path, capsys):
 
 def test_too_few_images_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="fewer than one optimizer step"):
-        TrainData(synthetic_files(tmp_path, 3), TrainTransform((16, 16), STATS), batch_size=2, grad_accum_steps=2)
+        TrainData(
+            synthetic_files(tmp_path, 3), TrainTransform((16, 16), STATS), batch_size=2, grad_accum_steps=2
+        )

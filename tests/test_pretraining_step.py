@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tests import birder_ref as ref
-from tests import mae_mapping
-from tests.conftest import record
-from tests.tolerances import (
+from tests.support import birder_ref as ref
+from tests.support import mae_mapping
+from tests.support.report import record
+from tests.support.tolerances import (
     STEP_BF16_GRAD_COSINE,
     STEP_BF16_LOSS_RTOL,
     STEP_DP_GRAD_RTOL_OF_MAX,
@@ -78,7 +78,9 @@ def birder_and_ours():
     enc = registry.net_factory("vit_reg4_b16", 0, 3, config=ENCODER_CONFIG, size=SIZE)
     bnet = registry.mim_net_factory("mae_vit", enc, config=DECODER, size=SIZE).train()
     rng = np.random.default_rng(1)
-    state = {k: (v + rng.normal(0, 0.05, v.shape)).astype(np.float32) for k, v in ref.state_numpy(bnet).items()}
+    state = {
+        k: (v + rng.normal(0, 0.05, v.shape)).astype(np.float32) for k, v in ref.state_numpy(bnet).items()
+    }
     ref.load_state(bnet, state)
     model = tiny_model()
     set_params(model, mae_mapping.to_nnx(state, model.encoder.cfg, model.cfg), kinds=MAE_STATE)
@@ -104,7 +106,9 @@ def test_step_matches_birder(birder_and_ours, monkeypatch):
     x = np.random.default_rng(2).standard_normal((2, ACCUM, BATCH, *SIZE, 3)).astype(np.float32)  # 2 steps
     masks = [numpy_masks((ACCUM, BATCH), seed=10 + s) for s in range(2)]
     cfg = trainer.cfg
-    opt = torch.optim.AdamW(bnet.parameters(), lr=LR, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(
+        bnet.parameters(), lr=LR, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
+    )
     state = trainer.init_state()
     names = {k for k, _ in bnet.named_parameters()}
     start = birder_params(bnet)
@@ -114,7 +118,9 @@ def test_step_matches_birder(birder_and_ours, monkeypatch):
         losses = []
         for a in range(ACCUM):
             m, keep, restore = (torch.from_numpy(np.ascontiguousarray(t[a])) for t in masks[s])
-            monkeypatch.setattr(birder_mae_module, "uniform_mask", lambda *_, m=m, k=keep, r=restore, **__: (m, k, r))
+            monkeypatch.setattr(
+                birder_mae_module, "uniform_mask", lambda *_, m=m, k=keep, r=restore, **__: (m, k, r)
+            )
             loss = bnet(ref.nchw(x[s, a]))["loss"]
             (loss / ACCUM).backward()
             losses.append(float(loss.detach()))
@@ -122,14 +128,22 @@ def test_step_matches_birder(birder_and_ours, monkeypatch):
         opt.step()
         state, metrics = trainer.step(state, x[s], LR, masks=Masks(masks[s][1], masks[s][2], masks[s][0]))
         loss_rel = abs(float(metrics["loss"]) - np.mean(losses)) / np.mean(losses)
-        assert loss_rel <= STEP_LOSS_RTOL, f"step {s}: loss {float(metrics['loss'])} vs birder {np.mean(losses)}"
+        assert loss_rel <= STEP_LOSS_RTOL, (
+            f"step {s}: loss {float(metrics['loss'])} vs birder {np.mean(losses)}"
+        )
         if s == 0:  # after one step AdamW's first moment is (1 - b1) * grad: our accumulated gradient
             mu = state["opt_state"][0].mu  # optax.adamw: (scale_by_adam, add_decayed_weights, scale) states
-            grads = ours_as_birder(trainer, jax.tree_util.tree_map(lambda v: np.asarray(v) / (1 - cfg.betas[0]), mu))
-            worst = max((float(np.abs(grads[k] - g).max() / max(np.abs(g).max(), 1e-12)), k)
-                        for k, g in torch_grads[0].items())
+            grads = ours_as_birder(
+                trainer, jax.tree_util.tree_map(lambda v: np.asarray(v) / (1 - cfg.betas[0]), mu)
+            )
+            worst = max(
+                (float(np.abs(grads[k] - g).max() / max(np.abs(g).max(), 1e-12)), k)
+                for k, g in torch_grads[0].items()
+            )
             record("MAE train step (tiny, 2x2 accum)", "grad (rel. to max)", worst[0])
-            assert worst[0] <= STEP_GRAD_RTOL_OF_MAX, f"gradient of {worst[1]} differs by {worst[0]:.2e} of its max"
+            assert worst[0] <= STEP_GRAD_RTOL_OF_MAX, (
+                f"gradient of {worst[1]} differs by {worst[0]:.2e} of its max"
+            )
     ours = ours_as_birder(trainer, state["params"])
     theirs = birder_params(bnet)
     # Compare what the two steps moved, in units of the learning rate. Adam divides each gradient by its own
@@ -140,11 +154,15 @@ def test_step_matches_birder(birder_and_ours, monkeypatch):
     for k in names:
         moved_o, moved_t = ours[k] - start[k], theirs[k] - start[k]
         steady = np.minimum(np.abs(torch_grads[0][k]), np.abs(torch_grads[1][k])) > STEP_GRAD_FLOOR
-        assert np.abs(moved_o - moved_t)[~steady].max(initial=0.0) <= 2 * 2 * LR, k  # at most lr per step each
+        assert np.abs(moved_o - moved_t)[~steady].max(initial=0.0) <= 2 * 2 * LR, (
+            k
+        )  # at most lr per step each
         worst = max(worst, (float(np.abs(moved_o - moved_t)[steady].max(initial=0.0)) / LR, k))
     record("MAE train step (tiny, 2x2 accum)", "update after 2 steps / lr", worst[0])
     assert worst[0] <= STEP_UPDATE_ATOL_OF_LR, f"{worst[1]}: the updates differ by {worst[0]:.2e} lr"
-    np.testing.assert_array_equal(ours["decoder_pos_embed"], theirs["decoder_pos_embed"])  # a buffer: untouched
+    np.testing.assert_array_equal(
+        ours["decoder_pos_embed"], theirs["decoder_pos_embed"]
+    )  # a buffer: untouched
     assert int(state["step"]) == 2
 
 
@@ -157,7 +175,9 @@ def test_non_finite_step_changes_nothing(birder_and_ours):
     state, metrics = trainer.step(state, x, LR, masks=Masks(masks[1], masks[2], masks[0]))
     assert not bool(metrics["finite"]) and not np.isfinite(float(metrics["loss"]))
     assert int(state["step"]) == 0
-    jax.tree_util.tree_map(np.testing.assert_array_equal, jax.tree_util.tree_map(np.asarray, state["params"]), before)
+    jax.tree_util.tree_map(
+        np.testing.assert_array_equal, jax.tree_util.tree_map(np.asarray, state["params"]), before
+    )
 
 
 def test_bf16_step_is_close_to_fp32_and_keeps_fp32_weights(birder_and_ours):
@@ -166,7 +186,9 @@ def test_bf16_step_is_close_to_fp32_and_keeps_fp32_weights(birder_and_ours):
     x = np.random.default_rng(4).standard_normal((ACCUM, BATCH, *SIZE, 3)).astype(np.float32)
     m = numpy_masks((ACCUM, BATCH), seed=5)
     masks = Masks(m[1], m[2], m[0])
-    hlo = bf16._step.lower(bf16.init_state(), bf16.put_batch(x), jnp.float32(LR), bf16_masks(bf16, masks)).as_text()
+    hlo = bf16._step.lower(
+        bf16.init_state(), bf16.put_batch(x), jnp.float32(LR), bf16_masks(bf16, masks)
+    ).as_text()
     assert "bf16" in hlo and "dot_general" in hlo
     results = {}
     for name, tr in (("fp32", trainer), ("bf16", bf16)):
@@ -191,7 +213,9 @@ def test_compute_dtype_auto_and_policy():
     assert MAETrainer(model, cfg.replace(compute_dtype="bfloat16"), policy=bf16).policy is bf16
     with pytest.raises(UserError, match="disagrees with the compute policy"):
         MAETrainer(model, cfg.replace(compute_dtype="float32"), policy=bf16)
-    params = MAETrainer(model, cfg.replace(compute_dtype="bfloat16")).compute_params(auto.init_state()["params"])
+    params = MAETrainer(model, cfg.replace(compute_dtype="bfloat16")).compute_params(
+        auto.init_state()["params"]
+    )
     dtypes = {str(v.dtype) for v in jax.tree_util.tree_leaves(params)}
     assert dtypes == {"bfloat16", "float32"}  # kernels in bf16, the rest float32; the state stays float32
 
@@ -232,12 +256,23 @@ DP_SCRIPT = textwrap.dedent("""
 
 
 def test_data_parallel_over_two_devices_matches_one(tmp_path):
-    """A subprocess with two host devices: the batch is split over both; loss and gradient equal one device's."""
+    """A subprocess with two host devices: the batch is split over both; loss and gradient equal one
+    device's."""
     # two host devices; XLA's backend optimisations off: the program is tiny, its compile time is not
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0"}
-    proc = subprocess.run([sys.executable, "-c", DP_SCRIPT, json.dumps(ENCODER_CONFIG), json.dumps(DECODER)], env=env,
-                          capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1], check=False)
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", DP_SCRIPT, json.dumps(ENCODER_CONFIG), json.dumps(DECODER)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).parents[1],
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["devices"] == 2

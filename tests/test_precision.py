@@ -1,4 +1,5 @@
-"""policy.py: one compute policy for the Embedder and the trainer ("auto", fp32 at "highest", the cast rule),
+"""vitreg_jax.model.precision: one compute policy for the Embedder and the trainer ("auto", fp32 at "highest",
+the cast rule),
 and the one data mesh."""
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ def tiny_mae(seed: int = 0) -> MAE:
 
 
 def dot_precisions(closed: jax.extend.core.ClosedJaxpr) -> list[str]:
-    """The precision of every ``dot_general`` in a jaxpr, nested ones (jit, shard_map, scan, cond) included."""
+    """The precision of every ``dot_general`` in a jaxpr, nested ones (jit, shard_map, scan, cond)
+    included."""
     found: list[str] = []
 
     def walk(jaxpr: jax.extend.core.Jaxpr) -> None:
@@ -89,8 +91,15 @@ def trainer_dots(trainer: MAETrainer) -> list[str]:
 # "auto" --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("cpuinfo", "machine", "native"),
-    [(AVX2_ONLY, "x86_64", False), (AMX, "x86_64", True), (AVX512_BF16, "x86_64", True),
-     (AVX512_BF16, "AMD64", True), (ARM, "aarch64", False), (AMX, "arm64", False), ("", "x86_64", False)],
+    [
+        (AVX2_ONLY, "x86_64", False),
+        (AMX, "x86_64", True),
+        (AVX512_BF16, "x86_64", True),
+        (AVX512_BF16, "AMD64", True),
+        (ARM, "aarch64", False),
+        (AMX, "arm64", False),
+        ("", "x86_64", False),
+    ],
 )
 def test_cpu_has_native_bf16(cpuinfo, machine, native):
     assert cpu_has_native_bf16(cpuinfo, machine) is native
@@ -213,12 +222,19 @@ def test_cast_rule_is_the_same_for_embedding_and_training():
     assert {param_name(p) for p in train_leaves} == {param_name(p) for p in embed_leaves}
     # every dense layer's kernel and the patch projection's, nothing else
     expected = {("conv_proj", "kernel")} | {
-        ("encoder", "block", 0, *layer, "kernel") for layer in (("attn", "qkv"), ("attn", "proj"),
-                                                                 ("mlp", "fc1"), ("mlp", "fc2"))}
+        ("encoder", "block", 0, *layer, "kernel")
+        for layer in (("attn", "qkv"), ("attn", "proj"), ("mlp", "fc1"), ("mlp", "fc2"))
+    }
     assert train_bf16 == embed_bf16 == expected
-    rest = [v.dtype for p, v in (*train_leaves.items(), *embed_leaves.items()) if param_name(p) not in expected]
+    rest = [
+        v.dtype for p, v in (*train_leaves.items(), *embed_leaves.items()) if param_name(p) not in expected
+    ]
     assert rest and set(rest) == {jnp.dtype(jnp.float32)}
-    assert trainer.policy.cast_names(params["encoder"]) == embedder.policy.cast_names(embedder.params) == expected
+    assert (
+        trainer.policy.cast_names(params["encoder"])
+        == embedder.policy.cast_names(embedder.params)
+        == expected
+    )
 
 
 def test_cast_params_keeps_non_float_leaves_and_makes_the_rest_float32():
@@ -233,7 +249,8 @@ def test_make_embed_fn_takes_the_policy():
     net = tiny_vit()
     _, params = make_embed_fn(net, policy=ComputePolicy("bfloat16"))
     assert ComputePolicy("bfloat16").cast_names(params) == {
-        param_name(p) for p, v in jax.tree_util.tree_leaves_with_path(params) if v.dtype == jnp.bfloat16}
+        param_name(p) for p, v in jax.tree_util.tree_leaves_with_path(params) if v.dtype == jnp.bfloat16
+    }
 
 
 # the mesh ------------------------------------------------------------------------------------------------
@@ -257,6 +274,11 @@ MESH_SCRIPT = textwrap.dedent("""
 
 def test_default_mesh_orders_devices_over_four_host_devices():
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-    out = subprocess.run([sys.executable, "-c", MESH_SCRIPT], env={**os.environ, **env}, capture_output=True,
-                         text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", MESH_SCRIPT],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert json.loads(out.stdout.splitlines()[-1]) is True

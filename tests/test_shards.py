@@ -1,4 +1,5 @@
-"""sources.py + data.iter_item_batches: shards from files, folders, lists, webdataset tars, brace patterns,
+"""vitreg_jax.data.shards + loader.iter_item_batches: shards from files, folders, lists, webdataset tars,
+brace patterns,
 globs and fsspec URLs; streamed, ordered, memory-bounded decoding with failure records."""
 
 from __future__ import annotations
@@ -273,7 +274,8 @@ def test_missing_filesystem_package_is_one_line_naming_the_extra(monkeypatch):
 
 
 def test_a_really_missing_filesystem_package_fails_cleanly():
-    """Without monkeypatching: the first fsspec protocol whose package is absent here (gs:// when gcsfs is)."""
+    """Without monkeypatching: the first fsspec protocol whose package is absent here (gs:// when gcsfs
+    is)."""
     from fsspec.registry import known_implementations
 
     for protocol in ["gs", "s3", *sorted(known_implementations)]:

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.tolerances import ADAMW_RTOL, CLIP_RTOL, LR_ATOL, LR_RTOL
+from tests.support.tolerances import ADAMW_RTOL, CLIP_RTOL, LR_ATOL, LR_RTOL
 from vitreg_jax.pretraining.config import TrainConfig
 from vitreg_jax.pretraining.optimizer import (
     LRSchedule,
@@ -31,8 +31,12 @@ from vitreg_jax.pretraining.optimizer import (
 torch = pytest.importorskip("torch")
 
 
-SHAPES = {"decoder_embed": {"kernel": (24, 16), "bias": (16,)}, "norm": {"scale": (16,), "bias": (16,)},
-          "mask_token": (1, 1, 16), "block": {0: {"kernel": (16, 48)}}}
+SHAPES = {
+    "decoder_embed": {"kernel": (24, 16), "bias": (16,)},
+    "norm": {"scale": (16,), "bias": (16,)},
+    "mask_token": (1, 1, 16),
+    "block": {0: {"kernel": (16, 48)}},
+}
 
 
 def make_tree(seed: int, scale: float = 1.0) -> dict:
@@ -47,8 +51,10 @@ def make_tree(seed: int, scale: float = 1.0) -> dict:
 
 
 def leaves_with_paths(tree: dict) -> list[tuple[tuple, np.ndarray]]:
-    return [(tuple(getattr(k, "key", k) for k in p), np.asarray(v))
-            for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    return [
+        (tuple(getattr(k, "key", k) for k in p), np.asarray(v))
+        for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]
+    ]
 
 
 @pytest.mark.parametrize("decay_all", [True, False])
@@ -63,11 +69,19 @@ def test_adamw_matches_torch(decay_all, fused):
     if decay_all:  # birder: one group, weight decay on everything
         groups = [{"params": [t for _, t in tparams]}]
     else:  # the usual two groups
-        groups = [{"params": [t for p, t in tparams if decays[p]]},
-                  {"params": [t for p, t in tparams if not decays[p]], "weight_decay": 0.0}]
+        groups = [
+            {"params": [t for p, t in tparams if decays[p]]},
+            {"params": [t for p, t in tparams if not decays[p]], "weight_decay": 0.0},
+        ]
     try:
-        opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                                fused=fused or None)
+        opt = torch.optim.AdamW(
+            groups,
+            lr=cfg.lr,
+            betas=cfg.betas,
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+            fused=fused or None,
+        )
     except RuntimeError as e:  # fused kernels need a supported device / build
         pytest.skip(f"torch fused AdamW unavailable: {e}")
     ours = jax.tree_util.tree_map(jnp.asarray, params)
@@ -87,16 +101,30 @@ def test_decay_mask_excludes_biases_norms_and_tokens():
     assert {p for p, m in mask.items() if m} == {("decoder_embed", "kernel"), ("block", 0, "kernel")}
 
 
-def birder_lrs(epochs: int, warmup_epochs: int | None, steps_per_epoch: int, per_step: bool,
-               lr: float = 1.5e-4) -> list[float]:
+def birder_lrs(
+    epochs: int, warmup_epochs: int | None, steps_per_epoch: int, per_step: bool, lr: float = 1.5e-4
+) -> list[float]:
     """The LR of every optimizer step of the run, from the scheduler birder's train_mim.py builds."""
     from birder.common import training_utils
 
     args = argparse.Namespace(
-        resume_epoch=None, epochs=epochs, warmup_epochs=warmup_epochs, warmup_steps=None, cooldown_epochs=None,
-        cooldown_steps=None, lr_scheduler="cosine", lr_cosine_fraction=1.0, lr_cosine_min=0.0,
-        lr_warmup_decay=0.01, layer_decay=None, backbone_layer_decay=None, lr_step_size=None, lr_steps=None,
-        lr_step_gamma=None, lr_power=None)
+        resume_epoch=None,
+        epochs=epochs,
+        warmup_epochs=warmup_epochs,
+        warmup_steps=None,
+        cooldown_epochs=None,
+        cooldown_steps=None,
+        lr_scheduler="cosine",
+        lr_cosine_fraction=1.0,
+        lr_cosine_min=0.0,
+        lr_warmup_decay=0.01,
+        layer_decay=None,
+        backbone_layer_decay=None,
+        lr_step_size=None,
+        lr_steps=None,
+        lr_step_gamma=None,
+        lr_power=None,
+    )
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=lr)
     sched = training_utils.get_scheduler(opt, steps_per_epoch if per_step else 1, args)
     out = []
@@ -112,8 +140,9 @@ def birder_lrs(epochs: int, warmup_epochs: int | None, steps_per_epoch: int, per
     return out
 
 
-@pytest.mark.parametrize(("epochs", "warmup", "per_step"), [(20, 3, False), (20, 3, True), (12, None, False),
-                                                            (800, 40, False)])
+@pytest.mark.parametrize(
+    ("epochs", "warmup", "per_step"), [(20, 3, False), (20, 3, True), (12, None, False), (800, 40, False)]
+)
 def test_lr_schedule_matches_birder(epochs, warmup, per_step):
     spe = 3 if epochs < 100 else 1
     cfg = TrainConfig(epochs=epochs, warmup_epochs=warmup or 0, schedule_per_step=per_step, lr=1.5e-4)

@@ -10,7 +10,13 @@ from PIL import Image
 
 
 def write_split(
-    root: Path, classes: Mapping[str, tuple[int, int, int]], per_class: int, seed: int, *, noise: float, side: int
+    root: Path,
+    classes: Mapping[str, tuple[int, int, int]],
+    per_class: int,
+    seed: int,
+    *,
+    noise: float,
+    side: int,
 ) -> Path:
     """``root/CLASS/NN.png``: noisy images tinted by class, so the classes are learnable but not trivially."""
     rng = np.random.default_rng(seed)

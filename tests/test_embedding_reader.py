@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.embed_folders import write_npy_folder, write_parquet_folder
+from tests.support.embed_folders import write_npy_folder, write_parquet_folder
 from vitreg_jax.embedding import outputs as embed_outputs
 from vitreg_jax.embedding.reader import open_embeddings
 from vitreg_jax.errors import UserError

@@ -11,7 +11,9 @@ from vitreg_jax.data.rgb_stats import named_rgb_stats
 TINY_MODEL_CONFIG = {"num_layers": 2, "hidden_dim": 64, "num_heads": 2, "mlp_dim": 128}
 
 
-def birder_net(name: str, *, seed: int, config: dict[str, Any] | None = None, size=(224, 224), num_classes: int = 0):
+def birder_net(
+    name: str, *, seed: int, config: dict[str, Any] | None = None, size=(224, 224), num_classes: int = 0
+):
     """birder's network with its own random init from a fixed torch seed, in eval mode, dynamic size on."""
     import torch
     from birder.model_registry import registry
@@ -57,7 +59,9 @@ def ours_from_birder(tnet, image_size=(224, 224)):
 
 def block_outputs_birder(tnet, x: np.ndarray) -> list[np.ndarray]:
     outs: list[np.ndarray] = []
-    hooks = [b.register_forward_hook(lambda _m, _i, o: outs.append(o.detach().numpy())) for b in tnet.encoder.block]
+    hooks = [
+        b.register_forward_hook(lambda _m, _i, o: outs.append(o.detach().numpy())) for b in tnet.encoder.block
+    ]
     try:
         run(tnet.forward_features, x)
     finally:
@@ -82,8 +86,9 @@ def first_divergence(tnet, net, x: np.ndarray, atol_rel: float = 1e-5) -> str:
 OLD_BIRDER_RGB = named_rgb_stats("vit_reg4_b16_mim")  # vit_reg4_b16_mim's era
 
 
-def save_birder_files(tnet, directory, name: str = "vit_reg4_b16_mim", epoch: int = 200,
-                      rgb_stats=OLD_BIRDER_RGB) -> dict[str, str]:
+def save_birder_files(
+    tnet, directory, name: str = "vit_reg4_b16_mim", epoch: int = 200, rgb_stats=OLD_BIRDER_RGB
+) -> dict[str, str]:
     """Write `.pt`, `.json` and `.safetensors` with birder's own save functions; returns their paths."""
     from pathlib import Path
 
@@ -103,5 +108,8 @@ def save_birder_files(tnet, directory, name: str = "vit_reg4_b16_mim", epoch: in
         settings.MODELS_DIR = old
     st = directory / f"{name}_{epoch}.safetensors"
     fs_ops.save_st(tnet, str(st), "image_classification", {}, sig, rgb_stats)
-    return {"pt": str(directory / f"{name}_{epoch}.pt"), "json": str(directory / f"{name}.json"),
-            "safetensors": str(st)}
+    return {
+        "pt": str(directory / f"{name}_{epoch}.pt"),
+        "json": str(directory / f"{name}.json"),
+        "safetensors": str(st),
+    }

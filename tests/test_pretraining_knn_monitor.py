@@ -1,5 +1,7 @@
-"""k-NN evaluation during ``pretrain``: logged beside the loss, equal to an evaluation of the exported encoder,
-the same after a kill and ``--resume``, saved with the run's settings, and bad folders refused before training."""
+"""k-NN evaluation during ``pretrain``: logged beside the loss, equal to an evaluation of the exported
+encoder,
+the same after a kill and ``--resume``, saved with the run's settings, and bad folders refused before
+training."""
 
 from __future__ import annotations
 
@@ -9,8 +11,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.labelled_images import write_split
-from tests.test_train_loop import SIZE, cli_error, pretrain_args, run_cli
+from tests.support.labelled_images import write_split
+from tests.support.pretrain_cli import SIZE, cli_error, pretrain_args, run_cli
 from vitreg_jax import load_model_with_cfg
 from vitreg_jax.evaluation.monitor import KNNMonitor
 
@@ -23,13 +25,23 @@ STEPS = 8
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory) -> tuple[Path, Path]:
     base = tmp_path_factory.mktemp("labelled")
-    return (write_split(base / "train", CLASSES, 5, 0, noise=90, side=36),
-            write_split(base / "val", CLASSES, 3, 1, noise=90, side=36))
+    return (
+        write_split(base / "train", CLASSES, 5, 0, noise=90, side=36),
+        write_split(base / "val", CLASSES, 3, 1, noise=90, side=36),
+    )
 
 
 def eval_args(labelled: tuple[Path, Path]) -> list[str]:
-    return ["--eval-train", str(labelled[0]), "--eval-val", str(labelled[1]), "--eval-every", str(EVAL_EVERY),
-            "--eval-k", str(EVAL_K)]
+    return [
+        "--eval-train",
+        str(labelled[0]),
+        "--eval-val",
+        str(labelled[1]),
+        "--eval-every",
+        str(EVAL_EVERY),
+        "--eval-k",
+        str(EVAL_K),
+    ]
 
 
 def metrics(run: Path) -> list[dict]:
@@ -64,8 +76,10 @@ def test_knn_during_pretrain_survives_a_kill_and_resume(labelled, tmp_path, caps
     settings = json.loads((tmp_path / "whole" / "run.json").read_text())["settings"]
     assert (settings["eval_train"], settings["eval_val"]) == tuple(str(p) for p in labelled)
     assert (settings["eval_every"], settings["eval_k"]) == (EVAL_EVERY, EVAL_K)
-    err = cli_error(["pretrain", "--out", str(tmp_path / "whole"), "--resume", "--eval-every", "3", "--eval-k", "5"],
-                    capsys)
+    err = cli_error(
+        ["pretrain", "--out", str(tmp_path / "whole"), "--resume", "--eval-every", "3", "--eval-k", "5"],
+        capsys,
+    )
     assert "--eval-every 3 (run has 2)" in err and "--eval-k 5 (run has 3)" in err
 
 
@@ -90,7 +104,10 @@ def test_bad_eval_folders_are_refused_before_anything_is_written(labelled, tmp_p
         (bad / "red").mkdir(parents=True)
         (bad / "green").mkdir()
         Image.new("RGB", (8, 8)).save(bad / "green" / "a.png")
-        extra, expected = ["--eval-train", str(bad), "--eval-val", str(val)], "class folder 'red' holds no images"
+        extra, expected = (
+            ["--eval-train", str(bad), "--eval-val", str(val)],
+            "class folder 'red' holds no images",
+        )
     elif case == "one_class":
         (bad / "red").mkdir(parents=True)
         Image.new("RGB", (8, 8)).save(bad / "red" / "a.png")

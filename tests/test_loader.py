@@ -1,4 +1,5 @@
-"""data.py: listing inputs, and the threaded, ordered, bounded batch loader with failure records."""
+"""vitreg_jax.data.inputs and .loader: listing inputs, and the threaded, ordered, bounded batch loader with
+failure records."""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
-"""The training loop and the ``pretrain`` command: loss falls on real images, kill-and-resume gives the same run,
-a non-finite loss stops the run with the last good checkpoint intact, and user mistakes are one line + exit 2."""
+"""The training loop and the ``pretrain`` command: loss falls on real images, kill-and-resume gives the same
+run,
+a non-finite loss stops the run with the last good checkpoint intact, and user mistakes are one line + exit
+2."""
 
 from __future__ import annotations
 
@@ -15,13 +17,25 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tests.conftest import record
-from tests.tolerances import DP_RUN_LOSS_RTOL, DP_RUN_PARAM_ATOL_OF_LR
+from tests.support.pretrain_cli import (
+    CLI_TIMEOUT_S,
+    DECODER,
+    ENCODER_CONFIG,
+    IMAGES,
+    ROOT,
+    SIZE,
+    STATS,
+    cli_env,
+    cli_error,
+    pretrain_args,
+    run_cli,
+)
+from tests.support.report import record
+from tests.support.tolerances import DP_RUN_LOSS_RTOL, DP_RUN_PARAM_ATOL_OF_LR
 from vitreg_jax.cli import main as cli
 from vitreg_jax.data.augment import TrainTransform
 from vitreg_jax.data.inputs import list_inputs
 from vitreg_jax.data.preprocess import load_image
-from vitreg_jax.data.rgb_stats import named_rgb_stats
 from vitreg_jax.model.config import preset
 from vitreg_jax.model.vit import ViT
 from vitreg_jax.pretraining.config import MAEConfig, TrainConfig
@@ -31,19 +45,10 @@ from vitreg_jax.pretraining.mae import MAE
 from vitreg_jax.pretraining.optimizer import lr_schedule
 from vitreg_jax.pretraining.step import MAETrainer
 
-ROOT = Path(__file__).parents[1]
-IMAGES = ROOT / "examples" / "images"
-# a tiny MAE that compiles in seconds: one encoder block (width 64), one decoder block (width 32), 32 px, 8 px patches
-ENCODER_CONFIG = {"num_layers": 1, "hidden_dim": 64, "num_heads": 2, "mlp_dim": 128, "patch_size": 8,
-                  "drop_path_rate": 0.0}
-DECODER = {"decoder_depth": 1, "decoder_embed_dim": 32}
-SIZE = (32, 32)
 BATCH = 8
-STATS = named_rgb_stats("birder")
 LOSS_STEPS = 240
 LOSS_WINDOW = 30
 LOSS_DROP = 0.75  # the mean loss of the last LOSS_WINDOW steps must fall below this fraction of the first's
-CLI_TIMEOUT_S = 300
 
 
 def tiny_model() -> MAE:
@@ -67,8 +72,15 @@ def images() -> TrainData:
 def test_loss_falls_on_the_sample_images(trainer, images, tmp_path):
     if len(images) < BATCH:
         pytest.skip("examples/images has too few images")
-    result = fit(trainer, images, tmp_path, total=LOSS_STEPS, schedule=lr_schedule(trainer.cfg, images.steps_per_epoch),
-                 progress=False, checkpoint_every=LOSS_STEPS)
+    result = fit(
+        trainer,
+        images,
+        tmp_path,
+        total=LOSS_STEPS,
+        schedule=lr_schedule(trainer.cfg, images.steps_per_epoch),
+        progress=False,
+        checkpoint_every=LOSS_STEPS,
+    )
     first, last = np.mean(result.losses[:LOSS_WINDOW]), np.mean(result.losses[-LOSS_WINDOW:])
     assert len(result.losses) == LOSS_STEPS
     assert last < LOSS_DROP * first, f"loss {first:.3f} -> {last:.3f} over {LOSS_STEPS} steps"
@@ -104,8 +116,16 @@ class _SignalAt:
 def test_sigusr1_exports_on_demand(trainer, tmp_path):
     exported = []
     total = 5
-    fit(trainer, _SignalAt(_Batches(total), at=1), tmp_path, total=total, schedule=lr_schedule(trainer.cfg, total),
-        progress=False, checkpoint_every=total, export=lambda state, step: exported.append(step))
+    fit(
+        trainer,
+        _SignalAt(_Batches(total), at=1),
+        tmp_path,
+        total=total,
+        schedule=lr_schedule(trainer.cfg, total),
+        progress=False,
+        checkpoint_every=total,
+        export=lambda state, step: exported.append(step),
+    )
     assert exported == [2, total]  # after the step during which the signal came, and at the end
 
 
@@ -113,7 +133,9 @@ class _Batches:
     """A stream of fixed random batches whose step ``nan_at`` is all NaN."""
 
     def __init__(self, steps: int, nan_at: int | None = None):
-        self.batches = np.random.default_rng(7).standard_normal((steps, 1, BATCH, *SIZE, 3)).astype(np.float32)
+        self.batches = (
+            np.random.default_rng(7).standard_normal((steps, 1, BATCH, *SIZE, 3)).astype(np.float32)
+        )
         if nan_at is not None:
             self.batches[nan_at] = np.nan
         self.steps_per_epoch = steps
@@ -127,10 +149,24 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(traine
     total = 6
     schedule = lr_schedule(trainer.cfg, total)
     with pytest.raises(NonFiniteLoss, match=r"non-finite at step 4 .*last good checkpoint is step 2"):
-        fit(trainer, _Batches(total, nan_at=3), tmp_path / "bad", total=total, schedule=schedule, progress=False,
-            checkpoint_every=2)
-    clean = fit(trainer, _Batches(total), tmp_path / "clean", total=2, schedule=schedule, progress=False,
-                checkpoint_every=2)
+        fit(
+            trainer,
+            _Batches(total, nan_at=3),
+            tmp_path / "bad",
+            total=total,
+            schedule=schedule,
+            progress=False,
+            checkpoint_every=2,
+        )
+    clean = fit(
+        trainer,
+        _Batches(total),
+        tmp_path / "clean",
+        total=2,
+        schedule=schedule,
+        progress=False,
+        checkpoint_every=2,
+    )
     assert clean.step == 2
     states = []
     for run in ("bad", "clean"):
@@ -171,20 +207,54 @@ def test_periodic_measurements_are_logged_beside_the_loss_and_survive_a_resume(t
     total, every = 7, 3
     schedule = lr_schedule(trainer.cfg, total)
     probe = [Periodic("probe", every, _param_sum)]
-    fit(trainer, _Batches(total), tmp_path / "whole", total=total, schedule=schedule, progress=False,
-        checkpoint_every=2, log_every=2, periodic=probe, asynchronous=False)
+    fit(
+        trainer,
+        _Batches(total),
+        tmp_path / "whole",
+        total=total,
+        schedule=schedule,
+        progress=False,
+        checkpoint_every=2,
+        log_every=2,
+        periodic=probe,
+        asynchronous=False,
+    )
     with pytest.raises(RuntimeError, match="crash"):  # dies at step 5, after the checkpoint of step 4
-        fit(trainer, _CrashAt(total, at=5), tmp_path / "resumed", total=total, schedule=schedule, progress=False,
-            checkpoint_every=2, log_every=2, periodic=probe, asynchronous=False)
-    again = fit(trainer, _Batches(total), tmp_path / "resumed", total=total, schedule=schedule, progress=False,
-                checkpoint_every=2, log_every=2, periodic=probe, asynchronous=False)
+        fit(
+            trainer,
+            _CrashAt(total, at=5),
+            tmp_path / "resumed",
+            total=total,
+            schedule=schedule,
+            progress=False,
+            checkpoint_every=2,
+            log_every=2,
+            periodic=probe,
+            asynchronous=False,
+        )
+    again = fit(
+        trainer,
+        _Batches(total),
+        tmp_path / "resumed",
+        total=total,
+        schedule=schedule,
+        progress=False,
+        checkpoint_every=2,
+        log_every=2,
+        periodic=probe,
+        asynchronous=False,
+    )
     assert again.resumed_from == 4
-    runs = [[json.loads(ln) for ln in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-            for run in ("whole", "resumed")]
+    runs = [
+        [json.loads(ln) for ln in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        for run in ("whole", "resumed")
+    ]
     # lines every 2 steps (log_every), at every 3rd (the measurement) and at the end
     assert [r["step"] for r in runs[0]] == [2, 3, 4, 6, 7]
-    measured = [[(r["step"], r["probe/param_sum"], r["probe/step_seen"]) for r in lines if "probe/param_sum" in r]
-                for lines in runs]
+    measured = [
+        [(r["step"], r["probe/param_sum"], r["probe/step_seen"]) for r in lines if "probe/param_sum" in r]
+        for lines in runs
+    ]
     assert [m[0] for m in measured[0]] == [3, 6, 7] and [m[2] for m in measured[0]] == [3, 6, 7]
     assert measured[0] == measured[1]  # the same values at the same steps after the resume
     assert all("loss" in r for r in runs[0])
@@ -201,34 +271,11 @@ def test_periodic_measurements_are_logged_beside_the_loss_and_survive_a_resume(t
 def test_a_torn_metrics_line_is_dropped_on_resume(tmp_path):
     from vitreg_jax.pretraining.loop import MetricsLog
 
-    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    (tmp_path / "metrics.jsonl").write_text(
+        '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo'
+    )
     MetricsLog(tmp_path, resume_step=2, tensorboard=False).close()
     assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n'
-
-
-# the command ---------------------------------------------------------------------------------------------
-def pretrain_args(out: Path, steps: int = 8) -> list[str]:
-    model_config = [f"{k}={v}" for k, v in ENCODER_CONFIG.items()]
-    mae_config = [f"{k}={v}" for k, v in DECODER.items()]
-    return ["pretrain", "--data", str(IMAGES), "--out", str(out), "--network", "vit_reg4_b16",
-            "--model-config", *model_config, "--mae-config", *mae_config, "--size", "32", "--steps", str(steps),
-            "--batch-size", "4", "--lr", "1e-3", "--checkpoint-every", "3", "--log-every", "1", "--workers", "2",
-            "--no-progress"]
-
-
-def cli_env(cache: Path) -> dict[str, str]:
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_backend_optimization_level=0",
-            "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-
-
-def run_cli(args: list[str], cache: Path, kill_at_step: int | None = None) -> subprocess.CompletedProcess:
-    """``python -m vitreg_jax`` in a fresh process sharing one persistent compilation cache; with
-    ``kill_at_step``, the process SIGKILLs itself when the loop asks for that step (``tests/kill_run.py``)."""
-    env = cli_env(cache)
-    runner = ["vitreg_jax"] if kill_at_step is None else ["tests.kill_run", "pretrain-step", str(kill_at_step), "--"]
-    return subprocess.run([sys.executable, "-m", *runner, *args], env=env, capture_output=True, text=True,
-                          timeout=CLI_TIMEOUT_S, cwd=ROOT, check=False)
 
 
 def final_state(run: Path) -> tuple[int, dict]:
@@ -241,8 +288,10 @@ def final_state(run: Path) -> tuple[int, dict]:
     path = (ckpt_dir / str(step) / "state").absolute()
     with ocp.PyTreeCheckpointer() as ckptr:  # as host arrays, whatever devices saved it
         tree = ckptr.metadata(path).item_metadata.tree
-        state = ckptr.restore(path, restore_args=jax.tree_util.tree_map(
-            lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree))
+        state = ckptr.restore(
+            path,
+            restore_args=jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree),
+        )
     return step, {"state": state, "encoder": restore_params(run / "encoder")}
 
 
@@ -263,8 +312,10 @@ def test_pretrain_killed_and_resumed_equals_uninterrupted(tmp_path):
     step_b, b = final_state(tmp_path / "resumed")
     assert step_a == step_b == 8
     jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
-    lines = [[json.loads(ln) for ln in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-             for run in ("whole", "resumed")]
+    lines = [
+        [json.loads(ln) for ln in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        for run in ("whole", "resumed")
+    ]
     assert [r["step"] for r in lines[1]] == list(range(1, 9))
     assert [r["loss"] for r in lines[0]] == [r["loss"] for r in lines[1]]
     # the exported encoder is a vitreg-jax checkpoint that the loader (embed, export, info) accepts
@@ -275,23 +326,28 @@ def test_pretrain_killed_and_resumed_equals_uninterrupted(tmp_path):
     assert cfg["rgb_stats"]["mean"] == STATS["mean"]
     assert net.embedding(np.zeros((1, *SIZE, 3), np.float32)).shape == (1, 64)
     # a fine-tune start from those weights
-    init = run_cli(["pretrain", "--data", str(IMAGES), "--out", str(tmp_path / "ft"), "--init",
-                    str(tmp_path / "whole" / "encoder"), "--mae-config", *[f"{k}={v}" for k, v in DECODER.items()],
-                    "--steps", "1", "--batch-size", "4", "--no-progress"], cache)
+    init = run_cli(
+        [
+            "pretrain",
+            "--data",
+            str(IMAGES),
+            "--out",
+            str(tmp_path / "ft"),
+            "--init",
+            str(tmp_path / "whole" / "encoder"),
+            "--mae-config",
+            *[f"{k}={v}" for k, v in DECODER.items()],
+            "--steps",
+            "1",
+            "--batch-size",
+            "4",
+            "--no-progress",
+        ],
+        cache,
+    )
     assert init.returncode == 0, init.stderr[-3000:]
     run = json.loads((tmp_path / "ft" / "run.json").read_text())
     assert run["rgb_stats"]["mean"] == STATS["mean"] and run["vit_config"]["num_layers"] == 1
-
-
-def cli_error(args: list[str], capsys) -> str:
-    try:
-        code = cli.main(args)
-    except SystemExit as e:  # argparse's own checks (ours print one line too)
-        code = e.code
-    assert code == 2
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "Traceback" not in err, err
-    return err
 
 
 def test_pretrain_help(capsys):
@@ -299,8 +355,22 @@ def test_pretrain_help(capsys):
         cli.main(["pretrain", "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for option in ("--data", "--out", "--steps", "--epochs", "--batch-size", "--lr", "--resume", "--init",
-                   "--network", "--bf16", "--coordinator", "--num-processes", "--process-id", "examples:"):
+    for option in (
+        "--data",
+        "--out",
+        "--steps",
+        "--epochs",
+        "--batch-size",
+        "--lr",
+        "--resume",
+        "--init",
+        "--network",
+        "--bf16",
+        "--coordinator",
+        "--num-processes",
+        "--process-id",
+        "examples:",
+    ):
         assert option in text
 
 
@@ -308,23 +378,48 @@ def test_pretrain_user_errors(tmp_path, capsys):
     out = str(tmp_path / "run")
     assert "--data is required" in cli_error(["pretrain", "--out", out, "--steps", "5"], capsys)
     assert "run length" in cli_error(["pretrain", "--data", str(IMAGES), "--out", out], capsys)
-    assert "input not found" in cli_error(["pretrain", "--data", str(tmp_path / "nope"), "--out", out, "--steps",
-                                           "5"], capsys)
-    assert "unknown network" in cli_error(["pretrain", "--data", str(IMAGES), "--out", out, "--steps", "5",
-                                           "--network", "vit_nope"], capsys)
-    assert "KEY=VALUE" in cli_error(["pretrain", "--data", str(IMAGES), "--out", out, "--steps", "5",
-                                     "--model-config", "num_layers"], capsys)
-    assert "positive integer" in cli_error(["pretrain", "--data", str(IMAGES), "--out", out, "--steps", "0"], capsys)
-    assert "go together" in cli_error(["pretrain", "--data", str(IMAGES), "--out", out, "--steps", "5",
-                                       "--coordinator", "127.0.0.1:1"], capsys)
-    assert "--process-id must be in 0..1" in cli_error(["pretrain", "--data", str(IMAGES), "--out", out, "--steps",
-                                                        "5", "--coordinator", "127.0.0.1:1", "--num-processes", "2",
-                                                        "--process-id", "2"], capsys)
+    assert "input not found" in cli_error(
+        ["pretrain", "--data", str(tmp_path / "nope"), "--out", out, "--steps", "5"], capsys
+    )
+    assert "unknown network" in cli_error(
+        ["pretrain", "--data", str(IMAGES), "--out", out, "--steps", "5", "--network", "vit_nope"], capsys
+    )
+    assert "KEY=VALUE" in cli_error(
+        ["pretrain", "--data", str(IMAGES), "--out", out, "--steps", "5", "--model-config", "num_layers"],
+        capsys,
+    )
+    assert "positive integer" in cli_error(
+        ["pretrain", "--data", str(IMAGES), "--out", out, "--steps", "0"], capsys
+    )
+    assert "go together" in cli_error(
+        ["pretrain", "--data", str(IMAGES), "--out", out, "--steps", "5", "--coordinator", "127.0.0.1:1"],
+        capsys,
+    )
+    assert "--process-id must be in 0..1" in cli_error(
+        [
+            "pretrain",
+            "--data",
+            str(IMAGES),
+            "--out",
+            out,
+            "--steps",
+            "5",
+            "--coordinator",
+            "127.0.0.1:1",
+            "--num-processes",
+            "2",
+            "--process-id",
+            "2",
+        ],
+        capsys,
+    )
     assert not (tmp_path / "run").exists(), "a failed start left files behind"
     # an existing run: continue only with --resume, and only with its own settings
     saved_run(tmp_path / "run", {"data": [str(IMAGES)], "train.steps": 5})
     assert "--resume" in cli_error(["pretrain", "--data", str(IMAGES), "--out", out, "--steps", "5"], capsys)
-    assert "--steps 7 (run has 5)" in cli_error(["pretrain", "--out", out, "--resume", "--steps", "7"], capsys)
+    assert "--steps 7 (run has 5)" in cli_error(
+        ["pretrain", "--out", out, "--resume", "--steps", "7"], capsys
+    )
     cli_error(["pretrain", "--out", out, "--export-only"], capsys)  # no file list / checkpoint yet: one line
 
 
@@ -348,7 +443,9 @@ def test_pretrain_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
     (user / "files.txt").write_text("my list\n")
     (user / "metrics.jsonl").write_text('{"mine": 1}\n')
     for extra in ([], ["--resume"]):
-        err = cli_error(["pretrain", "--data", str(IMAGES), "--out", str(user), "--steps", "2", *extra], capsys)
+        err = cli_error(
+            ["pretrain", "--data", str(IMAGES), "--out", str(user), "--steps", "2", *extra], capsys
+        )
         assert "not empty and holds no pretrain run" in err
     assert sorted(p.name for p in user.iterdir()) == ["files.txt", "metrics.jsonl"]
     assert (user / "files.txt").read_text() == "my list\n"
@@ -361,17 +458,40 @@ def test_pretrain_resume_names_every_setting_that_differs(tmp_path, capsys):
     saved_run(out, {"data": [str(IMAGES)], "train.steps": 5, "train.lr": 1e-3, "train.log_every": 1})
     other = tmp_path / "other"
     other.mkdir()
-    err = cli_error(["pretrain", "--out", str(out), "--resume", "--data", str(other), "--lr", "0.01",
-                     "--wd", "0.1", "--log-every", "3", "--bf16"], capsys)
-    for shown in (f"--data {other} (run has {IMAGES})", "--lr 0.01 (run has 0.001)", "--wd 0.1 (run has 0.05)",
-                  "--log-every 3 (run has 1)", "--bf16 bfloat16 (run has float32)"):
+    err = cli_error(
+        [
+            "pretrain",
+            "--out",
+            str(out),
+            "--resume",
+            "--data",
+            str(other),
+            "--lr",
+            "0.01",
+            "--wd",
+            "0.1",
+            "--log-every",
+            "3",
+            "--bf16",
+        ],
+        capsys,
+    )
+    for shown in (
+        f"--data {other} (run has {IMAGES})",
+        "--lr 0.01 (run has 0.001)",
+        "--wd 0.1 (run has 0.05)",
+        "--log-every 3 (run has 1)",
+        "--bf16 bfloat16 (run has float32)",
+    ):
         assert shown in err, err
     # the same values as saved (a relative --data naming the same folder included) are accepted
     from vitreg_jax.pretraining.run import open_run
 
     rel = os.path.relpath(IMAGES)
     run = open_run(out, {"data": [rel], "train.lr": 1e-3, "train.steps": 5}, resume=True)
-    assert run.settings.train.log_every == 1 and not run.is_new and len(run.paths) == len(list_inputs([IMAGES]))
+    assert (
+        run.settings.train.log_every == 1 and not run.is_new and len(run.paths) == len(list_inputs([IMAGES]))
+    )
 
 
 def test_pretrain_two_processes_equal_one(tmp_path):
@@ -386,25 +506,48 @@ def test_pretrain_two_processes_equal_one(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = [subprocess.Popen([sys.executable, "-m", "vitreg_jax", *pretrain_args(tmp_path / "two", steps=steps),
-                               "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
-                              env=cli_env(cache), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "vitreg_jax",
+                *pretrain_args(tmp_path / "two", steps=steps),
+                "--coordinator",
+                f"127.0.0.1:{port}",
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+            ],
+            env=cli_env(cache),
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     results = [p.communicate(timeout=CLI_TIMEOUT_S) for p in procs]
     for p, (_, err) in zip(procs, results, strict=True):
         assert p.returncode == 0, err[-3000:]
     assert json.loads((tmp_path / "two" / "run.json").read_text())["devices"] == 2
-    losses = [[json.loads(ln)["loss"] for ln in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-              for run in ("one", "two")]
+    losses = [
+        [json.loads(ln)["loss"] for ln in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        for run in ("one", "two")
+    ]
     assert len(losses[0]) == len(losses[1]) == steps
     np.testing.assert_allclose(losses[1], losses[0], rtol=DP_RUN_LOSS_RTOL)
     step_a, a = final_state(tmp_path / "one")
     step_b, b = final_state(tmp_path / "two")
     assert step_a == step_b == steps
     lr = 1e-3  # pretrain_args
-    worst = max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
-                for x, y in zip(jax.tree_util.tree_leaves(a["encoder"]), jax.tree_util.tree_leaves(b["encoder"]),
-                                strict=True))
+    worst = max(
+        float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+        for x, y in zip(
+            jax.tree_util.tree_leaves(a["encoder"]), jax.tree_util.tree_leaves(b["encoder"]), strict=True
+        )
+    )
     record("pretrain, 2 processes vs 1", "encoder |diff| / lr", worst / lr)
     assert worst <= DP_RUN_PARAM_ATOL_OF_LR * lr
 

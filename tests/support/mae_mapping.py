@@ -31,8 +31,10 @@ def decoder_table(vit_cfg: ViTConfig, mae_cfg: MAEConfig) -> list[Row]:
     d, e = mae_cfg.decoder_embed_dim, vit_cfg.hidden_dim
     seq = vit_cfg.num_special_tokens + vit_cfg.grid_size[0] * vit_cfg.grid_size[1]
     pos_shape = (1, seq, d) if mae_cfg.learnable_pos_embed else (seq, d)
-    rows = [Row("mask_token", ("mask_token",), "none", (1, 1, d)),
-            Row("decoder_pos_embed", ("decoder_pos_embed",), "none", pos_shape)]
+    rows = [
+        Row("mask_token", ("mask_token",), "none", (1, 1, d)),
+        Row("decoder_pos_embed", ("decoder_pos_embed",), "none", pos_shape),
+    ]
     rows += linear_rows("decoder_embed", ("decoder_embed",), e, d)
     for i in range(mae_cfg.decoder_depth):
         k, pth = f"decoder.{i}", ("decoder", i)
@@ -44,22 +46,25 @@ def decoder_table(vit_cfg: ViTConfig, mae_cfg: MAEConfig) -> list[Row]:
         rows += linear_rows(f"{k}.mlp.3", (*pth, "mlp", "fc2"), 4 * d, d)
     depth = mae_cfg.decoder_depth
     rows += norm_rows(f"decoder.{depth}", ("decoder", depth), d)
-    rows += linear_rows(f"decoder.{depth + 1}", ("decoder", depth + 1), d,
-                    vit_cfg.patch_size**2 * vit_cfg.in_channels)
+    rows += linear_rows(
+        f"decoder.{depth + 1}", ("decoder", depth + 1), d, vit_cfg.patch_size**2 * vit_cfg.in_channels
+    )
     return rows
 
 
 def table(vit_cfg: ViTConfig, mae_cfg: MAEConfig) -> list[Row]:
     """Every tensor of a birder ``MAE_ViT`` with this encoder and decoder."""
-    enc = [Row(ENCODER_PREFIX + r.birder_key, ("encoder", *r.path), r.layout, r.birder_shape)
-           for r in mapping.table(vit_cfg)]
+    enc = [
+        Row(ENCODER_PREFIX + r.birder_key, ("encoder", *r.path), r.layout, r.birder_shape)
+        for r in mapping.table(vit_cfg)
+    ]
     dec = decoder_table(vit_cfg, mae_cfg)
     return dec[:2] + enc + dec[2:]  # birder's order: own tensors, then encoder, decoder_embed, decoder
 
 
 def split_encoder(state: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(encoder state_dict with the ``encoder.`` prefix removed, the rest): birder's encoder-only file."""
-    enc = {k[len(ENCODER_PREFIX):]: v for k, v in state.items() if k.startswith(ENCODER_PREFIX)}
+    enc = {k[len(ENCODER_PREFIX) :]: v for k, v in state.items() if k.startswith(ENCODER_PREFIX)}
     rest = {k: v for k, v in state.items() if not k.startswith(ENCODER_PREFIX)}
     return enc, rest
 
@@ -75,7 +80,9 @@ def to_nnx(state: Mapping[str, Any], vit_cfg: ViTConfig, mae_cfg: MAEConfig) -> 
     return out
 
 
-def to_birder(params: Mapping[ParamPath, Any], vit_cfg: ViTConfig, mae_cfg: MAEConfig) -> dict[str, np.ndarray]:
+def to_birder(
+    params: Mapping[ParamPath, Any], vit_cfg: ViTConfig, mae_cfg: MAEConfig
+) -> dict[str, np.ndarray]:
     """{our path: array} (including ``decoder_pos_embed``) -> birder MAE state_dict, birder's key order."""
     rows = table(vit_cfg, mae_cfg)
     missing = [".".join(map(str, r.path)) for r in rows if r.path not in params]

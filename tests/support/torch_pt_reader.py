@@ -2,9 +2,10 @@
 
 ``torch.load(weights_only=True)`` runs in a child process that hands the tensors back through a temporary
 ``.safetensors`` (so the converting process never imported torch). Run any ``vitreg-jax`` command with it in
-place of :func:`vitreg_jax.convert.formats.pt_reader.read_pt`, e.g. for a before/after benchmark in the same run:
+place of :func:`vitreg_jax.convert.formats.pt_reader.read_pt`, e.g. for a before/after benchmark in the same
+run:
 
-    .venv/bin/python -m tests.torch_pt_reader convert FILE.pt --out DIR      # the old path
+    .venv/bin/python -m tests.support.torch_pt_reader convert FILE.pt --out DIR      # the old path
     .venv/bin/python -m vitreg_jax convert FILE.pt --out DIR                 # today's
 """
 

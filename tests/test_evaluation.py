@@ -9,7 +9,7 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import KNeighborsClassifier
 
-from tests.tolerances import KNN_SCORE_RTOL, LINEAR_PROBE_ACCURACY_ATOL
+from tests.support.tolerances import KNN_SCORE_RTOL, LINEAR_PROBE_ACCURACY_ATOL
 from vitreg_jax.errors import UserError
 from vitreg_jax.evaluation.knn import knn_classify
 from vitreg_jax.evaluation.labelled_embeddings import LabelledEmbeddings
