@@ -18,6 +18,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
+from tests.support.tiny_models import tiny_vit_config
 from tests.support.tolerances import EMBED_BF16_MIN_COSINE, EMBED_FP32_ATOL
 from vitreg_jax.cli.main import main
 from vitreg_jax.convert.load import load_model_with_cfg
@@ -26,12 +27,10 @@ from vitreg_jax.embedding._output_folder import STATE_DIR
 from vitreg_jax.embedding.outputs import decode_name
 from vitreg_jax.model.birder_config import birder_config
 from vitreg_jax.model.build import save_model
-from vitreg_jax.model.config import preset
 from vitreg_jax.model.vit import ViT
 
 # the command's embedding of a file vs net.embedding on the same preprocessed pixels
 
-TINY = {"num_layers": 2, "hidden_dim": 64, "mlp_dim": 128, "num_heads": 4, "patch_size": 8}
 SIZE = (32, 32)
 STATS = {"mean": [0.5, 0.45, 0.4], "std": [0.25, 0.24, 0.26]}
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,7 +39,7 @@ OUTPUTS = {"embeddings.npy", "paths.txt", "failed.txt", "meta.json"}
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
-    cfg = preset("vit_reg4_b16", model_config=TINY, image_size=SIZE)
+    cfg = tiny_vit_config()
     net = ViT(cfg, rngs=nnx.Rngs(0))
     return save_model(
         tmp_path_factory.mktemp("ckpt") / "tiny", net, birder_config(cfg, STATS, "vit_reg4_b16")

@@ -19,6 +19,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
+from tests.support.tiny_models import tiny_vit_config
 from tests.support.tolerances import EMBED_FOLDER_VS_TAR_ATOL, EMBED_FP32_ATOL
 from vitreg_jax._locks import FolderLock
 from vitreg_jax.data.preprocess import classification_transform, load_image
@@ -28,10 +29,8 @@ from vitreg_jax.embedding.embedder import Embedder
 from vitreg_jax.embedding.outputs import MANIFEST_FILE, NOT_UTF8, decode_name, encode_name, read_npy_names
 from vitreg_jax.errors import UserError
 from vitreg_jax.model.birder_config import birder_config
-from vitreg_jax.model.config import preset
 from vitreg_jax.model.vit import ViT
 
-TINY = {"num_layers": 2, "hidden_dim": 64, "mlp_dim": 128, "num_heads": 4, "patch_size": 8}
 SIZE = (32, 32)
 STATS = {"mean": [0.5, 0.45, 0.4], "std": [0.25, 0.24, 0.26]}
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,7 +39,7 @@ NUM_IMAGES = 10
 
 @pytest.fixture(scope="module")
 def model() -> tuple[ViT, dict, Embedder]:
-    vit_cfg = preset("vit_reg4_b16", model_config=TINY, image_size=SIZE)
+    vit_cfg = tiny_vit_config()
     net = ViT(vit_cfg, rngs=nnx.Rngs(0))
     cfg = birder_config(vit_cfg, STATS, "vit_reg4_b16")
     return net, cfg, Embedder(net, dtype="float32", batch_size=4)

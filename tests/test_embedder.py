@@ -14,8 +14,8 @@ import warnings
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
+from tests.support.tiny_models import TINY_EMBEDDER, tiny_vit
 from tests.support.tolerances import EMBEDDER_BF16_MIN_COSINE, EMBEDDER_FP32_ATOL
 from vitreg_jax.embedding.embedder import (
     CPU_XLA_FLAGS,
@@ -25,23 +25,17 @@ from vitreg_jax.embedding.embedder import (
     make_embed_fn,
 )
 from vitreg_jax.errors import UserError
-from vitreg_jax.model.config import preset
 from vitreg_jax.model.precision import ComputePolicy, resolve_dtype
 from vitreg_jax.model.vit import ViT
 
 # fp32 jitted vs eager: the same math in another fusion / micro-batch order
 # bf16 matmul inputs with fp32 accumulation vs the fp32 embedding
-TINY = {"num_layers": 2, "hidden_dim": 64, "mlp_dim": 128, "num_heads": 4, "patch_size": 8}
 SIZE = (32, 32)
-
-
-def tiny_net(seed: int = 0) -> ViT:
-    return ViT(preset("vit_reg4_b16", model_config=TINY, image_size=SIZE), rngs=nnx.Rngs(seed))
 
 
 @pytest.fixture(scope="module")
 def net() -> ViT:
-    return tiny_net()
+    return tiny_vit()
 
 
 @pytest.fixture(scope="module")
@@ -271,7 +265,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
 def test_sharded_over_four_cpu_devices_equals_single_device():
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    code = f"TINY = {TINY!r}\n" + SHARDED_SCRIPT
+    code = f"TINY = {TINY_EMBEDDER!r}\n" + SHARDED_SCRIPT
     out = subprocess.run(
         [sys.executable, "-c", code], check=False, env=env, cwd=root, capture_output=True, text=True
     )

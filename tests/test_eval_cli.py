@@ -11,14 +11,13 @@ import pytest
 from flax import nnx
 
 from tests.support.labelled_images import write_split
+from tests.support.tiny_models import tiny_vit_config
 from vitreg_jax.cli.main import main
 from vitreg_jax.model.birder_config import birder_config
 from vitreg_jax.model.build import save_model
-from vitreg_jax.model.config import preset
 from vitreg_jax.model.precision import resolve_dtype
 from vitreg_jax.model.vit import ViT
 
-TINY = {"num_layers": 2, "hidden_dim": 64, "mlp_dim": 128, "num_heads": 4, "patch_size": 8}
 SIZE = (32, 32)
 STATS = {"mean": [0.5, 0.45, 0.4], "std": [0.25, 0.24, 0.26]}
 CLASSES = {"cat": (200, 60, 60), "dog": (60, 200, 60), "eel": (60, 60, 200)}
@@ -34,7 +33,7 @@ def _jax_already_started(monkeypatch):
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
-    cfg = preset("vit_reg4_b16", model_config=TINY, image_size=SIZE)
+    cfg = tiny_vit_config()
     net = ViT(cfg, rngs=nnx.Rngs(0))
     return save_model(
         tmp_path_factory.mktemp("ckpt") / "tiny", net, birder_config(cfg, STATS, "vit_reg4_b16")

@@ -47,9 +47,7 @@ def module_name(path: Path) -> str:
 
 
 MODULES: dict[str, Path] = {
-    module_name(p): p
-    for folder in ("vitreg_jax", "convert")
-    for p in sorted((ROOT / folder).rglob("*.py"))
+    module_name(p): p for folder in ("vitreg_jax", "convert") for p in sorted((ROOT / folder).rglob("*.py"))
 }
 
 
@@ -59,7 +57,8 @@ def is_package(module: str) -> bool:
 
 def imported_modules(module: str, path: Path | None = None) -> list[tuple[int, str]]:
     """(line, absolute module name) of every import in the module (its source: ``path``, by default the
-    module's file), wherever it sits; ``from X import a`` gives both ``X`` and ``X.a`` (``a`` may be a module)."""
+    module's file), wherever it sits; ``from X import a`` gives both ``X`` and ``X.a`` (``a`` may be a
+    module)."""
     path = MODULES[module] if path is None else path
     found: list[tuple[int, str]] = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
@@ -98,22 +97,35 @@ def test_every_module_has_a_layer() -> None:
 
 def test_the_parser_sees_imports_inside_functions_and_type_checking(tmp_path: Path) -> None:
     probe = tmp_path / "probe.py"
-    probe.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from vitreg_jax import convert\n"
-                     "def f():\n    import vitreg_jax.convert.hub\n    from vitreg_jax.cli.main import main\n"
-                     "    from .precision import ComputePolicy\n")
+    probe.write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from vitreg_jax import convert\n"
+        "def f():\n    import vitreg_jax.convert.hub\n    from vitreg_jax.cli.main import main\n"
+        "    from .precision import ComputePolicy\n"
+    )
     hits = [m for _, m in internal_imports("vitreg_jax.model.probe", probe)]
     assert "vitreg_jax.model.precision" in hits
     hits.remove("vitreg_jax.model.precision")
-    assert sorted(hits) == ["vitreg_jax", "vitreg_jax.cli.main", "vitreg_jax.convert", "vitreg_jax.convert.hub"]
+    assert sorted(hits) == [
+        "vitreg_jax",
+        "vitreg_jax.cli.main",
+        "vitreg_jax.convert",
+        "vitreg_jax.convert.hub",
+    ]
 
 
 @pytest.mark.parametrize("module", sorted(MODULES))
 def test_no_module_imports_upward(module: str) -> None:
-    bad = [f"line {line}: {m} (rank {rank(m)})" for line, m in internal_imports(module)
-           if rank(m) > rank(module) and not is_package(m)]
+    bad = [
+        f"line {line}: {m} (rank {rank(m)})"
+        for line, m in internal_imports(module)
+        if rank(m) > rank(module) and not is_package(m)
+    ]
     # a package __init__ above this layer counts too: importing it would run it
-    bad += [f"line {line}: {m} (rank {rank(m)})" for line, m in internal_imports(module)
-            if is_package(m) and rank(m) > rank(module)]
+    bad += [
+        f"line {line}: {m} (rank {rank(m)})"
+        for line, m in internal_imports(module)
+        if is_package(m) and rank(m) > rank(module)
+    ]
     assert not bad, f"{module} (rank {rank(module)}) imports a layer above it: {bad}"
 
 
@@ -156,15 +168,24 @@ def test_no_import_cycle() -> None:
 
 @pytest.mark.parametrize("module", sorted(m for m in MODULES if m.startswith(JAX_FREE)))
 def test_the_data_pipeline_never_imports_jax(module: str) -> None:
-    bad = [f"line {line}: {m}" for line, m in imported_modules(module)
-           if m.split(".")[0] in ("jax", "jaxlib", "flax", "optax", "orbax")]
+    bad = [
+        f"line {line}: {m}"
+        for line, m in imported_modules(module)
+        if m.split(".")[0] in ("jax", "jaxlib", "flax", "optax", "orbax")
+    ]
     assert not bad, f"{module} imports JAX: {bad}"
 
 
 def string_module_names(module: str) -> list[str]:
     tree = ast.parse(MODULES[module].read_text())
-    return [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
-            and n.value.startswith("vitreg_jax.") and n.value.split(":")[0] in MODULES]
+    return [
+        n.value
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Constant)
+        and isinstance(n.value, str)
+        and n.value.startswith("vitreg_jax.")
+        and n.value.split(":")[0] in MODULES
+    ]
 
 
 @pytest.mark.parametrize("module", sorted(MODULES))
@@ -196,9 +217,11 @@ def test_top_level_modules_stay_few() -> None:
 
 
 def test_importing_the_library_loads_no_convert_module() -> None:
-    code = ("import sys, vitreg_jax.model.build, vitreg_jax.model.checkpoint, vitreg_jax.pretraining.mae, "
-            "vitreg_jax.embedding.dataset, vitreg_jax.evaluation.report\n"
-            f"print(sorted(m for m in sys.modules if m.startswith({CONVERT_PACKAGE!r})))\n")
+    code = (
+        "import sys, vitreg_jax.model.build, vitreg_jax.model.checkpoint, vitreg_jax.pretraining.mae, "
+        "vitreg_jax.embedding.dataset, vitreg_jax.evaluation.report\n"
+        f"print(sorted(m for m in sys.modules if m.startswith({CONVERT_PACKAGE!r})))\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
 

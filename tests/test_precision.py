@@ -15,11 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
+from tests.support.tiny_models import tiny_mae, tiny_vit
 from vitreg_jax.embedding.embedder import Embedder, make_embed_fn
 from vitreg_jax.errors import UserError
-from vitreg_jax.model.config import preset
 from vitreg_jax.model.precision import (
     DTYPE_CHOICES,
     DTYPE_HELP,
@@ -30,29 +29,18 @@ from vitreg_jax.model.precision import (
     param_name,
     resolve_dtype,
 )
-from vitreg_jax.model.vit import ViT
 from vitreg_jax.parallel import DATA_AXIS, default_mesh
-from vitreg_jax.pretraining.config import MAEConfig, TrainConfig
-from vitreg_jax.pretraining.mae import MAE
+from vitreg_jax.pretraining.config import TrainConfig
 from vitreg_jax.pretraining.step import MAETrainer
 
 SIZE = (32, 32)
 ENCODER = {"num_layers": 1, "hidden_dim": 64, "mlp_dim": 128, "num_heads": 4, "patch_size": 8}
-DECODER = {"decoder_depth": 1, "decoder_embed_dim": 32}
 
 # /proc/cpuinfo "flags" lines: an AVX2-only EPYC (Zen 2), a Sapphire Rapids Xeon (AMX), a Zen 4 (AVX512-BF16)
 AVX2_ONLY = "processor\t: 0\nflags\t\t: fpu vme sse sse2 ssse3 sse4_1 sse4_2 avx avx2 fma bmi1 bmi2 sha_ni\n"
 AMX = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 avx512f avx512bw avx512_vnni amx_bf16 amx_tile amx_int8\n"
 AVX512_BF16 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 avx512f avx512bw avx512_bf16 avx512_vnni\n"
 ARM = "processor\t: 0\nFeatures\t: fp asimd evtstrm aes sha1 sha2 crc32 bf16 i8mm\n"
-
-
-def tiny_vit(seed: int = 0) -> ViT:
-    return ViT(preset("vit_reg4_b16", model_config=ENCODER, image_size=SIZE), rngs=nnx.Rngs(seed))
-
-
-def tiny_mae(seed: int = 0) -> MAE:
-    return MAE(tiny_vit(seed), MAEConfig(**DECODER), rngs=nnx.Rngs(seed + 1))
 
 
 def dot_precisions(closed: jax.extend.core.ClosedJaxpr) -> list[str]:
@@ -195,7 +183,7 @@ def test_under_precision_pins_highest_for_float32_only():
 def test_embedder_and_trainer_share_one_policy_and_fp32_is_highest_in_both():
     """Traced under an ambient "default" precision (conftest's global "highest" would hide a missing pin),
     every matmul of the fp32 Embedder and of the fp32 train step (forward and backward) is at "highest"."""
-    mae = tiny_mae()
+    mae = tiny_mae(ENCODER)
     embedder = Embedder(mae.encoder, batch_size=2)
     trainer = MAETrainer(mae, TrainConfig(batch_size=2, steps=2))
     assert type(embedder.policy) is type(trainer.policy) is ComputePolicy
@@ -210,7 +198,7 @@ def test_embedder_and_trainer_share_one_policy_and_fp32_is_highest_in_both():
 
 def test_cast_rule_is_the_same_for_embedding_and_training():
     """The same leaves are cast to bf16 by the Embedder (an nnx.State) and the train step (a nested dict)."""
-    mae = tiny_mae()
+    mae = tiny_mae(ENCODER)
     embedder = Embedder(mae.encoder, dtype="bfloat16", batch_size=2)
     trainer = MAETrainer(mae, TrainConfig(batch_size=2, steps=2, compute_dtype="bfloat16"))
     assert embedder.policy == trainer.policy == ComputePolicy("bfloat16")
@@ -246,7 +234,7 @@ def test_cast_params_keeps_non_float_leaves_and_makes_the_rest_float32():
 
 
 def test_make_embed_fn_takes_the_policy():
-    net = tiny_vit()
+    net = tiny_vit(ENCODER)
     _, params = make_embed_fn(net, policy=ComputePolicy("bfloat16"))
     assert ComputePolicy("bfloat16").cast_names(params) == {
         param_name(p) for p, v in jax.tree_util.tree_leaves_with_path(params) if v.dtype == jnp.bfloat16

@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from tests.support.labelled_images import write_split
-from tests.support.pretrain_cli import SIZE, cli_error, pretrain_args, run_cli
+from tests.support.pretrain_cli import cli_error, pretrain_args, run_cli
+from tests.support.tiny_models import SIZE
 from vitreg_jax import load_model_with_cfg
 from vitreg_jax.evaluation.monitor import KNNMonitor
 

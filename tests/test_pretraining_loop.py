@@ -23,7 +23,6 @@ from tests.support.pretrain_cli import (
     ENCODER_CONFIG,
     IMAGES,
     ROOT,
-    SIZE,
     STATS,
     cli_env,
     cli_error,
@@ -31,6 +30,7 @@ from tests.support.pretrain_cli import (
     run_cli,
 )
 from tests.support.report import record
+from tests.support.tiny_models import SIZE, tiny_mae
 from tests.support.tolerances import DP_RUN_LOSS_RTOL, DP_RUN_PARAM_ATOL_OF_LR
 from vitreg_jax.cli import main as cli
 from vitreg_jax.data.augment import TrainTransform
@@ -38,10 +38,9 @@ from vitreg_jax.data.inputs import list_inputs
 from vitreg_jax.data.preprocess import load_image
 from vitreg_jax.model.config import preset
 from vitreg_jax.model.vit import ViT
-from vitreg_jax.pretraining.config import MAEConfig, TrainConfig
+from vitreg_jax.pretraining.config import TrainConfig
 from vitreg_jax.pretraining.data_stream import TrainData
 from vitreg_jax.pretraining.loop import CHECKPOINT_DIR, Checkpoints, NonFiniteLoss, Periodic, fit
-from vitreg_jax.pretraining.mae import MAE
 from vitreg_jax.pretraining.optimizer import lr_schedule
 from vitreg_jax.pretraining.step import MAETrainer
 
@@ -51,15 +50,10 @@ LOSS_WINDOW = 30
 LOSS_DROP = 0.75  # the mean loss of the last LOSS_WINDOW steps must fall below this fraction of the first's
 
 
-def tiny_model() -> MAE:
-    vit_cfg = preset("vit_reg4_b16", model_config=ENCODER_CONFIG, image_size=SIZE)
-    return MAE(ViT(vit_cfg, rngs=nnx.Rngs(0)), MAEConfig(**DECODER), rngs=nnx.Rngs(1))
-
-
 @pytest.fixture(scope="module")
 def trainer() -> MAETrainer:
     """One compiled step for the in-process loop tests (masks drawn inside from the key)."""
-    return MAETrainer(tiny_model(), TrainConfig(batch_size=BATCH, steps=LOSS_STEPS, warmup_steps=10, lr=1e-3))
+    return MAETrainer(tiny_mae(), TrainConfig(batch_size=BATCH, steps=LOSS_STEPS, warmup_steps=10, lr=1e-3))
 
 
 @pytest.fixture(scope="module")

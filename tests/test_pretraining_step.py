@@ -17,11 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from tests.support import birder_ref as ref
 from tests.support import mae_mapping
 from tests.support.report import record
+from tests.support.tiny_models import TINY_MAE_DECODER, TINY_MAE_ENCODER, tiny_mae
 from tests.support.tolerances import (
     STEP_BF16_GRAD_COSINE,
     STEP_BF16_LOSS_RTOL,
@@ -34,11 +34,9 @@ from tests.support.tolerances import (
 )
 from vitreg_jax.errors import UserError
 from vitreg_jax.model.build import get_params, set_params
-from vitreg_jax.model.config import preset
 from vitreg_jax.model.precision import ComputePolicy, resolve_dtype
-from vitreg_jax.model.vit import ViT
-from vitreg_jax.pretraining.config import MAEConfig, TrainConfig
-from vitreg_jax.pretraining.mae import MAE, MAE_STATE, Masks
+from vitreg_jax.pretraining.config import TrainConfig
+from vitreg_jax.pretraining.mae import MAE_STATE, Masks
 from vitreg_jax.pretraining.step import MAETrainer
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -48,15 +46,9 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # small enough to compile in seconds: one encoder block, one decoder block, 32 px images in 8 px patches
 SIZE = (32, 32)
 SEQ = (SIZE[0] // 8) * (SIZE[1] // 8)
-ENCODER_CONFIG = {**ref.TINY_MODEL_CONFIG, "num_layers": 1, "patch_size": 8, "drop_path_rate": 0.0}
-DECODER = {"decoder_depth": 1, "decoder_embed_dim": 32}
+ENCODER_CONFIG, DECODER = TINY_MAE_ENCODER, TINY_MAE_DECODER
 ACCUM, BATCH = 2, 2
 LR = 1e-3
-
-
-def tiny_model(seed: int = 0) -> MAE:
-    vit_cfg = preset("vit_reg4_b16", model_config=ENCODER_CONFIG, image_size=SIZE)
-    return MAE(ViT(vit_cfg, rngs=nnx.Rngs(seed)), MAEConfig(**DECODER), rngs=nnx.Rngs(seed + 1))
 
 
 def numpy_masks(shape: tuple[int, ...], seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -82,7 +74,7 @@ def birder_and_ours():
         k: (v + rng.normal(0, 0.05, v.shape)).astype(np.float32) for k, v in ref.state_numpy(bnet).items()
     }
     ref.load_state(bnet, state)
-    model = tiny_model()
+    model = tiny_mae()
     set_params(model, mae_mapping.to_nnx(state, model.encoder.cfg, model.cfg), kinds=MAE_STATE)
     cfg = TrainConfig(batch_size=BATCH, grad_accum_steps=ACCUM, steps=10, lr=LR)
     return bnet, model, MAETrainer(model, cfg)
@@ -205,7 +197,7 @@ def test_bf16_step_is_close_to_fp32_and_keeps_fp32_weights(birder_and_ours):
 
 def test_compute_dtype_auto_and_policy():
     """``compute_dtype="auto"`` resolves for the mesh's platform; ``policy=`` must agree with the config."""
-    model = tiny_model()
+    model = tiny_mae()
     cfg = TrainConfig(batch_size=BATCH, steps=2, compute_dtype="auto")
     auto = MAETrainer(model, cfg)
     assert auto.policy == ComputePolicy(resolve_dtype("auto", platform=jax.default_backend()))

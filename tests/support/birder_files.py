@@ -15,6 +15,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from tests.support.tiny_models import SIZE, TINY_BIRDER
 from vitreg_jax.convert import mapping
 from vitreg_jax.convert.standin import birder_models_dir
 from vitreg_jax.data.rgb_stats import RGB_STATS
@@ -23,8 +24,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("birder")
 logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
-TINY = {"num_layers": 2, "hidden_dim": 64, "num_heads": 2, "mlp_dim": 128}
-SIZE = (32, 32)
+TINY = TINY_BIRDER
 RGB = RGB_STATS["birder"]
 DEPTH = TINY["num_layers"]
 

@@ -6,9 +6,10 @@ from typing import Any
 
 import numpy as np
 
+from tests.support.tiny_models import TINY_BIRDER
 from vitreg_jax.data.rgb_stats import named_rgb_stats
 
-TINY_MODEL_CONFIG = {"num_layers": 2, "hidden_dim": 64, "num_heads": 2, "mlp_dim": 128}
+TINY_MODEL_CONFIG = TINY_BIRDER
 
 
 def birder_net(

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.support.tiny_models import TINY_MAE_DECODER, TINY_MAE_ENCODER
 from vitreg_jax.cli import main as cli
 from vitreg_jax.data.rgb_stats import named_rgb_stats
 
@@ -15,18 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 IMAGES = ROOT / "examples" / "images"
 
 
-# a tiny MAE that compiles in seconds: one encoder block (width 64), one decoder block (width 32), 32 px, 8 px
-# patches
-ENCODER_CONFIG = {
-    "num_layers": 1,
-    "hidden_dim": 64,
-    "num_heads": 2,
-    "mlp_dim": 128,
-    "patch_size": 8,
-    "drop_path_rate": 0.0,
-}
-DECODER = {"decoder_depth": 1, "decoder_embed_dim": 32}
-SIZE = (32, 32)
+ENCODER_CONFIG, DECODER = TINY_MAE_ENCODER, TINY_MAE_DECODER  # the tiny MAE of tests.support.tiny_models
 STATS = named_rgb_stats("birder")
 CLI_TIMEOUT_S = 300
 

@@ -1,0 +1,38 @@
+"""The tiny models the tests build, one home for each distinct configuration (birder ``model_config``
+overrides of ``vit_reg4_b16``) and the builders every test file uses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flax import nnx
+
+from vitreg_jax.model.config import ViTConfig, preset
+from vitreg_jax.model.vit import ViT
+from vitreg_jax.pretraining.config import MAEConfig
+from vitreg_jax.pretraining.mae import MAE
+
+SIZE = (32, 32)
+# the birder-made files and the parity tests: two blocks of width 64, birder's 16 px patches
+TINY_BIRDER = {"num_layers": 2, "hidden_dim": 64, "num_heads": 2, "mlp_dim": 128}
+# the embedding tests: two blocks, 32 px images in 8 px patches (16 patch tokens, 4 registers, 1 class token)
+TINY_EMBEDDER = {"num_layers": 2, "hidden_dim": 64, "mlp_dim": 128, "num_heads": 4, "patch_size": 8}
+# the MAE tests, small enough to compile in seconds: one encoder block and one decoder block, 8 px patches
+TINY_MAE_ENCODER = {**TINY_BIRDER, "num_layers": 1, "patch_size": 8, "drop_path_rate": 0.0}
+TINY_MAE_DECODER = {"decoder_depth": 1, "decoder_embed_dim": 32}
+
+
+def tiny_vit_config(model_config: dict[str, Any] = TINY_EMBEDDER, size: tuple[int, int] = SIZE) -> ViTConfig:
+    return preset("vit_reg4_b16", model_config=model_config, image_size=size)
+
+
+def tiny_vit(
+    model_config: dict[str, Any] = TINY_EMBEDDER, seed: int = 0, size: tuple[int, int] = SIZE
+) -> ViT:
+    """A randomly initialised tiny ``vit_reg4_b16`` (our init from ``seed``)."""
+    return ViT(tiny_vit_config(model_config, size), rngs=nnx.Rngs(seed))
+
+
+def tiny_mae(encoder: dict[str, Any] = TINY_MAE_ENCODER, seed: int = 0) -> MAE:
+    """A tiny MAE around a tiny encoder (encoder from ``seed``, decoder from ``seed + 1``)."""
+    return MAE(tiny_vit(encoder, seed), MAEConfig(**TINY_MAE_DECODER), rngs=nnx.Rngs(seed + 1))
