@@ -274,7 +274,7 @@ def resolve(
                 f"download it once with network access (unset ${ENV_OFFLINE})"
             )
         downloaded = _download(pub, cache, endpoint, timeout=timeout, progress=progress)
-        hit = _verify_download(pub, downloaded, pub.url(endpoint))
+        hit = _verify_download(pub, downloaded, pub.url(endpoint), cache)
     weights, digest, layout = hit
     config = _config(pub, cache, endpoint, offline=offline, timeout=timeout)
     return Resolved(weights=weights, config=config, layout=layout, sha256=digest, name=pub.name)
@@ -315,12 +315,24 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _forget(path: Path) -> None:
-    """Remove a cached file: its snapshot link and the blob it points to."""
+def _forget(path: Path, cache: Path) -> None:
+    """Remove a cached file: its snapshot entry and, when the entry points into the cache's own ``blobs``
+    folder, that blob. The cache is shared with other tools: an entry that points anywhere else (a user's own
+    file linked in) is unlinked but its target is left alone, and a warning says so."""
     blob = Path(os.path.realpath(path))
-    for p in (path, blob):
+    root = Path(os.path.realpath(cache))
+    in_cache = blob != path.absolute() and blob.parent.name == "blobs" and root in blob.parents
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    if in_cache:
         with contextlib.suppress(FileNotFoundError):
-            p.unlink()
+            blob.unlink()
+    elif blob != path.absolute():
+        print(
+            f"vitreg-jax: warning: the cached entry {path} pointed outside the cache's blobs, to {blob}; "
+            "removed the entry, left that file alone",
+            file=sys.stderr,
+        )
 
 
 def _cached_weights(pub: Published, cache: Path) -> tuple[Path, str, str] | None:
@@ -335,16 +347,16 @@ def _cached_weights(pub: Published, cache: Path) -> tuple[Path, str, str] | None
         return None
     layout = pub.hashes.get(digest)
     if layout is None:
-        _forget(path)  # present but wrong: never used, and not kept
+        _forget(path, cache)  # present but wrong: never used, and not kept
         return None
     return path, digest, layout
 
 
-def _verify_download(pub: Published, path: Path, url: str) -> tuple[Path, str, str]:
+def _verify_download(pub: Published, path: Path, url: str, cache: Path) -> tuple[Path, str, str]:
     digest = _sha256(path)
     layout = pub.hashes.get(digest)
     if layout is None:
-        _forget(path)
+        _forget(path, cache)
         expected = " or ".join(sorted(pub.hashes))
         raise UserError(
             f"download refused: {url}: sha256 {digest} is not the published {expected}; file deleted"
@@ -485,6 +497,6 @@ def _config(
             f"json config not used: {pub.config_filename} of {pub.repo} is not a json config object",
             stacklevel=3,
         )
-        _forget(path)
+        _forget(path, cache)
         return None
     return path

@@ -30,6 +30,11 @@ from vitreg_jax.convert.formats._pt_globals import (
     resolve_global,
 )
 
+# Tuples and frozensets nested deeper than this are refused: hashing one (as a dict key or a set member)
+# recurses in C without a depth check, so a 200,000-deep tuple would overflow the C stack (SIGSEGV). A
+# state dict nests them a few levels at most.
+MAX_NESTING = 100
+
 # opcodes this interpreter refuses outright (they build arbitrary objects or fetch outside the pickle)
 _REFUSED_OPS = {
     b"i": "INST",
@@ -55,6 +60,8 @@ class Machine:
         self.marks: list[int] = []
         self.memo: dict[int, Any] = {}
         self.persistent_load = persistent_load
+        # id -> (nesting depth, the tuple or frozenset itself, kept alive so that its id stays its own)
+        self.depths: dict[int, tuple[int, Any]] = {}
 
     # reading ---------------------------------------------------------------------------------------------
     def read(self, n: int) -> bytes:
@@ -112,6 +119,14 @@ class Machine:
 
     # values ----------------------------------------------------------------------------------------------
     def push(self, value: Any) -> None:
+        if type(value) in (tuple, frozenset) and id(value) not in self.depths:
+            depth = 1 + max((self.depths[id(v)][0] for v in value if id(v) in self.depths), default=0)
+            if depth > MAX_NESTING:
+                raise Refused(
+                    f"its pickle nests tuples or sets deeper than {MAX_NESTING} levels, "
+                    "which a state dict never does"
+                )
+            self.depths[id(value)] = (depth, value)
         self.stack.append(value)
 
     def text_int(self) -> None:

@@ -1,0 +1,93 @@
+"""What a hostile or unlucky user's inputs do: a clean one-line refusal, a recorded failure or the right
+result, never a crash, a hang, an unbounded read or a file lost outside our own outputs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.support.hf_mirror import put_in_cache
+from vitreg_jax.convert import hub
+from vitreg_jax.convert.formats.birder_file import write_pt
+from vitreg_jax.convert.formats.pt_reader import MAX_INFLATION, read_pt
+from vitreg_jax.errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "vitreg_jax", *map(str, args)],
+        capture_output=True, text=True, cwd=ROOT, timeout=300, check=False,
+    )
+
+
+def assert_one_line_refusal(done: subprocess.CompletedProcess[str], needle: str) -> None:
+    assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr and needle in done.stderr
+
+
+# the .pt reader -------------------------------------------------------------------------------------------
+def test_a_deeply_nested_dict_key_is_refused_not_a_crash(tmp_path: Path) -> None:
+    """A 200,000-deep tuple used as a dict key: hashing it overflowed the C stack (SIGSEGV) in info,
+    convert and pretrain --init; the interpreter refuses nesting past MAX_NESTING while it builds it."""
+    depth = 200_000
+    pickled = b"\x80\x02}(X\x05\x00\x00\x00state}" + b"K\x01" + b"\x85" * depth + b"K\x02su."  # TUPLE1 x depth
+    path = tmp_path / "deep.pt"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("deep/data.pkl", pickled)
+    assert path.stat().st_size < 300_000
+    with pytest.raises(UserError, match="nests tuples or sets deeper than"):
+        read_pt(path)
+    assert_one_line_refusal(run_cli("info", path), "nests tuples or sets deeper than")
+
+
+def test_many_deflated_records_are_budgeted_together(tmp_path: Path) -> None:
+    """Each record inflates to less than the file's size (the per-record bound), but all of them together
+    to far more: refused before the total passes MAX_INFLATION x the file's size."""
+    rng = np.random.default_rng(0)
+    state = {"noise": rng.standard_normal(25_000).astype(np.float32)}  # 100 kB that deflate does not shrink
+    state |= {f"zeros{i}": np.zeros(20_000, np.float32) for i in range(60)}  # 80 kB each, ~100 B deflated
+    stored = tmp_path / "stored.pt"
+    write_pt(stored, state, {"birder_version": "v0.8.4", "task": "image_classification"})
+    deflated = tmp_path / "deflated.pt"
+    with zipfile.ZipFile(stored) as src, zipfile.ZipFile(deflated, "w") as dst:
+        for info in src.infolist():
+            kind = zipfile.ZIP_STORED if info.filename.endswith("/data/0") else zipfile.ZIP_DEFLATED
+            dst.writestr(info.filename, src.read(info), compress_type=kind)
+    size = deflated.stat().st_size
+    total = sum(a.nbytes for a in state.values())
+    assert max(a.nbytes for a in state.values()) < size < total / MAX_INFLATION
+    with pytest.raises(UserError, match="claims more data than the file holds"):
+        read_pt(deflated)
+    assert list(read_pt(stored)[0]) == list(state)  # the same state stored reads as ever
+
+
+# the weights cache ----------------------------------------------------------------------------------------
+def test_a_wrong_cache_entry_never_deletes_a_file_outside_the_cache(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The cache is shared with other tools: a snapshot entry linking to the user's own file (with a sha256
+    that is not the published one) is removed, and the user's file is left alone, with a warning."""
+    pub = hub.PUBLISHED["vit_reg4_b16_mim_200"]
+    cache = (tmp_path / "cache").resolve()
+    entry = put_in_cache(cache, pub.repo, pub.filename, b"not the published weights")
+    mine = tmp_path / "thesis-weights.pt"
+    mine.write_bytes(b"the user's own file")
+    entry.unlink()
+    entry.symlink_to(mine)
+    assert hub.cached("vit_reg4_b16_mim_200", cache_dir=cache) is None
+    assert mine.read_bytes() == b"the user's own file"
+    assert not entry.is_symlink() and not entry.exists()
+    assert "pointed outside the cache's blobs" in capsys.readouterr().err
+    # a wrong blob inside the cache is still removed with its entry
+    entry = put_in_cache(cache, pub.repo, pub.filename, b"tampered")
+    blob = Path(os.path.realpath(entry))
+    assert hub.cached("vit_reg4_b16_mim_200", cache_dir=cache) is None
+    assert not blob.exists() and not entry.exists()
