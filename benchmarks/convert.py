@@ -5,16 +5,16 @@
 
 The weights are birder's own randomly initialised ``vit_reg4_b16`` (``torch.manual_seed(0)``), saved by birder
 (``fs_ops.checkpoint_model`` for the ``.pt``, ``fs_ops.save_st`` for the ``.safetensors``). Every measured
-command runs as a fresh process, exactly as a user runs it (``python -m vitreg_jax ...``), and its peak resident
-memory is the kernel's ``ru_maxrss`` for that child (``os.wait4``): imports, libraries and all. Wall time is the
-median of the runs; peak RSS the largest.
+command runs as a fresh process, exactly as a user runs it (``python -m vitreg_jax ...``), and its peak
+resident memory is the kernel's ``ru_maxrss`` for that child (``os.wait4``): imports, libraries and all. Wall
+time is the median of the runs; peak RSS the largest.
 
 For scale, the same run measures (a) birder loading the same file (``birder.load_model_with_cfg``), (b) the
-``.pt`` path vitreg-jax had before its own torch-free reader (``torch.load(weights_only=True)`` in a child process,
-kept in ``tests/torch_pt_reader.py`` for this comparison), and (c) the straightforward conversion this project
-started from: ``torch.load(weights_only=True)`` -> numpy -> the mapping table -> ``orbax
-PyTreeCheckpointer().save`` with Orbax's defaults. The cases run in turn within each round, so a neighbour's
-load on a shared machine hits them alike.
+``.pt`` path vitreg-jax had before its own torch-free reader (``torch.load(weights_only=True)`` in a child
+process, kept in ``tests/support/torch_pt_reader.py`` for this comparison), and (c) the straightforward
+conversion this project started from: ``torch.load(weights_only=True)`` -> numpy -> the mapping table ->
+``orbax PyTreeCheckpointer().save`` with Orbax's defaults. The cases run in turn within each round, so a
+neighbour's load on a shared machine hits them alike.
 """
 
 from __future__ import annotations
@@ -68,9 +68,10 @@ NAIVE_CONVERT = """
 import sys
 import jax, numpy as np, orbax.checkpoint as ocp, torch
 from pathlib import Path
-from vitreg_jax.model.config import preset
-from vitreg_jax.convert import mapping
-state = {k: v.numpy() for k, v in torch.load(sys.argv[1], map_location="cpu", weights_only=True)["state"].items()}
+from vitreg_jax import preset
+from vitreg_jax.convert import mapping  # the key table itself: the naive conversion measured is built on it
+loaded = torch.load(sys.argv[1], map_location="cpu", weights_only=True)
+state = {k: v.numpy() for k, v in loaded["state"].items()}
 params = mapping.to_nnx(state, preset("vit_reg4_b16"))
 tree = {}
 for path, a in params.items():
@@ -89,7 +90,9 @@ def cpu_flags() -> str:
     except OSError:
         return f"{os.cpu_count()} CPUs"
     flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
-    model = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "?")
+    model = next(
+        (ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "?"
+    )
     vector = sorted(f for f in flags if f.startswith(("avx512", "amx")) or f == "avx2")
     return f"{model}, {os.cpu_count()} CPUs ({' '.join(vector) or 'no avx2/avx512/amx'})"
 
@@ -117,26 +120,70 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     py = sys.executable
     try:
-        pt, st, cfg = (work / f"{NET}_mim_200.pt", work / f"{NET}_mim_200.safetensors", work / f"{NET}_mim.json")
+        pt, st, cfg = (
+            work / f"{NET}_mim_200.pt",
+            work / f"{NET}_mim_200.safetensors",
+            work / f"{NET}_mim.json",
+        )
         if not pt.exists():
             print(f"writing birder's {NET} (seed 0) to {work} ...", flush=True)
             subprocess.run([py, "-c", MAKE_FILES, str(work)], check=True, cwd=ROOT)
         cases: list[tuple[str, Path, Any]] = [
-            ("vitreg-jax convert .pt", pt,
-             lambda o: [py, "-m", "vitreg_jax", "convert", str(pt), "--out", str(o), "--force"]),
-            ("(before) convert .pt via torch.load in a child", pt,
-             lambda o: [py, "-m", "tests.torch_pt_reader", "convert", str(pt), "--out", str(o), "--force"]),
-            ("vitreg-jax convert .safetensors", st,
-             lambda o: [py, "-m", "vitreg_jax", "convert", str(st), "--out", str(o), "--force"]),
-            ("vitreg-jax export Orbax -> .pt", pt,
-             lambda o: [py, "-m", "vitreg_jax", "export", str(work / "ckpt_pt"), "--out", str(o) + ".pt",
-                        "--force"]),
-            ("(reference) birder.load_model_with_cfg .pt", pt, lambda o: [py, "-c", BIRDER_LOAD, str(cfg), str(pt)]),
-            ("(before) torch.load -> numpy -> orbax defaults", pt,
-             lambda o: [py, "-c", NAIVE_CONVERT, str(pt), str(o)]),
+            (
+                "vitreg-jax convert .pt",
+                pt,
+                lambda o: [py, "-m", "vitreg_jax", "convert", str(pt), "--out", str(o), "--force"],
+            ),
+            (
+                "(before) convert .pt via torch.load in a child",
+                pt,
+                lambda o: [
+                    py,
+                    "-m",
+                    "tests.support.torch_pt_reader",
+                    "convert",
+                    str(pt),
+                    "--out",
+                    str(o),
+                    "--force",
+                ],
+            ),
+            (
+                "vitreg-jax convert .safetensors",
+                st,
+                lambda o: [py, "-m", "vitreg_jax", "convert", str(st), "--out", str(o), "--force"],
+            ),
+            (
+                "vitreg-jax export Orbax -> .pt",
+                pt,
+                lambda o: [
+                    py,
+                    "-m",
+                    "vitreg_jax",
+                    "export",
+                    str(work / "ckpt_pt"),
+                    "--out",
+                    str(o) + ".pt",
+                    "--force",
+                ],
+            ),
+            (
+                "(reference) birder.load_model_with_cfg .pt",
+                pt,
+                lambda o: [py, "-c", BIRDER_LOAD, str(cfg), str(pt)],
+            ),
+            (
+                "(before) torch.load -> numpy -> orbax defaults",
+                pt,
+                lambda o: [py, "-c", NAIVE_CONVERT, str(pt), str(o)],
+            ),
         ]
-        subprocess.run([py, "-m", "vitreg_jax", "convert", str(pt), "--out", str(work / "ckpt_pt"), "--force"],
-                       check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [py, "-m", "vitreg_jax", "convert", str(pt), "--out", str(work / "ckpt_pt"), "--force"],
+            check=True,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+        )
         walls: dict[str, list[float]] = {name: [] for name, _, _ in cases}
         peaks: dict[str, list[float]] = {name: [] for name, _, _ in cases}
         for i in range(args.runs):
@@ -152,13 +199,23 @@ def main() -> None:
         results = []
         for name, src, _ in cases:
             size = src.stat().st_size / 2**20
-            results.append({"case": name, "file_mib": round(size, 1), "wall_s": round(statistics.median(walls[name]), 2),
-                            "wall_min_max_s": [round(min(walls[name]), 2), round(max(walls[name]), 2)],
-                            "peak_rss_mib": round(max(peaks[name])), "peak_over_file": round(max(peaks[name]) / size, 2)})
+            results.append(
+                {
+                    "case": name,
+                    "file_mib": round(size, 1),
+                    "wall_s": round(statistics.median(walls[name]), 2),
+                    "wall_min_max_s": [round(min(walls[name]), 2), round(max(walls[name]), 2)],
+                    "peak_rss_mib": round(max(peaks[name])),
+                    "peak_over_file": round(max(peaks[name]) / size, 2),
+                }
+            )
             r = results[-1]
-            print(f"{name:<48} file {r['file_mib']:6.1f} MiB  wall median {r['wall_s']:5.2f} s "
-                  f"({r['wall_min_max_s'][0]:.2f}-{r['wall_min_max_s'][1]:.2f})  peak RSS "
-                  f"{r['peak_rss_mib']:5d} MiB = {r['peak_over_file']:.2f} x file", flush=True)
+            print(
+                f"{name:<48} file {r['file_mib']:6.1f} MiB  wall median {r['wall_s']:5.2f} s "
+                f"({r['wall_min_max_s'][0]:.2f}-{r['wall_min_max_s'][1]:.2f})  peak RSS "
+                f"{r['peak_rss_mib']:5d} MiB = {r['peak_over_file']:.2f} x file",
+                flush=True,
+            )
         machine = f"{platform.machine()}, {cpu_flags()}, Python {platform.python_version()}"
         print(f"machine: {machine}; runs per case: {args.runs}")
         if args.json:

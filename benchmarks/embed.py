@@ -1,8 +1,8 @@
-"""Embedding throughput: vitreg-jax's compiled Embedder against birder's ``net.embedding``, same machine, same run.
+"""Embedding throughput: vitreg-jax's compiled Embedder against birder's ``net.embedding`` in the same run.
 
 CPU (the default; a few minutes on a 2-core machine)::
 
-    .venv/bin/python benchmarks/embed.py            # fp32 + bf16, batch 1/8/64, torch eager + torch.compile, e2e
+    .venv/bin/python benchmarks/embed.py            # fp32 + bf16, batch 1/8/64, torch eager + compile, e2e
     .venv/bin/python benchmarks/embed.py --quick    # no torch.compile, no batch 64, smaller e2e folder
 
 GPU (one command on a machine with jax[cuda], torch (CUDA) and birder installed)::
@@ -10,12 +10,13 @@ GPU (one command on a machine with jax[cuda], torch (CUDA) and birder installed)
     python benchmarks/embed.py --gpu                # batch 256 bf16 throughput + fp32 parity (TF32 off)
 
 Each configuration runs in a worker process of its own, because XLA:CPU reads its flags once per process and
-the best flags differ by dtype (see ``vitreg_jax.embedding.embedder.CPU_XLA_FLAGS``). Inside a worker, JAX and torch are
-timed in alternation (one JAX iteration, one torch iteration, ...), so a neighbour's load on a shared machine
-hits both sides alike; the figures are medians. Both sides compute the same network: birder's randomly
-initialised ``vit_reg4_b16`` with its weights mapped into ours. ``e2e`` runs the real ``vitreg-jax embed``
-command (in the worker's process) on a folder of JPEGs, decode and preprocessing included, and compares its
-steady-state images/s (compile excluded, as the command reports it) with the model-only rate at that batch.
+the best flags differ by dtype (see ``vitreg_jax.embedding.configure_xla_flags``). Inside a worker, JAX and
+torch are timed in alternation (one JAX iteration, one torch iteration, ...), so a neighbour's load on a
+shared machine hits both sides alike; the figures are medians. Both sides compute the same network: birder's
+randomly initialised ``vit_reg4_b16`` with its weights mapped into ours. ``e2e`` runs the real
+``vitreg-jax embed`` command (in the worker's process) on a folder of JPEGs, decode and preprocessing
+included, and compares its steady-state images/s (compile excluded, as the command reports it) with the
+model-only rate at that batch.
 """
 
 from __future__ import annotations
@@ -91,9 +92,11 @@ def build_pair(device: str = "cpu"):
     import torch
     from birder.model_registry import registry
 
+    from vitreg_jax import preset
+
+    # the key table itself, to put birder's in-memory state dict into our model: no public call takes one
     from vitreg_jax.convert import mapping
-    from vitreg_jax.model.build import abstract_model, set_params
-    from vitreg_jax.model.config import preset
+    from vitreg_jax.model import abstract_model, set_params
 
     torch.manual_seed(0)
     bnet = registry.net_factory(NET, 0, 3, size=SIZE).eval().to(device)
@@ -150,7 +153,7 @@ def cpu_worker(args: argparse.Namespace) -> None:
     dtype = args.dtype
     fresh_inductor_cache(args)
     if args.flags == "auto":
-        from vitreg_jax.embedding.embedder import configure_xla_flags
+        from vitreg_jax.embedding import configure_xla_flags
 
         configure_xla_flags(dtype)
     else:
@@ -160,7 +163,7 @@ def cpu_worker(args: argparse.Namespace) -> None:
     import numpy as np
     import torch
 
-    from vitreg_jax.embedding.embedder import Embedder
+    from vitreg_jax import Embedder
 
     torch.set_num_threads(os.cpu_count() or 1)
     flags = os.environ.get("XLA_FLAGS", "")
@@ -264,10 +267,10 @@ def e2e(args: argparse.Namespace, net, dtype: str, flags: str) -> None:
     """The real `embed` command on a JPEG folder vs the model alone at the same batch, in this process."""
     import numpy as np
 
-    from vitreg_jax.cli.main import main
-    from vitreg_jax.embedding.embedder import Embedder
-    from vitreg_jax.model.birder_config import birder_config
-    from vitreg_jax.model.build import save_model
+    from vitreg_jax import Embedder
+    from vitreg_jax.cli.main import main  # the `vitreg-jax` entry point (pyproject.toml), run in this process
+    from vitreg_jax.model import save_model
+    from vitreg_jax.model.birder_json import birder_config  # shares its module's name: not in the namespace
 
     work = Path(args.workdir)
     folder = make_jpegs(work / f"jpegs{args.e2e_images}", args.e2e_images)
@@ -347,7 +350,7 @@ def gpu_worker(args: argparse.Namespace) -> None:
     import numpy as np
     import torch
 
-    from vitreg_jax.embedding.embedder import Embedder, default_mesh
+    from vitreg_jax import Embedder, default_mesh
 
     dev = "cpu" if dry else "cuda"
     accel = [d for d in jax.devices() if d.platform == ("cpu" if dry else "gpu")]
@@ -374,7 +377,8 @@ def gpu_worker(args: argparse.Namespace) -> None:
         return float(((a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)).min())
 
     # fp32 parity with TF32 off on both sides: torch's switches below; ours runs its fp32 matmuls at
-    # precision "highest" (vitreg_jax.embedding.embedder.FLOAT32_PRECISION), whatever jax_default_matmul_precision says
+    # precision "highest" (the float32 policy of vitreg_jax.model.ComputePolicy), whatever
+    # jax_default_matmul_precision says
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     torch.set_float32_matmul_precision("highest")
@@ -574,8 +578,8 @@ def fmt(v: float | None, digits: int = 2) -> str:
 
 def report_cpu(records: list[dict[str, Any]]) -> None:
     print(
-        "\n== CPU results: img/s, median of interleaved rounds; 'ours' = vitreg-jax in the same rounds, ratio = "
-        "ours / that path; 'other' = cores used by other processes meanwhile =="
+        "\n== CPU results: img/s, median of interleaved rounds; 'ours' = vitreg-jax in the same rounds, "
+        "ratio = ours / that path; 'other' = cores used by other processes meanwhile =="
     )
     print(
         f"{'dtype':<9} {'batch':>5}  {'path':<38} {'img/s':>7} {'ours':>7} {'ratio':>6} {'compile s':>9} "

@@ -44,9 +44,13 @@ def cpu_flags() -> str:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return platform.processor() or "unknown"
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")),
-                 "unknown")
+    flags = next(
+        (line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []
+    )
+    model = next(
+        (line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")),
+        "unknown",
+    )
     wanted = [f for f in flags if f.startswith(("avx512", "amx")) or f in ("avx2", "fma")]
     return f"{model}, {os.cpu_count()} CPUs, flags: {' '.join(sorted(wanted)) or 'none of avx2/avx512/amx'}"
 
@@ -56,8 +60,11 @@ def make_shards(folder: Path, images: int, per_shard: int, size: int = 256, seed
     from PIL import Image
 
     rng = np.random.default_rng(seed)
-    photos = [Image.open(p).convert("RGB") for p in sorted(SAMPLES.iterdir())
-              if p.suffix.lower() in (".jpg", ".jpeg", ".png")]
+    photos = [
+        Image.open(p).convert("RGB")
+        for p in sorted(SAMPLES.iterdir())
+        if p.suffix.lower() in (".jpg", ".jpeg", ".png")
+    ]
     folder.mkdir(parents=True, exist_ok=True)
     shards: list[Path] = []
     for s in range(0, images, per_shard):
@@ -79,16 +86,14 @@ def make_shards(folder: Path, images: int, per_shard: int, size: int = 256, seed
 
 
 def rate(args: argparse.Namespace) -> None:
-    from vitreg_jax.embedding.embedder import configure_xla_flags
+    from vitreg_jax.embedding import configure_xla_flags
 
     configure_xla_flags(args.dtype)
     import jax
 
-    from vitreg_jax.embedding.dataset import embed_dataset
-    from vitreg_jax.embedding.embedder import Embedder
-    from vitreg_jax.model.birder_config import birder_config
-    from vitreg_jax.model.build import build_model
-    from vitreg_jax.model.config import preset
+    from vitreg_jax import Embedder, build_model, preset
+    from vitreg_jax.embedding import embed_dataset
+    from vitreg_jax.model.birder_json import birder_config  # shares its module's name: not in the namespace
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -106,26 +111,56 @@ def rate(args: argparse.Namespace) -> None:
                 embedder(x)
             model_rates.append(args.batch * args.model_calls / (time.perf_counter() - t0))
             t0 = time.perf_counter()
-            result = embed_dataset(embedder, [str(s) for s in shards], work / f"out{r}", cfg=cfg, format="parquet",
-                                   progress=False)
+            result = embed_dataset(
+                embedder,
+                [str(s) for s in shards],
+                work / f"out{r}",
+                cfg=cfg,
+                format="parquet",
+                progress=False,
+            )
             e2e_rates.append(result.embedded / (time.perf_counter() - t0))
             assert result.embedded == args.images and result.failed == 0, result
-            print(f"round {r}: model alone {model_rates[-1]:.2f} img/s, embed from shards {e2e_rates[-1]:.2f} img/s",
-                  flush=True)
+            print(
+                f"round {r}: model alone {model_rates[-1]:.2f} img/s, "
+                f"embed from shards {e2e_rates[-1]:.2f} img/s",
+                flush=True,
+            )
     m, e = statistics.median(model_rates), statistics.median(e2e_rates)
-    summary = {"network": args.network, "dtype": args.dtype, "batch": args.batch, "images": args.images,
-               "shards": len(shards), "model_img_s": round(m, 3), "e2e_img_s": round(e, 3),
-               "ratio": round(e / m, 3), "devices": f"{jax.device_count()} x {jax.devices()[0].platform}",
-               "cpu": cpu_flags()}
+    summary = {
+        "network": args.network,
+        "dtype": args.dtype,
+        "batch": args.batch,
+        "images": args.images,
+        "shards": len(shards),
+        "model_img_s": round(m, 3),
+        "e2e_img_s": round(e, 3),
+        "ratio": round(e / m, 3),
+        "devices": f"{jax.device_count()} x {jax.devices()[0].platform}",
+        "cpu": cpu_flags(),
+    }
     print("RESULT " + json.dumps(summary))
-    print(f"embed from tar shards reaches {100 * e / m:.0f} % of the model-only rate "
-          f"({e:.2f} vs {m:.2f} img/s, {args.dtype}, batch {args.batch}, medians of {args.rounds} rounds)")
+    print(
+        f"embed from tar shards reaches {100 * e / m:.0f} % of the model-only rate "
+        f"({e:.2f} vs {m:.2f} img/s, {args.dtype}, batch {args.batch}, medians of {args.rounds} rounds)"
+    )
 
 
 def peak_rss_mib(checkpoint: Path, shards: list[Path], out: Path) -> float:
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    cmd = [sys.executable, "-m", "vitreg_jax", "embed", "--checkpoint", str(checkpoint), *map(str, shards),
-           "--out", str(out), "--format", "parquet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vitreg_jax",
+        "embed",
+        "--checkpoint",
+        str(checkpoint),
+        *map(str, shards),
+        "--out",
+        str(out),
+        "--format",
+        "parquet",
+    ]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     # ru_maxrss of RUSAGE_CHILDREN is the largest child so far: run the small input first
@@ -133,9 +168,9 @@ def peak_rss_mib(checkpoint: Path, shards: list[Path], out: Path) -> float:
 
 
 def memory(args: argparse.Namespace) -> None:
-    from vitreg_jax.model.birder_config import birder_config
-    from vitreg_jax.model.build import build_model, save_model
-    from vitreg_jax.model.config import preset
+    from vitreg_jax import build_model, preset
+    from vitreg_jax.model import save_model
+    from vitreg_jax.model.birder_json import birder_config  # shares its module's name: not in the namespace
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -147,19 +182,32 @@ def memory(args: argparse.Namespace) -> None:
         rss_small = peak_rss_mib(ckpt, small, work / "out-small")
         rss_large = peak_rss_mib(ckpt, large, work / "out-large")
     growth = rss_large / rss_small - 1
-    print("RESULT " + json.dumps({"network": args.memory_network, "images": [args.memory_images,
-                                                                             10 * args.memory_images],
-                                  "peak_rss_mib": [round(rss_small), round(rss_large)],
-                                  "growth": round(growth, 4), "cpu": cpu_flags()}))
-    print(f"peak RSS of `vitreg-jax embed --format parquet`: {rss_small:.0f} MiB for {args.memory_images} images, "
-          f"{rss_large:.0f} MiB for {10 * args.memory_images} ({100 * growth:+.1f} %)")
+    print(
+        "RESULT "
+        + json.dumps(
+            {
+                "network": args.memory_network,
+                "images": [args.memory_images, 10 * args.memory_images],
+                "peak_rss_mib": [round(rss_small), round(rss_large)],
+                "growth": round(growth, 4),
+                "cpu": cpu_flags(),
+            }
+        )
+    )
+    print(
+        f"peak RSS of `vitreg-jax embed --format parquet`: {rss_small:.0f} MiB for {args.memory_images} "
+        "images, "
+        f"{rss_large:.0f} MiB for {10 * args.memory_images} ({100 * growth:+.1f} %)"
+    )
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--network", default="vit_reg4_b16", help="birder network of the rate measurement")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--images", type=int, default=256, help="images for the rate measurement (a multiple of --batch)")
+    p.add_argument(
+        "--images", type=int, default=256, help="images for the rate measurement (a multiple of --batch)"
+    )
     p.add_argument("--per-shard", type=int, default=64, help="samples per tar shard")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--model-calls", type=int, default=4, help="model-only calls per round")

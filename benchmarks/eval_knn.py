@@ -1,6 +1,7 @@
-"""k-NN evaluation time: ``vitreg_jax.evaluation.knn.knn_classify`` on random embeddings (DINO's weighted k = 20, k = 1).
+"""k-NN evaluation time: ``vitreg_jax.evaluation.knn_classify`` on random embeddings (weighted k = 20, k = 1).
 
-Default size (the one BENCHMARKS.md quotes): 50,000 train x 10,000 val embeddings of 768 floats, 1,000 classes::
+The default size (the one BENCHMARKS.md quotes): 50,000 train x 10,000 val embeddings of 768 floats, 1,000
+classes::
 
     .venv/bin/python benchmarks/eval_knn.py                 # 50k x 10k x 768, 3 timed runs after a warm-up
     .venv/bin/python benchmarks/eval_knn.py --train 2000 --val 500 --repeat 1     # a quick check
@@ -21,7 +22,7 @@ import time
 import jax
 import numpy as np
 
-from vitreg_jax.evaluation.knn import knn_classify
+from vitreg_jax.evaluation import knn_classify
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -54,14 +55,22 @@ def main(argv: list[str] | None = None) -> dict:
             times[name].append(time.perf_counter() - start)
     result = {
         "device": f"{jax.devices()[0].platform} x{jax.device_count()} ({jax.devices()[0].device_kind})",
-        "train": args.train, "val": args.val, "dim": args.dim, "classes": args.classes, "k": args.k,
-        "weighted_s": statistics.median(times["weighted"]), "k1_s": statistics.median(times["k1"]),
+        "train": args.train,
+        "val": args.val,
+        "dim": args.dim,
+        "classes": args.classes,
+        "k": args.k,
+        "weighted_s": statistics.median(times["weighted"]),
+        "k1_s": statistics.median(times["k1"]),
     }
     result["pairs_per_s"] = args.train * args.val / result["weighted_s"]
     print(json.dumps(result))
-    print(f"k-NN of {args.val} val x {args.train} train x {args.dim}-d on {result['device']}: weighted k={args.k} "
-          f"{result['weighted_s']:.2f} s, k=1 {result['k1_s']:.2f} s (median of {args.repeat}; "
-          f"{result['pairs_per_s'] / 1e6:.0f} M pairs/s)")
+    print(
+        f"k-NN of {args.val} val x {args.train} train x {args.dim}-d on {result['device']}: "
+        f"weighted k={args.k} "
+        f"{result['weighted_s']:.2f} s, k=1 {result['k1_s']:.2f} s (median of {args.repeat}; "
+        f"{result['pairs_per_s'] / 1e6:.0f} M pairs/s)"
+    )
     return result
 
 

@@ -1,16 +1,16 @@
 """``knn`` throughput: exact cosine top-k of Q queries over N x D random embeddings, in queries/s.
 
     .venv/bin/python benchmarks/knn.py                                 # 200k x 768 index, 1000 queries, k=10
-    .venv/bin/python benchmarks/knn.py --rows 1000000 --queries 10000  # the 1 M x 768 figure (about 3 GB of rows)
-    .venv/bin/python benchmarks/knn.py --rows 20000 --via npy          # through the command's path: files on disk
+    .venv/bin/python benchmarks/knn.py --rows 1000000 --queries 10000  # 1 M x 768 (about 3 GB of rows)
+    .venv/bin/python benchmarks/knn.py --rows 20000 --via npy          # the command's path: files on disk
 
-``--via memory`` (the default) streams the index to :func:`vitreg_jax.evaluation.search.cosine_topk` from two
+``--via memory`` (the default) streams the index to :func:`vitreg_jax.evaluation.cosine_topk` from two
 pre-generated chunks of 65536 random rows used in turn (seeded; never all N rows in memory, generation not
-timed): the search alone. ``--via npy`` / ``--via parquet`` first write an
-``embed``-format folder for the index and one for the queries (not timed), then time
-:func:`vitreg_jax.evaluation.neighbours.knn_to_parquet`, i.e. the ``vitreg-jax knn`` command without its process start: reading
-the blocks from disk, the search and writing the result table. Each measurement is preceded by a small run
-with the same block shapes, so compilation is not counted. Runs on the default JAX backend (CPU, GPU, TPU).
+timed): the search alone. ``--via npy`` / ``--via parquet`` first write an ``embed``-format folder for the
+index and one for the queries (not timed), then time :func:`vitreg_jax.evaluation.knn_to_parquet`, i.e. the
+``vitreg-jax knn`` command without its process start: reading the blocks from disk, the search and writing the
+result table. Each measurement is preceded by a small run with the same block shapes, so compilation is not
+counted. Runs on the default JAX backend (CPU, GPU, TPU).
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ def pooled_blocks(rows: int, dim: int, seed: int) -> Iterator[np.ndarray]:
 
 def write_folder(out: Path, rows: int, dim: int, seed: int, fmt: str) -> Path:
     """An ``embed`` output folder of random rows in either format (keys "row-000000"...)."""
+    # the embed output format written directly, without images: no public writer takes ready-made rows
     from vitreg_jax.embedding import outputs as embed_outputs
 
     out.mkdir(parents=True)
@@ -76,7 +77,7 @@ def write_folder(out: Path, rows: int, dim: int, seed: int, fmt: str) -> Path:
 
 
 def time_memory(args: argparse.Namespace) -> float:
-    from vitreg_jax.evaluation.search import cosine_topk
+    from vitreg_jax.evaluation import cosine_topk
 
     queries = next(random_blocks(args.queries, args.dim, seed=1))
     warm_rows = min(args.rows, 2 * args.block_rows)
@@ -89,7 +90,7 @@ def time_memory(args: argparse.Namespace) -> float:
 
 
 def time_files(args: argparse.Namespace) -> float:
-    from vitreg_jax.evaluation.neighbours import knn_to_parquet
+    from vitreg_jax.evaluation import knn_to_parquet
 
     with tempfile.TemporaryDirectory(prefix="vitreg-knn-bench-") as tmp:
         tmp_path = Path(tmp)
@@ -103,7 +104,7 @@ def time_files(args: argparse.Namespace) -> float:
 
 
 def main() -> None:
-    from vitreg_jax.evaluation.search import DEFAULT_INDEX_BLOCK
+    from vitreg_jax.evaluation import DEFAULT_INDEX_BLOCK
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=200_000, help="index rows N (default 200000)")

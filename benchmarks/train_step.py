@@ -6,14 +6,16 @@
 
 GPU (one command on a machine with jax[cuda], torch (CUDA) and birder installed)::
 
-    python benchmarks/train_step.py --gpu                # batch 64, bf16 and fp32, birder eager + torch.compile
+    python benchmarks/train_step.py --gpu                # batch 64, bf16 and fp32, birder eager + compile
 
-One optimizer step is: draw masks, encoder on the kept 25 % of the patches, decoder on all tokens, masked-pixel
-loss, backward, AdamW (birder's settings). Each variant runs in its own process, because the best XLA flags
-differ between float32 and bf16 on CPU (cpu-performance.md), and torch and JAX should not share the cores:
+One optimizer step is: draw masks, encoder on the kept 25 % of the patches, decoder on all tokens,
+masked-pixel loss, backward, AdamW (birder's settings). Each variant runs in its own process, because the best
+XLA flags differ between float32 and bf16 on CPU (BENCHMARKS.md), and torch and JAX should not share the
+cores:
 
-* ours fp32: ``MAETrainer`` with float32 compute, default XLA flags (``--xla_cpu_experimental_ynn_fusion_type=``,
-  which speeds up fp32 inference on this CPU, slows the train step down: the variant "YNN fusion off");
+* ours fp32: ``MAETrainer`` with float32 compute, default XLA flags
+  (``--xla_cpu_experimental_ynn_fusion_type=``, which speeds up fp32 inference on this CPU, slows the train
+  step down: the variant "YNN fusion off");
 * ours bf16: bf16 matmul inputs, float32 accumulation and master weights, default flags;
 * birder fp32 / bf16: ``MAE_ViT`` in train mode, ``torch.optim.AdamW(fused=True)`` as in the recipe, bf16 via
   ``torch.amp.autocast(dtype=bfloat16)`` as ``--amp --amp-dtype bfloat16`` does.
@@ -60,11 +62,7 @@ def child_ours(args: argparse.Namespace) -> None:
     import numpy as np
     from flax import nnx
 
-    from vitreg_jax.model.config import preset
-    from vitreg_jax.model.vit import ViT
-    from vitreg_jax.pretraining.config import TrainConfig, mae_preset
-    from vitreg_jax.pretraining.mae import MAE
-    from vitreg_jax.pretraining.step import MAETrainer
+    from vitreg_jax import MAE, MAETrainer, TrainConfig, ViT, mae_preset, preset
 
     if args.gpu:  # fp32 means fp32 on both sides (no TF32)
         jax.config.update("jax_default_matmul_precision", "highest")
@@ -80,12 +78,16 @@ def child_ours(args: argparse.Namespace) -> None:
         holder["state"], metrics = trainer.step(holder["state"], batch, 1.5e-4)
         return float(metrics["loss"])  # waits for the step
 
-    serve(step, args.warmup, {"device": str(jax.devices()[0].device_kind),
-                              "xla_flags": os.environ.get("XLA_FLAGS", "")})
+    serve(
+        step,
+        args.warmup,
+        {"device": str(jax.devices()[0].device_kind), "xla_flags": os.environ.get("XLA_FLAGS", "")},
+    )
 
 
-def birder_step(network: str, mae: str, size: int, batch: int, dtype: str, *, device: str = "cpu",
-                compile_: bool = False) -> Callable[[], float]:
+def birder_step(
+    network: str, mae: str, size: int, batch: int, dtype: str, *, device: str = "cpu", compile_: bool = False
+) -> Callable[[], float]:
     """One optimizer step of birder's recipe (``MAE_ViT`` in train mode, fused AdamW, autocast for bf16) on a
     fixed random batch; returns the loss (which waits for the step)."""
     import numpy as np
@@ -97,8 +99,9 @@ def birder_step(network: str, mae: str, size: int, batch: int, dtype: str, *, de
     net = registry.mim_net_factory(mae, enc, size=(size, size)).train().to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=True)
     step_net = torch.compile(net) if compile_ else net
-    x = torch.from_numpy(np.random.default_rng(0).standard_normal((batch, 3, size, size),
-                                                                 dtype=np.float32)).to(device)
+    x = torch.from_numpy(
+        np.random.default_rng(0).standard_normal((batch, 3, size, size), dtype=np.float32)
+    ).to(device)
 
     def step() -> float:
         with torch.amp.autocast(device, enabled=dtype == "bfloat16", dtype=torch.bfloat16):
@@ -117,8 +120,15 @@ def child_birder(args: argparse.Namespace, compile_: bool) -> None:
     if args.gpu:  # fp32 means fp32 on both sides (JAX's GPU matmuls are not TF32 under "highest" either)
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-    step = birder_step(args.network, args.mae, args.size, args.batch, args.dtype,
-                       device="cuda" if args.gpu else "cpu", compile_=compile_)
+    step = birder_step(
+        args.network,
+        args.mae,
+        args.size,
+        args.batch,
+        args.dtype,
+        device="cuda" if args.gpu else "cpu",
+        compile_=compile_,
+    )
     where = torch.cuda.get_device_name() if args.gpu else f"{torch.get_num_threads()} threads"
     serve(step, args.warmup, {"device": f"torch {torch.__version__}, {where}"})
 
@@ -140,13 +150,30 @@ def start_variant(name: str, args: argparse.Namespace) -> subprocess.Popen:
     env.pop("XLA_FLAGS", None)
     if flags:
         env["XLA_FLAGS"] = flags
-    cmd = [sys.executable, __file__, "--child", kind, "--dtype", dtype, "--network", args.network, "--mae", args.mae,
-           "--size", str(args.size), "--batch", str(args.batch), "--warmup", str(args.warmup)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        kind,
+        "--dtype",
+        dtype,
+        "--network",
+        args.network,
+        "--mae",
+        args.mae,
+        "--size",
+        str(args.size),
+        "--batch",
+        str(args.batch),
+        "--warmup",
+        str(args.warmup),
+    ]
     if args.gpu:
         cmd.append("--gpu")
         env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # the JAX and torch children share the GPU
-    return subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    return subprocess.Popen(
+        cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def reply(proc: subprocess.Popen) -> dict:
@@ -162,13 +189,20 @@ def main() -> None:
     p.add_argument("--network", default="vit_reg4_b16")
     p.add_argument("--mae", default="mae_vit")
     p.add_argument("--size", type=int, default=224)
-    p.add_argument("--batch", type=int, default=None, help="images per step (default: 8 on CPU, 64 with --gpu)")
-    p.add_argument("--rounds", type=int, default=4, help="timed steps per variant, interleaved (median reported)")
+    p.add_argument(
+        "--batch", type=int, default=None, help="images per step (default: 8 on CPU, 64 with --gpu)"
+    )
+    p.add_argument(
+        "--rounds", type=int, default=4, help="timed steps per variant, interleaved (median reported)"
+    )
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (the first one compiles)")
     p.add_argument("--gap", type=float, default=1.0, help="idle seconds before each timed step (default 1)")
     p.add_argument("--torch-compile", action="store_true", help="also time birder under torch.compile")
-    p.add_argument("--gpu", action="store_true",
-                   help="run both sides on the GPU (JAX's default device and torch's cuda), with torch.compile")
+    p.add_argument(
+        "--gpu",
+        action="store_true",
+        help="run both sides on the GPU (JAX's default device and torch's cuda), with torch.compile",
+    )
     p.add_argument("--only", nargs="+", default=None, choices=sorted(VARIANTS), metavar="VARIANT")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
@@ -184,11 +218,17 @@ def main() -> None:
             child_birder(args, compile_=args.child == "birder-compile")
         return
 
-    names = args.only or [n for n in VARIANTS if (args.torch_compile or "torch.compile" not in n)
-                          and not (args.gpu and "YNN" in n)]
-    print(f"MAE train step: {args.network} + {args.mae}, {args.size} px, batch {args.batch}; median of {args.rounds} "
-          f"interleaved rounds after {args.warmup} warm-up step(s); {platform.machine()}, {os.cpu_count()} CPUs",
-          flush=True)
+    names = args.only or [
+        n
+        for n in VARIANTS
+        if (args.torch_compile or "torch.compile" not in n) and not (args.gpu and "YNN" in n)
+    ]
+    print(
+        f"MAE train step: {args.network} + {args.mae}, {args.size} px, batch {args.batch}; median of "
+        f"{args.rounds} interleaved rounds after {args.warmup} warm-up step(s); {platform.machine()}, "
+        f"{os.cpu_count()} CPUs",
+        flush=True,
+    )
     procs, first = {}, {}
     for name in names:  # one at a time: compiling and warming up while the others wait
         procs[name] = start_variant(name, args)
@@ -214,10 +254,17 @@ def main() -> None:
     for name in live:
         step_s = statistics.median(times[name])
         rate[name] = args.batch / step_s
-        print(f"  {name:<36} {rate[name]:7.2f} img/s   step {step_s:6.2f} s (min {min(times[name]):.2f})   "
-              f"first step (compiles) {first[name]['first_step_s']:5.1f} s", flush=True)
-    for ours, theirs in (("ours fp32", "birder fp32"), ("ours bf16", "birder bf16 autocast"),
-                         ("ours fp32", "birder fp32 torch.compile"), ("ours bf16", "birder bf16 autocast torch.compile")):
+        print(
+            f"  {name:<36} {rate[name]:7.2f} img/s   step {step_s:6.2f} s (min {min(times[name]):.2f})   "
+            f"first step (compiles) {first[name]['first_step_s']:5.1f} s",
+            flush=True,
+        )
+    for ours, theirs in (
+        ("ours fp32", "birder fp32"),
+        ("ours bf16", "birder bf16 autocast"),
+        ("ours fp32", "birder fp32 torch.compile"),
+        ("ours bf16", "birder bf16 autocast torch.compile"),
+    ):
         if ours in rate and theirs in rate:
             print(f"  {ours} / {theirs}: {rate[ours] / rate[theirs]:.2f}x")
 

@@ -6,9 +6,9 @@
 Prints, in one process (run it on a quiet machine; ~2 minutes):
 
 1. ours and birder's step time alone (median of ``--steps`` after two warm-up steps);
-2. one ``jax.profiler`` trace of our step, its compiled ops summed by kind: dense-layer and attention matmuls, layout-copy fusions,
-   other fusions, the AdamW update (the ops inside the step's finite-loss conditional); and birder's largest
-   ops in one ``torch.profiler`` trace of its step;
+2. one ``jax.profiler`` trace of our step, its compiled ops summed by kind: dense-layer and attention
+   matmuls, layout-copy fusions, other fusions, the AdamW update (the ops inside the step's finite-loss
+   conditional); and birder's largest ops in one ``torch.profiler`` trace of its step;
 3. CPU time / wall time of a batched (attention-shaped) and of a plain 2-D matmul: XLA:CPU runs the first on
    one thread;
 4. AdamW over the same parameters alone: ours (jitted, donated) against torch's ``AdamW(fused=True)``.
@@ -51,9 +51,14 @@ def op_kinds(hlo: str) -> dict[str, str]:
     bodies: dict[str, str] = {}
     for m in re.finditer(r"^(?:ENTRY )?%(\S+) .*?\{\n(.*?)\n\}", hlo, flags=re.DOTALL | re.MULTILINE):
         bodies[m.group(1)] = m.group(2)
+
     def instructions(branch_list: str) -> set[str]:
         names = re.findall(r"%([\w.-]+)", branch_list)
-        return {n for b in names for n in re.findall(r"^\s*(?:ROOT )?%(\S+) = ", bodies.get(b, ""), flags=re.MULTILINE)}
+        return {
+            n
+            for b in names
+            for n in re.findall(r"^\s*(?:ROOT )?%(\S+) = ", bodies.get(b, ""), flags=re.MULTILINE)
+        }
 
     # the AdamW update is the conditional with the largest branches (the others are residual_grad_boundary's)
     branch_lists = re.findall(r" conditional\(.*?branch_computations=\{([^}]*)\}", hlo)
@@ -112,12 +117,9 @@ def main() -> None:
     from flax import nnx
     from train_step import birder_step  # this folder's benchmark
 
-    from vitreg_jax.model.config import preset
-    from vitreg_jax.model.vit import ViT
-    from vitreg_jax.pretraining.config import TrainConfig, mae_preset
-    from vitreg_jax.pretraining.mae import MAE
-    from vitreg_jax.pretraining.optimizer import adamw_update, make_optimizer
-    from vitreg_jax.pretraining.step import MAETrainer
+    from vitreg_jax import MAE, MAETrainer, TrainConfig, ViT, mae_preset, preset
+    from vitreg_jax.pretraining import make_optimizer
+    from vitreg_jax.pretraining.optimizer import adamw_update  # measured alone below (4.): the step's update
 
     size = (224, 224)
     x = np.random.default_rng(0).standard_normal((args.batch, *size, 3)).astype(np.float32)
@@ -171,7 +173,9 @@ def main() -> None:
     birder_s = median_seconds(birder, args.steps)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         birder()
-    torch_ops = sorted(((e.key, e.self_cpu_time_total / 1e6) for e in prof.key_averages()), key=lambda kv: -kv[1])
+    torch_ops = sorted(
+        ((e.key, e.self_cpu_time_total / 1e6) for e in prof.key_averages()), key=lambda kv: -kv[1]
+    )
     tparams = [torch.zeros(shape) for shape in shapes]
     for t in tparams:
         t.grad = torch.full_like(t, 1e-3)
@@ -179,19 +183,30 @@ def main() -> None:
     topt.step()
     torch_adamw_s = median_seconds(topt.step, 8)
 
-    print(f"{args.network} + {args.mae}, {args.dtype}, batch {args.batch}, {torch.get_num_threads()} torch threads")
-    print(f"1. step alone: ours {ours_s:.2f} s, birder {birder_s:.2f} s (ours / birder speed {birder_s / ours_s:.2f}x)")
+    print(
+        f"{args.network} + {args.mae}, {args.dtype}, batch {args.batch}, "
+        f"{torch.get_num_threads()} torch threads"
+    )
+    print(
+        f"1. step alone: ours {ours_s:.2f} s, birder {birder_s:.2f} s "
+        f"(ours / birder speed {birder_s / ours_s:.2f}x)"
+    )
     print(f"2. one traced step of ours, compiled ops by kind (sum {sum(totals.values()):.2f} s):")
     for kind, seconds in sorted(totals.items(), key=lambda kv: -kv[1]):
         print(f"     {seconds:6.2f} s  {kind}")
-    print(f"3. CPU time / wall time: batched (128, 201, 201) @ (128, 201, 32) {batched_ratio:.2f}; "
-          f"2-D (1608, 512) @ (512, 2048) {plain_ratio:.2f}")
+    print(
+        f"3. CPU time / wall time: batched (128, 201, 201) @ (128, 201, 32) {batched_ratio:.2f}; "
+        f"2-D (1608, 512) @ (512, 2048) {plain_ratio:.2f}"
+    )
     print("   birder's traced step (torch.profiler), the largest ops by self CPU time:")
     for name, seconds in torch_ops[:6]:
         print(f"     {seconds:6.2f} s  {name}")
     n = sum(t.numel() for t in tparams)
-    print(f"4. AdamW alone over {n / 1e6:.1f} M parameters: ours {ours_adamw_s * 1e3:.0f} ms, "
-          f"torch fused {torch_adamw_s * 1e3:.0f} ms")
+    print(
+        f"4. AdamW alone over {n / 1e6:.1f} M parameters: ours {ours_adamw_s * 1e3:.0f} ms, "
+        f"torch fused {torch_adamw_s * 1e3:.0f} ms"
+    )
+
 
 if __name__ == "__main__":
     main()

@@ -23,6 +23,12 @@ _EXPORTS = {
     "read_birder_file": "vitreg_jax.convert.formats.birder_file",
     "write_birder_file": "vitreg_jax.convert.formats.birder_file",
     "published_names": "vitreg_jax.convert.hub",
+    "checkpoint_info": "vitreg_jax.convert.info",
+    "info_text": "vitreg_jax.convert.info",
+    "demo_weights": "vitreg_jax.convert.standin",
+    "write_standin": "vitreg_jax.convert.standin",
+    "sample_images_dir": "vitreg_jax.convert.standin",
+    "TINY_MODEL_CONFIG": "vitreg_jax.convert.standin",
 }
 __all__ = sorted(_EXPORTS)  # noqa: PLE0605 (the lazily imported names above)
 __getattr__, __dir__ = lazy_names(__name__, _EXPORTS)

@@ -40,7 +40,7 @@ def resolve_architecture(
     """The architecture of a birder file: its json (``config``), else its metadata and tensor shapes;
     ``network`` overrides either."""
     from vitreg_jax.convert import infer, mapping
-    from vitreg_jax.model.birder_config import read_birder_config, vit_config_from_birder
+    from vitreg_jax.model.birder_json import read_birder_config, vit_config_from_birder
     from vitreg_jax.model.config import canonical_name, preset
 
     if config is None:

@@ -8,9 +8,8 @@ every command can take "a file or a published name".
 Downloads go through ``huggingface_hub.hf_hub_download``, so the files live in the standard Hugging Face cache
 (shared with every other tool: ``$HF_HUB_CACHE``, default ``~/.cache/huggingface/hub``) and the usual settings
 apply: ``$HF_ENDPOINT`` (a mirror), ``$HF_HUB_OFFLINE=1`` (cached files only), ``$HF_TOKEN`` or a stored
-login.
-``$VITREG_JAX_CACHE``, when set, replaces the cache folder (same Hugging Face layout inside). ``HF_ENDPOINT``
-and ``HF_HUB_OFFLINE`` are read at each call, not only when ``huggingface_hub`` is imported.
+login. ``$VITREG_JAX_CACHE``, when set, replaces the cache folder (same Hugging Face layout inside).
+``HF_ENDPOINT`` and ``HF_HUB_OFFLINE`` are read at each call, not only when ``huggingface_hub`` is imported.
 
 Safety rules:
 

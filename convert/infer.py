@@ -35,7 +35,7 @@ import numpy as np
 from vitreg_jax.convert import mapping
 from vitreg_jax.data import preprocess
 from vitreg_jax.errors import UserError
-from vitreg_jax.model.birder_config import DEFAULT_BIRDER_VERSION, birder_config
+from vitreg_jax.model.birder_json import DEFAULT_BIRDER_VERSION, birder_config
 from vitreg_jax.model.config import ViTConfig, canonical_name, preset
 from vitreg_jax.model.presets import PRESETS
 

@@ -17,7 +17,7 @@ from typing import Any
 from vitreg_jax.convert import hub, mapping
 from vitreg_jax.convert.formats.birder_file import BirderFile, read_birder_file
 from vitreg_jax.convert.infer import infer_birder_config
-from vitreg_jax.model.birder_config import read_birder_config, vit_config_from_birder
+from vitreg_jax.model.birder_json import read_birder_config, vit_config_from_birder
 from vitreg_jax.model.build import abstract_model, model_from_checkpoint, set_params
 from vitreg_jax.model.checkpoint import is_checkpoint
 from vitreg_jax.model.vit import ViT

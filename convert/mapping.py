@@ -1,10 +1,9 @@
 """The one table between birder state_dict keys and vitreg-jax parameter paths, both directions, pure numpy.
 
-Each row says: birder key, our path (a tuple, list indices as ints), and a layout change: ``linear``
-(torch ``(out, in)`` weight <-> ``(in, out)`` kernel), ``conv`` (torch ``(D, C, p, p)`` <-> HWIO
-``(p, p, C, D)``) or ``none``. Loading refuses missing keys, extra keys and shape mismatches, listing them
-all.
-Older birder files use other key names (see ``LEGACY_RENAMES``); ``normalize_keys`` maps them to today's.
+Each row says: birder key, our path (a tuple, list indices as ints), and a layout change: ``linear`` (torch
+``(out, in)`` weight <-> ``(in, out)`` kernel), ``conv`` (torch ``(D, C, p, p)`` <-> HWIO ``(p, p, C, D)``) or
+``none``. Loading refuses missing keys, extra keys and shape mismatches, listing them all. Older birder files
+use other key names (see ``LEGACY_RENAMES``); ``normalize_keys`` maps them to today's.
 """
 
 from __future__ import annotations

@@ -241,7 +241,7 @@ def _standin_by_us(
 ) -> Weights:
     from vitreg_jax.convert import mapping
     from vitreg_jax.convert.formats.birder_file import write_birder_file
-    from vitreg_jax.model.birder_config import birder_config
+    from vitreg_jax.model.birder_json import birder_config
     from vitreg_jax.model.build import build_model, get_params
     from vitreg_jax.model.config import preset
 

@@ -25,7 +25,7 @@ from vitreg_jax.convert.formats.birder_file import write_birder_file
 from vitreg_jax.convert.output_paths import check_new_path, parents_made_for, remove_empty
 from vitreg_jax.errors import UserError
 from vitreg_jax.fileio import atomic_write_json
-from vitreg_jax.model.birder_config import DEFAULT_BIRDER_VERSION, birder_config
+from vitreg_jax.model.birder_json import DEFAULT_BIRDER_VERSION, birder_config
 from vitreg_jax.model.build import abstract_model, set_params
 from vitreg_jax.model.checkpoint import is_checkpoint, load_checkpoint
 from vitreg_jax.model.config import ViTConfig

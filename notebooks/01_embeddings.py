@@ -38,15 +38,15 @@ import numpy as np
 from PIL import Image
 
 import vitreg_jax
-from vitreg_jax.convert import standin
-from vitreg_jax.data.inputs import list_inputs
-from vitreg_jax.data.preprocess import load_image
+from vitreg_jax.convert import demo_weights, sample_images_dir
+from vitreg_jax.data import list_inputs, load_image
 
 QUICK = os.environ.get("VITREG_JAX_NOTEBOOK_QUICK") == "1"
 WORK = Path(tempfile.mkdtemp(prefix="vitreg-jax-01-"))
-IMAGES = standin.sample_images_dir()
+IMAGES = sample_images_dir()
 
-weights = standin.demo_weights(WORK, quick=QUICK)
+weights = demo_weights(WORK, quick=QUICK)
+NOTE = " (stand-in weights)" if weights.is_standin else ""  # said on every figure of a stand-in
 print(weights.describe())
 print("JAX", jax.__version__, "on", jax.devices())
 
@@ -77,7 +77,8 @@ print(x.shape, x.dtype)
 one = np.asarray(net.embedding(x[:1]))  # (1, D)
 embedder = vitreg_jax.Embedder(net, batch_size=len(x))
 emb = embedder(x)  # (N, D) float32
-print("embedding", emb.shape, "| max |net.embedding - Embedder| on image 0:", float(np.abs(one - emb[:1]).max()))
+diff = float(np.abs(one - emb[:1]).max())
+print("embedding", emb.shape, "| max |net.embedding - Embedder| on image 0:", diff)
 
 # %% [markdown]
 # ## Cosine similarity
@@ -90,13 +91,14 @@ fig, ax = plt.subplots(figsize=(7, 6))
 im = ax.imshow(sim, cmap="viridis", vmin=min(0.0, float(sim.min())), vmax=1.0)
 ax.set_xticks(range(len(names)), names, rotation=90)
 ax.set_yticks(range(len(names)), names)
-ax.set_title("cosine similarity of the embeddings" + (" (stand-in weights)" if weights.is_standin else ""))
+ax.set_title("cosine similarity of the embeddings" + NOTE)
 fig.colorbar(im, ax=ax, fraction=0.046)
 fig.tight_layout()
 plt.show()
 
 # %% [markdown]
 # ## Nearest neighbours, with the images
+
 
 # %%
 def shown(path: str) -> np.ndarray:
@@ -118,7 +120,7 @@ for row, q in zip(axes, queries):
         ax.set_title(f"{names[j]}  cos {sim[q, j]:.3f}", fontsize=8)
     for ax in row:
         ax.axis("off")
-fig.suptitle("nearest neighbours by cosine similarity" + (" (stand-in weights)" if weights.is_standin else ""))
+fig.suptitle("nearest neighbours by cosine similarity" + NOTE)
 fig.tight_layout()
 plt.show()
 
@@ -158,6 +160,6 @@ plt.show()
 # %% [markdown]
 # ## Where to go next
 #
-# - `vitreg-jax embed --checkpoint CKPT FOLDER --out DIR` embeds a folder (resumable, sharded over all devices);
-#   notebook 04 shows the same engine on several devices.
+# - `vitreg-jax embed --checkpoint CKPT FOLDER --out DIR` embeds a folder (resumable, sharded over all
+#   devices); notebook 04 shows the same engine on several devices.
 # - Notebook 02 moves weights between birder and JAX and checks every block against birder.

@@ -20,9 +20,9 @@
 # 4. the output of every transformer block is compared with birder's (torch forward hooks);
 # 5. the two bicubic position-embedding modes (birder's dynamic size and `adjust_size`) at other resolutions.
 #
-# This notebook needs birder itself (`pip install 'vitreg-jax[test]'`; `make test` installs it). The weights
-# are a *stand-in*: birder's `vit_reg4_b16` with birder's random init from a fixed seed. Parity does not depend
-# on the weights being trained; the same commands work on the published files
+# This notebook needs birder itself (`pip install 'vitreg-jax[test]'`; `make test` installs it). The
+# weights are a *stand-in*: birder's `vit_reg4_b16` with birder's random init from a fixed seed. Parity does
+# not depend on the weights being trained; the same calls work on the published files
 # (`vitreg-jax convert vit_reg4_b16_mim_300 --out ckpt/mim_300`).
 #
 # `QUICK` (set by the test suite through `VITREG_JAX_NOTEBOOK_QUICK=1`) swaps in a tiny 2-layer stand-in.
@@ -40,11 +40,17 @@ import numpy as np
 import torch
 
 import vitreg_jax
-from vitreg_jax.cli.main import main as vitreg_jax_cli
-from vitreg_jax.convert import standin
-from vitreg_jax.data.inputs import list_inputs
-from vitreg_jax.data.preprocess import load_image
-from vitreg_jax.model.position_embedding import bicubic_matrix, resize_grid
+from vitreg_jax.convert import (
+    TINY_MODEL_CONFIG,
+    checkpoint_info,
+    convert_to_checkpoint,
+    export_to_birder,
+    info_text,
+    sample_images_dir,
+    write_standin,
+)
+from vitreg_jax.data import list_inputs, load_image
+from vitreg_jax.model import bicubic_matrix, resize_grid
 
 jax.config.update("jax_default_matmul_precision", "highest")  # fp32 means fp32 on GPU/TPU too (no TF32)
 torch.backends.cuda.matmul.allow_tf32 = False
@@ -57,7 +63,7 @@ print("birder", birder.__version__, "| torch", torch.__version__, "| jax", jax._
 # ## 1. A birder checkpoint, written by birder
 
 # %%
-src = standin.write_standin(WORK / "birder", model_config=standin.TINY_MODEL_CONFIG if QUICK else None)
+src = write_standin(WORK / "birder", model_config=TINY_MODEL_CONFIG if QUICK else None)
 print(src.describe())
 for p in sorted((WORK / "birder").iterdir()):
     print(f"  {p.name:<34} {p.stat().st_size / 2**20:8.1f} MiB")
@@ -66,15 +72,18 @@ print(json.dumps(json.loads(src.config.read_text())["model_config"]))
 # %% [markdown]
 # ## 2. Convert to a vitreg-jax checkpoint
 #
-# The same as running `vitreg-jax convert SRC --config JSON --out DIR` in a shell. The `.pt` is read without
-# torch (a restricted unpickler that never runs code from the file); every birder key maps through one
-# invertible table, and a missing, extra or mis-shaped tensor is refused by name.
+# `vitreg_jax.convert.convert_to_checkpoint(SRC, DIR, config=JSON)` is what
+# `vitreg-jax convert SRC --config JSON --out DIR` runs: it prints what it reads and decides as it goes, and
+# `info_text(checkpoint_info(DIR))` is what `vitreg-jax info DIR` prints. The `.pt` is read without torch (an
+# interpreter of the few pickle records a state dict is made of, which never runs code from the file); every
+# birder key maps through one invertible table, and a missing, extra or mis-shaped tensor is refused by name.
 
 # %%
 ckpt = WORK / "checkpoint"
-assert vitreg_jax_cli(["convert", str(src.weights), "--config", str(src.config), "--out", str(ckpt)]) == 0
+done = convert_to_checkpoint(src.weights, ckpt, config=src.config)
+print(f"wrote        {done.out}/ ({done.parameters:,} parameters in {done.tensors} tensors, {done.dtype})")
 print()
-assert vitreg_jax_cli(["info", str(ckpt)]) == 0
+print(info_text(checkpoint_info(ckpt)))
 print("\nfiles:", sorted(str(p.relative_to(ckpt)) for p in ckpt.iterdir()))
 
 # %% [markdown]
@@ -82,22 +91,21 @@ print("\nfiles:", sorted(str(p.relative_to(ckpt)) for p in ckpt.iterdir()))
 # topology), and `load_model_with_cfg(None, DIR)` builds the model from its metadata:
 
 # %%
-from vitreg_jax.model.checkpoint import load_checkpoint
-
-params, meta = load_checkpoint(ckpt)
-print("top-level keys:", sorted(params), "| qkv kernel of block 0:", params["encoder"]["block"]["0"]["attn"]["qkv"]["kernel"].shape)
+params, meta = vitreg_jax.load_checkpoint(ckpt)
+qkv = params["encoder"]["block"]["0"]["attn"]["qkv"]["kernel"]
+print("top-level keys:", sorted(params), "| qkv kernel of block 0:", qkv.shape)
 print("provenance:", {k: meta["provenance"][k] for k in ("source_file", "source_sha256", "birder_version")})
 net, cfg = vitreg_jax.load_model_with_cfg(None, ckpt)
 
 # %% [markdown]
 # ## 3. Back to birder, bit for bit
 #
-# `vitreg-jax export` writes a birder `.pt` and its `.json`; `birder.load_model_with_cfg` loads them (strictly),
-# and every tensor equals the one birder originally saved.
+# `export_to_birder(DIR, FILE)` (`vitreg-jax export DIR --out FILE`) writes a birder `.pt` and its `.json`;
+# `birder.load_model_with_cfg` loads them (strictly), and every tensor equals the one birder originally saved.
 
 # %%
 back = WORK / "exported" / "vit_reg4_b16_roundtrip.pt"
-assert vitreg_jax_cli(["export", str(ckpt), "--out", str(back)]) == 0
+export_to_birder(ckpt, back)
 tnet_back, _ = birder.load_model_with_cfg(str(back.with_suffix(".json")), str(back))
 tnet, tcfg = birder.load_model_with_cfg(str(src.config), str(src.weights))
 original, roundtrip = tnet.state_dict(), tnet_back.state_dict()
@@ -108,20 +116,23 @@ assert len(same) == len(original) and set(original) == set(roundtrip)
 # %% [markdown]
 # ## 4. Parity with birder, block by block
 #
-# Both frameworks get the same preprocessed sample images (NHWC for us, NCHW for birder). birder's block outputs
-# come from forward hooks; ours from `masked_encoding_omission(x, return_all_features=True)`, birder's own
-# method for all block outputs (the last one after the final norm, as birder returns it).
+# Both frameworks get the same preprocessed sample images (NHWC for us, NCHW for birder). birder's block
+# outputs come from forward hooks; ours from `masked_encoding_omission(x, return_all_features=True)`, birder's
+# own method for all block outputs (the last one after the final norm, as birder returns it).
 
 # %%
 size = vitreg_jax.get_size_from_signature(cfg["signature"])
 transform = vitreg_jax.classification_transform(size, cfg["rgb_stats"])
-paths = list_inputs([standin.sample_images_dir()])[:4]
+paths = list_inputs([sample_images_dir()])[:4]
 x = np.stack([transform(load_image(p)) for p in paths])  # (B, H, W, 3)
 x_torch = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())  # (B, 3, H, W)
 
 tnet.eval()
 hooked: list[np.ndarray] = []
-hooks = [b.register_forward_hook(lambda _m, _i, o: hooked.append(o.detach().numpy())) for b in tnet.encoder.block]
+hooks = [
+    block.register_forward_hook(lambda _m, _i, o: hooked.append(o.detach().numpy()))
+    for block in tnet.encoder.block
+]
 with torch.no_grad():
     t_tokens = tnet.forward_features(x_torch).numpy()
     t_emb = tnet.embedding(x_torch).numpy()
@@ -158,10 +169,10 @@ plt.show()
 # resizes its patch part in two ways, and vitreg-jax reproduces both (`jax.image.resize` implements only the
 # second):
 #
-# | when | torch call | kernel |
-# |---|---|---|
-# | every forward at another size (`set_dynamic_size(True)`; always on in vitreg-jax) | `interpolate(bicubic, antialias=False)` | Keys a = −0.75, taps clamped at the border |
-# | `adjust_size(new)`, once, permanently | `interpolate(bicubic, antialias=True)` | a = −0.5, support widened when downsampling, renormalised |
+# - **dynamic size**, every forward at another size (`set_dynamic_size(True)`; always on in vitreg-jax):
+#   torch's `interpolate(bicubic, antialias=False)`, Keys' kernel with a = −0.75, taps clamped at the border;
+# - **`adjust_size(new)`**, once, permanently: `interpolate(bicubic, antialias=True)`, a = −0.5, the support
+#   widened when downsampling, the weights renormalised.
 #
 # Both are separable; here are the 1-D resampling matrices for the grid sizes used below:
 
@@ -174,8 +185,9 @@ for col, (n_in, n_out, what) in enumerate(cases):
         m = bicubic_matrix(n_in, n_out, aa)
         lim = np.abs(m).max()
         axes[row, col].imshow(m, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
-        axes[row, col].set_title(f"{n_in} -> {n_out}: {'antialias (adjust_size)' if aa else 'dynamic size'}",
-                                 fontsize=9)
+        axes[row, col].set_title(
+            f"{n_in} -> {n_out}: {'antialias (adjust_size)' if aa else 'dynamic size'}", fontsize=9
+        )
         axes[row, col].set_xlabel("source row")
         axes[row, col].set_ylabel("target row")
 fig.suptitle("torch's bicubic resampling as matrices (red > 0 > blue)")
@@ -199,8 +211,8 @@ for hw in [(320, 192), (128, 128)]:
 stored = np.asarray(net.pos_embedding[...])
 tnet.adjust_size((384, 384))
 net.adjust_size((384, 384))
-report.append(("adjust_size(384): pos_embedding",
-               float(np.abs(tnet.pos_embedding.detach().numpy() - np.asarray(net.pos_embedding[...])).max())))
+resized = float(np.abs(tnet.pos_embedding.detach().numpy() - np.asarray(net.pos_embedding[...])).max())
+report.append(("adjust_size(384): pos_embedding", resized))
 xi = rng.standard_normal((2, 384, 384, 3)).astype(np.float32)
 with torch.no_grad():
     te = tnet.embedding(torch.from_numpy(xi.transpose(0, 3, 1, 2).copy())).numpy()
@@ -228,6 +240,6 @@ for ax, (title, p) in zip(axes, panels):
     ax.imshow(p, cmap="RdBu_r", vmin=-lim, vmax=lim)
     ax.set_title(title, fontsize=9)
     ax.axis("off")
-fig.suptitle("position embedding, PC1 of the patch rows" + (" (stand-in: random init)" if src.is_standin else ""))
+fig.suptitle("position embedding, PC1 of the patch rows" + (" (stand-in: random init)" * src.is_standin))
 fig.tight_layout()
 plt.show()

@@ -14,10 +14,11 @@
 # %% [markdown]
 # # 03 · MAE pre-training in JAX
 #
-# A few hundred steps of birder's `mae_vit` recipe (75 % of the patches masked, a transformer decoder, pixel MSE
-# on the masked patches, AdamW (0.9, 0.95) with weight decay 0.05, warm-up then cosine) on the 13 sample photos,
-# with a tiny encoder and decoder so that it runs on a laptop CPU in about a minute. The same code trains the full `vit_reg4_b16` (`vitreg-jax pretrain --data DIR --out RUN`) on GPUs
-# and TPUs: the train step is one jitted function with donated state, data-parallel over every device.
+# A few hundred steps of birder's `mae_vit` recipe (75 % of the patches masked, a transformer decoder, pixel
+# MSE on the masked patches, AdamW (0.9, 0.95) with weight decay 0.05, warm-up then cosine) on the 13 sample
+# photos, with a tiny encoder and decoder so that it runs on a laptop CPU in about a minute. The same code
+# trains the full `vit_reg4_b16` (`vitreg-jax pretrain --data DIR --out RUN`) on GPUs and TPUs: the train step
+# is one jitted function with donated state, data-parallel over every device.
 #
 # Thirteen images are far too few to learn anything general: the model learns to reconstruct *these* images.
 # The point is the machinery: the loss curve, and original / masked / reconstructed side by side.
@@ -35,17 +36,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 from flax import nnx
 
-from vitreg_jax import ViT
-from vitreg_jax.convert import standin
-from vitreg_jax.data.augment import TrainTransform
-from vitreg_jax.data.inputs import list_inputs
-from vitreg_jax.data.preprocess import classification_transform, load_image
-from vitreg_jax.data.rgb_stats import named_rgb_stats
-from vitreg_jax.model.config import preset
-from vitreg_jax.model.vit import num_params
-from vitreg_jax.pretraining.config import TrainConfig
-from vitreg_jax.pretraining.mae import random_masking, unpatchify
-from vitreg_jax.pretraining.run import PretrainSettings, open_run, train
+from vitreg_jax import TrainConfig, ViT, classification_transform, preset
+from vitreg_jax.convert import sample_images_dir
+from vitreg_jax.data import TrainTransform, list_inputs, load_image, named_rgb_stats
+from vitreg_jax.model import num_params
+from vitreg_jax.pretraining import PretrainSettings, open_run, random_masking, train, unpatchify
 
 QUICK = os.environ.get("VITREG_JAX_NOTEBOOK_QUICK") == "1"
 STEPS = 60 if QUICK else 300
@@ -58,21 +53,35 @@ print("JAX", jax.__version__, "on", jax.devices(), "| steps:", STEPS)
 # The encoder is birder's `vit_reg4_b16` layout (4 registers + class token) shrunk: patch 8 at 64×64 px
 # (64 patches), 4 blocks of width 128. The decoder is birder's `mae_vit` decoder at width 128 and depth 2.
 #
-# `vitreg_jax.pretraining.run` (the library behind `vitreg-jax pretrain`) takes the run's `PretrainSettings`:
-# everything that shapes the run, saved with it and checked when it is resumed. The training hyper-parameters
-# are a `TrainConfig`, whose defaults are birder's recipe. The encoder is built here and handed over; the
-# settings `network="vit_reg4_b16", model_config={...}` would have the library build the same one.
+# `vitreg_jax.pretraining.train` (the library behind `vitreg-jax pretrain`) runs a run folder opened with the
+# run's `PretrainSettings`: everything that shapes the run, saved with it and checked when it is resumed. The
+# training hyper-parameters are a `TrainConfig`, whose defaults are birder's recipe. The encoder is built here
+# and handed over; the settings `network="vit_reg4_b16", model_config={...}` would have the library build the
+# same one.
 
 # %%
-encoder_cfg = preset("vit_reg4_b16", image_size=SIZE, model_config={
-    "patch_size": 8, "num_layers": 4, "hidden_dim": 128, "num_heads": 4, "mlp_dim": 512, "drop_path_rate": 0.0})
+tiny = {
+    "patch_size": 8,
+    "num_layers": 4,
+    "hidden_dim": 128,
+    "num_heads": 4,
+    "mlp_dim": 512,
+    "drop_path_rate": 0.0,
+}
+encoder_cfg = preset("vit_reg4_b16", image_size=SIZE, model_config=tiny)
 encoder = ViT(encoder_cfg, rngs=nnx.Rngs(0))
 settings = PretrainSettings(
-    data=(str(standin.sample_images_dir()),), size=SIZE, rgb_stats="vit_reg4_b16_mim", aug_level=0,
+    data=(str(sample_images_dir()),),
+    size=SIZE,
+    rgb_stats="vit_reg4_b16_mim",
+    aug_level=0,
     mae_config={"decoder_embed_dim": 128, "decoder_depth": 2, "decoder_num_heads": 4},
-    train=TrainConfig(steps=STEPS, batch_size=8, lr=1e-3, warmup_steps=STEPS // 10, seed=0, log_every=1))
-print(f"encoder: {encoder_cfg.num_layers} blocks x {encoder_cfg.hidden_dim}, {encoder_cfg.grid_size} patch grid, "
-      f"{num_params(encoder):,} parameters; decoder: {settings.mae_config_resolved()}")
+    train=TrainConfig(steps=STEPS, batch_size=8, lr=1e-3, warmup_steps=STEPS // 10, seed=0, log_every=1),
+)
+print(
+    f"encoder: {encoder_cfg.num_layers} blocks x {encoder_cfg.hidden_dim}, {encoder_cfg.grid_size} patch "
+    f"grid, {num_params(encoder):,} parameters; decoder: {settings.mae_config_resolved()}"
+)
 
 # %% [markdown]
 # ## Data: the sample photos, and birder's augmentation
@@ -131,7 +140,8 @@ print(f"loss: first 10 steps {losses[:10].mean():.3f} -> last 10 steps {losses[-
 fig, ax = plt.subplots(figsize=(7, 3.2))
 ax.plot(losses, lw=0.8, alpha=0.5, label="loss per step")
 w = max(1, STEPS // 20)
-ax.plot(np.arange(w - 1, STEPS), np.convolve(losses, np.ones(w) / w, mode="valid"), lw=2, label=f"mean of {w}")
+smooth = np.convolve(losses, np.ones(w) / w, mode="valid")  # the mean of each w consecutive steps
+ax.plot(np.arange(w - 1, STEPS), smooth, lw=2, label=f"mean of {w}")
 ax.set_xlabel("optimizer step")
 ax.set_ylabel("MSE on masked patches")
 ax2 = ax.twinx()
@@ -146,8 +156,8 @@ plt.show()
 # ## Original / masked / reconstructed
 #
 # The trained MAE on un-augmented images (birder's inference transform at 64×64), with fresh random masks:
-# 75 % of the patches hidden, the decoder predicts their pixels. The last column pastes the visible patches back
-# over the prediction, as in the MAE paper.
+# 75 % of the patches hidden, the decoder predicts their pixels. The last column pastes the visible patches
+# back over the prediction, as in the MAE paper.
 
 # %%
 trained = result.model
@@ -162,8 +172,12 @@ mask = np.asarray(out["mask"]).reshape(len(x), grid[0], grid[1])  # 1 = hidden
 mask_px = np.repeat(np.repeat(mask, p, axis=1), p, axis=2)[..., None]  # (n, H, W, 1)
 print("loss on these images:", float(out["loss"]))
 
-cols = [("original", to_pixels(x)), ("masked (75 %)", to_pixels(x) * (1 - mask_px) + 0.5 * mask_px),
-        ("reconstruction", to_pixels(pred)), ("reconstruction + visible", to_pixels(x * (1 - mask_px) + pred * mask_px))]
+cols = [
+    ("original", to_pixels(x)),
+    ("masked (75 %)", to_pixels(x) * (1 - mask_px) + 0.5 * mask_px),
+    ("reconstruction", to_pixels(pred)),
+    ("reconstruction + visible", to_pixels(x * (1 - mask_px) + pred * mask_px)),
+]
 fig, axes = plt.subplots(len(x), len(cols), figsize=(2.3 * len(cols), 2.3 * len(x)))
 for r in range(len(x)):
     for c, (title, imgs) in enumerate(cols):
@@ -177,10 +191,10 @@ plt.show()
 # %% [markdown]
 # ## From here
 #
-# - `vitreg-jax pretrain --data DIR --out RUN --network vit_reg4_b16 --epochs 800` is the full recipe, resumable
-#   after a kill (`--resume`), with `--bf16` mixed precision and `--grad-accum-steps`; at the end it exports
-#   `RUN/encoder/`, a vitreg-jax checkpoint that `vitreg-jax embed` uses and `vitreg-jax export` turns into a
-#   birder `.pt`.
+# - `vitreg-jax pretrain --data DIR --out RUN --network vit_reg4_b16 --epochs 800` is the full recipe,
+#   resumable after a kill (`--resume`), with `--bf16` mixed precision and `--grad-accum-steps`; at the end it
+#   exports `RUN/encoder/`, a vitreg-jax checkpoint that `vitreg-jax embed` uses and `vitreg-jax export` turns
+#   into a birder `.pt`.
 # - `--init vit_reg4_b16_mim_300` starts from the published encoder (fine-tuning the MAE on your own images).
 # - Several hosts (a TPU slice, GPU nodes): run the same command once per host with `--distributed`
 #   (`jax.distributed` finds the others on TPU pods and under SLURM) or with

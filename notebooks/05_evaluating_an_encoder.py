@@ -21,7 +21,7 @@
 # handwritten digits (8×8 px, 10 classes), upscaled and written as image folders, and compares
 #
 # * a randomly initialised encoder,
-# * the same encoder after MAE pre-training with `vitreg_jax.pretraining.run` (the library behind
+# * the same encoder after MAE pre-training with `vitreg_jax.pretraining.train` (the library behind
 #   `vitreg-jax pretrain`; 1,500 steps, or 120 in `QUICK`), which measures the k-NN accuracy every 100 (30)
 #   steps while it trains,
 # * and, as a yardstick, the raw pixels themselves.
@@ -44,24 +44,27 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 import vitreg_jax
-from vitreg_jax.data.labelled import read_labelled_folder
-from vitreg_jax.data.rgb_stats import named_rgb_stats
-from vitreg_jax.evaluation.labelled_embeddings import LabelledEmbeddings, embed_folders
-from vitreg_jax.evaluation.report import evaluate_embeddings, format_report
-from vitreg_jax.model.config import preset
-from vitreg_jax.pretraining.config import TrainConfig
-from vitreg_jax.pretraining.run import PretrainSettings, open_run, train
+from vitreg_jax import TrainConfig, preset
+from vitreg_jax.data import named_rgb_stats, read_labelled_folder
+from vitreg_jax.evaluation import LabelledEmbeddings, embed_folders, evaluate_embeddings, format_report
+from vitreg_jax.pretraining import PretrainSettings, open_run, train
 
 QUICK = os.environ.get("VITREG_JAX_NOTEBOOK_QUICK") == "1"
 SIZE = (32, 32)
 IMAGES = 900 if QUICK else 1797
 STEPS = 120 if QUICK else 1500
 EVAL_EVERY = 30 if QUICK else 100
-MODEL = ({"patch_size": 8, "num_layers": 2, "hidden_dim": 64, "num_heads": 4, "mlp_dim": 128} if QUICK else
-         {"patch_size": 4, "num_layers": 4, "hidden_dim": 128, "num_heads": 4, "mlp_dim": 512})
+MODEL = (
+    {"patch_size": 8, "num_layers": 2, "hidden_dim": 64, "num_heads": 4, "mlp_dim": 128}
+    if QUICK
+    else {"patch_size": 4, "num_layers": 4, "hidden_dim": 128, "num_heads": 4, "mlp_dim": 512}
+)
 # birder's mae_vit decoder (512 wide, 8 blocks) would dwarf these encoders: a small one
-DECODER = ({"decoder_embed_dim": 64, "decoder_depth": 1, "decoder_num_heads": 4} if QUICK else
-           {"decoder_embed_dim": 128, "decoder_depth": 2, "decoder_num_heads": 4})
+DECODER = (
+    {"decoder_embed_dim": 64, "decoder_depth": 1, "decoder_num_heads": 4}
+    if QUICK
+    else {"decoder_embed_dim": 128, "decoder_depth": 2, "decoder_num_heads": 4}
+)
 print("JAX", jax.__version__, "on", jax.devices(), "| images:", IMAGES, "| steps:", STEPS)
 
 # %% [markdown]
@@ -83,13 +86,16 @@ for split, rows in (("train", order[:n_train]), ("val", order[n_train:])):
         folder.mkdir(parents=True, exist_ok=True)
         grey = Image.fromarray((digits.images[i] * (255 / 16)).astype(np.uint8)).resize(SIZE, Image.BICUBIC)
         grey.convert("RGB").save(folder / f"{i:04d}.png")
-train_folder, val_folder = read_labelled_folder(root / "train", "train"), read_labelled_folder(root / "val", "val")
+train_folder = read_labelled_folder(root / "train", "train")
+val_folder = read_labelled_folder(root / "val", "val")
 print(f"{len(train_folder.paths)} train / {len(val_folder.paths)} val images in {root}")
 
 fig, axes = plt.subplots(1, 10, figsize=(10, 1.3))
 for ax, c in zip(axes, range(10)):
     path = train_folder.paths[train_folder.names.index(f"digit_{c}")]
-    ax.imshow(Image.open(path)), ax.set_title(f"digit_{c}", fontsize=8), ax.axis("off")
+    ax.imshow(Image.open(path))
+    ax.set_title(f"digit_{c}", fontsize=8)
+    ax.axis("off")
 plt.show()
 
 # %% [markdown]
@@ -98,6 +104,7 @@ plt.show()
 # The evaluation functions work on any arrays: `evaluate_embeddings` takes two `LabelledEmbeddings` (rows,
 # their class names, their keys). Here the rows are the original 8×8 grey levels (64 numbers per digit). Raw
 # pixels are a strong baseline on digits, which are centred and size-normalised.
+
 
 # %%
 def pixels(folder):
@@ -134,12 +141,29 @@ print(format_report(report_random))
 
 # %%
 run_dir = root / "run"
+recipe = TrainConfig(
+    steps=STEPS,
+    batch_size=64,
+    lr=1.5e-3,
+    warmup_steps=STEPS // 10,
+    schedule_per_step=True,
+    checkpoint_every=STEPS,
+    log_every=EVAL_EVERY,
+    seed=0,
+)
 settings = PretrainSettings(
-    data=(str(root / "train"),), network="vit_reg4_b16", model_config=MODEL, mae_config=DECODER, size=SIZE,
+    data=(str(root / "train"),),
+    network="vit_reg4_b16",
+    model_config=MODEL,
+    mae_config=DECODER,
+    size=SIZE,
     rgb_stats="neutral",
-    aug_level=0, eval_train=str(root / "train"), eval_val=str(root / "val"), eval_every=EVAL_EVERY,
-    train=TrainConfig(steps=STEPS, batch_size=64, lr=1.5e-3, warmup_steps=STEPS // 10, schedule_per_step=True,
-                      checkpoint_every=STEPS, log_every=EVAL_EVERY, seed=0))
+    aug_level=0,
+    eval_train=str(root / "train"),
+    eval_val=str(root / "val"),
+    eval_every=EVAL_EVERY,
+    train=recipe,
+)
 result = train(open_run(run_dir, settings), progress=False)
 print(f"trained {result.step} steps, last loss {result.loss:.4f}")
 
@@ -148,11 +172,13 @@ lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().sp
 curve = [(r["step"], r["knn/top1"]) for r in lines if "knn/top1" in r]
 losses = [(r["step"], r["loss"]) for r in lines]
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.2))
-ax1.plot(*zip(*losses)), ax1.set_xlabel("step"), ax1.set_ylabel("MAE loss"), ax1.set_title("reconstruction loss")
+ax1.plot(*zip(*losses))
+ax1.set(xlabel="step", ylabel="MAE loss", title="reconstruction loss")
 ax2.plot(*zip(*curve), marker="o", label="pre-training encoder")
 ax2.axhline(report_random["knn_top1"], color="gray", ls="--", label="random init")
 ax2.axhline(report_pixels["knn_top1"], color="green", ls=":", label="raw pixels")
-ax2.set_xlabel("step"), ax2.set_ylabel("k-NN top-1 (val)"), ax2.set_title("weighted k-NN, k = 20"), ax2.legend()
+ax2.set(xlabel="step", ylabel="k-NN top-1 (val)", title="weighted k-NN, k = 20")
+ax2.legend()
 plt.tight_layout()
 plt.show()
 
@@ -168,7 +194,11 @@ train_emb, val_emb = embed_folders(trained, cfg["rgb_stats"], [train_folder, val
 report_trained = evaluate_embeddings(train_emb, val_emb, seed=0)
 print(format_report(report_trained))
 
-rows = [("raw pixels", report_pixels), ("random init", report_random), (f"MAE, {STEPS} steps", report_trained)]
+rows = [
+    ("raw pixels", report_pixels),
+    ("random init", report_random),
+    (f"MAE, {STEPS} steps", report_trained),
+]
 keys = ["knn_top1", "knn1_top1", "linear_top1"]
 print(f"{'':<18}" + "".join(f"{k:>13}" for k in keys))
 for name, r in rows:
@@ -176,10 +206,10 @@ for name, r in rows:
 
 # %% [markdown]
 # What to read from this. One full run (1,500 steps, about 25 minutes on a shared 2-core CPU) measured: raw
-# pixels 98.0 % k-NN top-1; the random encoder 83.6 % (linear probe 94.0 %); during MAE the k-NN accuracy first
-# fell to 61 % (step 200), as the features turned towards reconstruction, then climbed past the random
+# pixels 98.0 % k-NN top-1; the random encoder 83.6 % (linear probe 94.0 %); during MAE the k-NN accuracy
+# first fell to 61 % (step 200), as the features turned towards reconstruction, then climbed past the random
 # encoder's, to 88.8 % at the end (k = 1: 94.3 %, linear probe 95.7 %). The quick run (120 steps) stops in the
-# dip. Raw pixels stay ahead: the digits are tiny, centred and size-normalised, and MAE needs far more data and
-# steps before its features beat the input they reconstruct. The point is the machinery: the same functions,
-# options and files judge `vit_reg4_b16_mim_300` on ImageNet, on a GPU or TPU, with the training set streamed
-# blockwise through the neighbour search.
+# dip. Raw pixels stay ahead: the digits are tiny, centred and size-normalised, and MAE needs far more data
+# and steps before its features beat the input they reconstruct. The point is the machinery: the same
+# functions, options and files judge `vit_reg4_b16_mim_300` on ImageNet, on a GPU or TPU, with the training
+# set streamed blockwise through the neighbour search.

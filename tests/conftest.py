@@ -37,11 +37,12 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
     """A tiny birder vit_reg4_b16 saved by birder as .pt (with and without its config), .json and
     .safetensors."""
-    from tests.support.birder_files import TINY, Tiny, birder_net, birder_save, birder_save_st
+    from tests.support.birder_files import Tiny, birder_net, birder_save, birder_save_st
+    from tests.support.tiny_models import TINY_BIRDER
 
     folder = tmp_path_factory.mktemp("birder")
     net = birder_net()
-    pt, js = birder_save(net, folder, "vit_reg4_b16_tiny", external_config=TINY)
+    pt, js = birder_save(net, folder, "vit_reg4_b16_tiny", external_config=TINY_BIRDER)
     bare, _ = birder_save(net, folder / "bare", "vit_reg4_b16_tiny")
-    st = birder_save_st(net, folder / "vit_reg4_b16_tiny_1.safetensors", external_config=TINY)
+    st = birder_save_st(net, folder / "vit_reg4_b16_tiny_1.safetensors", external_config=TINY_BIRDER)
     return Tiny(net=net, pt=pt, pt_bare_meta=bare, json=js, st=st)

@@ -2,8 +2,8 @@
 published names served from 127.0.0.1, --verify, and one clear error line (exit 2, nothing left behind)
 for every kind of bad input.
 
-Most cases call ``vitreg_jax.cli.main.main`` in-process (fast); a few run ``python -m vitreg_jax`` as users
-do.
+Most cases call ``vitreg_jax.cli.main.main`` in-process (fast); a few run ``python -m vitreg_jax`` as
+users do.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import pytest
 from tests.support.birder_files import (
     RGB,
     SIZE,
-    TINY,
     Tiny,
     birder_embedding,
     birder_net,
@@ -40,6 +39,7 @@ from tests.support.birder_files import (
     to_numpy,
 )
 from tests.support.hf_mirror import HfMirror
+from tests.support.tiny_models import TINY_BIRDER
 from tests.support.tolerances import CONVERT_PARITY_ATOL, VERIFY_INJECTED_ERROR, VERIFY_LOOSE_TOLERANCE
 from vitreg_jax.cli.main import main
 from vitreg_jax.convert import hub
@@ -158,7 +158,9 @@ def test_convert_without_json_at_a_nonstandard_width_asks_for_it(
 def test_legacy_layouts_convert_to_the_same_checkpoint(
     tiny: Tiny, converted: Path, tmp_path: Path, oldest: bool, layout: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    path = save_pt(tmp_path / "legacy.pt", legacy_state(state_tensors(tiny.net), oldest=oldest), config=TINY)
+    path = save_pt(
+        tmp_path / "legacy.pt", legacy_state(state_tensors(tiny.net), oldest=oldest), config=TINY_BIRDER
+    )
     rc, out, err = cli(capsys, "convert", path, "--out", tmp_path / "c", "--verify")
     assert rc == 0, err
     assert f"key layout {layout}" in out and "verify: " in out and ": OK" in out
@@ -178,7 +180,7 @@ def test_legacy_json_with_alias(
         "alias": alias,
         "task": "image_classification",
         "net_param": None,
-        "model_config": {**TINY, "patch_size": 16, "num_reg_tokens": 4},
+        "model_config": {**TINY_BIRDER, "patch_size": 16, "num_reg_tokens": 4},
         "signature": signature(),
         "rgb_stats": {"mean": [0.5248, 0.5372, 0.5086], "std": [0.2135, 0.2103, 0.2622]},
     }
@@ -200,7 +202,7 @@ def test_half_precision_files_convert_and_export_bit_for_bit(
     tiny: Tiny, tmp_path: Path, dtype: Any, name: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     net = birder_net().to(dtype)
-    pt, js = birder_save(net, tmp_path, "half", external_config=TINY)
+    pt, js = birder_save(net, tmp_path, "half", external_config=TINY_BIRDER)
     rc, _, err = cli(capsys, "convert", pt, "--out", tmp_path / "c", "--verify")
     assert rc == 0, err
     meta = metadata(tmp_path / "c")
@@ -228,7 +230,7 @@ def test_half_precision_files_convert_and_export_bit_for_bit(
 def test_a_classifier_head_is_kept(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     net = birder_net(num_classes=5)
     classes = {f"bird_{i}": i for i in range(5)}
-    pt, _ = birder_save(net, tmp_path, "cls", external_config=TINY, class_to_idx=classes)
+    pt, _ = birder_save(net, tmp_path, "cls", external_config=TINY_BIRDER, class_to_idx=classes)
     rc, out, err = cli(capsys, "convert", pt, "--out", tmp_path / "c")
     assert rc == 0, err
     assert "classifier 5" in out
@@ -274,7 +276,8 @@ def test_pt_to_orbax_to_pt_is_bit_for_bit(
     for key in ("signature", "class_to_idx", "task", "birder_version"):
         assert back[key] == src[key], key
     assert back["rgb_stats"] == {k: list(v) for k, v in src["rgb_stats"].items()}
-    assert back["config"] == src["config"] == TINY  # the file's own config travels through metadata.json
+    # the file's own config travels through metadata.json
+    assert back["config"] == src["config"] == TINY_BIRDER
 
 
 def test_the_python_api_behind_convert_and_export(
@@ -300,7 +303,9 @@ def test_the_python_api_behind_convert_and_export(
 def test_export_a_legacy_file_with_todays_keys(
     tiny: Tiny, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    path = save_pt(tmp_path / "old.pt", legacy_state(state_tensors(tiny.net), oldest=True), config=TINY)
+    path = save_pt(
+        tmp_path / "old.pt", legacy_state(state_tensors(tiny.net), oldest=True), config=TINY_BIRDER
+    )
     rc, _, err = cli(capsys, "export", path, "--out", tmp_path / "new.pt")
     assert rc == 0, err
     new = torch.load(tmp_path / "new.pt", weights_only=True)["state"]
@@ -496,7 +501,7 @@ def test_legacy_published_name_and_a_wrong_hash(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    legacy = save_pt(tmp_path / "legacy.pt", legacy_state(state_tensors(tiny.net)), config=TINY)
+    legacy = save_pt(tmp_path / "legacy.pt", legacy_state(state_tensors(tiny.net)), config=TINY_BIRDER)
     publish(hub_server, monkeypatch, "vitreg4_b16_mim_200", legacy, hub.LAYOUT_LEGACY)
     rc, out, err = cli(capsys, "convert", "vitreg4_b16_mim_200", "--out", tmp_path / "c")
     assert rc == 0, err
@@ -599,7 +604,7 @@ def test_state_dicts_that_do_not_fit_are_refused(
     tiny: Tiny, tmp_path: Path, problem: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     state, needle = _state_variants(tiny)[problem]
-    path = save_pt(tmp_path / "w.pt", state, config=TINY, birder_version="v0.8.4")
+    path = save_pt(tmp_path / "w.pt", state, config=TINY_BIRDER, birder_version="v0.8.4")
     rc, _, err = cli(capsys, "convert", path, "--config", tiny.json, "--out", tmp_path / "c")
     assert_user_error(rc, err, needle)
     assert not (tmp_path / "c").exists() and leftovers(tmp_path) == []

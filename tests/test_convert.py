@@ -1,6 +1,5 @@
 """The converter's library layer: the .pt reader (torch.load(weights_only=True) only), .safetensors, legacy
-key layouts, architecture
-inference, and the refusal of unsafe or damaged files.
+key layouts, architecture inference, and the refusal of unsafe or damaged files.
 
 Reference files are written by birder 0.8.4 itself (``fs_ops.checkpoint_model``, ``write_config``,
 ``save_st``) from tiny networks with a fixed torch seed; legacy files are made from those by renaming keys
@@ -22,7 +21,6 @@ import pytest
 from tests.support.birder_files import (
     RGB,
     SIZE,
-    TINY,
     Tiny,
     birder_net,
     damaged_files,
@@ -33,6 +31,7 @@ from tests.support.birder_files import (
     state_tensors,
     to_numpy,
 )
+from tests.support.tiny_models import TINY_BIRDER
 from vitreg_jax.convert import infer, mapping
 from vitreg_jax.convert.formats.birder_file import read_birder_file
 from vitreg_jax.errors import UserError
@@ -116,7 +115,7 @@ def test_birder_saved_pt_and_safetensors_read_identically(tiny: Tiny) -> None:
     for got in (pt, st):
         assert list(got.state) == list(want) if got is pt else set(got.state) == set(want)
         assert all(np.array_equal(got.state[k], want[k]) for k in want)
-        assert got.meta["signature"] == signature() and got.meta["config"] == TINY
+        assert got.meta["signature"] == signature() and got.meta["config"] == TINY_BIRDER
     assert pt.meta["birder_version"] == st.meta["birder_version"] == "v0.8.4"
 
 
@@ -191,7 +190,7 @@ def test_legacy_layouts_normalise_to_todays_keys(tiny: Tiny, oldest: bool, layou
 
 
 def test_to_nnx_consume_drops_the_source_and_gives_the_same_arrays(tiny: Tiny) -> None:
-    cfg = ViTConfig.from_birder(TINY | {"patch_size": 16, "num_reg_tokens": 4}, image_size=SIZE)
+    cfg = ViTConfig.from_birder(TINY_BIRDER | {"patch_size": 16, "num_reg_tokens": 4}, image_size=SIZE)
     source = {k: v.numpy().copy() for k, v in tiny.net.state_dict().items()}
     kept = mapping.to_nnx(source, cfg)
     consumed = mapping.to_nnx(source, cfg, consume=True)
@@ -204,7 +203,7 @@ def _birder_vit_config(net: Any, size: tuple[int, int] = SIZE) -> ViTConfig:
     """What birder's own json says about ``net``, through our reader of birder configs."""
     from birder.common import lib
 
-    from vitreg_jax.model.birder_config import vit_config_from_birder
+    from vitreg_jax.model.birder_json import vit_config_from_birder
 
     cfg = json.loads(json.dumps(lib.get_network_config(net, signature(size, net.num_classes), RGB)))
     return vit_config_from_birder(cfg)
@@ -221,7 +220,7 @@ VARIANTS = {
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_inference_with_the_files_config_reproduces_birders_architecture(variant: str) -> None:
-    config = {**TINY, **VARIANTS[variant]}
+    config = {**TINY_BIRDER, **VARIANTS[variant]}
     net = birder_net(config=config, num_classes=3 if "no final" in variant else 0)
     state = {k: v.numpy() for k, v in net.state_dict().items()}
     meta = {"signature": signature(SIZE, net.num_classes), "rgb_stats": RGB, "config": config}
@@ -234,7 +233,7 @@ def test_inference_with_the_files_config_reproduces_birders_architecture(variant
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_inference_from_shapes_alone_at_a_standard_width(variant: str) -> None:
     """Width 192: birder's standard head count is 3; eps and layer scale follow birder's conventions."""
-    config = {**TINY, "hidden_dim": 192, "num_heads": 3, "mlp_dim": 256, **VARIANTS[variant]}
+    config = {**TINY_BIRDER, "hidden_dim": 192, "num_heads": 3, "mlp_dim": 256, **VARIANTS[variant]}
     net = birder_net(config=config)
     state = {k: v.numpy() for k, v in net.state_dict().items()}
     result = infer.infer(state, {"signature": signature(), "rgb_stats": RGB})
@@ -262,9 +261,11 @@ def test_standard_heads_come_from_birders_presets() -> None:
 
 
 def test_non_square_signature_and_classifier(tmp_path: Path) -> None:
-    net = birder_net(config=TINY, size=(32, 48), num_classes=5)
+    net = birder_net(config=TINY_BIRDER, size=(32, 48), num_classes=5)
     state = {k: v.numpy() for k, v in net.state_dict().items()}
-    result = infer.infer(state, {"signature": signature((32, 48), 5), "rgb_stats": RGB, "config": TINY})
+    result = infer.infer(
+        state, {"signature": signature((32, 48), 5), "rgb_stats": RGB, "config": TINY_BIRDER}
+    )
     assert result.vit_config.image_size == (32, 48) and result.vit_config.num_classes == 5
     assert result.birder_config["signature"] == signature((32, 48), 5)
 
@@ -274,15 +275,18 @@ def test_non_square_signature_and_classifier(tmp_path: Path) -> None:
     [
         ({"signature": signature()}, "no rgb_stats.*--config"),
         ({"signature": signature(), "rgb_stats": RGB}, "num_heads for width 64.*--config"),
-        ({"signature": signature((64, 64)), "rgb_stats": RGB, "config": TINY}, "pos_embedding has 9 rows"),
-        ({"signature": signature(SIZE, 7), "rgb_stats": RGB, "config": TINY}, "7 classes"),
         (
-            {"signature": signature(), "rgb_stats": RGB, "config": {**TINY, "mlp_dim": 64}},
+            {"signature": signature((64, 64)), "rgb_stats": RGB, "config": TINY_BIRDER},
+            "pos_embedding has 9 rows",
+        ),
+        ({"signature": signature(SIZE, 7), "rgb_stats": RGB, "config": TINY_BIRDER}, "7 classes"),
+        (
+            {"signature": signature(), "rgb_stats": RGB, "config": {**TINY_BIRDER, "mlp_dim": 64}},
             "disagrees.*mlp_dim",
         ),
-        ({"signature": {"inputs": []}, "rgb_stats": RGB, "config": TINY}, "signature"),
-        ({"signature": signature(), "rgb_stats": {"mean": 1}, "config": TINY}, "rgb_stats"),
-        ({"signature": signature(), "rgb_stats": RGB, "config": {**TINY, "qk_norm": True}}, "qk_norm"),
+        ({"signature": {"inputs": []}, "rgb_stats": RGB, "config": TINY_BIRDER}, "signature"),
+        ({"signature": signature(), "rgb_stats": {"mean": 1}, "config": TINY_BIRDER}, "rgb_stats"),
+        ({"signature": signature(), "rgb_stats": RGB, "config": {**TINY_BIRDER, "qk_norm": True}}, "qk_norm"),
     ],
 )
 def test_inference_refuses_what_it_cannot_know_with_one_clear_line(
@@ -304,7 +308,7 @@ def test_network_override_and_unknown_names(tiny: Tiny) -> None:
 
 
 def test_birder_network_name() -> None:
-    cfg = ViTConfig.from_birder(TINY | {"patch_size": 16, "num_reg_tokens": 4})
+    cfg = ViTConfig.from_birder(TINY_BIRDER | {"patch_size": 16, "num_reg_tokens": 4})
     assert infer.birder_network_name("vitreg4_b16", cfg) == "vit_reg4_b16"
     assert infer.birder_network_name("vit", cfg) == infer.nearest_preset(cfg)[0]
     assert infer.nearest_preset(cfg)[0].startswith("vit_reg4_")

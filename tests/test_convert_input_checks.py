@@ -4,14 +4,11 @@ says what it changed.
 - a config field of the wrong type (``model_config.num_layers: "two"``);
 - ``rgb_stats`` of the wrong length or with a zero std (refused at conversion, not later in ``embed``);
 - extra top-level entries of a ``.pt`` that JSON cannot hold (kept when representable, else changed or
-  dropped,
-  and said);
+  dropped, and said);
 - hidden ``.partial`` folders left by killed runs (removed by the next run; a live run's is left alone);
 - an interrupted convert (nothing to resume: it says nothing was written).
-
 The weights are the tiny stand-in written by vitreg-jax itself (no torch needed), except the ``.pt`` with
-extra
-metadata, which ``torch.save`` writes as birder would.
+extra metadata, which ``torch.save`` writes as birder would.
 """
 
 from __future__ import annotations
@@ -24,6 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tests.support.tiny_models import TINY_BIRDER
 from vitreg_jax._locks import GRACE_S, hold, release, remove_stale
 from vitreg_jax.cli.main import ON_INTERRUPT, main
 from vitreg_jax.convert import standin
@@ -93,7 +91,7 @@ def test_a_config_field_of_the_wrong_type_is_one_line(
 
 
 def test_vit_config_refuses_wrong_types_by_name() -> None:
-    base = {"patch_size": 16, "num_layers": 2, "num_heads": 2, "hidden_dim": 64, "mlp_dim": 128}
+    base = {**TINY_BIRDER, "patch_size": 16}
     with pytest.raises(UserError, match=r"ViTConfig.num_layers must be of type int, got 'two' \(str\)"):
         ViTConfig.from_birder({**base, "num_layers": "two"})
     with pytest.raises(UserError, match="ViTConfig.class_token must be of type bool"):

@@ -182,8 +182,7 @@ def test_an_unreachable_published_name_falls_back_to_the_standin(
 
 def test_demo_without_birder_or_torch_runs_all_but_the_parity_line(tmp_path: Path) -> None:
     """birder and torch made unimportable: the stand-in comes from vitreg-jax as a .safetensors, and the
-    parity
-    line says why it is skipped."""
+    parity line says why it is skipped."""
     code = (
         "import sys; sys.modules['birder'] = None; sys.modules['torch'] = None\n"
         "from vitreg_jax.cli.main import main\n"
@@ -210,8 +209,7 @@ def test_demo_on_a_birder_file_with_a_legacy_json_and_on_a_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """--weights FILE --config JSON (a pre-0.4.13 json: `alias: vitreg4_b16`), then --weights CHECKPOINT:
-    birder
-    gets the weights exported back from our checkpoint, under today's network name."""
+    birder gets the weights exported back from our checkpoint, under today's network name."""
     pytest.importorskip("birder")
     monkeypatch.setenv("VITREG_JAX_CACHE", str(tmp_path / "cache"))
     w = standin.write_standin(tmp_path / "src", model_config=standin.TINY_MODEL_CONFIG)

@@ -25,7 +25,7 @@ from vitreg_jax.convert.load import load_model_with_cfg
 from vitreg_jax.data.preprocess import classification_transform, load_image
 from vitreg_jax.embedding._output_folder import STATE_DIR
 from vitreg_jax.embedding.outputs import decode_name
-from vitreg_jax.model.birder_config import birder_config
+from vitreg_jax.model.birder_json import birder_config
 from vitreg_jax.model.build import save_model
 from vitreg_jax.model.vit import ViT
 

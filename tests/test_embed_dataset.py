@@ -28,7 +28,7 @@ from vitreg_jax.embedding.dataset import embed_dataset
 from vitreg_jax.embedding.embedder import Embedder
 from vitreg_jax.embedding.outputs import MANIFEST_FILE, NOT_UTF8, decode_name, encode_name, read_npy_names
 from vitreg_jax.errors import UserError
-from vitreg_jax.model.birder_config import birder_config
+from vitreg_jax.model.birder_json import birder_config
 from vitreg_jax.model.vit import ViT
 
 SIZE = (32, 32)

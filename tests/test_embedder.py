@@ -1,6 +1,5 @@
 """vitreg_jax.embedding.embedder: the compiled embedder equals net.embedding, buckets compile once, bf16 is
-close, sharding
-exact."""
+close, sharding exact."""
 
 from __future__ import annotations
 
@@ -15,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests.support.tiny_models import TINY_EMBEDDER, tiny_vit
+from tests.support.tiny_models import SIZE, TINY_EMBEDDER, tiny_vit
 from tests.support.tolerances import EMBEDDER_BF16_MIN_COSINE, EMBEDDER_FP32_ATOL
 from vitreg_jax.embedding.embedder import (
     CPU_XLA_FLAGS,
@@ -27,10 +26,6 @@ from vitreg_jax.embedding.embedder import (
 from vitreg_jax.errors import UserError
 from vitreg_jax.model.precision import ComputePolicy, resolve_dtype
 from vitreg_jax.model.vit import ViT
-
-# fp32 jitted vs eager: the same math in another fusion / micro-batch order
-# bf16 matmul inputs with fp32 accumulation vs the fp32 embedding
-SIZE = (32, 32)
 
 
 @pytest.fixture(scope="module")

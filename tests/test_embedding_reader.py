@@ -1,4 +1,4 @@
-"""embeddings_io.open_embeddings: both embed output formats, streamed in blocks."""
+"""vitreg_jax.embedding.reader.open_embeddings: both embed output formats, streamed in blocks."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from tests.support.tolerances import KNN_SCORE_RTOL, LINEAR_PROBE_ACCURACY_ATOL
 from vitreg_jax.errors import UserError
 from vitreg_jax.evaluation.knn import knn_classify
 from vitreg_jax.evaluation.labelled_embeddings import LabelledEmbeddings
-from vitreg_jax.evaluation.linear_probe import holdout_split, linear_probe, standardise
+from vitreg_jax.evaluation.probe import holdout_split, linear_probe, standardise
 from vitreg_jax.evaluation.report import evaluate_embeddings
 
 NUM_CLASSES = 7
@@ -36,7 +36,8 @@ def data() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 
 def reference_knn(xt, yt, xv, k, temperature):
-    """DINO's formula, directly, in float64: cosine top-k (lower row first on ties), votes exp(s / T)."""
+    """DINO's formula, directly, in float64: cosine top-k (lower row first on ties), votes exp(s / T), each
+    query's scaled by exp(-s_max / T) (its nearest similarity), which keeps small T finite."""
     a = xt.astype(np.float64) / np.linalg.norm(xt.astype(np.float64), axis=1, keepdims=True)
     b = xv.astype(np.float64) / np.linalg.norm(xv.astype(np.float64), axis=1, keepdims=True)
     sims = b @ a.T  # (Q, N)
@@ -44,7 +45,8 @@ def reference_knn(xt, yt, xv, k, temperature):
     scores = np.zeros((len(xv), NUM_CLASSES))
     for q in range(len(xv)):
         for r in rows[q]:
-            scores[q, yt[r]] += 1.0 if temperature is None else np.exp(sims[q, r] / temperature)
+            weight = 1.0 if temperature is None else np.exp((sims[q, r] - sims[q, rows[q, 0]]) / temperature)
+            scores[q, yt[r]] += weight
     return scores, np.argsort(-scores, axis=1, kind="stable")[:, :5]
 
 
@@ -68,6 +70,16 @@ def test_weighted_knn_equals_numpy_reference(data, k, temperature):
     top1 = (predictions[:, 0] == yv).mean()
     top5 = (predictions == yv[:, None]).any(axis=1).mean()
     assert (ours.accuracy(yv, 1), ours.accuracy(yv, 5)) == (top1, top5)
+
+
+def test_a_tiny_temperature_neither_overflows_nor_changes_the_ranking(data):
+    """exp(s / 0.001) is inf for s near 1: every class with a near neighbour tied at inf. Scaled by the
+    nearest similarity the weights stay finite and the ranking is the stable formula's."""
+    xt, yt, xv, _ = data
+    _, predictions = reference_knn(xt, yt, xv, 20, 0.001)
+    ours = knn_classify(xt, yt, xv, k=20, temperature=0.001, num_classes=NUM_CLASSES)
+    assert np.isfinite(ours.scores).all() and ours.scores.max() >= 1.0
+    np.testing.assert_array_equal(ours.predictions, predictions)
 
 
 def test_knn_blockwise_matches_whole(data):

@@ -1,15 +1,13 @@
 """Image decoding on mutated real JPEG and PNG files, and decompression bombs: a decoded image within the
-pixel
-limit, run through the inference transform, or a one-line ``UserError``.
+pixel limit, run through the inference transform, or a one-line ``UserError``.
 
 The files are the example images. JPEG carries no checksum, so a mutated JPEG may decode to other pixels: the
-property is that decoding (``preprocess.decode_image``, what ``data.py`` calls) and the transform either
-succeed on an image no larger than the limit given or refuse in one line, with no other exception and no hang.
-Mutations: bit flips, bytes set, truncation, insertion and deletion anywhere; the width and height in the
-header (PNG ``IHDR``, with its CRC fixed so the decoder believes it; JPEG ``SOF``) and PNG's bit depth and
-colour
-type set to hostile values. Tiny PNG and GIF files claiming 20000x20000 and 50000x50000 pixels are refused
-before any pixel is decoded.
+property is that decoding (``preprocess.decode_image``, what ``vitreg_jax.data.loader`` calls) and the
+transform either succeed on an image no larger than the limit given or refuse in one line, with no other
+exception and no hang. Mutations: bit flips, bytes set, truncation, insertion and deletion anywhere; the width
+and height in the header (PNG ``IHDR``, with its CRC fixed so the decoder believes it; JPEG ``SOF``) and PNG's
+bit depth and colour type set to hostile values. Tiny PNG and GIF files claiming 20000x20000 and 50000x50000
+pixels are refused before any pixel is decoded.
 """
 
 from __future__ import annotations

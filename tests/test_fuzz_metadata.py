@@ -5,9 +5,9 @@ The checkpoint is a real one (``vitreg_jax.model.build.save_model`` of a tiny Vi
 ``metadata.json``: any value (found by its path in the JSON) set to another type, a huge or negative number,
 deep nesting or a number of 5000 digits; keys dropped or added; the root replaced; and raw byte edits (bit
 flips, truncation, bytes that are not UTF-8). The loader is ``model_from_checkpoint``, which reads the
-metadata,
-builds the model its configs describe and restores the weights into it; when it returns, the weights must be
-the saved ones. The weights folder is never touched, so no mutation may make a load return anything else.
+metadata, builds the model its configs describe and restores the weights into it; when it returns, the weights
+must be the saved ones. The weights folder is never touched, so no mutation may make a load return anything
+else.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def _paths(obj: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
 @pytest.fixture(scope="module")
 def original(tmp_path_factory: pytest.TempPathFactory) -> Original:
     from vitreg_jax.data.rgb_stats import RGB_STATS
-    from vitreg_jax.model.birder_config import birder_config
+    from vitreg_jax.model.birder_json import birder_config
     from vitreg_jax.model.build import build_model, save_model
     from vitreg_jax.model.config import ViTConfig
 

@@ -115,10 +115,11 @@ def _layout(data: bytes) -> tuple[list[tuple[str, int, int]], list[tuple[int, in
 
 @pytest.fixture(scope="module")
 def original(tmp_path_factory: pytest.TempPathFactory) -> Original:
-    from tests.support.birder_files import TINY, birder_net, birder_save
+    from tests.support.birder_files import birder_net, birder_save
+    from tests.support.tiny_models import TINY_BIRDER
 
     folder = tmp_path_factory.mktemp("birder")
-    pt, _ = birder_save(birder_net(config=TINY), folder, "vit_reg4_b16")
+    pt, _ = birder_save(birder_net(config=TINY_BIRDER), folder, "vit_reg4_b16")
     data = pt.read_bytes()
     state, meta = read_pt(pt)
     regions, fields, records = _layout(data)

@@ -43,9 +43,10 @@ class Original(NamedTuple):
 
 @pytest.fixture(scope="module")
 def original(tmp_path_factory: pytest.TempPathFactory) -> Original:
-    from tests.support.birder_files import TINY, birder_net, birder_save_st
+    from tests.support.birder_files import birder_net, birder_save_st
+    from tests.support.tiny_models import TINY_BIRDER
 
-    path = birder_save_st(birder_net(config=TINY), tmp_path_factory.mktemp("birder") / "w.safetensors")
+    path = birder_save_st(birder_net(config=TINY_BIRDER), tmp_path_factory.mktemp("birder") / "w.safetensors")
     data = path.read_bytes()
     (n,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8 : 8 + n])

@@ -24,7 +24,11 @@ ROOT = Path(__file__).resolve().parent.parent
 def run_cli(*args: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "vitreg_jax", *map(str, args)],
-        capture_output=True, text=True, cwd=ROOT, timeout=300, check=False,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        check=False,
     )
 
 
@@ -38,7 +42,9 @@ def test_a_deeply_nested_dict_key_is_refused_not_a_crash(tmp_path: Path) -> None
     """A 200,000-deep tuple used as a dict key: hashing it overflowed the C stack (SIGSEGV) in info,
     convert and pretrain --init; the interpreter refuses nesting past MAX_NESTING while it builds it."""
     depth = 200_000
-    pickled = b"\x80\x02}(X\x05\x00\x00\x00state}" + b"K\x01" + b"\x85" * depth + b"K\x02su."  # TUPLE1 x depth
+    pickled = (
+        b"\x80\x02}(X\x05\x00\x00\x00state}" + b"K\x01" + b"\x85" * depth + b"K\x02su."
+    )  # TUPLE1 x depth
     path = tmp_path / "deep.pt"
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr("deep/data.pkl", pickled)

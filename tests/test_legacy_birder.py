@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.support.birder_ref import TINY_MODEL_CONFIG
 from tests.support.legacy_birder import LEGACY_VERSION, WRITER, legacy_birder_dir
 from tests.support.report import REQUIRE_BIRDER, record
+from tests.support.tiny_models import TINY_BIRDER
 from tests.support.tolerances import EMBEDDING_ATOL
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,7 +62,7 @@ def write_with_legacy_birder(
 
 @pytest.mark.parametrize(
     "network, config",
-    [("vit_reg4_b16", TINY_MODEL_CONFIG), pytest.param("vit_reg4_b16", None, marks=pytest.mark.slow)],
+    [("vit_reg4_b16", TINY_BIRDER), pytest.param("vit_reg4_b16", None, marks=pytest.mark.slow)],
     ids=["tiny", "full"],
 )
 def test_files_written_by_birder_0_3_3_load_with_its_numbers(

@@ -2,8 +2,7 @@
 
 Inputs, weight perturbations and mask noise are generated once with numpy and fed to both frameworks; birder's
 weights reach ours through ``tests/support/mae_mapping.py``; birder's ``uniform_mask`` is replaced by one
-returning
-the numpy-made masks, and ours receives the same masks.
+returning the numpy-made masks, and ours receives the same masks.
 """
 
 from __future__ import annotations
@@ -19,6 +18,7 @@ from flax import nnx
 from tests.support import birder_ref as ref
 from tests.support import mae_mapping
 from tests.support.report import record
+from tests.support.tiny_models import TINY_BIRDER, TINY_MAE_DECODER
 from tests.support.tolerances import (
     MAE_ENCODER_TOKENS_ATOL,
     MAE_LOSS_RTOL,
@@ -47,16 +47,14 @@ from vitreg_jax.tree import flatten
 pytest.importorskip("birder")
 jax.config.update("jax_default_matmul_precision", "highest")
 
-# tolerances (fp32, CPU)
-WEIGHT_NOISE_STD = (
-    0.05  # added to every birder tensor, so biases, norms and tokens are not at their init values
-)
+# added to every birder tensor, so that biases, norms and tokens are not at their init values
+WEIGHT_NOISE_STD = 0.05
 
 SIZE = (64, 64)
 GRID = (SIZE[0] // 16, SIZE[1] // 16)
 ENCODER = "vit_reg4_b16"
-ENCODER_CONFIG = {**ref.TINY_MODEL_CONFIG, "drop_path_rate": 0.0}
-DECODER = {"decoder_depth": 2, "decoder_embed_dim": 32}
+ENCODER_CONFIG = {**TINY_BIRDER, "drop_path_rate": 0.0}
+DECODER = {**TINY_MAE_DECODER, "decoder_depth": 2}
 VARIANTS = {
     "mae_vit": {**DECODER},
     "mae_vit_npl": {**DECODER, "norm_pix_loss": True},

@@ -13,6 +13,7 @@ import pytest
 import vitreg_jax
 from tests.support import birder_ref as ref
 from tests.support.report import record
+from tests.support.tiny_models import TINY_BIRDER
 from tests.support.tolerances import EMBEDDING_ATOL, TOKENS_ATOL
 from vitreg_jax.errors import UserError
 from vitreg_jax.model.build import get_params, save_model
@@ -22,7 +23,7 @@ pytest.importorskip("birder")
 
 @pytest.fixture(scope="module")
 def tiny_files(tmp_path_factory):
-    tnet = ref.birder_net("vit_reg4_b16", seed=11, config=ref.TINY_MODEL_CONFIG)
+    tnet = ref.birder_net("vit_reg4_b16", seed=11, config=TINY_BIRDER)
     ref.load_state(
         tnet,
         {
@@ -132,7 +133,7 @@ def test_bad_inputs_raise_one_clear_error(tiny_files, tmp_path) -> None:
     )
     cases.append(((files["json"], tmp_path), "is a directory|not a vitreg-jax checkpoint"))
     other = ref.save_birder_files(
-        ref.birder_net("vit_s16", seed=0, config=ref.TINY_MODEL_CONFIG), tmp_path / "other", name="vit_s16"
+        ref.birder_net("vit_s16", seed=0, config=TINY_BIRDER), tmp_path / "other", name="vit_s16"
     )
     cases.append(((files["json"], other["pt"]), r"missing 1 key\(s\): reg_tokens"))
     cfg = json.loads(Path(files["json"]).read_text())

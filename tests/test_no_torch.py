@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.support.birder_files import TINY, birder_net, birder_save, to_numpy
+from tests.support.birder_files import birder_net, birder_save, to_numpy
+from tests.support.tiny_models import TINY_BIRDER
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("birder")
@@ -95,7 +96,7 @@ def test_convert_export_info_embed_without_torch(
 ) -> None:
     env, log = blocked_env
     net = birder_net()
-    pt, js = birder_save(net, tmp_path / "birder", "vit_reg4_b16_tiny", external_config=TINY)
+    pt, js = birder_save(net, tmp_path / "birder", "vit_reg4_b16_tiny", external_config=TINY_BIRDER)
     images = tmp_path / "images"
     images.mkdir()
     rng = np.random.default_rng(0)

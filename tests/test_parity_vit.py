@@ -11,6 +11,7 @@ import pytest
 
 from tests.support import birder_ref as ref
 from tests.support.report import record
+from tests.support.tiny_models import TINY_BIRDER
 from tests.support.tolerances import (
     DETECTION_RTOL_OF_MAX,
     EMBEDDING_ATOL,
@@ -29,8 +30,7 @@ BATCH = 2
 def peaky(state: dict[str, np.ndarray], seed: int = 1, scale: float = 1.0) -> dict[str, np.ndarray]:
     """birder's init scaled up: every tensor + N(0, 0.05) (qkv weights ~2.5x their init std: peaky attention,
     a residual stream in the tens), the position embedding doubled. ``scale`` multiplies the qkv and fc2
-    weights
-    further, past where fp32 itself stays accurate (see test_ill_conditioned_at_birders_own_floor)."""
+    weights further, past where fp32 itself stays accurate (see test_ill_conditioned_at_birders_own_floor)."""
     rng = np.random.default_rng(seed)
     out = {}
     for k, v in state.items():
@@ -109,7 +109,7 @@ def test_other_variants(name: str) -> None:
 
 @pytest.mark.parametrize("name", ["vit_reg4_b16", "vit_s16_avg", "vit_s16_pn", "vit_s16_ls"])
 def test_tiny(name: str) -> None:
-    tnet = ref.birder_net(name, seed=3, config=ref.TINY_MODEL_CONFIG)
+    tnet = ref.birder_net(name, seed=3, config=TINY_BIRDER)
     ref.load_state(tnet, peaky(ref.state_numpy(tnet), seed=3))
     net = ref.ours_from_birder(tnet)
     check_all_sizes(f"tiny {name}", tnet, net, sizes=[(224, 224), (96, 160)], adjusted=(128, 192))
@@ -117,7 +117,7 @@ def test_tiny(name: str) -> None:
 
 def test_classifier_head_and_out_indices() -> None:
     """A classifier head (num_classes > 0) and multi-stage detection features (out_indices)."""
-    config = {**ref.TINY_MODEL_CONFIG, "num_layers": 3, "out_indices": [0, -1]}
+    config = {**TINY_BIRDER, "num_layers": 3, "out_indices": [0, -1]}
     tnet = ref.birder_net("vit_reg4_b16", seed=4, config=config, num_classes=5)
     state = peaky(ref.state_numpy(tnet), seed=4)  # the zero-initialised classifier becomes non-trivial
     ref.load_state(tnet, state)
@@ -138,7 +138,7 @@ def test_classifier_head_and_out_indices() -> None:
 
 
 def test_masked_encoding_omission() -> None:
-    tnet = ref.birder_net("vit_reg4_b16", seed=6, config=ref.TINY_MODEL_CONFIG)
+    tnet = ref.birder_net("vit_reg4_b16", seed=6, config=TINY_BIRDER)
     ref.load_state(tnet, peaky(ref.state_numpy(tnet), seed=6))
     net = ref.ours_from_birder(tnet)
     rng = np.random.default_rng(7)
@@ -177,7 +177,7 @@ def test_ill_conditioned_at_birders_own_floor() -> None:
     result than birder's own float32 is (the floor), rather than meeting a fixed 2e-5."""
     import torch
 
-    tnet = ref.birder_net("vit_reg4_b16", seed=8, config={**ref.TINY_MODEL_CONFIG, "num_layers": 4})
+    tnet = ref.birder_net("vit_reg4_b16", seed=8, config={**TINY_BIRDER, "num_layers": 4})
     ref.load_state(tnet, peaky(ref.state_numpy(tnet), seed=8, scale=12.0))
     net = ref.ours_from_birder(tnet)
     x = np.random.default_rng(9).standard_normal((BATCH, 224, 224, 3)).astype(np.float32)

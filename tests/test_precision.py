@@ -1,6 +1,5 @@
 """vitreg_jax.model.precision: one compute policy for the Embedder and the trainer ("auto", fp32 at "highest",
-the cast rule),
-and the one data mesh."""
+the cast rule), and the one data mesh."""
 
 from __future__ import annotations
 
@@ -16,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.support.tiny_models import tiny_mae, tiny_vit
+from tests.support.tiny_models import SIZE, TINY_EMBEDDER_ONE_BLOCK, tiny_mae, tiny_vit
 from vitreg_jax.embedding.embedder import Embedder, make_embed_fn
 from vitreg_jax.errors import UserError
 from vitreg_jax.model.precision import (
@@ -32,9 +31,6 @@ from vitreg_jax.model.precision import (
 from vitreg_jax.parallel import DATA_AXIS, default_mesh
 from vitreg_jax.pretraining.config import TrainConfig
 from vitreg_jax.pretraining.step import MAETrainer
-
-SIZE = (32, 32)
-ENCODER = {"num_layers": 1, "hidden_dim": 64, "mlp_dim": 128, "num_heads": 4, "patch_size": 8}
 
 # /proc/cpuinfo "flags" lines: an AVX2-only EPYC (Zen 2), a Sapphire Rapids Xeon (AMX), a Zen 4 (AVX512-BF16)
 AVX2_ONLY = "processor\t: 0\nflags\t\t: fpu vme sse sse2 ssse3 sse4_1 sse4_2 avx avx2 fma bmi1 bmi2 sha_ni\n"
@@ -183,7 +179,7 @@ def test_under_precision_pins_highest_for_float32_only():
 def test_embedder_and_trainer_share_one_policy_and_fp32_is_highest_in_both():
     """Traced under an ambient "default" precision (conftest's global "highest" would hide a missing pin),
     every matmul of the fp32 Embedder and of the fp32 train step (forward and backward) is at "highest"."""
-    mae = tiny_mae(ENCODER)
+    mae = tiny_mae(TINY_EMBEDDER_ONE_BLOCK)
     embedder = Embedder(mae.encoder, batch_size=2)
     trainer = MAETrainer(mae, TrainConfig(batch_size=2, steps=2))
     assert type(embedder.policy) is type(trainer.policy) is ComputePolicy
@@ -198,7 +194,7 @@ def test_embedder_and_trainer_share_one_policy_and_fp32_is_highest_in_both():
 
 def test_cast_rule_is_the_same_for_embedding_and_training():
     """The same leaves are cast to bf16 by the Embedder (an nnx.State) and the train step (a nested dict)."""
-    mae = tiny_mae(ENCODER)
+    mae = tiny_mae(TINY_EMBEDDER_ONE_BLOCK)
     embedder = Embedder(mae.encoder, dtype="bfloat16", batch_size=2)
     trainer = MAETrainer(mae, TrainConfig(batch_size=2, steps=2, compute_dtype="bfloat16"))
     assert embedder.policy == trainer.policy == ComputePolicy("bfloat16")
@@ -234,7 +230,7 @@ def test_cast_params_keeps_non_float_leaves_and_makes_the_rest_float32():
 
 
 def test_make_embed_fn_takes_the_policy():
-    net = tiny_vit(ENCODER)
+    net = tiny_vit(TINY_EMBEDDER_ONE_BLOCK)
     _, params = make_embed_fn(net, policy=ComputePolicy("bfloat16"))
     assert ComputePolicy("bfloat16").cast_names(params) == {
         param_name(p) for p, v in jax.tree_util.tree_leaves_with_path(params) if v.dtype == jnp.bfloat16

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 
 from tests.support.report import record
+from tests.support.tiny_models import SIZE, TINY_HALF_WIDTH
 from tests.support.tolerances import EMBEDDING_ATOL
 
 ROOT = Path(__file__).resolve().parent.parent
-SIZE = (32, 32)
 
 
 def test_exported_encoder_loads_in_birder_with_the_trained_embedding(tmp_path: Path) -> None:
@@ -27,7 +27,7 @@ def test_exported_encoder_loads_in_birder_with_the_trained_embedding(tmp_path: P
         network="vit_reg4_b16",
         size=SIZE,
         aug_level=0,
-        model_config={"patch_size": 8, "num_layers": 2, "hidden_dim": 32, "num_heads": 2, "mlp_dim": 64},
+        model_config=TINY_HALF_WIDTH,
         mae_config={"decoder_embed_dim": 32, "decoder_depth": 1, "decoder_num_heads": 2},
         train=TrainConfig(steps=3, batch_size=4, lr=1e-2, warmup_steps=1, seed=0),
     )

@@ -1,7 +1,6 @@
 """The training loop and the ``pretrain`` command: loss falls on real images, kill-and-resume gives the same
-run,
-a non-finite loss stops the run with the last good checkpoint intact, and user mistakes are one line + exit
-2."""
+run, a non-finite loss stops the run with the last good checkpoint intact, and user mistakes are one line +
+exit 2."""
 
 from __future__ import annotations
 
@@ -15,12 +14,9 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
 from tests.support.pretrain_cli import (
     CLI_TIMEOUT_S,
-    DECODER,
-    ENCODER_CONFIG,
     IMAGES,
     ROOT,
     STATS,
@@ -30,14 +26,12 @@ from tests.support.pretrain_cli import (
     run_cli,
 )
 from tests.support.report import record
-from tests.support.tiny_models import SIZE, tiny_mae
+from tests.support.tiny_models import SIZE, TINY_MAE_DECODER, TINY_MAE_ENCODER, tiny_mae, tiny_vit
 from tests.support.tolerances import DP_RUN_LOSS_RTOL, DP_RUN_PARAM_ATOL_OF_LR
 from vitreg_jax.cli import main as cli
 from vitreg_jax.data.augment import TrainTransform
 from vitreg_jax.data.inputs import list_inputs
 from vitreg_jax.data.preprocess import load_image
-from vitreg_jax.model.config import preset
-from vitreg_jax.model.vit import ViT
 from vitreg_jax.pretraining.config import TrainConfig
 from vitreg_jax.pretraining.data_stream import TrainData
 from vitreg_jax.pretraining.loop import CHECKPOINT_DIR, Checkpoints, NonFiniteLoss, Periodic, fit
@@ -330,7 +324,7 @@ def test_pretrain_killed_and_resumed_equals_uninterrupted(tmp_path):
             "--init",
             str(tmp_path / "whole" / "encoder"),
             "--mae-config",
-            *[f"{k}={v}" for k, v in DECODER.items()],
+            *[f"{k}={v}" for k, v in TINY_MAE_DECODER.items()],
             "--steps",
             "1",
             "--batch-size",
@@ -553,7 +547,7 @@ def test_pretrain_run_checks_a_given_encoder_against_the_run(tmp_path):
     from vitreg_jax.pretraining.run import open_run, train
 
     saved_run(tmp_path / "run", {"data": [str(IMAGES)], "train.steps": 5})
-    other = ViT(preset("vit_reg4_b16", model_config=ENCODER_CONFIG, image_size=SIZE), rngs=nnx.Rngs(0))
+    other = tiny_vit(TINY_MAE_ENCODER)
     with pytest.raises(UserError, match=r"the given encoder is not the run's \(.*hidden_dim.*num_layers"):
         train(open_run(tmp_path / "run", resume=True), encoder=other)
     saved_run(tmp_path / "ft", {"data": [str(IMAGES)], "train.steps": 5, "init": "vit_reg4_b16_mim_200"})

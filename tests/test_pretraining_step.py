@@ -21,7 +21,7 @@ import pytest
 from tests.support import birder_ref as ref
 from tests.support import mae_mapping
 from tests.support.report import record
-from tests.support.tiny_models import TINY_MAE_DECODER, TINY_MAE_ENCODER, tiny_mae
+from tests.support.tiny_models import SIZE, TINY_MAE_DECODER, TINY_MAE_ENCODER, tiny_mae
 from tests.support.tolerances import (
     STEP_BF16_GRAD_COSINE,
     STEP_BF16_LOSS_RTOL,
@@ -41,12 +41,8 @@ from vitreg_jax.pretraining.step import MAETrainer
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-# tolerances (fp32, CPU)
-
-# small enough to compile in seconds: one encoder block, one decoder block, 32 px images in 8 px patches
-SIZE = (32, 32)
+# the tiny MAE of tests.support.tiny_models: 32 px images in 8 px patches
 SEQ = (SIZE[0] // 8) * (SIZE[1] // 8)
-ENCODER_CONFIG, DECODER = TINY_MAE_ENCODER, TINY_MAE_DECODER
 ACCUM, BATCH = 2, 2
 LR = 1e-3
 
@@ -67,8 +63,8 @@ def birder_and_ours():
     from birder.model_registry import registry
 
     torch.manual_seed(0)
-    enc = registry.net_factory("vit_reg4_b16", 0, 3, config=ENCODER_CONFIG, size=SIZE)
-    bnet = registry.mim_net_factory("mae_vit", enc, config=DECODER, size=SIZE).train()
+    enc = registry.net_factory("vit_reg4_b16", 0, 3, config=TINY_MAE_ENCODER, size=SIZE)
+    bnet = registry.mim_net_factory("mae_vit", enc, config=TINY_MAE_DECODER, size=SIZE).train()
     rng = np.random.default_rng(1)
     state = {
         k: (v + rng.normal(0, 0.05, v.shape)).astype(np.float32) for k, v in ref.state_numpy(bnet).items()
@@ -257,7 +253,7 @@ def test_data_parallel_over_two_devices_matches_one(tmp_path):
         "XLA_FLAGS": "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0",
     }
     proc = subprocess.run(
-        [sys.executable, "-c", DP_SCRIPT, json.dumps(ENCODER_CONFIG), json.dumps(DECODER)],
+        [sys.executable, "-c", DP_SCRIPT, json.dumps(TINY_MAE_ENCODER), json.dumps(TINY_MAE_DECODER)],
         env=env,
         capture_output=True,
         text=True,

@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.support.birder_files import RGB, TINY, birder_save, legacy_state, save_pt, state_tensors, to_numpy
+from tests.support.birder_files import RGB, birder_save, legacy_state, save_pt, state_tensors, to_numpy
+from tests.support.tiny_models import TINY_BIRDER
 from vitreg_jax.convert.formats.birder_file import read_birder_file
 from vitreg_jax.convert.formats.pt_reader import DAMAGED, NOT_WEIGHTS, read_pt
 from vitreg_jax.errors import UserError
@@ -79,7 +80,7 @@ def _plain(obj: Any) -> Any:
 def test_every_birder_variant_reads_as_torch_does(tmp_path: Path, name: str) -> None:
     from birder.model_registry import registry
 
-    config = {**PRESETS[name], **TINY}
+    config = {**PRESETS[name], **TINY_BIRDER}
     torch.manual_seed(0)
     size = (2 * config["patch_size"], 2 * config["patch_size"])
     net = registry.net_factory(name, 0, 3, config=config, size=size).eval()
@@ -93,11 +94,11 @@ def test_fp32_fp16_bf16_in_every_key_layout(tmp_path: Path, dtype: str, layout: 
     from birder.model_registry import registry
 
     torch.manual_seed(1)
-    net = registry.net_factory("vit_reg4_b16", 0, 3, config=TINY, size=(32, 32)).eval()
+    net = registry.net_factory("vit_reg4_b16", 0, 3, config=TINY_BIRDER, size=(32, 32)).eval()
     state = {k: v.to(getattr(torch, dtype)) for k, v in state_tensors(net).items()}
     if layout != "current":
         state = legacy_state(state, oldest=layout.endswith("encoder-norm"))
-    assert_same_as_torch(save_pt(tmp_path / "w.pt", state, config=TINY))
+    assert_same_as_torch(save_pt(tmp_path / "w.pt", state, config=TINY_BIRDER))
 
 
 def test_strides_offsets_shared_storages_and_every_dtype(tmp_path: Path) -> None:
@@ -450,7 +451,7 @@ def test_the_old_torch_path_kept_for_benchmarks_reads_the_same(tmp_path: Path) -
     from tests.support.torch_pt_reader import read_pt_with_torch
 
     state = {"a": torch.randn(3, 4), "b": torch.randn(5).to(torch.bfloat16), "c": torch.arange(3)}
-    path = save_pt(tmp_path / "w.pt", state, config=TINY)
+    path = save_pt(tmp_path / "w.pt", state, config=TINY_BIRDER)
     (ours, ours_meta), (old, old_meta) = read_pt(path), read_pt_with_torch(path)
     assert ours_meta == old_meta and list(ours) == list(old)
     assert all(ours[k].dtype == old[k].dtype and ours[k].tobytes() == old[k].tobytes() for k in ours)

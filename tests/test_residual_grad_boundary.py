@@ -1,10 +1,9 @@
-"""``layers.residual_grad_boundary``: an identity in value and gradient whose conditionals survive XLA:CPU.
+"""``vitreg_jax.model._kernels.residual_grad_boundary``: an identity in value and gradient whose conditionals
+survive XLA:CPU.
 
 The boundary exists for speed (BENCHMARKS.md, "MAE train step"): it makes XLA:CPU materialise each
-residual-stream
-gradient instead of re-fusing the running sum into every consumer. These tests fail if it ever changes a
-number,
-or if a future XLA folds the conditionals away (then the speed-up is gone silently).
+residual-stream gradient instead of re-fusing the running sum into every consumer. These tests fail if it ever
+changes a number, or if a future XLA folds the conditionals away (then the speed-up is gone silently).
 """
 
 from __future__ import annotations
@@ -16,20 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tests.support.tiny_models import TINY_NARROW_THREE_BLOCKS, tiny_vit
 from vitreg_jax.model._kernels import residual_grad_boundary
-from vitreg_jax.model.config import preset
-from vitreg_jax.model.vit import ViT
 
 jax.config.update("jax_default_matmul_precision", "highest")
-
-TINY = {
-    "patch_size": 4,
-    "num_layers": 3,
-    "num_heads": 2,
-    "hidden_dim": 16,
-    "mlp_dim": 32,
-    "num_reg_tokens": 2,
-}
 
 
 def test_identity_in_value_and_gradient() -> None:
@@ -41,18 +30,15 @@ def test_identity_in_value_and_gradient() -> None:
         return jnp.sum(jnp.tanh(y @ w) * y)
 
     np.testing.assert_array_equal(f(x, True), f(x, False))
-    for sign in (
-        1.0,
-        -1.0,
-    ):  # both branches of the conditional (its predicate is the cotangent's first entry)
+    # both branches of the conditional (its predicate is the cotangent's first entry)
+    for sign in (1.0, -1.0):
         g_with = jax.grad(lambda v, s=sign: s * f(v, True))(x)
         g_without = jax.grad(lambda v, s=sign: s * f(v, False))(x)
         np.testing.assert_array_equal(g_with, g_without)
 
 
 def test_encoder_gradient_keeps_one_conditional_per_residual_add() -> None:
-    cfg = preset("vit_reg4_b16", model_config=TINY, image_size=(16, 16))
-    model = ViT(cfg, rngs=nnx.Rngs(0))
+    model = tiny_vit(TINY_NARROW_THREE_BLOCKS, size=(16, 16))
     graphdef, params = nnx.split(model)
     x = jnp.zeros((2, 16, 16, 3), jnp.float32)
 
@@ -62,5 +48,5 @@ def test_encoder_gradient_keeps_one_conditional_per_residual_add() -> None:
     hlo = jax.jit(jax.grad(loss)).lower(params, x).compile().as_text()
     conditionals = len(re.findall(r" conditional\(", hlo))
     # CPU: one per residual add (two per block); other backends take the plain identity
-    expected = 2 * TINY["num_layers"] if jax.default_backend() == "cpu" else 0
+    expected = 2 * TINY_NARROW_THREE_BLOCKS["num_layers"] if jax.default_backend() == "cpu" else 0
     assert conditionals == expected

@@ -1,6 +1,5 @@
 """vitreg_jax.data.shards + loader.iter_item_batches: shards from files, folders, lists, webdataset tars,
-brace patterns,
-globs and fsspec URLs; streamed, ordered, memory-bounded decoding with failure records."""
+brace patterns, globs and fsspec URLs; streamed, ordered, memory-bounded decoding with failure records."""
 
 from __future__ import annotations
 

@@ -42,6 +42,7 @@ _EXPORTS: dict[str, str] = {
     "Masks": "vitreg_jax.pretraining.mae",
     "MAETrainer": "vitreg_jax.pretraining.step",
     "fit": "vitreg_jax.pretraining.loop",
+    "default_mesh": "vitreg_jax.parallel",
 }
 
 __all__ = sorted(_EXPORTS)  # noqa: PLE0605 (the lazily imported names above are the API)

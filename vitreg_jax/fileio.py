@@ -1,9 +1,8 @@
 """Writing files safely and reporting errors on one line: the one place the package does either.
 
 Every file vitreg-jax writes for a user goes through :func:`atomic_write` (or its text / JSON forms): the
-bytes go to a hidden temporary file beside the target, which is renamed over it only once complete, so a
-kill never leaves a half-written file. Files get the usual ``0666 & ~umask`` permissions, like any other
-tool's
+bytes go to a hidden temporary file beside the target, which is renamed over it only once complete, so a kill
+never leaves a half-written file. Files get the usual ``0666 & ~umask`` permissions, like any other tool's
 output, and :func:`make_dir` gives folders ``0777 & ~umask``.
 """
 

@@ -3,12 +3,11 @@
 It is not Python's unpickler with a filter in front: it implements the opcodes a ``torch.save`` pickle uses
 (containers, scalars, strings, memo, ``GLOBAL``/``REDUCE``, ``BINPERSID``) itself, and a global resolves only
 through :func:`vitreg_jax.convert.formats._pt_globals.resolve_global`: to one of our own functions or to a
-name (dtype,
-storage class, layout) that stays inert data. ``REDUCE`` calls only those functions (the tensor rebuild
-functions become ``TensorRef`` records; ``OrderedDict()``, ``set(...)``, ``_codecs.encode(s, "latin1")``
-build plain values). Anything else is :class:`Refused` before it could execute: any other global (by name),
-``INST``/``OBJ``/``NEWOBJ``/``EXT*``, ``BUILD`` on anything but a dict, out-of-band buffers. Persistent ids
-are handed to the caller's ``persistent_load`` (the archive's storages).
+name (dtype, storage class, layout) that stays inert data. ``REDUCE`` calls only those functions (the tensor
+rebuild functions become ``TensorRef`` records; ``OrderedDict()``, ``set(...)``,
+``_codecs.encode(s, "latin1")`` build plain values). Anything else is :class:`Refused` before it could
+execute: any other global (by name), ``INST``/``OBJ``/``NEWOBJ``/``EXT*``, ``BUILD`` on anything but a dict,
+out-of-band buffers. Persistent ids are handed to the caller's ``persistent_load`` (the archive's storages).
 
 Errors: :class:`Refused` (the file asks for more than a state dict) and :class:`Corrupt` (the bytes are not a
 well-formed pickle); the reader turns both into one-line ``UserError`` s naming the file.

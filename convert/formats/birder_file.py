@@ -1,10 +1,9 @@
 """Read and write birder weight files, ``.pt`` and ``.safetensors``, with numpy alone (no torch).
 
 ``.pt`` files are untrusted pickles: :mod:`vitreg_jax.convert.formats.pt_reader` understands the few records a
-state
-dict is made of and refuses anything else before it could run; :mod:`vitreg_jax.convert.formats.pt_writer`
-writes the
-archive ``torch.save`` writes. ``.safetensors``: :mod:`vitreg_jax.convert.formats.safetensors_io`.
+state dict is made of and refuses anything else before it could run;
+:mod:`vitreg_jax.convert.formats.pt_writer` writes the archive ``torch.save`` writes. ``.safetensors``:
+:mod:`vitreg_jax.convert.formats.safetensors_io`.
 
 Arrays keep their stored dtype (bf16 as ``ml_dtypes.bfloat16``); callers cast where they need float32.
 """

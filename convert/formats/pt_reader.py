@@ -3,16 +3,14 @@
 The container: ``<archive>/data.pkl`` (the pickle), ``<archive>/data/<key>`` (one record per storage),
 ``<archive>/byteorder`` (``little``/``big``; absent in old files, meaning little). The pickle runs through
 :mod:`vitreg_jax.convert.formats._pt_pickle`, which understands a state dict and refuses anything else before
-it could
-execute. Every number the pickle claims (a storage's element count, a tensor's offset, shape and strides) is
-checked against the record's real size before any array exists, and no tensor may claim more elements than its
-storage holds, so nothing allocated here is larger than the file.
+it could execute. Every number the pickle claims (a storage's element count, a tensor's offset, shape and
+strides) is checked against the record's real size before any array exists, and no tensor may claim more
+elements than its storage holds, so nothing allocated here is larger than the file.
 
 Records stored uncompressed (``torch.save`` never compresses) become copy-on-write memory maps of the file,
 one per record: contiguous tensors are views of it (nothing is read until used; each record's CRC is checked
-once, which reads
-it through the page cache); strided tensors are copied out contiguously. Arrays keep their stored dtype (bf16
-as ``ml_dtypes.bfloat16``), in native byte order, C-contiguous and writeable.
+once, which reads it through the page cache); strided tensors are copied out contiguously. Arrays keep their
+stored dtype (bf16 as ``ml_dtypes.bfloat16``), in native byte order, C-contiguous and writeable.
 
 The pre-1.6 non-zip format is refused: birder has always saved with ``torch.save``'s zip format.
 """

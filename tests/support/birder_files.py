@@ -24,9 +24,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("birder")
 logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
-TINY = TINY_BIRDER
 RGB = RGB_STATS["birder"]
-DEPTH = TINY["num_layers"]
+DEPTH = TINY_BIRDER["num_layers"]
 
 
 # birder-made reference files -------------------------------------------------------------------------------
@@ -36,7 +35,7 @@ def signature(size: tuple[int, int] = SIZE, num_classes: int = 0) -> dict[str, A
 
 def birder_net(
     name: str = "vit_reg4_b16",
-    config: dict[str, Any] | None = TINY,
+    config: dict[str, Any] | None = TINY_BIRDER,
     size: tuple[int, int] = SIZE,
     num_classes: int = 0,
     seed: int = 0,

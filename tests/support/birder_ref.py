@@ -6,10 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from tests.support.tiny_models import TINY_BIRDER
 from vitreg_jax.data.rgb_stats import named_rgb_stats
-
-TINY_MODEL_CONFIG = TINY_BIRDER
 
 
 def birder_net(

@@ -29,8 +29,8 @@ from vitreg_jax.errors import UserError
 DEFAULT_EXAMPLES = 60
 TIME_LIMIT_S = 20.0  # one load of a file under a few MiB takes milliseconds; this is a hang
 # tracemalloc also counts the loader's small Python objects (the unpickled metadata, dicts of arrays,
-# zipfile's
-# directory): allowed on top of the file's size, which is the bound on anything sized by the file's claims
+# zipfile's directory): allowed on top of the file's size, which is the bound on anything sized by the file's
+# claims
 FIXED_ALLOWANCE = 4 << 20
 T = TypeVar("T")
 

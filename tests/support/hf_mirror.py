@@ -2,15 +2,14 @@
 127.0.0.1.
 
 ``HfMirror(root)`` serves ``root/<owner>/<repo>/<filename>`` at
-``/<owner>/<repo>/resolve/<revision>/<filename>``
-the way the hub serves a file stored with git LFS: ``HEAD`` answers ``X-Repo-Commit`` (the fixed ``COMMIT``),
-``ETag`` and ``X-Linked-Etag`` (the file's sha256, as the hub does for LFS files), ``X-Linked-Size`` and
-``Content-Length``; ``GET`` sends the bytes and honours ``Range: bytes=N-`` (``huggingface_hub`` resumes with
-it
-after a dropped connection). A missing file answers 404 with ``X-Error-Code: EntryNotFound`` (and the commit,
-so that ``huggingface_hub`` remembers the absence), a missing repository 404 ``RepoNotFound``, an unknown
-revision 404 ``RevisionNotFound``. ``special`` replaces the answer for one (method, path); ``claimed_size``
-makes ``HEAD`` announce another size than the file's. Every request is recorded in ``requests``.
+``/<owner>/<repo>/resolve/<revision>/<filename>`` the way the hub serves a file stored with git LFS: ``HEAD``
+answers ``X-Repo-Commit`` (the fixed ``COMMIT``), ``ETag`` and ``X-Linked-Etag`` (the file's sha256, as the
+hub does for LFS files), ``X-Linked-Size`` and ``Content-Length``; ``GET`` sends the bytes and honours
+``Range: bytes=N-`` (``huggingface_hub`` resumes with it after a dropped connection). A missing file answers
+404 with ``X-Error-Code: EntryNotFound`` (and the commit, so that ``huggingface_hub`` remembers the absence),
+a missing repository 404 ``RepoNotFound``, an unknown revision 404 ``RevisionNotFound``. ``special`` replaces
+the answer for one (method, path); ``claimed_size`` makes ``HEAD`` announce another size than the file's.
+Every request is recorded in ``requests``.
 
 ``put_in_cache`` writes a file into a Hugging Face cache folder the way ``hf_hub_download`` leaves it.
 Nothing here reaches the network.

@@ -16,15 +16,14 @@ ROOT = Path(__file__).resolve().parents[2]
 IMAGES = ROOT / "examples" / "images"
 
 
-ENCODER_CONFIG, DECODER = TINY_MAE_ENCODER, TINY_MAE_DECODER  # the tiny MAE of tests.support.tiny_models
 STATS = named_rgb_stats("birder")
 CLI_TIMEOUT_S = 300
 
 
 # the command ---------------------------------------------------------------------------------------------
 def pretrain_args(out: Path, steps: int = 8) -> list[str]:
-    model_config = [f"{k}={v}" for k, v in ENCODER_CONFIG.items()]
-    mae_config = [f"{k}={v}" for k, v in DECODER.items()]
+    model_config = [f"{k}={v}" for k, v in TINY_MAE_ENCODER.items()]
+    mae_config = [f"{k}={v}" for k, v in TINY_MAE_DECODER.items()]
     return [
         "pretrain",
         "--data",

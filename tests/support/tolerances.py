@@ -38,8 +38,8 @@ AFFINE_EQUAL_FRACTION = 0.9999  # nearest sampling: a rare coordinate lands on a
 CROP_STAT_ATOL = 0.02  # mean area fraction / log aspect of 4000 draws, ours vs torchvision's
 
 # The compiled Embedder vs net.embedding (tests/test_embedder.py)
-EMBEDDER_FP32_ATOL = 1e-5
-EMBEDDER_BF16_MIN_COSINE = 0.999
+EMBEDDER_FP32_ATOL = 1e-5  # fp32 jitted vs eager: the same math in another fusion / micro-batch order
+EMBEDDER_BF16_MIN_COSINE = 0.999  # bf16 matmul inputs with fp32 accumulation vs the fp32 embedding
 
 # Converted weights vs birder (tests/test_cli_convert.py)
 CONVERT_PARITY_ATOL = 2e-5  # our embedding vs birder's, fp32 CPU (birder's own fp32 floor is ~5e-6)
@@ -53,13 +53,11 @@ VERIFY_LOOSE_TOLERANCE = 1e-2  # ... and passes a --tolerance this loose
 # averaged across processes in another order, so only rounding differs; AdamW normalises each step to about
 # lr per parameter, so parameter differences are bounded in units of lr
 DP_RUN_LOSS_RTOL = 1e-5
-DP_RUN_PARAM_ATOL_OF_LR = (
-    1e-2  # measured 7.7e-3 after 4 steps (AdamW turns near-zero gradients into ~lr steps)
-)
+# measured 7.7e-3 after 4 steps (AdamW turns near-zero gradients into ~lr steps)
+DP_RUN_PARAM_ATOL_OF_LR = 1e-2
 
 # Exact cosine top-k (vitreg_jax.evaluation.search) vs a float64 numpy reference (tests/test_search*.py,
-# test_neighbours*.py):
-# fp32 normalisation and dot of D <= 768 entries; measured <= 3e-7 on CPU
+# tests/test_neighbours.py): fp32 normalisation and dot of D <= 768 entries; measured <= 3e-7 on CPU
 SEARCH_SCORE_ATOL = 2e-6
 
 # k-NN and linear-probe evaluation (tests/test_evaluation.py)

@@ -11,8 +11,7 @@
 5. each image's nearest neighbours by cosine similarity.
 
 ``run_demo(DemoOptions(...))`` prints the lines as it goes and returns the report written to
-``OUT/demo.json``.
-Heavy imports (jax, torch, birder) happen inside the functions.
+``OUT/demo.json``. Heavy imports (jax, torch, birder) happen inside the functions.
 """
 
 from __future__ import annotations

@@ -7,11 +7,10 @@
 - ``info CKPT``: architecture, parameter count, dtypes, input size, rgb_stats and provenance.
 
 Each command parses its arguments, calls one library function
-(``convert.to_checkpoint.convert_to_checkpoint``,
-``convert.to_birder.export_to_birder``, ``convert.info``) and prints. Nothing here imports jax, orbax or torch
-at import time (``vitreg-jax --help`` stays fast). ``.pt`` files are read and written without torch
-(``convert/pt_reader.py``, ``convert/pt_writer.py``), as are ``.safetensors``. birder is needed only for
-``--verify``.
+(``convert.to_checkpoint.convert_to_checkpoint``, ``convert.to_birder.export_to_birder``, ``convert.info``)
+and prints. Nothing here imports jax, orbax or torch at import time (``vitreg-jax --help`` stays fast).
+``.pt`` files are read and written without torch (``convert/pt_reader.py``, ``convert/pt_writer.py``), as are
+``.safetensors``. birder is needed only for ``--verify``.
 """
 
 from __future__ import annotations

@@ -1,10 +1,9 @@
 """``vitreg-jax embed --checkpoint CKPT INPUT... --out DIR``: images to embeddings, resumable, multi-process.
 
 The command parses its arguments, loads the model and calls
-:func:`vitreg_jax.embedding.dataset.embed_dataset`,
-whose docstring (and :mod:`vitreg_jax.embedding.outputs` for the files) says how a run works: shards and
-parts,
-resuming after a kill, several processes, the folder lock, never overwriting files it did not write.
+:func:`vitreg_jax.embedding.dataset.embed_dataset`, whose docstring (and :mod:`vitreg_jax.embedding.outputs`
+for the files) says how a run works: shards and parts, resuming after a kill, several processes, the folder
+lock, never overwriting files it did not write.
 """
 
 from __future__ import annotations

@@ -2,11 +2,9 @@
 recipe.
 
 The command parses, loads ``--init`` weights, and calls :mod:`vitreg_jax.pretraining.run`, which documents the
-run
-folder. Each option that shapes the run has the ``dest`` of its setting: a :class:`PretrainSettings` field or
-a
-:class:`TrainConfig` field (saved as ``train.<field>``), so options given on the command line map onto the
-settings by name, and defaults and help come from those classes.
+run folder. Each option that shapes the run has the ``dest`` of its setting: a :class:`PretrainSettings` field
+or a :class:`TrainConfig` field (saved as ``train.<field>``), so options given on the command line map onto
+the settings by name, and defaults and help come from those classes.
 """
 
 from __future__ import annotations
@@ -401,8 +399,7 @@ def run(args: argparse.Namespace) -> int:
         args.out, _options(args), resume=args.resume, export_only=args.export_only, name=name
     )
     # (XLA flags stay the user's: --xla_cpu_experimental_ynn_fusion_type=, which speeds up float32 inference
-    # on
-    # CPU, slows this train step down; BENCHMARKS.md "MAE train step")
+    # on CPU, slows this train step down; BENCHMARKS.md "MAE train step")
     distributed.initialize(args)
     echo = pretrain_run.stderr_echo("vitreg-jax pretrain")
     if args.export_only:

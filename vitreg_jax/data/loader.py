@@ -6,14 +6,13 @@ patterns, globs and fsspec URLs), whose batches carry each image's shard, key an
 shard, key and reason, and which shards are complete. Both run one loop (`ordered_map`): decoded in
 threads, in order, memory-bounded.
 
-`list_inputs` turns command-line inputs (image files, folders, text files listing paths) into one ordered
-list of paths. `iter_batches` streams that list as `Batch`es of preprocessed float32 NHWC arrays: worker
-threads decode and transform the next images while the consumer (the jitted model) works on the current
-batch; files that cannot be read become `Failure` records and the stream goes on. Memory is bounded:
-besides the batch the consumer holds and the one being filled, at most `2 * workers + batch_size` images
-are being decoded or wait to be taken. Huge images are decoded in full (birder parity forbids JPEG draft
-decoding), so a stream
-of 300-megapixel files needs about 1 GB per worker.
+`list_inputs` turns command-line inputs (image files, folders, text files listing paths) into one ordered list
+of paths. `iter_batches` streams that list as `Batch`es of preprocessed float32 NHWC arrays: worker threads
+decode and transform the next images while the consumer (the jitted model) works on the current batch; files
+that cannot be read become `Failure` records and the stream goes on. Memory is bounded: besides the batch the
+consumer holds and the one being filled, at most `2 * workers + batch_size` images are being decoded or wait
+to be taken. Huge images are decoded in full (birder parity forbids JPEG draft decoding), so a stream of
+300-megapixel files needs about 1 GB per worker.
 
 Why not grain: grain 0.2.x's `MapDataset.source(paths).map(f).to_iter_dataset(ReadOptions(num_threads,
 prefetch_buffer_size))` would give the ordered, bounded, threaded part, but not the rest: it stops on the

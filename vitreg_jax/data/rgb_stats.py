@@ -3,8 +3,7 @@
 The names are birder 0.8.4's ``get_rgb_stats`` modes (``birder.data.transforms.classification``), plus the
 statistics the published ``vit_reg4_b16_mim`` weights were trained with (birder's "birder" statistics of that
 time, recorded in their ``.json``). A weights file carries its own ``rgb_stats``; these names are for runs
-that
-choose them (``pretrain --rgb-stats``) and for tests and notebooks.
+that choose them (``pretrain --rgb-stats``) and for tests and notebooks.
 """
 
 from __future__ import annotations

@@ -17,6 +17,8 @@ _EXPORTS = {
     "EmbedResult": "vitreg_jax.embedding.dataset",
     "open_embeddings": "vitreg_jax.embedding.reader",
     "EmbeddingSet": "vitreg_jax.embedding.reader",
+    "decode_name": "vitreg_jax.embedding.outputs",
+    "configure_xla_flags": "vitreg_jax.embedding.embedder",
 }
 __all__ = sorted(_EXPORTS)  # noqa: PLE0605 (the lazily imported names above)
 __getattr__, __dir__ = lazy_names(__name__, _EXPORTS)

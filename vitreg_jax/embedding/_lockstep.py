@@ -2,13 +2,11 @@
 
 :func:`embed_shards` streams the shards (:func:`vitreg_jax.data.loader.iter_item_batches`: threaded, ordered,
 bounded decoding), embeds each batch with the :class:`~vitreg_jax.embedding.embedder.Embedder` (one batch in
-flight while
-the next decodes) and writes each shard's part as soon as its last row is back (:class:`PartBuffer`,
-:func:`vitreg_jax.embedding.outputs.write_part`). With several processes every step is one computation over
-all of
-their devices, so the processes step in lockstep: before each step they all-gather how many images each has,
-every process feeds the largest count (zero rows where it has fewer), and the loop ends when every process is
-out of images (:func:`lockstep`).
+flight while the next decodes) and writes each shard's part as soon as its last row is back
+(:class:`PartBuffer`, :func:`vitreg_jax.embedding.outputs.write_part`). With several processes every step is
+one computation over all of their devices, so the processes step in lockstep: before each step they all-gather
+how many images each has, every process feeds the largest count (zero rows where it has fewer), and the loop
+ends when every process is out of images (:func:`lockstep`).
 """
 
 from __future__ import annotations

@@ -15,11 +15,10 @@ of processes or the batch size), while a rerun with other settings is refused ra
 When every part exists, ``npy`` merges them into its four files and ``parquet`` writes ``manifest.json``;
 that file, written last, marks the run complete, and the state folder is removed.
 
-Safety. ``DIR`` is locked for the run (:class:`vitreg_jax._locks.FolderLock`): a second run into it
-stops with a ``UserError`` saying it is in use; a lock left by a killed run does not block. A run never
-overwrites a file it did not write (:mod:`vitreg_jax.embedding._output_folder`): a fresh run into a folder
-that already
-holds ``meta.json``, ``paths.txt``, ``failed.txt``, ``sources.txt``, ``embeddings.npy``, ``manifest.json`` or
+Safety. ``DIR`` is locked for the run (:class:`vitreg_jax._locks.FolderLock`): a second run into it stops with
+a ``UserError`` saying it is in use; a lock left by a killed run does not block. A run never overwrites a file
+it did not write (:mod:`vitreg_jax.embedding._output_folder`): a fresh run into a folder that already holds
+``meta.json``, ``paths.txt``, ``failed.txt``, ``sources.txt``, ``embeddings.npy``, ``manifest.json`` or
 ``part-*.parquet`` is refused, and so is a rerun with other settings.
 
 Several processes (``jax.distributed`` initialised before the call): process p takes the shards whose index
@@ -160,19 +159,17 @@ def embed_dataset(
     """Embed ``inputs`` into the folder ``out``; rerun the same call to resume.
 
     ``inputs``: what :func:`vitreg_jax.data.shards.list_shards` expands (image files, folders, path lists,
-    .tar
-    shards, brace patterns, globs, fsspec URLs), or the shards it returned.
+    .tar shards, brace patterns, globs, fsspec URLs), or the shards it returned.
 
     ``model`` is a built ``ViT`` (an :class:`~vitreg_jax.embedding.embedder.Embedder` is made from it with
-    ``dtype``
-    (``"float32"``, ``"bfloat16"`` or ``"auto"``; None: the Embedder's default, float32), ``features``,
-    ``batch_size`` (global; default 32 per CPU device, 256 per GPU/TPU device) and ``shard_weights``) or an
-    ``Embedder`` (those four are then its own). ``cfg`` is the birder config that came with the weights: its
-    ``rgb_stats`` preprocess the images and its ``signature`` gives the default ``size`` (H, W).
-    ``checkpoint`` names the weights in the outputs and in the run's identity (resuming with other weights is
-    refused when it is given). ``files_per_part``: image files per part (a tar shard is one part). See the
-    module docstring for resuming, locking and several processes. ``UserError`` for anything the user can fix;
-    nothing is written before every check has passed.
+    ``dtype`` (``"float32"``, ``"bfloat16"`` or ``"auto"``; None: the Embedder's default, float32),
+    ``features``, ``batch_size`` (global; default 32 per CPU device, 256 per GPU/TPU device) and
+    ``shard_weights``) or an ``Embedder`` (those four are then its own). ``cfg`` is the birder config that
+    came with the weights: its ``rgb_stats`` preprocess the images and its ``signature`` gives the default
+    ``size`` (H, W). ``checkpoint`` names the weights in the outputs and in the run's identity (resuming with
+    other weights is refused when it is given). ``files_per_part``: image files per part (a tar shard is one
+    part). See the module docstring for resuming, locking and several processes. ``UserError`` for anything
+    the user can fix; nothing is written before every check has passed.
     """
     start_time = time.perf_counter()
     if format not in FORMATS:

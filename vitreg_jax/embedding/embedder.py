@@ -17,13 +17,13 @@ What to return (``features``): ``"cls"`` is birder's ``net.embedding`` (the CLS 
 or the patch mean for ``_avg`` variants), ``"tokens"`` every token of ``forward_features``
 (``[REG..., CLS, PATCH...]``) and ``"patches"`` the patch tokens only, in row-major patch order.
 
-XLA:CPU flags: turning XLA:CPU's YNNPACK fusion off (``--xla_cpu_experimental_ynn_fusion_type=``) speeds
-the float32 path up and slows the bfloat16 path down (BENCHMARKS.md, "Embedding"), and flags are read once per
-process, before the backend starts. :func:`configure_xla_flags`
-applies the better choice for a dtype when the user has not set ``XLA_FLAGS`` and JAX has not started yet;
-``vitreg-jax embed`` calls it first thing. For ``"auto"`` it uses what ``"auto"`` means on this host's CPU
-(read from the CPU's flags, without starting JAX): the flags only change XLA:CPU, so on a GPU/TPU run, where
-``"auto"`` is bfloat16, they touch nothing that computes the embedding.
+XLA:CPU flags: turning XLA:CPU's YNNPACK fusion off (``--xla_cpu_experimental_ynn_fusion_type=``) speeds the
+float32 path up and slows the bfloat16 path down (BENCHMARKS.md, "Embedding"), and flags are read once per
+process, before the backend starts. :func:`configure_xla_flags` applies the better choice for a dtype when the
+user has not set ``XLA_FLAGS`` and JAX has not started yet; ``vitreg-jax embed`` calls it first thing. For
+``"auto"`` it uses what ``"auto"`` means on this host's CPU (read from the CPU's flags, without starting JAX):
+the flags only change XLA:CPU, so on a GPU/TPU run, where ``"auto"`` is bfloat16, they touch nothing that
+computes the embedding.
 """
 
 from __future__ import annotations
@@ -169,8 +169,8 @@ def make_embed_fn(
     (B, D) for ``"cls"``, (B, S + h*w, D) for ``"tokens"``, (B, h*w, D) for ``"patches"``. ``params`` holds
     the matmul kernels in the compute dtype (``dtype``, default float32, or ``policy``: see
     :func:`~vitreg_jax.model.precision.choose_policy`). Each new input shape compiles once; use
-    :class:`Embedder` for
-    bucketed batches and several devices. ``micro_batch=-1`` picks :func:`default_micro_batch`.
+    :class:`Embedder` for bucketed batches and several devices. ``micro_batch=-1`` picks
+    :func:`default_micro_batch`.
     """
     policy = choose_policy(dtype, policy)
     _check_features(features)

@@ -1,13 +1,12 @@
 """k-NN classification of frozen embeddings: DINO's weighted k-NN classifier.
 
-:func:`knn_classify`: each validation embedding's ``k`` most
-  cosine-similar training embeddings vote for their class with weight ``exp(s / T)`` (``s`` their cosine
-  similarity, ``T`` the temperature); ``temperature=None`` gives every vote weight 1 (plain majority, which
-  for
-  ``k=1`` is the nearest neighbour's class). The neighbours come from
-  :func:`vitreg_jax.evaluation.search.cosine_topk`,
-  which streams the training set through the device in fixed-size blocks, so it need not fit in memory.
-The linear probe is :mod:`vitreg_jax.evaluation.linear_probe`; both on one train / val pair, as ``vitreg-jax
+:func:`knn_classify`: each validation embedding's ``k`` most cosine-similar training embeddings vote for
+their class with weight ``exp(s / T)`` (``s`` their cosine similarity, ``T`` the temperature), computed as
+``exp((s - s_max) / T)`` with ``s_max`` the query's nearest similarity: the same ranking without overflow at
+a small ``T``. ``temperature=None`` gives every vote weight 1 (plain majority, which for ``k=1`` is the
+nearest neighbour's class). The neighbours come from :func:`vitreg_jax.evaluation.search.cosine_topk`, which
+streams the training set through the device in fixed-size blocks, so it need not fit in memory.
+The linear probe is :mod:`vitreg_jax.evaluation.probe`; both on one train / val pair, as ``vitreg-jax
 eval`` reports them, is :mod:`vitreg_jax.evaluation.report`.
 
 Ties, defined so that results never depend on block sizes or sort stability: among training rows of equal
@@ -25,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from vitreg_jax.errors import UserError
-from vitreg_jax.evaluation.linear_probe import TOP_K, ranking, topk_accuracy
+from vitreg_jax.evaluation.probe import TOP_K, ranking, topk_accuracy
 from vitreg_jax.evaluation.search import cosine_topk
 from vitreg_jax.evaluation.settings import (
     DEFAULT_INDEX_BLOCK,
@@ -37,8 +36,9 @@ from vitreg_jax.evaluation.settings import (
 
 @dataclass(frozen=True)
 class KNNResult:
-    """``scores`` (Q, C) summed vote weights per class; ``predictions`` (Q, min(5, C)) class ids, best
-    first; ``neighbours`` (Q, k) training rows, nearest first, and ``similarities`` (Q, k) their cosines."""
+    """``scores`` (Q, C) summed vote weights per class (relative to the nearest neighbour's vote);
+    ``predictions`` (Q, min(5, C)) class ids, best first; ``neighbours`` (Q, k) training rows, nearest first,
+    and ``similarities`` (Q, k) their cosines."""
 
     scores: np.ndarray
     predictions: np.ndarray
@@ -86,10 +86,12 @@ def knn_classify(
     sims, rows = cosine_topk(val_emb, blocks, k, index_block=block_rows)  # (Q, k), (Q, k)
     if rows.size and rows.max() >= len(train_labels):
         raise UserError(f"more training embeddings than the {len(train_labels)} labels given")
+    # exp(s / T) scaled by exp(-s_max / T) per query (s_max: its nearest neighbour's similarity): the same
+    # ranking of classes, and no overflow at a small T (exp(1 / 0.001) is inf in float64)
     weights = (
         np.ones_like(sims, np.float64)
         if temperature is None
-        else np.exp(sims.astype(np.float64) / temperature)
+        else np.exp((sims.astype(np.float64) - sims[:, :1]) / temperature)
     )
     scores = np.zeros((len(sims), num_classes), np.float64)  # (Q, C)
     np.add.at(scores, (np.arange(len(sims))[:, None], train_labels[rows]), weights)

@@ -2,9 +2,8 @@
 
 An image folder holds one sub-folder per class, named after the class; every image under a class folder
 (recursively, hidden names skipped, the extensions of :data:`vitreg_jax.data.inputs.IMAGE_EXTENSIONS`) belongs
-to
-that class. For an ``embed`` output, each row's class is the name of the folder its path (or tar key)
-sits in, so embedding such a folder with ``vitreg-jax embed`` keeps the labels.
+to that class. For an ``embed`` output, each row's class is the name of the folder its path (or tar key) sits
+in, so embedding such a folder with ``vitreg-jax embed`` keeps the labels.
 
 Mistakes are one-line :class:`UserError`s: a missing folder, a class folder without images, images lying
 directly in the top folder, fewer than two classes. An image that cannot be decoded is not an error: it
@@ -132,8 +131,7 @@ def embed_folders(
     progress: Callable[[str, int, int], None] | None = None,
 ) -> list[LabelledEmbeddings]:
     """Embed several labelled folders with one compiled :class:`~vitreg_jax.embedding.embedder.Embedder` of
-    ``net``
-    (default size: the model's). ``progress(root, done, total)`` follows each folder."""
+    ``net`` (default size: the model's). ``progress(root, done, total)`` follows each folder."""
     from vitreg_jax.data.preprocess import classification_transform
     from vitreg_jax.embedding.embedder import Embedder
 

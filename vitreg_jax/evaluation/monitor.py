@@ -24,7 +24,7 @@ from vitreg_jax.data.labelled import check_two_classes, iter_labelled_batches, r
 from vitreg_jax.errors import UserError
 from vitreg_jax.evaluation.knn import knn_classify
 from vitreg_jax.evaluation.labelled_embeddings import LabelledEmbeddings
-from vitreg_jax.evaluation.linear_probe import TOP_K
+from vitreg_jax.evaluation.probe import TOP_K
 from vitreg_jax.evaluation.settings import (
     DEFAULT_K,
     DEFAULT_TEMPERATURE,
@@ -120,7 +120,7 @@ class KNNMonitor:
             self.val.labelled(self._embedder(self.val.images, full_batches=True)),
         )
 
-    def __call__(self, encoder: ViT) -> dict[str, float]:
+    def __call__(self, encoder: ViT) -> dict[str, float | None]:
         train, val = self.embed(encoder)
         result = knn_classify(
             train.embeddings,
@@ -130,4 +130,5 @@ class KNNMonitor:
             temperature=self.temperature,
             num_classes=len(self.classes),
         )
-        return {"top1": result.accuracy(val.labels, 1), "top5": result.accuracy(val.labels, TOP_K)}
+        top5 = result.accuracy(val.labels, TOP_K) if len(self.classes) >= TOP_K else None  # null: < 5 classes
+        return {"top1": result.accuracy(val.labels, 1), "top5": top5}

@@ -4,10 +4,9 @@ runs).
 ``knn_to_parquet(index_dir, queries_dir, k, out)`` reads the queries into memory, streams the index in blocks
 from its files (:meth:`EmbeddingSet.blocks`, so the index need not fit in memory), finds each query's ``k``
 most cosine-similar index rows with :func:`vitreg_jax.evaluation.search.cosine_topk` and writes ``out``
-atomically with
-one row per (query, neighbour): ``query`` (string: the query's key), ``rank`` (int32, 1 = nearest),
-``key`` (string: the neighbour's key in the index), ``score`` (float32 cosine similarity). Rows come in
-query order, then rank; ties go to the lower index row.
+atomically with one row per (query, neighbour): ``query`` (string: the query's key), ``rank`` (int32, 1 =
+nearest), ``key`` (string: the neighbour's key in the index), ``score`` (float32 cosine similarity). Rows come
+in query order, then rank; ties go to the lower index row.
 """
 
 from __future__ import annotations
@@ -46,9 +45,8 @@ def knn_to_parquet(
     """Write the ``k`` nearest index rows of every query to ``out`` (see the module docstring).
 
     ``progress(rows, total)`` is called after each index block with its row count and the index size.
-    ``UserError`` for a
-    missing or unfinished folder, per-token embeddings, different dimensions, ``k < 1``, an empty index,
-    ``k`` larger than the index, or an ``out`` that exists already.
+    ``UserError`` for a missing or unfinished folder, per-token embeddings, different dimensions, ``k < 1``,
+    an empty index, ``k`` larger than the index, or an ``out`` that exists already.
     """
     out = Path(out)
     check_k(k)

@@ -8,7 +8,7 @@ embeddings, compute precision, birder configs and checkpoint files.
   and ``_kernels.py`` (the precision-aware matmul, softmax and GELU every layer calls);
 - ``position_embedding.py`` (birder's position-embedding resampling);
 - ``precision.py`` (the compute policy: float32, bfloat16 or auto, shared by embedding and training);
-- ``birder_config.py`` (birder's json configs to ``ViTConfig`` and back), ``build.py`` (a model from a config
+- ``birder_json.py`` (birder's json configs to ``ViTConfig`` and back), ``build.py`` (a model from a config
   or a checkpoint), ``checkpoint.py`` (the Orbax checkpoint directory).
 
 A new model family is a module of its own here; its birder-name mapping is a table in ``vitreg_jax.convert``.
@@ -23,8 +23,8 @@ _EXPORTS = {
     "canonical_name": "vitreg_jax.model.config",
     "ComputePolicy": "vitreg_jax.model.precision",
     "resolve_dtype": "vitreg_jax.model.precision",
-    "read_birder_config": "vitreg_jax.model.birder_config",
-    "vit_config_from_birder": "vitreg_jax.model.birder_config",
+    "read_birder_config": "vitreg_jax.model.birder_json",
+    "vit_config_from_birder": "vitreg_jax.model.birder_json",
     "build_model": "vitreg_jax.model.build",
     "abstract_model": "vitreg_jax.model.build",
     "model_from_checkpoint": "vitreg_jax.model.build",
@@ -32,6 +32,11 @@ _EXPORTS = {
     "save_checkpoint": "vitreg_jax.model.checkpoint",
     "load_checkpoint": "vitreg_jax.model.checkpoint",
     "is_checkpoint": "vitreg_jax.model.checkpoint",
+    "num_params": "vitreg_jax.model.vit",
+    "get_params": "vitreg_jax.model.build",
+    "set_params": "vitreg_jax.model.build",
+    "bicubic_matrix": "vitreg_jax.model.position_embedding",
+    "resize_grid": "vitreg_jax.model.position_embedding",
 }
 __all__ = sorted(_EXPORTS)  # noqa: PLE0605 (the lazily imported names above)
 __getattr__, __dir__ = lazy_names(__name__, _EXPORTS)

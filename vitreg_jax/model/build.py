@@ -1,11 +1,10 @@
 """Build models from configs, move parameters in and out, and save / load checkpoint directories.
 
 :func:`build_model` initialises one from a ``ViTConfig`` or a birder config (read by
-:mod:`vitreg_jax.model.birder_config`), :func:`abstract_model` gives its shapes only.
+:mod:`vitreg_jax.model.birder_json`), :func:`abstract_model` gives its shapes only.
 :func:`model_from_checkpoint` loads a vitreg-jax (Orbax) checkpoint directory and :func:`save_model` writes
-one. Nothing here reads birder weight files: the converter package does
-(``convert/load.py``; ``vitreg_jax.load_model_with_cfg`` loads any source: birder files, published names
-and checkpoints).
+one. Nothing here reads birder weight files: the converter package does (``convert/load.py``;
+``vitreg_jax.load_model_with_cfg`` loads any source: birder files, published names and checkpoints).
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ from flax import nnx
 
 from vitreg_jax import __version__
 from vitreg_jax.errors import UserError
-from vitreg_jax.model.birder_config import birder_config, read_birder_config, vit_config_from_birder
+from vitreg_jax.model.birder_json import birder_config, read_birder_config, vit_config_from_birder
 from vitreg_jax.model.checkpoint import load_checkpoint, save_checkpoint
 from vitreg_jax.model.config import ViTConfig
 from vitreg_jax.model.vit import ViT

@@ -1,9 +1,8 @@
 """birder 0.8.4's registered ``ViT`` configurations that vitreg-jax implements, keyed by birder name.
 
 Data, not code: each entry is birder's registered ``model_config`` (``tests/test_config.py`` checks every
-entry
-against birder's own registry). Variants with options this port does not implement (attention-pool heads,
-qk-norm, RMSNorm, SwiGLU, SoftMoE, hMLP stems, quick-GELU) are absent.
+entry against birder's own registry). Variants with options this port does not implement (attention-pool
+heads, qk-norm, RMSNorm, SwiGLU, SoftMoE, hMLP stems, quick-GELU) are absent.
 """
 
 from typing import Any

@@ -22,6 +22,9 @@ _EXPORTS = {
     "fit": "vitreg_jax.pretraining.loop",
     "train": "vitreg_jax.pretraining.run",
     "PretrainSettings": "vitreg_jax.pretraining.run",
+    "open_run": "vitreg_jax.pretraining.run",
+    "random_masking": "vitreg_jax.pretraining.mae",
+    "unpatchify": "vitreg_jax.pretraining.mae",
 }
 __all__ = sorted(_EXPORTS)  # noqa: PLE0605 (the lazily imported names above)
 __getattr__, __dir__ = lazy_names(__name__, _EXPORTS)

@@ -141,12 +141,11 @@ class TrainConfig:
 
     Length: ``epochs`` (birder's unit) or ``steps`` (optimizer steps; setting it clears ``epochs``). Warm-up:
     ``warmup_epochs`` / ``warmup_steps``, by default :data:`WARMUP_FRACTION` of the length (birder's 40 of 800
-    epochs), resolved when the config is made. The learning rate
-    follows birder's ``SequentialLR(LinearLR(warmup_start_factor, warm-up),
-    CosineAnnealingLR(eta_min=lr_min))``,
-    updated once per epoch (birder's default) or, with ``schedule_per_step`` (always with ``steps``), once per
-    optimizer step. ``batch_size`` is the global batch of one forward pass (birder's per-GPU batch times the
-    number of GPUs); one optimizer step sees ``batch_size * grad_accum_steps`` images.
+    epochs), resolved when the config is made. The learning rate follows birder's
+    ``SequentialLR(LinearLR(warmup_start_factor, warm-up), CosineAnnealingLR(eta_min=lr_min))``, updated once
+    per epoch (birder's default) or, with ``schedule_per_step`` (always with ``steps``), once per optimizer
+    step. ``batch_size`` is the global batch of one forward pass (birder's per-GPU batch times the number of
+    GPUs); one optimizer step sees ``batch_size * grad_accum_steps`` images.
     """
 
     batch_size: int = 256

@@ -93,8 +93,9 @@ class Checkpoints:
 class Periodic:
     """A measurement of the train state every ``every`` optimizer steps and after the last step.
 
-    ``fn(state, step)`` returns ``{key: number}``; the values join that step's ``metrics.jsonl`` line as
-    ``"<name>/<key>"`` (the TensorBoard tag is the same). ``fn`` runs on every process of a multi-process run
+    ``fn(state, step)`` returns ``{key: number or None}``; the values join that step's ``metrics.jsonl``
+    line as ``"<name>/<key>"`` (the TensorBoard tag is the same; None is written as null, not to TensorBoard).
+    ``fn`` runs on every process of a multi-process run
     (the state spans them all), after the step's loss was found finite; only process 0 writes. A function of
     (state, step) only, it gives a resumed run the values the uninterrupted one logs at the same steps.
     """
@@ -110,8 +111,12 @@ class Periodic:
     def due(self, done: int, total: int) -> bool:
         return done % self.every == 0 or done == total
 
-    def __call__(self, state: TrainState, step: int) -> dict[str, float]:
-        return {f"{self.name}/{key}": float(value) for key, value in self.fn(state, step).items()}
+    def __call__(self, state: TrainState, step: int) -> dict[str, float | None]:
+        # None: not measured (k-NN top-5 with fewer than five classes), written as null, not to TensorBoard
+        return {
+            f"{self.name}/{key}": None if value is None else float(value)
+            for key, value in self.fn(state, step).items()
+        }
 
 
 @dataclass
@@ -274,7 +279,7 @@ class _StepTracker:
         if now - self.t_last > 0 and (self.n_since >= self.log_every or done == self.total):
             self.rate = self.n_since * self.per_step / (now - self.t_last)
             self.t_last, self.n_since = now, 0
-        measured: dict[str, float] = {}
+        measured: dict[str, float | None] = {}
         if measure:
             t_measure = time.perf_counter()
             for p in self.periodic:

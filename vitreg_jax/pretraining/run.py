@@ -436,8 +436,8 @@ def _periodic(
     """The measurements the settings ask for, every N steps and after the last (logged as ``"<name>/<key>"``
     beside the loss): with ``eval_train``/``eval_val``, ``knn/top1`` and ``knn/top5``, the weighted k-NN
     accuracy of ``trainer.model(state).encoder`` (:class:`~vitreg_jax.evaluation.monitor.KNNMonitor`, its
-    Embedder
-    on ``trainer.mesh`` under ``trainer.policy``). The folders are read and decoded here, before training."""
+    Embedder on ``trainer.mesh`` under ``trainer.policy``). The folders are read and decoded here, before
+    training."""
     s = run.settings
     if s.eval_train is None:
         return []
@@ -502,7 +502,7 @@ def _setup(
     from flax import nnx
 
     from vitreg_jax import __version__
-    from vitreg_jax.model.birder_config import birder_config
+    from vitreg_jax.model.birder_json import birder_config
     from vitreg_jax.pretraining.mae import MAE
     from vitreg_jax.pretraining.step import MAETrainer
 

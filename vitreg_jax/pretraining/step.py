@@ -15,8 +15,7 @@ Compute dtype: a :class:`~vitreg_jax.model.precision.ComputePolicy` (from ``Trai
 float32 master weights.
 
 The optimizer, the schedule and clipping are in :mod:`vitreg_jax.pretraining.optimizer`; checkpoints and the
-loop
-(:func:`~vitreg_jax.pretraining.loop.fit`) in :mod:`vitreg_jax.pretraining.loop`.
+loop (:func:`~vitreg_jax.pretraining.loop.fit`) in :mod:`vitreg_jax.pretraining.loop`.
 """
 
 from __future__ import annotations
