@@ -211,7 +211,7 @@ def test_bad_arguments(ckpt, dataset, tmp_path, capsys):
         (["--checkpoint", ckpt, "--train", train, "--val", val, "-k", "0"], "-k must be a positive integer"),
         (
             ["--checkpoint", ckpt, "--train", train, "--val", val, "--out", tmp_path / "no" / "x.json"],
-            "expected a file in an existing folder",
+            "no such folder",
         ),
         (
             ["--train-embeddings", train, "--val-embeddings", val],
@@ -221,3 +221,15 @@ def test_bad_arguments(ckpt, dataset, tmp_path, capsys):
     for args, expected in cases:
         assert expected in one_line_error(capsys, run_cli(*args))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_existing_out_file_is_replaced_only_with_force(ckpt, dataset, tmp_path, capsys):
+    """One rule for every command that writes one named file: `eval --out` replaced a user's file."""
+    train, val = dataset
+    out = tmp_path / "thesis.txt"
+    out.write_text("the user's own file")
+    args = ["--checkpoint", ckpt, "--train", train, "--val", val, "--out", out, *FAST]
+    assert "already exists (pass --force to replace it)" in one_line_error(capsys, run_cli(*args))
+    assert out.read_text() == "the user's own file"
+    assert run_cli(*args, "--force") == 0
+    assert json.loads(out.read_text())["counts"]["classes"] == 3

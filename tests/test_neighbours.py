@@ -114,7 +114,10 @@ def test_errors_are_one_line_with_exit_2_and_no_output(tmp_path, capsys):
             r"k=5 is larger than the index",
         ),
         (["--index", str(tokens), "--queries", str(good), "--out", out], "per-token features"),
-        (["--index", str(good), "--queries", str(good), "--out", str(existing)], "exists already"),
+        (
+            ["--index", str(good), "--queries", str(good), "--out", str(existing)],
+            "already exists (pass --force",
+        ),
         (
             ["--index", str(good), "--queries", str(good), "--out", str(tmp_path / "no" / "x.parquet")],
             "no such",
@@ -128,6 +131,21 @@ def test_errors_are_one_line_with_exit_2_and_no_output(tmp_path, capsys):
         assert not (tmp_path / "nn.parquet").exists()
     assert existing.read_bytes() == b"user's file"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary files left
+
+
+def test_force_replaces_an_existing_table(tmp_path, capsys):
+    keys = [f"k{i}" for i in range(6)]
+    values = np.random.default_rng(0).standard_normal((6, 8)).astype(np.float32)
+    emb = write_npy_folder(tmp_path / "emb", keys, values)
+    out = tmp_path / "nn.parquet"
+    out.write_bytes(b"an older table")
+    argv = ["--index", str(emb), "--queries", str(emb), "-k", "2", "--out", str(out)]
+    assert run_knn(capsys, *argv)[0] == 2 and out.read_bytes() == b"an older table"
+    assert run_knn(capsys, *argv, "--force")[0] == 0
+    table = read_table(out)
+    assert (
+        len(table["query"]) == 12 and table["query"][0] == table["key"][0] == "k0"
+    )  # each query finds itself
 
 
 def test_help(capsys):

@@ -91,6 +91,20 @@ def read_json_object_or_none(path: str | os.PathLike[str]) -> dict[str, Any] | N
         return None
 
 
+def check_new_file(path: str | os.PathLike[str], *, force: bool, option: str = "--out") -> Path:
+    """The one rule of every command that writes one named file (``eval --out``, ``knn --out``, ``export
+    --out``): an existing file is replaced only with ``force``; a folder or a missing parent folder is a
+    :class:`UserError` naming ``option``."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{option} {path}: is a folder, expected a file name")
+    if (path.exists() or path.is_symlink()) and not force:
+        raise UserError(f"{option} {path}: already exists (pass --force to replace it)")
+    if not path.absolute().parent.is_dir():
+        raise UserError(f"{option} {path}: no such folder {path.absolute().parent}")
+    return path
+
+
 def make_dir(path: str | os.PathLike[str]) -> Path:
     """``mkdir -p`` with the user's umask; an OS failure is one :class:`UserError` line."""
     path = Path(path)

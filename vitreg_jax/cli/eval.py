@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from typing import Any
@@ -67,6 +66,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="images per embedding batch")
     p.add_argument("--workers", type=int, default=None, help="decode threads (default: CPU count, at most 8)")
     p.add_argument("--out", metavar="FILE.json", help="write the results and settings here as JSON")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=run)
 
 
@@ -89,9 +89,9 @@ def _check_args(args: argparse.Namespace) -> str:
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be a positive integer, got {args.batch_size}")
     if args.out is not None:
-        parent = os.path.dirname(os.path.abspath(args.out))
-        if os.path.isdir(args.out) or not os.path.isdir(parent):
-            raise UserError(f"--out {args.out}: expected a file in an existing folder")
+        from vitreg_jax.fileio import check_new_file
+
+        check_new_file(args.out, force=args.force)
     return "folders" if folders else "embeddings"
 
 

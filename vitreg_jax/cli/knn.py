@@ -37,7 +37,8 @@ def register(subparsers: Any) -> None:
         default=DEFAULT_NEIGHBOURS,
         help=f"neighbours per query (default {DEFAULT_NEIGHBOURS})",
     )
-    p.add_argument("--out", required=True, metavar="FILE.parquet", help="the table to write (must not exist)")
+    p.add_argument("--out", required=True, metavar="FILE.parquet", help="the table to write")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument(
         "--block-rows",
         type=int,
@@ -66,7 +67,13 @@ def run(args: argparse.Namespace) -> int:
             bar.update(rows)
 
         summary = knn_to_parquet(
-            args.index, args.queries, args.k, args.out, block_rows=args.block_rows, progress=show
+            args.index,
+            args.queries,
+            args.k,
+            args.out,
+            block_rows=args.block_rows,
+            progress=show,
+            force=args.force,
         )
     seconds = time.perf_counter() - start
     print(

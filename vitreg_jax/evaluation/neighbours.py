@@ -22,7 +22,7 @@ from vitreg_jax.embedding.reader import EmbeddingSet, open_embeddings
 from vitreg_jax.errors import UserError
 from vitreg_jax.evaluation.search import cosine_topk
 from vitreg_jax.evaluation.settings import DEFAULT_INDEX_BLOCK, check_k
-from vitreg_jax.fileio import atomic_write
+from vitreg_jax.fileio import atomic_write, check_new_file
 
 
 @dataclass(frozen=True)
@@ -41,19 +41,16 @@ def knn_to_parquet(
     *,
     block_rows: int = DEFAULT_INDEX_BLOCK,
     progress: Callable[[int, int], None] | None = None,
+    force: bool = False,
 ) -> KnnSummary:
     """Write the ``k`` nearest index rows of every query to ``out`` (see the module docstring).
 
     ``progress(rows, total)`` is called after each index block with its row count and the index size.
     ``UserError`` for a missing or unfinished folder, per-token embeddings, different dimensions, ``k < 1``,
-    an empty index, ``k`` larger than the index, or an ``out`` that exists already.
+    an empty index, ``k`` larger than the index, or an ``out`` that exists already (unless ``force``).
     """
-    out = Path(out)
     check_k(k)
-    if out.exists():
-        raise UserError(f"{out} exists already; remove it or choose another --out")
-    if not out.parent.is_dir():
-        raise UserError(f"{out.parent}: no such folder for --out")
+    out = check_new_file(out, force=force)
     index = _vectors(open_embeddings(index_dir), "index")
     queries = _vectors(open_embeddings(queries_dir), "queries")
     if index.dim != queries.dim:
