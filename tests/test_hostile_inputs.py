@@ -97,3 +97,23 @@ def test_a_wrong_cache_entry_never_deletes_a_file_outside_the_cache(
     blob = Path(os.path.realpath(entry))
     assert hub.cached("vit_reg4_b16_mim_200", cache_dir=cache) is None
     assert not blob.exists() and not entry.exists()
+
+
+# settings refused up front, by name ------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("option", "value", "needle"),
+    [
+        ("--lr", "nan", "TrainConfig.lr must be a finite number"),
+        ("--betas", "0.9 1.0", "TrainConfig.betas must be a finite number in [0, 1)"),
+        ("--mask-ratio", "0", "mask_ratio must be in (0, 1)"),
+    ],
+)
+def test_pretrain_settings_that_cannot_train_are_refused_by_name(
+    option: str, value: str, needle: str, tmp_path: Path
+) -> None:
+    images = ROOT / "examples" / "images"
+    done = run_cli(
+        "pretrain", "--data", images, "--out", tmp_path / "run", "--steps", 2, option, *value.split()
+    )
+    assert_one_line_refusal(done, needle)
+    assert not (tmp_path / "run").exists()

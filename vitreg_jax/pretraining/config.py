@@ -6,6 +6,8 @@ fields.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -43,6 +45,22 @@ MAE_PRESETS: dict[str, dict[str, Any]] = {
 
 
 _Config = TypeVar("_Config")
+
+
+def _check_number(
+    name: str, value: float, *, low: float, low_open: bool = False, high: float | None = None
+) -> None:
+    """A finite number in ``[low, high)`` (``(low, high)`` with ``low_open``); else one line naming it."""
+    ok = (
+        isinstance(value, numbers.Real)
+        and math.isfinite(value)
+        and (value > low if low_open else value >= low)
+    )
+    if ok and high is not None:
+        ok = value < high
+    if not ok:
+        span = f"{'(' if low_open else '['}{low:g}, {'inf)' if high is None else f'{high:g})'}"
+        raise UserError(f"TrainConfig.{name} must be a finite number in {span}, got {value!r}")
 
 
 def config_from_dict(cls: type[_Config], d: dict[str, Any], what: str) -> _Config:
@@ -86,8 +104,8 @@ class MAEConfig:
                 f"MAEConfig: the sin-cos decoder position embedding needs decoder_embed_dim "
                 f"divisible by 4, got {self.decoder_embed_dim}"
             )
-        if not 0.0 <= self.mask_ratio < 1.0:
-            raise UserError(f"MAEConfig: mask_ratio must be in [0, 1), got {self.mask_ratio}")
+        if not 0.0 < self.mask_ratio < 1.0:  # 0 masks nothing: a loss over no patch is 0 / 0
+            raise UserError(f"MAEConfig: mask_ratio must be in (0, 1), got {self.mask_ratio}")
 
     def replace(self, **changes: Any) -> MAEConfig:
         return dataclasses.replace(self, **changes)
@@ -191,15 +209,22 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum_steps", "checkpoint_every", "keep_checkpoints", "log_every"):
             if getattr(self, name) < 1:
                 raise UserError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0 or self.weight_decay < 0:
-            raise UserError("TrainConfig: lr must be positive and weight_decay >= 0")
+        _check_number("lr", self.lr, low=0.0, low_open=True)
+        _check_number("weight_decay", self.weight_decay, low=0.0)
+        _check_number("eps", self.eps, low=0.0, low_open=True)
+        _check_number("lr_min", self.lr_min, low=0.0)
+        _check_number("warmup_start_factor", self.warmup_start_factor, low=0.0, low_open=True)
+        if len(self.betas) != 2:
+            raise UserError(f"TrainConfig.betas must be two numbers, got {self.betas!r}")
+        for beta in self.betas:
+            _check_number("betas", beta, low=0.0, high=1.0)
         if self.compute_dtype not in DTYPE_CHOICES:
             raise UserError(
                 f"TrainConfig.compute_dtype must be one of {', '.join(DTYPE_CHOICES)}, "
                 f"got {self.compute_dtype!r}"
             )
-        if self.clip_grad_norm is not None and self.clip_grad_norm <= 0:
-            raise UserError("TrainConfig.clip_grad_norm must be positive")
+        if self.clip_grad_norm is not None:
+            _check_number("clip_grad_norm", self.clip_grad_norm, low=0.0, low_open=True)
 
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with ``changes``; a new length keeps the resolved warm-up unless ``warmup_*=None`` is
