@@ -117,3 +117,28 @@ def test_pretrain_settings_that_cannot_train_are_refused_by_name(
     )
     assert_one_line_refusal(done, needle)
     assert not (tmp_path / "run").exists()
+
+
+# checkpoints and configs --------------------------------------------------------------------------------
+def test_a_config_with_a_negative_or_nan_eps_is_refused(tmp_path: Path) -> None:
+    """norm_layer_eps -1 or NaN in a checkpoint's config was accepted, and embed wrote NaN everywhere with
+    exit status 0: every numeric config field is checked (finite, in range) when the config is read."""
+    import json
+
+    from tests.support.tiny_models import tiny_vit
+    from vitreg_jax.data.rgb_stats import named_rgb_stats
+    from vitreg_jax.model.birder_json import birder_config
+    from vitreg_jax.model.build import save_model
+
+    net = tiny_vit()
+    ckpt = tmp_path / "ckpt"
+    save_model(ckpt, net, birder_config(net.cfg, named_rgb_stats("birder")))
+    meta_path = ckpt / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    for bad in (-1.0, float("nan")):
+        meta["birder_config"]["model_config"]["norm_layer_eps"] = bad
+        meta["vit_config"]["norm_layer_eps"] = bad
+        meta_path.write_text(json.dumps(meta))
+        done = run_cli("embed", "--checkpoint", ckpt, ROOT / "examples" / "images", "--out", tmp_path / "emb")
+        assert_one_line_refusal(done, "norm_layer_eps must be a finite number in (0, 1)")
+        assert not (tmp_path / "emb").exists()

@@ -8,6 +8,7 @@ else.
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from dataclasses import dataclass
 from typing import Any
@@ -55,9 +56,8 @@ class ViTConfig:
     hidden_dim: int
     mlp_dim: int
     num_reg_tokens: int = 0
-    class_token: bool = (
-        True  # False: the embedding is the mean of the patch tokens (birder's `_avg` variants)
-    )
+    # False: the embedding is the mean of the patch tokens (birder's `_avg` variants)
+    class_token: bool = True
     abs_pos_embed: bool = True
     pos_embed_special_tokens: bool = True  # the learned position embedding has rows for [REG..., CLS] too
     pos_embed_antialias: bool = False  # dynamic-size resampling (adjust_size always antialiases, as birder)
@@ -105,6 +105,17 @@ class ViTConfig:
             raise UserError(f"image size {h}x{w} is not divisible by the patch size {self.patch_size}")
         if self.num_reg_tokens < 0 or self.num_classes < 0:
             raise UserError("num_reg_tokens and num_classes must be >= 0")
+        # a damaged or hand-edited config must not run: eps -1 or NaN gave NaN embeddings with exit status 0
+        if not (math.isfinite(self.norm_layer_eps) and 0.0 < self.norm_layer_eps < 1.0):
+            raise UserError(
+                f"ViTConfig.norm_layer_eps must be a finite number in (0, 1), got {self.norm_layer_eps}"
+            )
+        if not (math.isfinite(self.drop_path_rate) and 0.0 <= self.drop_path_rate < 1.0):
+            raise UserError(f"ViTConfig.drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+        if self.layer_scale_init_value is not None and not math.isfinite(self.layer_scale_init_value):
+            raise UserError(
+                f"ViTConfig.layer_scale_init_value must be finite, got {self.layer_scale_init_value}"
+            )
 
     # derived sizes -------------------------------------------------------------------------------------
     @property
