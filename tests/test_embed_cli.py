@@ -535,3 +535,19 @@ def test_help_default_is_the_librarys():
     from vitreg_jax.data.shards import FILES_PER_SHARD
 
     assert embed_command.FILES_PER_PART == FILES_PER_SHARD
+
+
+@pytest.mark.parametrize("fmt", ["npy", "parquet"])
+def test_every_input_failing_is_exit_2_with_the_failures_recorded(ckpt, tmp_path, capsys, fmt):
+    """A run where no input could be read said "embedded 0 images" with exit status 0."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("a.jpg", "b.png"):
+        (broken / name).write_bytes(b"not an image")
+    out = tmp_path / f"emb-{fmt}"
+    assert run_cli("--checkpoint", ckpt, broken, "--out", out, "--format", fmt) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("vitreg-jax embed: error: ")]
+    assert len(errors) == 1 and "none of the 2 inputs could be read" in errors[0] and "Traceback" not in err
+    listed = out / ("failed.txt" if fmt == "npy" else "manifest.json")
+    assert "a.jpg" in listed.read_text() and "b.png" in listed.read_text()

@@ -152,6 +152,12 @@ def run(args: argparse.Namespace) -> int:
 
     if jax.process_index() != 0:
         return 0
+    if result.embedded == 0 and result.failed > 0:
+        listed = "failed.txt" if result.format == "npy" else "manifest.json"
+        raise UserError(
+            f"none of the {result.failed} inputs could be read as an image; each one and why is listed in "
+            f"{result.out / listed}"
+        )
     if result.already_complete:
         print(
             f"{result.out}: already complete ({result.embedded} embeddings, {result.failed} failed); "
