@@ -223,6 +223,29 @@ def test_tar_and_folder_give_the_same_arrays_in_order(tmp_path, transform):
         np.testing.assert_array_equal(images, reference)
 
 
+def test_a_folder_of_plain_and_gzipped_tar_shards_is_read(tmp_path, transform):
+    """A folder of .tar shards was "no images or .tar shards found"; .tar.gz / .tgz shards were taken for
+    images. Both are shards now, found in folders (local and fsspec) like images are."""
+    import gzip
+
+    members = [(p.name, p.read_bytes()) for p in SAMPLES]
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    write_tar(shards / "part-0.tar", members[:2])
+    (shards / "part-1.tar.gz").write_bytes(gzip.compress(tar_bytes(members[2:4])))
+    (shards / "part-2.tgz").write_bytes(gzip.compress(tar_bytes(members[4:])))
+    (shards / ".hidden.tar").write_bytes(tar_bytes(members[:1]))
+    reference = np.concatenate([b.images for b in iter_batches([str(p) for p in SAMPLES], transform, 3, 2)])
+    for inputs in ([shards], [f"file://{shards}"], [shards / "part-1.tar.gz", shards / "part-2.tgz"]):
+        listed = list_shards([str(i) for i in inputs])
+        assert all(s.kind == "tar" for s in listed), listed
+        ids, images, failed, _, _ = collect(iter_item_batches(listed, transform, 2, 2))
+        assert not failed
+        if len(inputs) == 1:
+            assert [Path(k).stem for _, k, _ in ids] == [p.stem for p in SAMPLES]
+            np.testing.assert_array_equal(images, reference)
+
+
 # ------------------------------------------------------------------------------------------- fsspec
 def test_memory_urls_tar_glob_folder_and_list(clean_memory_fs, transform):
     fs = clean_memory_fs

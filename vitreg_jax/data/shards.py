@@ -62,7 +62,8 @@ if TYPE_CHECKING:
 
 # Image files per "files" shard: the unit of output parts and of resuming for file inputs.
 FILES_PER_SHARD = 1000
-TAR_EXTENSION = ".tar"
+# webdataset shards: plain or gzip-compressed tar archives (read as a stream either way)
+TAR_EXTENSIONS = (".tar", ".tar.gz", ".tgz")
 META_EXTENSIONS = frozenset({"json", "txt", "cls"})
 # fsspec protocol -> the vitreg-jax extra that installs its filesystem package
 EXTRAS = {"gs": "gcs", "gcs": "gcs", "s3": "s3", "s3a": "s3", "http": "http", "https": "http"}
@@ -186,7 +187,7 @@ def is_url(name: str) -> bool:
 
 def _kind_of_file(name: str) -> str:
     lower = name.lower()
-    if lower.endswith(TAR_EXTENSION):
+    if lower.endswith(TAR_EXTENSIONS):
         return "tar"
     return "list" if posixpath.splitext(lower)[1] in LIST_EXTENSIONS else "file"
 
@@ -201,8 +202,8 @@ def _expand_local(name: str) -> list[tuple[str, str]]:
 
 
 def _expand_local_path(name: str) -> list[tuple[str, str]]:
-    if os.path.isdir(name):
-        return [("file", p) for p in walk_images(name)]
+    if os.path.isdir(name):  # its images, then its tar shards (a folder of shards is a dataset too)
+        return [("file", p) for p in walk_images(name)] + [("tar", p) for p in _walk_tars(name)]
     if not os.path.isfile(name):
         if os.path.exists(name):
             raise UserError(f"input {name} is neither a file nor a folder")
@@ -212,7 +213,7 @@ def _expand_local_path(name: str) -> list[tuple[str, str]]:
         )
     kind = _kind_of_file(name)
     if kind == "list":
-        return [("tar" if p.lower().endswith(TAR_EXTENSION) else "file", p) for p in read_list_file(name)]
+        return [("tar" if p.lower().endswith(TAR_EXTENSIONS) else "file", p) for p in read_list_file(name)]
     return [(kind, name)]
 
 
@@ -265,10 +266,30 @@ def _expand_remote_path(url: str, fs: AbstractFileSystem, path: str, listed: boo
         return _read_remote_list(full, fs, path)
     if fs.isdir(path):
         found = sorted(p for p in fs.find(path) if _visible_image(posixpath.relpath(p, path)))
-        return [("file", _join_url(url, fs, p)) for p in found]
+        tars = sorted(p for p in fs.find(path) if _visible_tar(posixpath.relpath(p, path)))
+        return [("file", _join_url(url, fs, p)) for p in found] + [
+            ("tar", _join_url(url, fs, p)) for p in tars
+        ]
     if fs.isfile(path):
         return [("file", full)]
     raise UserError(f"input not found: {full}")
+
+
+def _walk_tars(folder: str) -> list[str]:
+    """The tar shards under ``folder``, recursively, sorted by path; hidden names skipped."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [
+            os.path.join(root, f)
+            for f in files
+            if not f.startswith(".") and f.lower().endswith(TAR_EXTENSIONS)
+        ]
+    return sorted(found, key=lambda p: os.path.relpath(p, folder).split(os.sep))
+
+
+def _visible_tar(rel: str) -> bool:
+    return not any(p.startswith(".") for p in rel.split("/")) and rel.lower().endswith(TAR_EXTENSIONS)
 
 
 def _visible_image(rel: str) -> bool:
@@ -289,7 +310,7 @@ def _read_remote_list(url: str, fs: AbstractFileSystem, path: str) -> list[tuple
         entry = line.strip()
         if entry and not entry.startswith(LIST_COMMENT):
             entry = entry if is_url(entry) or entry.startswith("/") else f"{base}/{entry}"
-            out.append(("tar" if entry.lower().endswith(TAR_EXTENSION) else "file", entry))
+            out.append(("tar" if entry.lower().endswith(TAR_EXTENSIONS) else "file", entry))
     return out
 
 
