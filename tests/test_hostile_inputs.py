@@ -142,3 +142,37 @@ def test_a_config_with_a_negative_or_nan_eps_is_refused(tmp_path: Path) -> None:
         done = run_cli("embed", "--checkpoint", ckpt, ROOT / "examples" / "images", "--out", tmp_path / "emb")
         assert_one_line_refusal(done, "norm_layer_eps must be a finite number in (0, 1)")
         assert not (tmp_path / "emb").exists()
+
+
+# files that are not regular files ---------------------------------------------------------------------------
+def test_a_fifo_or_a_device_as_weights_is_refused_at_once(tmp_path: Path) -> None:
+    """A FIFO as .pt / .safetensors blocked forever; /dev/zero grew until the OOM killer."""
+    fifo = tmp_path / "weights.pt"
+    os.mkfifo(fifo)
+    for src in (fifo, Path("/dev/zero")):
+        done = subprocess.run(
+            [sys.executable, "-m", "vitreg_jax", "info", str(src)],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=60,
+            check=False,
+        )
+        assert_one_line_refusal(done, "not a regular file")
+
+
+def test_a_fifo_among_the_images_is_a_recorded_failure(tmp_path: Path) -> None:
+    from vitreg_jax.data.loader import iter_batches
+    from vitreg_jax.data.preprocess import classification_transform
+    from vitreg_jax.data.rgb_stats import named_rgb_stats
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "a.png").write_bytes((ROOT / "examples" / "images").glob("*.jpg").__next__().read_bytes())
+    os.mkfifo(folder / "b.jpg")
+    transform = classification_transform((32, 32), named_rgb_stats("birder"))
+    batches = list(iter_batches([str(folder / "a.png"), str(folder / "b.jpg")], transform, 2, 1))
+    assert sum(len(b.indices) for b in batches) == 1
+    assert [(f.path, f.reason) for b in batches for f in b.failed] == [
+        (str(folder / "b.jpg"), "not a regular file (a FIFO, device or socket)")
+    ]

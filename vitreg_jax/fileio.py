@@ -8,8 +8,10 @@ output, and :func:`make_dir` gives folders ``0777 & ~umask``.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -89,6 +91,30 @@ def read_json_object_or_none(path: str | os.PathLike[str]) -> dict[str, Any] | N
         return read_json_object(path, "a JSON object")
     except UserError:
         return None
+
+
+class NotARegularFile(OSError):
+    """A FIFO, a device or a socket where a file was expected: reading it could block forever or never end."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        super().__init__(errno.EINVAL, "not a regular file (a FIFO, device or socket)", os.fspath(path))
+
+
+def open_regular_file(path: str | os.PathLike[str]) -> BinaryIO:
+    """Open a regular file for reading. A FIFO is opened without waiting for a writer and refused like a
+    device or a socket (:class:`NotARegularFile`); a folder raises ``IsADirectoryError``."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), os.fspath(path))
+        if not stat.S_ISREG(mode):
+            raise NotARegularFile(path)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def check_new_file(path: str | os.PathLike[str], *, force: bool, option: str = "--out") -> Path:

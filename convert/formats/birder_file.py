@@ -53,6 +53,11 @@ def _check_file(path: Path) -> None:
         raise UserError(f"{path}: no such file")
     if path.is_dir():
         raise UserError(f"{path}: is a directory, expected a birder .pt or .safetensors file")
+    if not path.is_file():  # a FIFO would block forever, /dev/zero would never end
+        raise UserError(
+            f"{path}: not a regular file (a FIFO, device or socket), expected a birder .pt or "
+            ".safetensors file"
+        )
 
 
 def read_birder_file(path: str | os.PathLike[str]) -> BirderFile:

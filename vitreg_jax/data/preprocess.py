@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vitreg_jax.errors import UserError
+from vitreg_jax.fileio import NotARegularFile, open_regular_file
 
 # torchvision's PIL resize kernel calls image.resize((w, h), resample=BICUBIC) and nothing else
 # (no reducing_gap); antialias=True is a no-op for PIL, whose bicubic filter already widens its support
@@ -114,7 +115,7 @@ def load_image(path: str | os.PathLike[str], *, max_pixels: int | None = MAX_IMA
     """
     name = os.fspath(path)
     try:
-        with open(name, "rb") as handle:
+        with open_regular_file(name) as handle:
             return _decode(handle, name, max_pixels)
     except ImageReadError:
         raise
@@ -171,6 +172,8 @@ def _reason(error: BaseException) -> str:
         return "file not found"
     if isinstance(error, IsADirectoryError):
         return "is a directory"
+    if isinstance(error, NotARegularFile):
+        return error.strerror
     if isinstance(error, PermissionError):
         return "permission denied"
     if isinstance(error, UnidentifiedImageError):

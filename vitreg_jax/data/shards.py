@@ -55,7 +55,7 @@ from vitreg_jax.data.inputs import (
     walk_images,
 )
 from vitreg_jax.errors import UserError
-from vitreg_jax.fileio import first_line
+from vitreg_jax.fileio import first_line, open_regular_file
 
 if TYPE_CHECKING:
     from fsspec import AbstractFileSystem
@@ -327,7 +327,7 @@ def iter_items(shard: Shard) -> Iterator[Item]:
 def read_bytes(path_or_url: str) -> bytes:
     """The bytes of a local file or an fsspec URL (OSError for a missing or unreadable one)."""
     if not is_url(path_or_url):
-        with open(path_or_url, "rb") as handle:
+        with open_regular_file(path_or_url) as handle:
             return handle.read()
     fs, path = filesystem(path_or_url)
     return fs.cat_file(path)
@@ -336,7 +336,7 @@ def read_bytes(path_or_url: str) -> bytes:
 def _open_stream(url: str) -> BinaryIO:
     """A binary file object for a local path or an fsspec URL (the caller closes it)."""
     if not is_url(url):
-        return open(url, "rb")
+        return open_regular_file(url)
     fs, path = filesystem(url)
     return fs.open(path, "rb")
 
