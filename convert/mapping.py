@@ -92,6 +92,12 @@ def table(cfg: ViTConfig) -> list[Row]:
     return rows
 
 
+def our_shapes(cfg: ViTConfig) -> dict[ParamPath, tuple[int, ...]]:
+    """{our path: shape} of every parameter of the architecture ``cfg``, from the table alone."""
+    layouts = {"linear": lambda s: s[::-1], "conv": lambda s: (s[2], s[3], s[1], s[0])}
+    return {r.path: tuple(layouts.get(r.layout, lambda s: s)(r.birder_shape)) for r in table(cfg)}
+
+
 def to_our_layout(a: np.ndarray, layout: str) -> np.ndarray:
     """One birder tensor in our layout."""
     if layout == "linear":

@@ -29,7 +29,7 @@ from vitreg_jax.model.birder_json import DEFAULT_BIRDER_VERSION, birder_config
 from vitreg_jax.model.build import abstract_model, set_params
 from vitreg_jax.model.checkpoint import is_checkpoint, load_checkpoint
 from vitreg_jax.model.config import ViTConfig
-from vitreg_jax.tree import flatten, int_keys
+from vitreg_jax.tree import check_fit, flatten, int_keys
 
 if TYPE_CHECKING:
     import numpy as np
@@ -165,4 +165,8 @@ def read_checkpoint(
             f"{path}: holds {len(extra)} parameter(s) a birder ViT does not have: "
             f"{', '.join(extra[:6])}{', ...' if len(extra) > 6 else ''}"
         )
+    # a metadata.json that claims another width than its arrays would give a pair birder refuses
+    check_fit(
+        flat, mapping.our_shapes(vit_cfg), f"{path}: its arrays do not fit the architecture in its metadata"
+    )
     return flat, vit_cfg, cfg, dict(meta.get("birder_meta") or {})

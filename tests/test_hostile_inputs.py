@@ -176,3 +176,24 @@ def test_a_fifo_among_the_images_is_a_recorded_failure(tmp_path: Path) -> None:
     assert [(f.path, f.reason) for b in batches for f in b.failed] == [
         (str(folder / "b.jpg"), "not a regular file (a FIFO, device or socket)")
     ]
+
+
+def test_export_refuses_a_checkpoint_whose_metadata_claims_another_width(tmp_path: Path) -> None:
+    """export wrote a .pt + .json pair that birder refuses when metadata.json claimed another mlp_dim."""
+    import json
+
+    from tests.support.tiny_models import tiny_vit
+    from vitreg_jax.data.rgb_stats import named_rgb_stats
+    from vitreg_jax.model.birder_json import birder_config
+    from vitreg_jax.model.build import save_model
+
+    net = tiny_vit()
+    ckpt = tmp_path / "ckpt"
+    save_model(ckpt, net, birder_config(net.cfg, named_rgb_stats("birder")))
+    meta = json.loads((ckpt / "metadata.json").read_text())
+    meta["vit_config"]["mlp_dim"] *= 2
+    meta["birder_config"]["model_config"]["mlp_dim"] *= 2
+    (ckpt / "metadata.json").write_text(json.dumps(meta))
+    done = run_cli("export", ckpt, "--out", tmp_path / "out.pt")
+    assert_one_line_refusal(done, "its arrays do not fit the architecture in its metadata")
+    assert not (tmp_path / "out.pt").exists() and not (tmp_path / "out.json").exists()
