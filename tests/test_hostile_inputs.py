@@ -197,3 +197,16 @@ def test_export_refuses_a_checkpoint_whose_metadata_claims_another_width(tmp_pat
     done = run_cli("export", ckpt, "--out", tmp_path / "out.pt")
     assert_one_line_refusal(done, "its arrays do not fit the architecture in its metadata")
     assert not (tmp_path / "out.pt").exists() and not (tmp_path / "out.json").exists()
+
+
+def test_a_second_pretrain_into_a_busy_run_folder_is_refused(tmp_path: Path) -> None:
+    """Two pretrain runs into one --out trained side by side and collided on a checkpoint."""
+    from tests.support.pretrain_cli import pretrain_args
+    from vitreg_jax._locks import FolderLock
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with FolderLock(out, "pretrain"):  # a run in progress, as another process would hold it
+        done = run_cli(*pretrain_args(out, steps=2))
+    assert_one_line_refusal(done, "is in use by another pretrain run")
+    assert sorted(p.name for p in out.iterdir()) == []  # nothing written; the lock went with its holder

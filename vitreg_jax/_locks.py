@@ -114,6 +114,11 @@ def remove_stale(out: str | os.PathLike[str], *, grace_s: float = GRACE_S) -> li
 
 
 # folder locks ------------------------------------------------------------------------------------------
+def lock_file_name(what: str) -> str:
+    """The name of the lock file a ``what`` run keeps in its folder (a killed run may leave it behind)."""
+    return f".vitreg-jax-{what}.lock"
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -130,7 +135,7 @@ class FolderLock:
     def __init__(self, folder: str | os.PathLike[str], what: str) -> None:
         self.folder = Path(folder)
         self.what = what
-        self.path = self.folder / f".vitreg-jax-{what}.lock"
+        self.path = self.folder / lock_file_name(what)
         self._fd: int | None = None
 
     def _holder(self) -> dict[str, object]:

@@ -33,6 +33,7 @@ where given weights came from; :attr:`PretrainRun.needs_init_weights` says when 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -42,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vitreg_jax._locks import FolderLock, lock_file_name
 from vitreg_jax.data.rgb_stats import RGB_STATS, TRAIN_DEFAULT, named_rgb_stats
 from vitreg_jax.errors import UserError
 from vitreg_jax.fileio import atomic_write_json, atomic_write_text, make_dir, read_json_object
@@ -50,6 +52,7 @@ from vitreg_jax.pretraining.config import MAEConfig, TrainConfig, config_from_di
 
 if TYPE_CHECKING:
     from vitreg_jax.model.vit import ViT
+    from vitreg_jax.pretraining.data_stream import TrainData
     from vitreg_jax.pretraining.loop import Periodic, RunResult
     from vitreg_jax.pretraining.mae import MAE
     from vitreg_jax.pretraining.step import MAETrainer, TrainState
@@ -296,7 +299,7 @@ def open_run(
         raise UserError(f"{out}: exists and is not a folder")
     record = _read_record(out)
     if record is None:
-        if out.is_dir() and any(out.iterdir()):
+        if out.is_dir() and any(p.name != lock_file_name("pretrain") for p in out.iterdir()):
             raise UserError(
                 f"{out}: the folder is not empty and holds no pretrain run ({RUN_FILE}); choose a new "
                 "or empty folder"
@@ -552,8 +555,7 @@ def train(
 
     from vitreg_jax.data.augment import TrainTransform
     from vitreg_jax.pretraining.data_stream import TrainData
-    from vitreg_jax.pretraining.loop import fit
-    from vitreg_jax.pretraining.optimizer import lr_schedule, total_steps
+    from vitreg_jax.pretraining.optimizer import total_steps
 
     say = _echo_main(echo)
     s, cfg = run.settings, run.settings.train
@@ -578,8 +580,36 @@ def train(
     spe, total = data.steps_per_epoch, total_steps(cfg, data.steps_per_epoch)
     # evaluation folders are checked (and decoded) before anything is written
     measurements = [*_periodic(run, trainer, vit_cfg, record["rgb_stats"], total, say), *periodic]
+    with contextlib.ExitStack() as held:
+        # one run at a time per folder, as for embed: two runs would collide on their checkpoints
+        if jax.process_index() == 0:
+            make_dir(run.out)
+            held.enter_context(FolderLock(run.out, "pretrain"))
+        return _train_locked(
+            run, trainer, record, vit_cfg, data, total, spe, measurements, say, progress, asynchronous
+        )
+
+
+def _train_locked(
+    run: PretrainRun,
+    trainer: MAETrainer,
+    record: dict[str, Any],
+    vit_cfg: ViTConfig,
+    data: TrainData,
+    total: int,
+    spe: int,
+    measurements: list[Periodic],
+    say: Callable[[str], None],
+    progress: bool,
+    asynchronous: bool,
+) -> PretrainResult:
+    import jax
+
+    from vitreg_jax.pretraining.loop import fit
+    from vitreg_jax.pretraining.optimizer import lr_schedule
+
+    s, cfg = run.settings, run.settings.train
     if jax.process_index() == 0:
-        make_dir(run.out)
         if run.record is None:  # run.json first: it marks the folder as ours
             run.record = {**record, "steps_per_epoch": spe, "total_steps": total}
             atomic_write_json(run.out / RUN_FILE, run.record)
