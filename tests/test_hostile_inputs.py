@@ -21,15 +21,10 @@ from vitreg_jax.errors import UserError
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_cli(*args: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "vitreg_jax", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
-        check=False,
-    )
+def run_cli(*args: object, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """``python -m vitreg_jax ARGS`` in a fresh process (a crash or a hang cannot take the test run down)."""
+    command = [sys.executable, "-m", "vitreg_jax", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=timeout, check=False)
 
 
 def assert_one_line_refusal(done: subprocess.CompletedProcess[str], needle: str) -> None:
@@ -150,14 +145,7 @@ def test_a_fifo_or_a_device_as_weights_is_refused_at_once(tmp_path: Path) -> Non
     fifo = tmp_path / "weights.pt"
     os.mkfifo(fifo)
     for src in (fifo, Path("/dev/zero")):
-        done = subprocess.run(
-            [sys.executable, "-m", "vitreg_jax", "info", str(src)],
-            capture_output=True,
-            text=True,
-            cwd=ROOT,
-            timeout=60,
-            check=False,
-        )
+        done = run_cli("info", src, timeout=60)  # it blocked or grew forever
         assert_one_line_refusal(done, "not a regular file")
 
 
