@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 
 # The project's fp32 parity bar against birder: birder's own fp32 floor for vit_reg4_b16 embeddings (its
 # distance to itself in float64) is 5e-6 to 9e-6, and a wrong mapping shows up as O(0.1..1). Shipped checks
-# (`convert --verify`, `export --verify`, the demo) use this; the tests take theirs from tests/support/tolerances.py.
+# (`convert --verify`, `export --verify`, the demo) use this; the tests take theirs from
+# tests/support/tolerances.py.
 VERIFY_ATOL = 2e-5
 VERIFY_BATCH = 2
 VERIFY_SEED = 0
