@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -170,3 +171,45 @@ def test_the_parser_does_not_import_jax_and_quotes_the_library_default():
     from vitreg_jax.evaluation.search import DEFAULT_INDEX_BLOCK
 
     assert knn.DEFAULT_INDEX_BLOCK == DEFAULT_INDEX_BLOCK
+
+
+def test_parts_rewritten_with_other_types_are_one_line(tmp_path, capsys):
+    """Parts rewritten by another tool (int keys, string or ragged embeddings, nulls, no embedding column)
+    gave five different tracebacks; each is one line naming the part."""
+    keys = [f"k{i}" for i in range(4)]
+    values = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)
+    good = write_parquet_folder(tmp_path / "good", keys, values, [4])
+    rows = [list(map(float, v)) for v in values]
+    variants = {
+        "int keys": pa.table({"key": [1, 2, 3, 4], "source": ["s"] * 4, "embedding": rows}),
+        "string embeddings": pa.table({"key": keys, "source": ["s"] * 4, "embedding": ["x"] * 4}),
+        "ragged embeddings": pa.table(
+            {"key": keys, "source": ["s"] * 4, "embedding": [r[: 4 + i] for i, r in enumerate(rows)]}
+        ),
+        "null embeddings": pa.table(
+            {
+                "key": keys,
+                "source": ["s"] * 4,
+                "embedding": pa.array([*rows[:3], None], pa.list_(pa.float32(), 8)),
+            }
+        ),
+        "no embedding column": pa.table({"key": keys, "source": ["s"] * 4}),
+    }
+    for what, table in variants.items():
+        folder = tmp_path / what.replace(" ", "-")
+        write_parquet_folder(folder, keys, values, [4])
+        pq.write_table(table, folder / "part-00000.parquet")
+        for index, queries in ((folder, good), (good, folder)):
+            code, _, err = run_knn(
+                capsys,
+                "--index",
+                str(index),
+                "--queries",
+                str(queries),
+                "-k",
+                "2",
+                "--out",
+                str(tmp_path / "nn.parquet"),
+            )
+            assert code == 2 and err.count("\n") == 1 and "part-00000.parquet" in err, (what, err)
+        assert not (tmp_path / "nn.parquet").exists()

@@ -87,7 +87,7 @@ class EmbeddingSet:
                 raise UserError(f"{path}: cannot read this part ({first_line(e)})") from None
             with part:
                 for batch in part.iter_batches(batch_size=rows, columns=["embedding"]):
-                    yield _fixed_list_values(batch.column(0), self.shape)
+                    yield _fixed_list_values(batch.column(0), self.shape, path)
 
 
 def open_embeddings(directory: str | os.PathLike[str]) -> EmbeddingSet:
@@ -140,10 +140,16 @@ def _open_parquet(path: Path) -> EmbeddingSet:
     shape = tuple(int(n) for n in meta.get("embedding_shape") or ())
     try:
         for part in parts:
+            schema = pq.read_schema(part)
+            shape = shape or _list_shape(
+                schema.field("embedding").type if "embedding" in schema.names else None
+            )
+            _check_schema(part, schema, shape)
             table = pq.read_table(part, columns=["key", "source"])
+            if table.column("key").null_count or table.column("source").null_count:
+                raise UserError(f"{part}: a key or source is null (a part written by another tool?)")
             keys.extend(table.column("key").to_pylist())
             sources.extend(table.column("source").to_pylist())
-            shape = shape or _list_shape(pq.read_schema(part).field("embedding").type)
     except (OSError, KeyError, ValueError) as e:
         raise UserError(f"{path}: cannot read its parquet parts ({first_line(e)})") from None
     if not shape:
@@ -151,21 +157,48 @@ def _open_parquet(path: Path) -> EmbeddingSet:
     return EmbeddingSet(path, "parquet", keys, sources, shape, meta, _failures(meta), parts)
 
 
-def _list_shape(dtype: pa.DataType) -> tuple[int, ...]:
+def _check_schema(part: Path, schema: pa.Schema, shape: tuple[int, ...]) -> None:
+    """An embed part's columns: ``key`` and ``source`` strings and ``embedding`` fixed-size lists of floats of
+    ``shape``; a part rewritten by another tool with other types is one line naming what differs."""
+    import pyarrow as pa
+
+    for name in ("key", "source", "embedding"):
+        if name not in schema.names:
+            raise UserError(f"{part}: no {name!r} column (columns: {', '.join(schema.names)})")
+    for name in ("key", "source"):
+        kind = schema.field(name).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise UserError(f"{part}: column {name!r} holds {kind}, expected strings")
+    kind = schema.field("embedding").type
+    inner = kind
+    while pa.types.is_fixed_size_list(inner):
+        inner = inner.value_type
+    if _list_shape(kind) != shape or not pa.types.is_floating(inner):
+        raise UserError(
+            f"{part}: column 'embedding' holds {kind}, expected fixed-size lists of floats of shape "
+            f"{list(shape)} (a part written by another tool or another model?)"
+        )
+
+
+def _list_shape(dtype: pa.DataType | None) -> tuple[int, ...]:
     """(D,) or (T, D) from a (nested) fixed-size-list type."""
     import pyarrow as pa
 
     shape: list[int] = []
-    while pa.types.is_fixed_size_list(dtype):
+    while dtype is not None and pa.types.is_fixed_size_list(dtype):
         shape.append(dtype.list_size)
         dtype = dtype.value_type
     return tuple(shape)
 
 
-def _fixed_list_values(column: pa.Array, shape: tuple[int, ...]) -> np.ndarray:
-    """(n, *shape) float32 from a (nested) fixed-size-list column."""
+def _fixed_list_values(column: pa.Array, shape: tuple[int, ...], where: Path) -> np.ndarray:
+    """(n, *shape) float32 from a (nested) fixed-size-list column; a null row or value is a UserError."""
     values = column
     for _ in shape:
+        if values.null_count:
+            raise UserError(f"{where}: an embedding row holds nulls (a part written by another tool?)")
         values = values.flatten()
+    if values.null_count:
+        raise UserError(f"{where}: an embedding row holds nulls (a part written by another tool?)")
     flat = values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
     return flat.reshape(len(column), *shape)  # (n, *shape)
