@@ -198,3 +198,26 @@ def test_a_second_pretrain_into_a_busy_run_folder_is_refused(tmp_path: Path) -> 
         done = run_cli(*pretrain_args(out, steps=2))
     assert_one_line_refusal(done, "is in use by another pretrain run")
     assert sorted(p.name for p in out.iterdir()) == []  # nothing written; the lock went with its holder
+
+
+def test_a_non_finite_embedding_is_a_recorded_failure_never_a_row(tmp_path: Path) -> None:
+    """A row holding NaN or inf (broken weights, a broken input) is recorded as a failure, not written."""
+    import jax.numpy as jnp
+
+    from tests.support.tiny_models import tiny_vit
+    from vitreg_jax.data.rgb_stats import named_rgb_stats
+    from vitreg_jax.embedding.dataset import embed_dataset
+    from vitreg_jax.embedding.outputs import NON_FINITE
+    from vitreg_jax.model.birder_json import birder_config
+
+    net = tiny_vit()
+    net.norm.scale[...] = jnp.full_like(net.norm.scale[...], jnp.nan)  # every embedding NaN
+    cfg = birder_config(net.cfg, named_rgb_stats("birder"))
+    images = sorted((ROOT / "examples" / "images").glob("*.jpg"))[:3]
+    for fmt in ("npy", "parquet"):
+        result = embed_dataset(
+            net, [str(p) for p in images], tmp_path / fmt, cfg=cfg, format=fmt, progress=False
+        )
+        assert (result.embedded, result.failed) == (0, 3)
+        reasons = {f["reason"] for f in result.meta["failures"]}
+        assert reasons == {NON_FINITE}

@@ -22,7 +22,15 @@ import numpy as np
 from vitreg_jax.data.loader import ItemBatch, Transform, iter_item_batches
 from vitreg_jax.data.shards import Shard
 from vitreg_jax.embedding.embedder import Embedder, PendingEmbedding
-from vitreg_jax.embedding.outputs import NOT_UTF8, PartData, encode_name, is_utf8, part_name, write_part
+from vitreg_jax.embedding.outputs import (
+    NON_FINITE,
+    NOT_UTF8,
+    PartData,
+    encode_name,
+    is_utf8,
+    part_name,
+    write_part,
+)
 from vitreg_jax.parallel import gather
 
 T = TypeVar("T")
@@ -58,8 +66,12 @@ class PartBuffer:
             self._part(failure.shard).failures.append(
                 {"source": failure.source, "key": failure.key, "reason": failure.reason}
             )
+        finite = np.isfinite(rows.reshape(len(rows), -1)).all(axis=1) if len(rows) else rows  # (b,)
         for i, (shard, key, src) in enumerate(zip(chunk.shards.tolist(), chunk.keys, chunk.sources)):
             part = self._part(shard)
+            if not finite[i]:  # a NaN or inf row is never written as an embedding
+                part.failures.append({"source": src, "key": key, "reason": NON_FINITE})
+                continue
             if self.escape:  # npy: its parts hold the names as paths.txt will
                 key, src = encode_name(key), encode_name(src)
             elif not (is_utf8(key) and is_utf8(src)):

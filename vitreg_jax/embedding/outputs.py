@@ -76,6 +76,8 @@ PART_GLOB = "part-*.parquet"
 PART_DIGITS = 5
 NAMES_ENCODING = "escaped"
 NOT_UTF8 = "name is not valid UTF-8 (parquet strings must be)"
+# the reason recorded for an image whose embedding holds NaN or inf (broken weights or a broken input)
+NON_FINITE = "non-finite embedding (NaN or inf)"
 
 # everything str.splitlines splits on, other control characters, and lone surrogates
 _SPECIAL = re.compile("[\\\\\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
