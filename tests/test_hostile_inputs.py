@@ -32,6 +32,27 @@ def assert_one_line_refusal(done: subprocess.CompletedProcess[str], needle: str)
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr and needle in done.stderr
 
 
+def tiny_checkpoint_with(tmp_path: Path, model_config: dict[str, object]) -> Path:
+    """A tiny vit_reg4_b16 checkpoint whose metadata.json (both configs) claims ``model_config``'s values."""
+    import json
+
+    from tests.support.tiny_models import tiny_vit
+    from vitreg_jax.data.rgb_stats import named_rgb_stats
+    from vitreg_jax.model.birder_json import birder_config
+    from vitreg_jax.model.build import save_model
+
+    net = tiny_vit()
+    ckpt = tmp_path / "ckpt"
+    if not ckpt.exists():
+        save_model(ckpt, net, birder_config(net.cfg, named_rgb_stats("birder")))
+    meta_path = ckpt / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta["birder_config"]["model_config"].update(model_config)
+    meta["vit_config"].update(model_config)
+    meta_path.write_text(json.dumps(meta))
+    return ckpt
+
+
 # the .pt reader -------------------------------------------------------------------------------------------
 def test_a_deeply_nested_dict_key_is_refused_not_a_crash(tmp_path: Path) -> None:
     """A 200,000-deep tuple used as a dict key: hashing it overflowed the C stack (SIGSEGV) in info,
@@ -118,22 +139,8 @@ def test_pretrain_settings_that_cannot_train_are_refused_by_name(
 def test_a_config_with_a_negative_or_nan_eps_is_refused(tmp_path: Path) -> None:
     """norm_layer_eps -1 or NaN in a checkpoint's config was accepted, and embed wrote NaN everywhere with
     exit status 0: every numeric config field is checked (finite, in range) when the config is read."""
-    import json
-
-    from tests.support.tiny_models import tiny_vit
-    from vitreg_jax.data.rgb_stats import named_rgb_stats
-    from vitreg_jax.model.birder_json import birder_config
-    from vitreg_jax.model.build import save_model
-
-    net = tiny_vit()
-    ckpt = tmp_path / "ckpt"
-    save_model(ckpt, net, birder_config(net.cfg, named_rgb_stats("birder")))
-    meta_path = ckpt / "metadata.json"
-    meta = json.loads(meta_path.read_text())
     for bad in (-1.0, float("nan")):
-        meta["birder_config"]["model_config"]["norm_layer_eps"] = bad
-        meta["vit_config"]["norm_layer_eps"] = bad
-        meta_path.write_text(json.dumps(meta))
+        ckpt = tiny_checkpoint_with(tmp_path, {"norm_layer_eps": bad})
         done = run_cli("embed", "--checkpoint", ckpt, ROOT / "examples" / "images", "--out", tmp_path / "emb")
         assert_one_line_refusal(done, "norm_layer_eps must be a finite number in (0, 1)")
         assert not (tmp_path / "emb").exists()
@@ -168,20 +175,7 @@ def test_a_fifo_among_the_images_is_a_recorded_failure(tmp_path: Path) -> None:
 
 def test_export_refuses_a_checkpoint_whose_metadata_claims_another_width(tmp_path: Path) -> None:
     """export wrote a .pt + .json pair that birder refuses when metadata.json claimed another mlp_dim."""
-    import json
-
-    from tests.support.tiny_models import tiny_vit
-    from vitreg_jax.data.rgb_stats import named_rgb_stats
-    from vitreg_jax.model.birder_json import birder_config
-    from vitreg_jax.model.build import save_model
-
-    net = tiny_vit()
-    ckpt = tmp_path / "ckpt"
-    save_model(ckpt, net, birder_config(net.cfg, named_rgb_stats("birder")))
-    meta = json.loads((ckpt / "metadata.json").read_text())
-    meta["vit_config"]["mlp_dim"] *= 2
-    meta["birder_config"]["model_config"]["mlp_dim"] *= 2
-    (ckpt / "metadata.json").write_text(json.dumps(meta))
+    ckpt = tiny_checkpoint_with(tmp_path, {"mlp_dim": 256})  # the arrays are 128 wide
     done = run_cli("export", ckpt, "--out", tmp_path / "out.pt")
     assert_one_line_refusal(done, "its arrays do not fit the architecture in its metadata")
     assert not (tmp_path / "out.pt").exists() and not (tmp_path / "out.json").exists()

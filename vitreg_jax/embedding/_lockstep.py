@@ -66,7 +66,7 @@ class PartBuffer:
             self._part(failure.shard).failures.append(
                 {"source": failure.source, "key": failure.key, "reason": failure.reason}
             )
-        finite = np.isfinite(rows.reshape(len(rows), -1)).all(axis=1) if len(rows) else rows  # (b,)
+        finite = np.isfinite(rows).all(axis=tuple(range(1, rows.ndim)))  # (b,): every value of each row
         for i, (shard, key, src) in enumerate(zip(chunk.shards.tolist(), chunk.keys, chunk.sources)):
             part = self._part(shard)
             if not finite[i]:  # a NaN or inf row is never written as an embedding

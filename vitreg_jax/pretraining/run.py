@@ -52,7 +52,6 @@ from vitreg_jax.pretraining.config import MAEConfig, TrainConfig, config_from_di
 
 if TYPE_CHECKING:
     from vitreg_jax.model.vit import ViT
-    from vitreg_jax.pretraining.data_stream import TrainData
     from vitreg_jax.pretraining.loop import Periodic, RunResult
     from vitreg_jax.pretraining.mae import MAE
     from vitreg_jax.pretraining.step import MAETrainer, TrainState
@@ -555,7 +554,8 @@ def train(
 
     from vitreg_jax.data.augment import TrainTransform
     from vitreg_jax.pretraining.data_stream import TrainData
-    from vitreg_jax.pretraining.optimizer import total_steps
+    from vitreg_jax.pretraining.loop import fit
+    from vitreg_jax.pretraining.optimizer import lr_schedule, total_steps
 
     say = _echo_main(echo)
     s, cfg = run.settings, run.settings.train
@@ -585,63 +585,39 @@ def train(
         if jax.process_index() == 0:
             make_dir(run.out)
             held.enter_context(FolderLock(run.out, "pretrain"))
-        return _train_locked(
-            run, trainer, record, vit_cfg, data, total, spe, measurements, say, progress, asynchronous
+            if run.record is None:  # run.json first: it marks the folder as ours
+                run.record = {**record, "steps_per_epoch": spe, "total_steps": total}
+                atomic_write_json(run.out / RUN_FILE, run.record)
+            if not (run.out / FILES_FILE).is_file():
+                atomic_write_text(run.out / FILES_FILE, "".join(p + "\n" for p in run.paths))
+        network = s.init if s.init else record["birder_config"]["registered_name"]
+        say(
+            f"{network} + {s.mae} at {vit_cfg.image_size[0]}x{vit_cfg.image_size[1]}, "
+            f"{len(run.paths)} images, {spe} steps per epoch, {total} steps of {cfg.batch_size} x "
+            f"{cfg.grad_accum_steps} images on "
+            f"{jax.device_count()} {jax.devices()[0].platform} device(s), {trainer.policy.dtype}"
         )
-
-
-def _train_locked(
-    run: PretrainRun,
-    trainer: MAETrainer,
-    record: dict[str, Any],
-    vit_cfg: ViTConfig,
-    data: TrainData,
-    total: int,
-    spe: int,
-    measurements: list[Periodic],
-    say: Callable[[str], None],
-    progress: bool,
-    asynchronous: bool,
-) -> PretrainResult:
-    import jax
-
-    from vitreg_jax.pretraining.loop import fit
-    from vitreg_jax.pretraining.optimizer import lr_schedule
-
-    s, cfg = run.settings, run.settings.train
-    if jax.process_index() == 0:
-        if run.record is None:  # run.json first: it marks the folder as ours
-            run.record = {**record, "steps_per_epoch": spe, "total_steps": total}
-            atomic_write_json(run.out / RUN_FILE, run.record)
-        if not (run.out / FILES_FILE).is_file():
-            atomic_write_text(run.out / FILES_FILE, "".join(p + "\n" for p in run.paths))
-    network = s.init if s.init else record["birder_config"]["registered_name"]
-    say(
-        f"{network} + {s.mae} at {vit_cfg.image_size[0]}x{vit_cfg.image_size[1]}, {len(run.paths)} images, "
-        f"{spe} steps per epoch, {total} steps of {cfg.batch_size} x {cfg.grad_accum_steps} images on "
-        f"{jax.device_count()} {jax.devices()[0].platform} device(s), {trainer.policy.dtype}"
-    )
-    result: RunResult = fit(
-        trainer,
-        data,
-        run.out,
-        total=total,
-        schedule=lr_schedule(cfg, spe),
-        resume=True,
-        export=_exporter(run, trainer, record["birder_config"], say),
-        export_every=s.export_every,
-        progress=progress and jax.process_index() == 0,
-        asynchronous=asynchronous,
-        periodic=measurements,
-    )
-    return PretrainResult(
-        step=result.step,
-        loss=result.loss,
-        resumed_from=result.resumed_from,
-        losses=result.losses,
-        model=trainer.model(result.state),
-        total_steps=total,
-    )
+        result: RunResult = fit(
+            trainer,
+            data,
+            run.out,
+            total=total,
+            schedule=lr_schedule(cfg, spe),
+            resume=True,
+            export=_exporter(run, trainer, record["birder_config"], say),
+            export_every=s.export_every,
+            progress=progress and jax.process_index() == 0,
+            asynchronous=asynchronous,
+            periodic=measurements,
+        )
+        return PretrainResult(
+            step=result.step,
+            loss=result.loss,
+            resumed_from=result.resumed_from,
+            losses=result.losses,
+            model=trainer.model(result.state),
+            total_steps=total,
+        )
 
 
 def export_latest(run: PretrainRun, *, echo: Callable[[str], None] | None = None) -> int:
